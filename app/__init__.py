@@ -1,0 +1,1 @@
+"""modelpress API service: routes, auth, job records, artifact streaming and the wire contract."""

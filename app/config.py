@@ -1,0 +1,104 @@
+"""All settings in one place, read from the environment (prefix ``MODELPRESS_``) or a ``.env`` file.
+
+The README's settings table is generated from this class; keep the descriptions user-facing.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELPRESS_", env_file=".env", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MODELPRESS_REDIS_URL", "REDIS_URL"),
+        description="Redis for job records, events and the Celery queue. Unset: `modelpress serve` "
+        "starts an embedded Redis server under the data folder.",
+    )
+    data_dir: Path = Field(
+        default=Path(".modelpress"),
+        description="Local working folder: embedded Redis data, the default artifact store, caches.",
+    )
+    store_url: str | None = Field(
+        default=None,
+        description="Object store: unset -> local folder `<data_dir>/store`; `file:///abs/path`; "
+        "or `s3://bucket[/prefix]` with the S3 settings below.",
+    )
+    s3_endpoint: str | None = Field(default=None, description="S3 endpoint URL (MinIO, moto...).")
+    s3_region: str = Field(default="us-east-1", description="S3 region.")
+    s3_access_key_id: str | None = Field(default=None, description="S3 access key id.")
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
+    s3_allow_http: bool = Field(default=False, description="Allow a plain-http S3 endpoint.")
+
+    max_upload_bytes: int = Field(
+        default=2 * 1024**3, gt=0, description="Largest accepted upload (bytes); larger -> 413."
+    )
+    max_unpacked_bytes: int = Field(
+        default=8 * 1024**3, gt=0, description="Largest total size of an uploaded archive's members."
+    )
+    task_time_limit_s: int = Field(
+        default=6 * 3600, gt=0, description="Hard wall-clock limit of one job attempt (seconds)."
+    )
+    visibility_timeout_s: int = Field(
+        default=7 * 3600,
+        gt=0,
+        description="Seconds before an unacknowledged job is handed to another worker. Must exceed "
+        "the task time limit, or a long job would run twice.",
+    )
+    worker_heartbeat_s: float = Field(
+        default=5.0, gt=0, description="Worker heartbeat and job-lease refresh period (seconds)."
+    )
+    default_queue: str = Field(
+        default="cpu", description="Queue for jobs with device `auto`/`cpu` (`gpu` for `cuda`)."
+    )
+    worker_queues: str = Field(
+        default="", description="Queues a worker consumes; empty -> `cpu`, plus `gpu` with CUDA."
+    )
+    api_host: str = Field(default="127.0.0.1", description="Address the API binds to.")
+    api_port: int = Field(default=8000, description="Port the API binds to.")
+    public_url: str | None = Field(
+        default=None, description="URL users reach the API at (printed by `serve`)."
+    )
+    event_stream_maxlen: int = Field(
+        default=5000, gt=0, description="Progress/log events kept per job for replay over SSE."
+    )
+    log_lines_kept: int = Field(default=5000, gt=0, description="Log lines kept per job in Redis.")
+    rate_limit_per_minute: int = Field(
+        default=600, ge=0, description="Requests per minute per API key (0 disables)."
+    )
+
+    @model_validator(mode="after")
+    def _visibility_exceeds_time_limit(self) -> Settings:
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ValueError(
+                f"MODELPRESS_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must be larger than "
+                f"MODELPRESS_TASK_TIME_LIMIT_S ({self.task_time_limit_s}); otherwise Redis hands a "
+                "running job to a second worker"
+            )
+        return self
+
+    @property
+    def soft_time_limit_s(self) -> int:
+        """The engine gets a soft limit first so it can fail the job cleanly with a reason."""
+        return max(1, int(self.task_time_limit_s * 0.95) - 1)
+
+    def resolved_store_url(self) -> str:
+        if self.store_url:
+            return self.store_url
+        return (self.data_dir / "store").resolve().as_uri()
+
+    def queues_for_worker(self, has_cuda: bool) -> list[str]:
+        if self.worker_queues.strip():
+            return [q.strip() for q in self.worker_queues.split(",") if q.strip()]
+        return ["cpu", "gpu"] if has_cuda else ["cpu"]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

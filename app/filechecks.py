@@ -1,0 +1,235 @@
+"""Checks that an uploaded file is what it claims to be, without executing anything in it.
+
+User files are never unpickled. Each check reads only archive directories, JSON headers and
+array headers, and rejects anything that would make a loader fall back to pickle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import struct
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import numpy as np
+
+from app.schemas import TensorInfo
+
+MAX_COMPRESSION_RATIO = 200  # a deflate ratio far beyond real weights: a zip bomb
+MAX_MEMBERS = 10_000
+SAFETENSORS_DTYPES = {
+    "F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2",
+}  # fmt: skip
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".h5", ".msgpack"}
+HF_ALLOWED_SUFFIXES = {".json", ".safetensors", ".txt", ".model", ".md", ".jinja"}
+
+_PT2_MEMBER = re.compile(
+    r"^[^/]+/("
+    r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+    r"|models/[\w.-]+\.json|data/weights/[\w.-]+|data/constants/[\w.-]+"
+    r"|data/sample_inputs/[\w.-]+\.pt"
+    r")$"
+)
+
+
+class Rejected(ValueError):
+    """The file is not acceptable; the message says why and what to send instead."""
+
+
+def check_archive(zf: zipfile.ZipFile, max_unpacked: int) -> list[zipfile.ZipInfo]:
+    infos = zf.infolist()
+    if len(infos) > MAX_MEMBERS:
+        raise Rejected(f"archive has {len(infos)} members; at most {MAX_MEMBERS} are accepted")
+    total = 0
+    for info in infos:
+        name = info.filename
+        parts = PurePosixPath(name).parts
+        if name.startswith("/") or "\\" in name or ".." in parts or ":" in name:
+            raise Rejected(f"archive member {name!r} has an unsafe path")
+        if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise Rejected(f"archive member {name!r} is a symbolic link")
+        total += info.file_size
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > 1024 * 1024 and ratio > MAX_COMPRESSION_RATIO:
+            raise Rejected(f"archive member {name!r} expands {ratio:.0f}x: refusing a zip bomb")
+    if total > max_unpacked:
+        raise Rejected(f"archive unpacks to {total} bytes, over the limit of {max_unpacked}")
+    return infos
+
+
+def _open_zip(path: Path, what: str) -> zipfile.ZipFile:
+    if not zipfile.is_zipfile(path):
+        head = path.read_bytes()[:2] if path.stat().st_size else b""
+        hint = " (it looks like a pickle, which is never loaded)" if head[:1] == b"\x80" else ""
+        raise Rejected(f"{what} must be a zip archive{hint}")
+    return zipfile.ZipFile(path)
+
+
+def check_pt2(path: Path, max_unpacked: int) -> dict[str, Any]:
+    """A ``torch.export.save`` archive whose weights, constants and inputs load without pickle."""
+    with _open_zip(path, "a .pt2 model (torch.export.save)") as zf:
+        infos = check_archive(zf, max_unpacked)
+        names = [i.filename for i in infos if not i.is_dir()]
+        for name in names:
+            if not _PT2_MEMBER.match(name):
+                raise Rejected(
+                    f"unexpected member {name!r} in .pt2 archive: only programs saved by "
+                    "torch.export.save (no AOTInductor binaries or extra files) are accepted"
+                )
+        roots = {n.split("/", 1)[0] for n in names}
+        if len(roots) != 1:
+            raise Rejected(".pt2 archive must have exactly one top-level folder")
+        root = roots.pop()
+        if f"{root}/models/model.json" not in names:
+            raise Rejected(".pt2 archive has no models/model.json: save it with torch.export.save")
+        if zf.read(f"{root}/archive_format").decode(errors="replace").strip() != "pt2":
+            raise Rejected(".pt2 archive_format is not 'pt2'")
+        counts = {}
+        for section in ("weights", "constants"):
+            cfg_name = f"{root}/data/{section}/model_{section}_config.json"
+            if cfg_name not in names:
+                counts[section] = 0
+                continue
+            config = json.loads(zf.read(cfg_name))["config"]
+            for fqn, meta in config.items():
+                if meta.get("use_pickle"):
+                    raise Rejected(f"{section[:-1]} {fqn!r} is pickled inside the .pt2; re-export "
+                                   "with plain tensors")
+                if section == "constants" and not str(meta.get("path_name", "")).startswith(
+                    "tensor_"
+                ):
+                    raise Rejected(f"constant {fqn!r} is not a plain tensor (script or opaque "
+                                   "objects are pickled and not accepted)")
+            counts[section] = len(config)
+        for name in names:
+            if "/data/sample_inputs/" in name:
+                _load_weights_only(zf.read(name), name)
+        return {"weights": counts["weights"], "constants": counts["constants"]}
+
+
+def _load_weights_only(data: bytes, name: str) -> None:
+    # torch.export.load tries weights_only=True first and falls back to full pickle on failure;
+    # proving the safe load succeeds here means the unsafe fallback is never reached.
+    import torch
+
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:
+        raise Rejected(f"{name!r} does not load with weights_only=True: {exc}") from None
+
+
+def check_hf_zip(path: Path, max_unpacked: int) -> dict[str, Any]:
+    """A zipped Hugging Face model folder with safetensors weights and no remote code."""
+    with _open_zip(path, "a Hugging Face model folder (zipped)") as zf:
+        infos = check_archive(zf, max_unpacked)
+        files = [i.filename for i in infos if not i.is_dir()]
+        prefix = _common_folder(files)
+        rel = [f[len(prefix):] for f in files]
+        for name in rel:
+            suffix = PurePosixPath(name).suffix.lower()
+            if suffix in PICKLE_SUFFIXES:
+                raise Rejected(f"{name!r}: pickle-based weights are never loaded; convert the "
+                               "model to safetensors (model.save_pretrained(safe_serialization=True))")
+            if suffix == ".py":
+                raise Rejected(f"{name!r}: models with their own code are not accepted")
+            if suffix not in HF_ALLOWED_SUFFIXES:
+                raise Rejected(f"{name!r}: unexpected file type in a model folder")
+        if "config.json" not in rel:
+            raise Rejected("the model folder has no config.json at its top level")
+        if not any(n.endswith(".safetensors") for n in rel):
+            raise Rejected("the model folder has no .safetensors weights")
+        config = json.loads(zf.read(prefix + "config.json"))
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise Rejected("config.json has no model_type")
+        if "auto_map" in config:
+            raise Rejected("config.json asks for remote code (auto_map); not accepted")
+        for name in rel:
+            if name.endswith(".safetensors"):
+                with zf.open(prefix + name) as fh:
+                    _safetensors_header(fh, zf.getinfo(prefix + name).file_size, name)
+        return {
+            "model_type": config["model_type"],
+            "architectures": config.get("architectures") or [],
+            "has_tokenizer": "tokenizer.json" in rel or "vocab.txt" in rel,
+        }
+
+
+def _common_folder(files: list[str]) -> str:
+    tops = {f.split("/", 1)[0] for f in files}
+    if len(tops) == 1 and all("/" in f for f in files):
+        return tops.pop() + "/"
+    return ""
+
+
+def _safetensors_header(fh: Any, size: int, name: str) -> dict[str, TensorInfo]:
+    raw = fh.read(8)
+    if len(raw) != 8:
+        raise Rejected(f"{name!r} is not a safetensors file")
+    (n,) = struct.unpack("<Q", raw)
+    if n > min(size - 8, 100 * 1024 * 1024):
+        raise Rejected(f"{name!r} has an invalid safetensors header length")
+    try:
+        header = json.loads(fh.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise Rejected(f"{name!r} has a corrupt safetensors header") from None
+    data_len = size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES or not isinstance(shape, list):
+            raise Rejected(f"{name!r}: tensor {key!r} has an unsupported dtype or shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]
+                <= data_len):
+            raise Rejected(f"{name!r}: tensor {key!r} points outside the file")
+        if any(not isinstance(d, int) or d < 0 for d in shape):
+            raise Rejected(f"{name!r}: tensor {key!r} has an invalid shape {shape}")
+        out[key] = TensorInfo(shape=shape, dtype=dtype.lower())
+    return out
+
+
+def check_safetensors(path: Path) -> dict[str, TensorInfo]:
+    with path.open("rb") as fh:
+        tensors = _safetensors_header(fh, path.stat().st_size, path.name)
+    if not tensors:
+        raise Rejected("the safetensors file holds no tensors")
+    return tensors
+
+
+def check_npz(path: Path, max_unpacked: int) -> dict[str, TensorInfo]:
+    """A NumPy ``.npz`` of plain arrays (no object arrays, so no pickle)."""
+    with _open_zip(path, "an .npz dataset") as zf:
+        check_archive(zf, max_unpacked)
+        out: dict[str, TensorInfo] = {}
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                raise Rejected(f"unexpected member {info.filename!r} in .npz")
+            with zf.open(info) as fh:
+                try:
+                    version = np.lib.format.read_magic(fh)
+                    shape, _, dtype = np.lib.format._read_array_header(fh, version)  # type: ignore[attr-defined]
+                except ValueError as exc:
+                    raise Rejected(f"{info.filename!r} is not a valid .npy array: {exc}") from None
+            if dtype.hasobject:
+                raise Rejected(f"{info.filename!r} holds Python objects (pickle); not accepted")
+            out[info.filename[: -len(".npy")]] = TensorInfo(shape=list(shape), dtype=str(dtype))
+    if not out:
+        raise Rejected("the .npz holds no arrays")
+    return out
+
+
+def detect_model_format(path: Path) -> Literal["pt2", "hf"]:
+    if not zipfile.is_zipfile(path):
+        raise Rejected("a model upload must be a .pt2 archive or a zipped Hugging Face folder; "
+                       "the bytes sent are neither (pickles are never accepted)")
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    if any(n.endswith("/models/model.json") for n in names):
+        return "pt2"
+    if any(n == "config.json" or n.endswith("/config.json") for n in names):
+        return "hf"
+    raise Rejected("zip is neither a torch.export .pt2 nor a Hugging Face folder (no config.json)")

@@ -1,0 +1,201 @@
+"""Job records as the API sees them: create and enqueue, read, list, cancel, events and logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi.sse import ServerSentEvent
+from pydantic import BaseModel
+
+from app import assets, records
+from app.deps import Services
+from app.errors import ApiError, not_found
+from app.schemas import (
+    FINAL_STATES,
+    ArtifactInfo,
+    DatasetInfo,
+    DatasetRef,
+    ErrorInfo,
+    Job,
+    JobCreate,
+    JobPage,
+    ModelInfo,
+    ModelRef,
+    Progress,
+)
+
+log = logging.getLogger("modelpress.api")
+TASK_NAME = "modelpress.run_job"
+
+
+def queue_for(svc: Services, spec: BaseModel) -> str:
+    return "gpu" if getattr(spec, "device", "auto") == "cuda" else svc.settings.default_queue
+
+
+async def _check_refs(svc: Services, tenant: str, spec: BaseModel) -> None:
+    """Every uploaded model or dataset a spec names must exist and belong to the caller."""
+    for name in type(spec).model_fields:
+        value = getattr(spec, name)
+        for ref in value if isinstance(value, list) else [value]:
+            if isinstance(ref, ModelRef) and ref.id:
+                await assets.get_asset(svc, "models", tenant, ref.id, ModelInfo)
+            elif isinstance(ref, DatasetRef) and ref.id:
+                await assets.get_asset(svc, "datasets", tenant, ref.id, DatasetInfo)
+
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+async def create_job(
+    svc: Services, tenant: str, body: JobCreate, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Returns the job and whether it was created now (False: an earlier call with the same
+    Idempotency-Key already created it)."""
+    spec = body.spec
+    await _check_refs(svc, tenant, spec)
+    job_id = f"job_{uuid.uuid4().hex}"
+    if idempotency_key:
+        idem = records.idempotency_key(tenant, idempotency_key)
+        if not await svc.redis.set(idem, job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
+            existing = await svc.redis.get(idem)
+            return await get_job(svc, tenant, str(existing)), False
+    queue = queue_for(svc, spec)
+    job = Job(
+        id=job_id, kind=spec.kind, name=body.name, state="queued", spec=spec, queue=queue,
+        created_at=records.now(),
+        progress=Progress(stage="queued", message="waiting for a worker", updated_at=records.now()),
+    )
+    seq = int(await svc.redis.incr(records.tenant_seq_key(tenant)))
+    pipe = svc.redis.pipeline(transaction=True)
+    pipe.hset(records.job_key(job_id), mapping=records.job_to_hash(job, tenant, seq))
+    pipe.zadd(records.tenant_jobs_key(tenant), {job_id: seq})
+    pipe.xadd(records.events_key(job_id), {"data": records.event_json(job_id, "state", state="queued")},
+              maxlen=svc.settings.event_stream_maxlen, approximate=True)
+    await pipe.execute()
+    try:
+        await anyio.to_thread.run_sync(
+            lambda: svc.celery.send_task(TASK_NAME, args=[job_id], queue=queue, task_id=job_id)
+        )
+    except Exception as exc:  # the record stays, failed with the reason, so nothing is silently lost
+        log.exception("could not enqueue %s", job_id)
+        err = ErrorInfo(type="enqueue_failed", message=f"could not reach the queue: {exc}")
+        await svc.redis.hset(records.job_key(job_id), mapping={
+            "state": "failed", "finished_at": records.iso(), "error": err.model_dump_json()})
+        raise ApiError(503, "the job queue is unavailable; try again shortly") from exc
+    return job, True
+
+
+async def _raw(svc: Services, tenant: str, job_id: str) -> dict[str, str]:
+    h: dict[str, str] = await svc.redis.hgetall(records.job_key(job_id))
+    if not h or h.get("tenant") != tenant:
+        raise not_found("job", job_id)
+    return h
+
+
+async def get_job(svc: Services, tenant: str, job_id: str) -> Job:
+    h = await _raw(svc, tenant, job_id)
+    pipe = svc.redis.pipeline(transaction=False)
+    pipe.hgetall(records.artifacts_key(job_id))
+    pipe.hgetall(records.runs_key(job_id))
+    artifacts, runs = await pipe.execute()
+    return records.job_from_hash(h, artifacts, runs)
+
+
+async def list_jobs(
+    svc: Services, tenant: str, limit: int, cursor: str | None, state: str | None, kind: str | None
+) -> JobPage:
+    key = records.tenant_jobs_key(tenant)
+    top: Any = f"({int(cursor)}" if cursor else "+inf"
+    items: list[Job] = []
+    last_seq: int | None = None
+    exhausted = False
+    while len(items) < limit:
+        batch = await svc.redis.zrevrangebyscore(key, top, "-inf", start=0, num=max(limit, 50),
+                                                 withscores=True)
+        if not batch:
+            exhausted = True
+            break
+        for job_id, score in batch:
+            last_seq = int(score)
+            top = f"({last_seq}"
+            if state or kind:
+                st, kd = await svc.redis.hmget(records.job_key(job_id), ["state", "kind"])
+                if (state and st != state) or (kind and kd != kind):
+                    continue
+            try:
+                items.append(await get_job(svc, tenant, job_id))
+            except ApiError:
+                continue  # deleted between index and read
+            if len(items) == limit:
+                break
+    more = not exhausted and last_seq is not None and bool(
+        await svc.redis.zcount(key, "-inf", f"({last_seq}")
+    )
+    return JobPage(items=items, next_cursor=str(last_seq) if more else None)
+
+
+async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Job:
+    h = await _raw(svc, tenant, job_id)
+    maxlen = svc.settings.event_stream_maxlen
+    event = records.event_json(job_id, "state", state="cancelled")
+    outcome = await svc.redis.eval(
+        records.CANCEL, 2, records.job_key(job_id), records.events_key(job_id),
+        records.iso(), event, maxlen,
+    )
+    if outcome in FINAL_STATES and outcome != "cancelled":
+        raise ApiError(409, f"job {job_id} already {outcome}; nothing to cancel")
+    # Revoke is the fallback: a queued message is discarded when a worker receives it; with
+    # force, the worker process running it is killed and the job is closed here.
+    terminate = force and outcome == "requested"
+    await anyio.to_thread.run_sync(
+        lambda: svc.celery.control.revoke(job_id, terminate=terminate, signal="SIGKILL")
+    )
+    if terminate:
+        err = ErrorInfo(type="cancelled", message="cancelled by force; the worker was stopped")
+        await svc.redis.eval(
+            records.FINISH, 2, records.job_key(job_id), records.events_key(job_id),
+            h.get("attempts", "0"), "cancelled", records.iso(), event, maxlen, "",
+            err.model_dump_json(),
+        )
+    return await get_job(svc, tenant, job_id)
+
+
+async def events(
+    svc: Services, tenant: str, job_id: str, last_event_id: str | None
+) -> AsyncIterator[ServerSentEvent]:
+    await _raw(svc, tenant, job_id)
+    key = records.events_key(job_id)
+    last = last_event_id or "0-0"
+    while True:
+        resp = await svc.redis.xread({key: last}, count=200, block=10_000)
+        if not resp:
+            state = await svc.redis.hget(records.job_key(job_id), "state")
+            if state in FINAL_STATES:
+                return
+            yield ServerSentEvent(comment="keep-alive")
+            continue
+        for entry_id, fields in resp[0][1]:
+            last = entry_id
+            ev = records.event_from_stream(entry_id, fields)
+            yield ServerSentEvent(data=ev.model_dump(mode="json"), event=ev.type, id=entry_id)
+            if ev.type == "state" and ev.state in FINAL_STATES:
+                return
+
+
+async def log_lines(svc: Services, tenant: str, job_id: str, tail: int) -> list[str]:
+    await _raw(svc, tenant, job_id)
+    lines: list[str] = await svc.redis.lrange(records.log_key(job_id), -tail, -1)
+    return lines
+
+
+async def artifact(svc: Services, tenant: str, job_id: str, name: str) -> ArtifactInfo:
+    await _raw(svc, tenant, job_id)
+    raw = await svc.redis.hget(records.artifacts_key(job_id), name)
+    if raw is None:
+        raise not_found("artifact", name)
+    return ArtifactInfo.model_validate(json.loads(raw))

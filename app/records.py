@@ -1,0 +1,223 @@
+"""Redis layout of job records, inputs, keys and workers, shared by the API and the workers.
+
+A job is a Redis hash (scalar fields as strings, structured fields as JSON) plus side keys:
+an event stream for SSE replay, a capped log list, an artifact hash and a run-attempt hash.
+State changes go through Lua scripts so that a check and its write are one atomic step.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from app.schemas import ArtifactInfo, ErrorInfo, Job, JobEvent, Progress, RunAttempt
+
+P = "mp"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(ts: datetime | None = None) -> str:
+    return (ts or now()).isoformat()
+
+
+# ---------------------------------------------------------------- keys
+
+
+def job_key(job_id: str) -> str:
+    return f"{P}:job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"{P}:job:{job_id}:events"
+
+
+def log_key(job_id: str) -> str:
+    return f"{P}:job:{job_id}:log"
+
+
+def artifacts_key(job_id: str) -> str:
+    return f"{P}:job:{job_id}:artifacts"
+
+
+def runs_key(job_id: str) -> str:
+    return f"{P}:job:{job_id}:runs"
+
+
+def lease_key(job_id: str) -> str:
+    return f"{P}:job:{job_id}:lease"
+
+
+def memo_key(job_id: str) -> str:
+    """Finished evaluations of a job, so a re-run after a crash resumes instead of redoing them."""
+    return f"{P}:job:{job_id}:memo"
+
+
+def tenant_jobs_key(tenant: str) -> str:
+    return f"{P}:tenant:{tenant}:jobs"
+
+
+def tenant_seq_key(tenant: str) -> str:
+    return f"{P}:tenant:{tenant}:seq"
+
+
+def asset_key(collection: str, asset_id: str) -> str:
+    return f"{P}:{collection}:{asset_id}"
+
+
+def tenant_assets_key(tenant: str, collection: str) -> str:
+    return f"{P}:tenant:{tenant}:{collection}"
+
+
+def apikey_key(token_hash: str) -> str:
+    return f"{P}:apikey:{token_hash}"
+
+
+def worker_key(worker: str) -> str:
+    return f"{P}:worker:{worker}"
+
+
+WORKER_PATTERN = f"{P}:worker:*"
+
+
+def idempotency_key(tenant: str, key: str) -> str:
+    return f"{P}:tenant:{tenant}:idem:{key}"
+
+
+def ratelimit_key(token_hash: str, minute: int) -> str:
+    return f"{P}:rl:{token_hash}:{minute}"
+
+
+# ---------------------------------------------------------------- object-store keys
+
+
+def model_object(tenant: str, model_id: str, fmt: str) -> str:
+    return f"tenants/{tenant}/models/{model_id}/model.{'pt2' if fmt == 'pt2' else 'zip'}"
+
+
+def dataset_object(tenant: str, dataset_id: str, fmt: str) -> str:
+    return f"tenants/{tenant}/datasets/{dataset_id}/data.{fmt}"
+
+
+def artifact_object(tenant: str, job_id: str, name: str) -> str:
+    return f"tenants/{tenant}/jobs/{job_id}/artifacts/{name}"
+
+
+# ---------------------------------------------------------------- codecs
+
+_JSON_FIELDS = ("spec", "progress", "result", "error")
+
+
+def job_to_hash(job: Job, tenant: str, seq: int) -> dict[str, str]:
+    data = job.model_dump(mode="json", exclude={"artifacts", "runs"})
+    out: dict[str, str] = {"tenant": tenant, "seq": str(seq)}
+    for k, v in data.items():
+        if v is None:
+            continue
+        if k in _JSON_FIELDS:
+            out[k] = json.dumps(v)
+        elif isinstance(v, bool):
+            out[k] = "1" if v else "0"
+        else:
+            out[k] = str(v)
+    return out
+
+
+def job_from_hash(
+    h: dict[str, str], artifacts: dict[str, str] | None = None, runs: dict[str, str] | None = None
+) -> Job:
+    data: dict[str, Any] = {}
+    for k, v in h.items():
+        if k in ("tenant", "seq"):
+            continue
+        if k in _JSON_FIELDS:
+            data[k] = json.loads(v)
+        elif k == "cancel_requested":
+            data[k] = v == "1"
+        else:
+            data[k] = v
+    data["artifacts"] = sorted(
+        (ArtifactInfo.model_validate_json(a) for a in (artifacts or {}).values()),
+        key=lambda a: a.name,
+    )
+    data["runs"] = sorted(
+        (RunAttempt.model_validate_json(r) for r in (runs or {}).values()), key=lambda r: r.attempt
+    )
+    return Job.model_validate(data)
+
+
+def event_json(job_id: str, type_: str, **fields: Any) -> str:
+    """An event body without its id (the stream assigns the id)."""
+    body: dict[str, Any] = {"type": type_, "job_id": job_id, "at": iso()}
+    for k, v in fields.items():
+        if isinstance(v, Progress | ErrorInfo):
+            body[k] = v.model_dump(mode="json")
+        elif v is not None:
+            body[k] = v
+    return json.dumps(body)
+
+
+def event_from_stream(entry_id: str, fields: dict[str, str]) -> JobEvent:
+    return JobEvent.model_validate({"id": entry_id, **json.loads(fields["data"])})
+
+
+# ---------------------------------------------------------------- atomic transitions (Lua)
+
+# KEYS: job, events   ARGV: now, event_json, maxlen
+# queued -> cancelled at once; running -> flag for the worker; final -> unchanged.
+CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'missing' end
+if state == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1], 'cancel_requested', '1')
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2])
+  return 'cancelled'
+end
+if state == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+  return 'requested'
+end
+return state
+"""
+
+# KEYS: job, events   ARGV: now, event_json, maxlen
+# Claims the job for a new attempt: queued|running -> running, attempts += 1.
+START = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing', 0} end
+if state ~= 'queued' and state ~= 'running' then return {state, 0} end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'state', 'running')
+if not redis.call('HGET', KEYS[1], 'started_at') then
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[1])
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2])
+return {'running', attempt}
+"""
+
+# KEYS: job, events   ARGV: attempt, progress_json, event_json, maxlen
+# Returns {written, cancel_requested}; a stale attempt writes nothing.
+PROGRESS = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return {0, 1} end
+if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[1] then return {0, 1} end
+redis.call('HSET', KEYS[1], 'progress', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[3])
+local c = redis.call('HGET', KEYS[1], 'cancel_requested')
+if c == '1' then return {1, 1} end
+return {1, 0}
+"""
+
+# KEYS: job, events   ARGV: attempt, state, now, event_json, maxlen, result_json, error_json
+# Only the attempt that holds the job may finish it, and only once.
+FINISH = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_at', ARGV[3])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[6]) end
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[7]) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'data', ARGV[4])
+return 1
+"""

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+
+from app import assets
+from app.deps import PrincipalDep, ServicesDep
+from app.schemas import DatasetFormat, DatasetInfo, DatasetList, ModelFormat, ModelInfo, ModelList
+
+router = APIRouter(prefix="/v1", tags=["models and datasets"])
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+Sha256Header = Annotated[
+    str | None,
+    Header(alias="X-Content-SHA256", pattern=r"^[0-9a-fA-F]{64}$",
+           description="Optional SHA-256 of the body; a mismatch is rejected."),
+]
+
+
+@router.post("/models", status_code=201, response_model=ModelInfo, openapi_extra=_UPLOAD_BODY)
+async def upload_model(
+    request: Request,
+    svc: ServicesDep,
+    who: PrincipalDep,
+    name: Annotated[str, Query(description="A name for the model.")],
+    format: Annotated[ModelFormat | None, Query(description="pt2 or hf; default: detected")] = None,
+    sha256: Sha256Header = None,
+) -> ModelInfo:
+    """Upload a model as the raw request body: a `torch.export.save` archive (`.pt2`) or a zipped
+    Hugging Face folder with safetensors weights. Pickles are never accepted."""
+    return await assets.create_model(svc, who.tenant, request, name, format, sha256)
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(
+    svc: ServicesDep, who: PrincipalDep, limit: Annotated[int, Query(ge=1, le=500)] = 100
+) -> ModelList:
+    return ModelList(items=await assets.list_assets(svc, "models", who.tenant, ModelInfo, limit))
+
+
+@router.get("/models/{model_id}", response_model=ModelInfo)
+async def get_model(model_id: str, svc: ServicesDep, who: PrincipalDep) -> ModelInfo:
+    return await assets.get_asset(svc, "models", who.tenant, model_id, ModelInfo)
+
+
+@router.post("/datasets", status_code=201, response_model=DatasetInfo, openapi_extra=_UPLOAD_BODY)
+async def upload_dataset(
+    request: Request,
+    svc: ServicesDep,
+    who: PrincipalDep,
+    name: Annotated[str, Query(description="A name for the dataset.")],
+    format: Annotated[DatasetFormat, Query(description="npz or safetensors")] = "npz",
+    sha256: Sha256Header = None,
+) -> DatasetInfo:
+    """Upload a dataset as the raw request body: `.npz` (no object arrays) or `.safetensors`,
+    with inputs under `x` (or the model's input names) and integer labels under `y`."""
+    return await assets.create_dataset(svc, who.tenant, request, name, format, sha256)
+
+
+@router.get("/datasets", response_model=DatasetList)
+async def list_datasets(
+    svc: ServicesDep, who: PrincipalDep, limit: Annotated[int, Query(ge=1, le=500)] = 100
+) -> DatasetList:
+    return DatasetList(
+        items=await assets.list_assets(svc, "datasets", who.tenant, DatasetInfo, limit)
+    )
+
+
+@router.get("/datasets/{dataset_id}", response_model=DatasetInfo)
+async def get_dataset(dataset_id: str, svc: ServicesDep, who: PrincipalDep) -> DatasetInfo:
+    return await assets.get_asset(svc, "datasets", who.tenant, dataset_id, DatasetInfo)

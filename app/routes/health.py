@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, RedirectResponse
+
+from app import records
+from app.deps import ServicesDep
+from app.schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/", include_in_schema=False)
+async def root() -> RedirectResponse:
+    # The job dashboard takes this path when it lands; until then the API docs are the front page.
+    return RedirectResponse("/docs")
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """The process is up (liveness)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+async def readyz(svc: ServicesDep) -> JSONResponse:
+    """Ready to take jobs: Redis answers, the object store answers, a worker is alive."""
+    checks: dict[str, str] = {}
+    try:
+        await svc.redis.ping()
+        checks["redis"] = "ok"
+        workers = [k async for k in svc.redis.scan_iter(match=records.WORKER_PATTERN, count=100)]
+        checks["worker"] = f"ok ({len(workers)} alive)" if workers else "no worker alive"
+    except Exception as exc:
+        checks["redis"] = f"unreachable: {type(exc).__name__}"
+        checks["worker"] = "unknown"
+    try:
+        await svc.store.ping()
+        checks["store"] = "ok"
+    except Exception as exc:
+        checks["store"] = f"unreachable: {type(exc).__name__}: {exc}"[:300]
+    ok = all(v.startswith("ok") for v in checks.values())
+    health = Health(status="ok" if ok else "unavailable", checks=checks)
+    return JSONResponse(health.model_dump(), status_code=200 if ok else 503)

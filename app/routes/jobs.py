@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from app import jobs, records
+from app.deps import PrincipalDep, ServicesDep
+from app.schemas import ArtifactInfo, Job, JobCreate, JobKind, JobLog, JobPage, JobState
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=201, response_model=Job,
+             responses={200: {"model": Job, "description": "Already created with this key"}})
+async def create_job(
+    body: JobCreate,
+    response: Response,
+    svc: ServicesDep,
+    who: PrincipalDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(pattern=r"^[A-Za-z0-9_-]{8,128}$",
+               description="Repeat a create safely: the same key returns the same job for 24 h."),
+    ] = None,
+) -> Job:
+    """Validate a job spec, store the job record and queue it for a worker."""
+    job, created = await jobs.create_job(svc, who.tenant, body, idempotency_key)
+    if not created:
+        response.status_code = 200
+    return job
+
+
+@router.get("", response_model=JobPage)
+async def list_jobs(
+    svc: ServicesDep,
+    who: PrincipalDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}$")] = None,
+    state: JobState | None = None,
+    kind: JobKind | None = None,
+) -> JobPage:
+    """The caller's jobs, newest first."""
+    return await jobs.list_jobs(svc, who.tenant, limit, cursor, state, kind)
+
+
+@router.get("/{job_id}", response_model=Job)
+async def get_job(job_id: str, svc: ServicesDep, who: PrincipalDep) -> Job:
+    return await jobs.get_job(svc, who.tenant, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=Job)
+async def cancel_job(
+    job_id: str,
+    svc: ServicesDep,
+    who: PrincipalDep,
+    force: Annotated[bool, Query(description="Kill the worker process if it does not stop")] = False,
+) -> Job:
+    """Queued jobs are cancelled at once; running ones stop at the engine's next step."""
+    return await jobs.cancel_job(svc, who.tenant, job_id, force)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse)
+async def job_events(
+    job_id: str,
+    svc: ServicesDep,
+    who: PrincipalDep,
+    last_event_id: Annotated[str | None, Header(pattern=r"^\d{1,20}-\d{1,20}$")] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """Live state, progress and log events (Server-Sent Events), replayed from the start or from
+    `Last-Event-ID`; the stream ends after the final state."""
+    async for event in jobs.events(svc, who.tenant, job_id, last_event_id):
+        yield event
+
+
+@router.get("/{job_id}/log", response_model=JobLog)
+async def job_log(
+    job_id: str, svc: ServicesDep, who: PrincipalDep,
+    tail: Annotated[int, Query(ge=1, le=10_000)] = 500,
+) -> JobLog:
+    return JobLog(job_id=job_id, lines=await jobs.log_lines(svc, who.tenant, job_id, tail))
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactInfo])
+async def list_artifacts(job_id: str, svc: ServicesDep, who: PrincipalDep) -> list[ArtifactInfo]:
+    return (await jobs.get_job(svc, who.tenant, job_id)).artifacts
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+async def download_artifact(
+    job_id: str, name: str, svc: ServicesDep, who: PrincipalDep
+) -> StreamingResponse:
+    """Stream an artifact from the object store."""
+    info = await jobs.artifact(svc, who.tenant, job_id, name)
+    key = records.artifact_object(who.tenant, job_id, name)
+    return StreamingResponse(
+        svc.store.stream(key),
+        media_type=info.media_type,
+        headers={
+            "Content-Length": str(info.size),
+            "ETag": f'"{info.sha256}"',
+            "Content-Disposition": f'attachment; filename="{name}"',
+        },
+    )

@@ -1,0 +1,292 @@
+"""The one wire contract: every request and response body of the API, used by the API, the
+workers and the SDK alike. Each job kind adds a spec (discriminated by ``kind``) and a result."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+JobKind = Literal["benchmark"]
+ZooModel = Literal["digits-cnn", "minilm-l6"]
+BuiltinDataset = Literal["digits-test", "digits-calib", "sentences"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class _Strict(BaseModel):
+    """Request bodies reject unknown fields so a typo is a 422 naming it, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- references to inputs
+
+
+class ModelRef(_Strict):
+    """A built-in zoo model (``{"zoo": "digits-cnn"}``) or an uploaded one (``{"id": "mdl_..."}``)."""
+
+    zoo: ZooModel | None = None
+    id: str | None = Field(default=None, pattern=r"^mdl_[0-9a-f]{32}$")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelRef:
+        if (self.zoo is None) == (self.id is None):
+            raise ValueError("give exactly one of `zoo` (a built-in model name) or `id`")
+        return self
+
+    def label(self) -> str:
+        return f"zoo:{self.zoo}" if self.zoo else str(self.id)
+
+
+class DatasetRef(_Strict):
+    """A built-in dataset (``{"builtin": "digits-test"}``) or an uploaded one (``{"id": "dst_..."}``)."""
+
+    builtin: BuiltinDataset | None = None
+    id: str | None = Field(default=None, pattern=r"^dst_[0-9a-f]{32}$")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DatasetRef:
+        if (self.builtin is None) == (self.id is None):
+            raise ValueError("give exactly one of `builtin` (a built-in dataset name) or `id`")
+        return self
+
+
+# ---------------------------------------------------------------- job specs, one per kind
+
+
+class BenchmarkSpec(_Strict):
+    """Latency, throughput and peak memory of a model on the worker's device."""
+
+    kind: Literal["benchmark"] = "benchmark"
+    model: ModelRef
+    dataset: DatasetRef | None = Field(
+        default=None, description="Inputs are taken from this dataset; default: the model's own."
+    )
+    input_shape: list[Annotated[int, Field(ge=1, le=65536)]] | None = Field(
+        default=None,
+        max_length=8,
+        description="Shape of one random float input, batch first (instead of a dataset).",
+    )
+    batch_size: int = Field(default=1, ge=1, le=4096)
+    backend: Literal["torch"] = "torch"
+    device: Device = "auto"
+    warmup: int = Field(default=10, ge=0, le=10_000)
+    repeats: int = Field(default=50, ge=1, le=100_000)
+    threads: int | None = Field(default=None, ge=1, le=256, description="Intra-op threads.")
+    per_layer: bool = Field(default=True, description="Also time each leaf module (torch only).")
+    min_time_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=6 * 3600,
+        description="Keep repeating until at least this much measuring time has passed (and at "
+        "least `repeats` runs), like a benchmark harness's min-time; progress and cancellation "
+        "are checked between runs.",
+    )
+
+
+# Every job spec model; each new kind joins this union (and JobKind) with its issue.
+AnySpec = BenchmarkSpec
+JobSpec = Annotated[AnySpec, Field(discriminator="kind")]
+
+
+class JobCreate(_Strict):
+    spec: JobSpec
+    name: str | None = Field(default=None, max_length=200)
+
+
+# ---------------------------------------------------------------- results, one per kind
+
+
+class Environment(BaseModel):
+    """Where a figure was measured."""
+
+    device: str
+    device_name: str
+    threads: int
+    versions: dict[str, str]
+    host: str
+
+
+class LatencyStats(BaseModel):
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    repeats: int
+    warmup: int
+
+
+class LayerLatency(BaseModel):
+    name: str
+    type: str
+    median_ms: float
+    share: float = Field(description="Fraction of the summed per-layer medians.")
+
+
+class BenchmarkResult(BaseModel):
+    kind: Literal["benchmark"] = "benchmark"
+    model: str
+    backend: str
+    batch_size: int
+    input_shapes: list[list[int]]
+    parameters: int
+    model_bytes: int
+    latency: LatencyStats
+    throughput_per_s: float = Field(description="Samples per second at the median latency.")
+    peak_memory_bytes: int
+    memory_method: str
+    per_layer: list[LayerLatency]
+    method: str
+    environment: Environment
+
+
+JobResult = Annotated[BenchmarkResult, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- job records
+
+
+class Progress(BaseModel):
+    stage: str = "queued"
+    fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    message: str = ""
+    updated_at: datetime | None = None
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+
+
+class ArtifactInfo(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    media_type: str
+    created_at: datetime
+
+
+class RunAttempt(BaseModel):
+    attempt: int
+    worker: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    outcome: Literal["running", "succeeded", "failed", "cancelled", "lost"] = "running"
+
+
+class Job(BaseModel):
+    id: str
+    kind: JobKind
+    name: str | None = None
+    state: JobState
+    spec: JobSpec
+    queue: str
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: Progress
+    result: JobResult | None = None
+    error: ErrorInfo | None = None
+    artifacts: list[ArtifactInfo] = Field(default_factory=list)
+    attempts: int = Field(default=0, description="How many times a worker started this job.")
+    runs: list[RunAttempt] = Field(default_factory=list)
+    cancel_requested: bool = False
+
+    @property
+    def retried(self) -> bool:
+        return self.attempts > 1
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+class JobPage(BaseModel):
+    items: list[Job]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next page; null on the last page."
+    )
+
+
+class JobEvent(BaseModel):
+    """One Server-Sent Event of a job's stream; ``id`` is the SSE id, usable as Last-Event-ID."""
+
+    id: str
+    type: Literal["state", "progress", "log"]
+    job_id: str
+    at: datetime
+    state: JobState | None = None
+    progress: Progress | None = None
+    message: str | None = None
+
+
+class JobLog(BaseModel):
+    job_id: str
+    lines: list[str]
+
+
+# ---------------------------------------------------------------- uploaded inputs
+
+ModelFormat = Literal["pt2", "hf"]
+DatasetFormat = Literal["npz", "safetensors"]
+
+
+class TensorInfo(BaseModel):
+    shape: list[int]
+    dtype: str
+
+
+class ModelInfo(BaseModel):
+    id: str
+    name: str
+    format: ModelFormat
+    size: int
+    sha256: str
+    created_at: datetime
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class DatasetInfo(BaseModel):
+    id: str
+    name: str
+    format: DatasetFormat
+    size: int
+    sha256: str
+    created_at: datetime
+    tensors: dict[str, TensorInfo]
+
+
+class ModelList(BaseModel):
+    items: list[ModelInfo]
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetInfo]
+
+
+# ---------------------------------------------------------------- service
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx body: ``{"error": {"type": ..., "message": ...}}``."""
+
+    class Detail(BaseModel):
+        type: str
+        message: str
+        fields: list[dict[str, Any]] | None = None
+
+    error: Detail
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)
+
+
+class ApiKeyCreated(BaseModel):
+    tenant: str
+    name: str
+    key: str = Field(description="Shown once; only its hash is stored.")

@@ -1,0 +1,1 @@
+"""Compiled kernels (Triton) with PyTorch references; see issue 4."""

@@ -1,0 +1,73 @@
+"""The modelpress Python SDK.
+
+    from modelpress import Client, BenchmarkSpec, ModelRef
+
+    with Client() as client:            # MODELPRESS_BASE_URL / MODELPRESS_API_KEY
+        job = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn")))
+        job = client.jobs.wait(job.id, progress=True)
+        print(job.result)
+"""
+
+from app.schemas import (
+    ArtifactInfo,
+    BenchmarkResult,
+    BenchmarkSpec,
+    DatasetInfo,
+    DatasetRef,
+    Job,
+    JobEvent,
+    JobPage,
+    JobState,
+    ModelInfo,
+    ModelRef,
+)
+from modelpress._async_client import AsyncClient
+from modelpress._client import Client
+from modelpress._errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    InternalServerError,
+    JobFailedError,
+    ModelpressError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    UnprocessableEntityError,
+    UnsupportedMediaTypeError,
+)
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "ArtifactInfo",
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "BenchmarkResult",
+    "BenchmarkSpec",
+    "Client",
+    "ConflictError",
+    "DatasetInfo",
+    "DatasetRef",
+    "InternalServerError",
+    "Job",
+    "JobEvent",
+    "JobFailedError",
+    "JobPage",
+    "JobState",
+    "ModelInfo",
+    "ModelRef",
+    "ModelpressError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "UnprocessableEntityError",
+    "UnsupportedMediaTypeError",
+]

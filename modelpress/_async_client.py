@@ -1,0 +1,234 @@
+"""The asynchronous client; the same surface as :class:`modelpress.Client` with ``await``."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+from pydantic import BaseModel
+
+from app.schemas import (
+    FINAL_STATES,
+    ArtifactInfo,
+    DatasetInfo,
+    Health,
+    Job,
+    JobEvent,
+    JobPage,
+    ModelInfo,
+)
+from modelpress import _base
+from modelpress._errors import APIConnectionError, APITimeoutError, JobFailedError, status_error
+from modelpress._progress import ProgressPrinter
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout = _base.DEFAULT_TIMEOUT,
+        max_retries: int = 3,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url, self.api_key = _base.resolve_auth(api_key, base_url)
+        self.max_retries = max_retries
+        self._http = http_client or httpx.AsyncClient(timeout=timeout)
+        self._http.base_url = httpx.URL(self.base_url)
+        if self.api_key:
+            self._http.headers["Authorization"] = f"Bearer {self.api_key}"
+        self.models = AsyncModels(self)
+        self.datasets = AsyncDatasets(self)
+        self.jobs = AsyncJobs(self)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def healthz(self) -> Health:
+        return await self._call(_base.health("/healthz"))
+
+    async def readyz(self) -> Health:
+        return await self._call(_base.health("/readyz"))
+
+    async def _call(self, call: _base.Call[T]) -> T:
+        return call.parse(await self._send(call))
+
+    async def _send(self, call: _base.Call[Any]) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                if call.upload is not None:
+                    async with await anyio.open_file(call.upload, "rb") as fh:
+                        data = _chunks(fh)
+                        response = await self._http.request(
+                            call.method, call.path, params=call.params,
+                            headers=dict(call.headers), content=data)
+                else:
+                    response = await self._http.request(call.method, call.path, params=call.params,
+                                                        json=call.json, headers=dict(call.headers))
+            except httpx.TimeoutException as exc:
+                if attempt >= self.max_retries:
+                    raise APITimeoutError(f"timed out: {exc}", request=exc.request) from exc
+                await asyncio.sleep(_base.backoff_seconds(attempt, None))
+            except httpx.TransportError as exc:
+                if attempt >= self.max_retries:
+                    raise APIConnectionError(f"could not reach {self.base_url}: {exc}",
+                                             request=exc.request) from exc
+                await asyncio.sleep(_base.backoff_seconds(attempt, None))
+            else:
+                if response.is_success or response.status_code in call.accept:
+                    return response
+                if not _base.should_retry(response) or attempt >= self.max_retries:
+                    raise status_error(response)
+                await asyncio.sleep(_base.backoff_seconds(attempt, response))
+            attempt += 1
+
+
+async def _chunks(fh: Any, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+    while chunk := await fh.read(size):
+        yield chunk
+
+
+class AsyncModels:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def upload(self, path: str | Path, name: str | None = None, format: str | None = None
+                     ) -> ModelInfo:
+        path = Path(path)
+        if path.is_dir():
+            with tempfile.TemporaryDirectory() as tmp:
+                zipped = await anyio.to_thread.run_sync(_base.zip_folder, path, Path(tmp))
+                return await self._c._call(
+                    _base.upload_model(zipped, name or path.name, format or "hf"))
+        return await self._c._call(_base.upload_model(path, name, format))
+
+    async def list(self) -> list[ModelInfo]:
+        return await self._c._call(_base.list_models())
+
+    async def get(self, model_id: str) -> ModelInfo:
+        return await self._c._call(_base.get_model(model_id))
+
+
+class AsyncDatasets:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def upload(self, path: str | Path, name: str | None = None, format: str | None = None
+                     ) -> DatasetInfo:
+        return await self._c._call(_base.upload_dataset(Path(path), name, format))
+
+    async def list(self) -> list[DatasetInfo]:
+        return await self._c._call(_base.list_datasets())
+
+
+class AsyncJobs:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def create(self, spec: BaseModel | Mapping[str, Any], *, name: str | None = None,
+                     idempotency_key: str | None = None) -> Job:
+        return await self._c._call(_base.create_job(spec, name, idempotency_key))
+
+    async def get(self, job_id: str) -> Job:
+        return await self._c._call(_base.get_job(job_id))
+
+    async def list(self, *, limit: int = 20, cursor: str | None = None, state: str | None = None,
+                   kind: str | None = None) -> JobPage:
+        return await self._c._call(_base.list_jobs(limit, cursor, state, kind))
+
+    async def cancel(self, job_id: str, *, force: bool = False) -> Job:
+        return await self._c._call(_base.cancel_job(job_id, force))
+
+    async def log(self, job_id: str, *, tail: int = 500) -> builtins.list[str]:
+        return await self._c._call(_base.job_log(job_id, tail))
+
+    async def artifacts(self, job_id: str) -> builtins.list[ArtifactInfo]:
+        return await self._c._call(_base.list_artifacts(job_id))
+
+    async def events(self, job_id: str, *, last_event_id: str | None = None
+                     ) -> AsyncIterator[JobEvent]:
+        decoder = _base.SSEDecoder()
+        decoder.last_id = last_event_id
+        attempt = 0
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if decoder.last_id:
+                headers["Last-Event-ID"] = decoder.last_id
+            try:
+                async with self._c._http.stream("GET", _base.events_path(job_id), headers=headers,
+                                                timeout=httpx.Timeout(60.0, read=120.0)) as resp:
+                    if not resp.is_success:
+                        await resp.aread()
+                        raise status_error(resp)
+                    async for line in resp.aiter_lines():
+                        event = decoder.feed(line)
+                        if event is not None:
+                            attempt = 0
+                            yield event
+                            if event.type == "state" and event.state in FINAL_STATES:
+                                return
+                # The server closed the stream before the final state (restart, proxy timeout):
+                # reconnect from the last event id.
+                if attempt >= self._c.max_retries:
+                    raise APIConnectionError(f"event stream of {job_id} ended before the job did")
+                await asyncio.sleep(_base.backoff_seconds(attempt, None))
+                attempt += 1
+            except httpx.TransportError:
+                if attempt >= self._c.max_retries:
+                    raise
+                await asyncio.sleep(_base.backoff_seconds(attempt, None))
+                attempt += 1
+
+    async def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None,
+                   raise_on_failure: bool = True) -> Job:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        printer = ProgressPrinter(job_id) if progress else None
+        try:
+            async for event in self.events(job_id):
+                if printer:
+                    printer.show(event)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+                if event.type == "state" and event.state in FINAL_STATES:
+                    break
+        finally:
+            if printer:
+                printer.close()
+        job = await self.get(job_id)
+        if raise_on_failure and job.state in ("failed", "cancelled"):
+            raise JobFailedError(job)
+        return job
+
+    async def download(self, job_id: str, name: str, dest: str | Path) -> Path:
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / name
+        tmp = dest.with_name(dest.name + ".part")
+        async with self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
+            if not resp.is_success:
+                await resp.aread()
+                raise status_error(resp)
+            async with await anyio.open_file(tmp, "wb") as fh:
+                async for chunk in resp.aiter_bytes():
+                    await fh.write(chunk)
+        tmp.replace(dest)
+        return dest

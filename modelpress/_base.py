@@ -1,0 +1,207 @@
+"""What the sync and async clients share: endpoint descriptions, retry policy, SSE decoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import uuid
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+
+from app.schemas import (
+    ArtifactInfo,
+    DatasetInfo,
+    DatasetList,
+    Health,
+    Job,
+    JobEvent,
+    JobLog,
+    JobPage,
+    ModelInfo,
+    ModelList,
+)
+
+T = TypeVar("T")
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def _model(cls: type[BaseModel]) -> Callable[[httpx.Response], Any]:
+    return lambda r: cls.model_validate_json(r.content)
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One API call: how to send it and how to read the answer."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    params: Mapping[str, Any] | None = None
+    json: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    upload: Path | None = None  # streamed from disk as the raw body, reopened per attempt
+    accept: frozenset[int] = frozenset()  # non-2xx statuses whose body is the answer
+
+
+def resolve_auth(api_key: str | None, base_url: str | None) -> tuple[str, str | None]:
+    """Arguments first, then MODELPRESS_API_KEY / MODELPRESS_BASE_URL, then what a local
+    ``modelpress serve`` wrote under its data folder."""
+    data_dir = Path(os.environ.get("MODELPRESS_DATA_DIR", ".modelpress"))
+    url = base_url or os.environ.get("MODELPRESS_BASE_URL")
+    if url is None and (data_dir / "url").exists():
+        url = (data_dir / "url").read_text().strip()
+    key = api_key or os.environ.get("MODELPRESS_API_KEY")
+    if key is None and (data_dir / "api-key").exists():
+        key = (data_dir / "api-key").read_text().strip()
+    return (url or DEFAULT_BASE_URL).rstrip("/"), key
+
+
+def backoff_seconds(attempt: int, response: httpx.Response | None) -> float:
+    """Retry-After when the server sends one, else exponential backoff with jitter."""
+    if response is not None:
+        after = response.headers.get("retry-after")
+        if after:
+            try:
+                return min(float(after), 60.0)
+            except ValueError:
+                try:
+                    import time
+
+                    return max(0.0, min(parsedate_to_datetime(after).timestamp() - time.time(), 60))
+                except (TypeError, ValueError):
+                    pass
+    return float(min(0.5 * 2**attempt, 8.0) * (0.75 + random.random() / 2))
+
+
+def should_retry(response: httpx.Response) -> bool:
+    return response.status_code in RETRY_STATUSES
+
+
+def spec_json(spec: BaseModel | Mapping[str, Any]) -> Any:
+    return spec.model_dump(mode="json", exclude_none=True) if isinstance(spec, BaseModel) else spec
+
+
+class SSEDecoder:
+    """Turns ``text/event-stream`` lines into :class:`JobEvent` objects."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+        self._id: str | None = None
+        self.last_id: str | None = None
+
+    def feed(self, line: str) -> JobEvent | None:
+        if line == "":
+            if not self._data:
+                return None
+            payload = "\n".join(self._data)
+            self._data = []
+            event = JobEvent.model_validate(json.loads(payload))
+            self.last_id = self._id or event.id
+            return event
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            self._data.append(value)
+        elif name == "id":
+            self._id = value
+        return None
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+def zip_folder(folder: Path, dest_dir: Path) -> Path:
+    """A Hugging Face folder as the zip the API expects (top-level files, no sub-folder)."""
+    out = dest_dir / f"{folder.name}-{uuid.uuid4().hex[:8]}.zip"
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(folder).as_posix())
+    return out
+
+
+def upload_model(path: Path, name: str | None, fmt: str | None) -> Call[ModelInfo]:
+    params = {"name": name or path.stem}
+    if fmt:
+        params["format"] = fmt
+    return Call("POST", "/v1/models", _model(ModelInfo), params=params, upload=path,
+                headers={"Content-Type": "application/octet-stream"})
+
+
+def list_models() -> Call[list[ModelInfo]]:
+    return Call("GET", "/v1/models", lambda r: ModelList.model_validate_json(r.content).items)
+
+
+def get_model(model_id: str) -> Call[ModelInfo]:
+    return Call("GET", f"/v1/models/{model_id}", _model(ModelInfo))
+
+
+def upload_dataset(path: Path, name: str | None, fmt: str | None) -> Call[DatasetInfo]:
+    fmt = fmt or ("safetensors" if path.suffix == ".safetensors" else "npz")
+    return Call("POST", "/v1/datasets", _model(DatasetInfo),
+                params={"name": name or path.stem, "format": fmt}, upload=path,
+                headers={"Content-Type": "application/octet-stream"})
+
+
+def list_datasets() -> Call[list[DatasetInfo]]:
+    return Call("GET", "/v1/datasets", lambda r: DatasetList.model_validate_json(r.content).items)
+
+
+def create_job(spec: BaseModel | Mapping[str, Any], name: str | None,
+               idempotency_key: str | None) -> Call[Job]:
+    body: dict[str, Any] = {"spec": spec_json(spec)}
+    if name:
+        body["name"] = name
+    # One key per logical create, reused by every retry, so a retried POST never makes two jobs.
+    key = idempotency_key or uuid.uuid4().hex
+    return Call("POST", "/v1/jobs", _model(Job), json=body, headers={"Idempotency-Key": key})
+
+
+def get_job(job_id: str) -> Call[Job]:
+    return Call("GET", f"/v1/jobs/{job_id}", _model(Job))
+
+
+def list_jobs(limit: int, cursor: str | None, state: str | None, kind: str | None
+              ) -> Call[JobPage]:
+    params = {k: v for k, v in {"limit": limit, "cursor": cursor, "state": state,
+                                "kind": kind}.items() if v is not None}
+    return Call("GET", "/v1/jobs", _model(JobPage), params=params)
+
+
+def cancel_job(job_id: str, force: bool) -> Call[Job]:
+    return Call("POST", f"/v1/jobs/{job_id}/cancel", _model(Job),
+                params={"force": "true"} if force else None)
+
+
+def job_log(job_id: str, tail: int) -> Call[list[str]]:
+    return Call("GET", f"/v1/jobs/{job_id}/log",
+                lambda r: JobLog.model_validate_json(r.content).lines, params={"tail": tail})
+
+
+def list_artifacts(job_id: str) -> Call[list[ArtifactInfo]]:
+    adapter = TypeAdapter(list[ArtifactInfo])
+    return Call("GET", f"/v1/jobs/{job_id}/artifacts", lambda r: adapter.validate_json(r.content))
+
+
+def health(path: str) -> Call[Health]:
+    return Call("GET", path, _model(Health), accept=frozenset({503}))
+
+
+def events_path(job_id: str) -> str:
+    return f"/v1/jobs/{job_id}/events"
+
+
+def artifact_path(job_id: str, name: str) -> str:
+    return f"/v1/jobs/{job_id}/artifacts/{name}"

@@ -1,0 +1,252 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import builtins
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from app.schemas import (
+    FINAL_STATES,
+    ArtifactInfo,
+    DatasetInfo,
+    Health,
+    Job,
+    JobEvent,
+    JobPage,
+    ModelInfo,
+)
+from modelpress import _base
+from modelpress._errors import (
+    APIConnectionError,
+    APITimeoutError,
+    JobFailedError,
+    status_error,
+)
+from modelpress._progress import ProgressPrinter
+
+T = TypeVar("T")
+
+
+class Client:
+    """A modelpress API client.
+
+    ``Client()`` reads ``MODELPRESS_BASE_URL`` and ``MODELPRESS_API_KEY`` (or what a local
+    ``modelpress serve`` wrote). Failed calls raise a :class:`~modelpress.ModelpressError`
+    subclass; connection errors, timeouts, 429 and 5xx answers are retried with backoff.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout = _base.DEFAULT_TIMEOUT,
+        max_retries: int = 3,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        self.base_url, self.api_key = _base.resolve_auth(api_key, base_url)
+        self.max_retries = max_retries
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._http = http_client or httpx.Client(timeout=timeout)
+        self._http.base_url = httpx.URL(self.base_url)
+        self._http.headers.update(headers)
+        self.models = Models(self)
+        self.datasets = Datasets(self)
+        self.jobs = Jobs(self)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def healthz(self) -> Health:
+        return self._call(_base.health("/healthz"))
+
+    def readyz(self) -> Health:
+        return self._call(_base.health("/readyz"))
+
+    def _call(self, call: _base.Call[T]) -> T:
+        response = self._send(call)
+        return call.parse(response)
+
+    def _send(self, call: _base.Call[Any]) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                if call.upload is not None:
+                    with call.upload.open("rb") as fh:
+                        response = self._http.request(call.method, call.path, params=call.params,
+                                                      headers=dict(call.headers), content=fh)
+                else:
+                    response = self._http.request(call.method, call.path, params=call.params,
+                                                  json=call.json, headers=dict(call.headers))
+            except httpx.TimeoutException as exc:
+                if attempt >= self.max_retries:
+                    raise APITimeoutError(f"timed out: {exc}", request=exc.request) from exc
+                time.sleep(_base.backoff_seconds(attempt, None))
+            except httpx.TransportError as exc:
+                if attempt >= self.max_retries:
+                    raise APIConnectionError(f"could not reach {self.base_url}: {exc}",
+                                             request=exc.request) from exc
+                time.sleep(_base.backoff_seconds(attempt, None))
+            else:
+                if response.is_success or response.status_code in call.accept:
+                    return response
+                if not _base.should_retry(response) or attempt >= self.max_retries:
+                    raise status_error(response)
+                time.sleep(_base.backoff_seconds(attempt, response))
+            attempt += 1
+
+
+class Models:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def upload(self, path: str | Path, name: str | None = None, format: str | None = None
+               ) -> ModelInfo:
+        """Upload a ``.pt2`` file or a Hugging Face model folder (zipped on the fly)."""
+        path = Path(path)
+        if path.is_dir():
+            with tempfile.TemporaryDirectory() as tmp:
+                zipped = _base.zip_folder(path, Path(tmp))
+                return self._c._call(_base.upload_model(zipped, name or path.name, format or "hf"))
+        return self._c._call(_base.upload_model(path, name, format))
+
+    def list(self) -> list[ModelInfo]:
+        return self._c._call(_base.list_models())
+
+    def get(self, model_id: str) -> ModelInfo:
+        return self._c._call(_base.get_model(model_id))
+
+
+class Datasets:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def upload(self, path: str | Path, name: str | None = None, format: str | None = None
+               ) -> DatasetInfo:
+        """Upload an ``.npz`` or ``.safetensors`` file (inputs under ``x``, labels under ``y``)."""
+        return self._c._call(_base.upload_dataset(Path(path), name, format))
+
+    def list(self) -> list[DatasetInfo]:
+        return self._c._call(_base.list_datasets())
+
+
+class Jobs:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def create(self, spec: BaseModel | Mapping[str, Any], *, name: str | None = None,
+               idempotency_key: str | None = None) -> Job:
+        """Submit a job; ``spec`` is a spec model (e.g. ``BenchmarkSpec``) or its dict."""
+        return self._c._call(_base.create_job(spec, name, idempotency_key))
+
+    def get(self, job_id: str) -> Job:
+        return self._c._call(_base.get_job(job_id))
+
+    def list(self, *, limit: int = 20, cursor: str | None = None, state: str | None = None,
+             kind: str | None = None) -> JobPage:
+        return self._c._call(_base.list_jobs(limit, cursor, state, kind))
+
+    def iter(self, *, state: str | None = None, kind: str | None = None) -> Iterator[Job]:
+        """Every job, newest first, following the pages."""
+        cursor: str | None = None
+        while True:
+            page = self.list(limit=100, cursor=cursor, state=state, kind=kind)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def cancel(self, job_id: str, *, force: bool = False) -> Job:
+        return self._c._call(_base.cancel_job(job_id, force))
+
+    def log(self, job_id: str, *, tail: int = 500) -> builtins.list[str]:
+        return self._c._call(_base.job_log(job_id, tail))
+
+    def artifacts(self, job_id: str) -> builtins.list[ArtifactInfo]:
+        return self._c._call(_base.list_artifacts(job_id))
+
+    def events(self, job_id: str, *, last_event_id: str | None = None) -> Iterator[JobEvent]:
+        """Live events until the job ends; reconnects from the last event id if cut off."""
+        decoder = _base.SSEDecoder()
+        decoder.last_id = last_event_id
+        attempt = 0
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if decoder.last_id:
+                headers["Last-Event-ID"] = decoder.last_id
+            try:
+                with self._c._http.stream("GET", _base.events_path(job_id), headers=headers,
+                                          timeout=httpx.Timeout(60.0, read=120.0)) as resp:
+                    if not resp.is_success:
+                        resp.read()
+                        raise status_error(resp)
+                    for line in resp.iter_lines():
+                        event = decoder.feed(line)
+                        if event is not None:
+                            attempt = 0
+                            yield event
+                            if event.type == "state" and event.state in FINAL_STATES:
+                                return
+                # The server closed the stream before the final state (restart, proxy timeout):
+                # reconnect from the last event id.
+                if attempt >= self._c.max_retries:
+                    raise APIConnectionError(f"event stream of {job_id} ended before the job did")
+                time.sleep(_base.backoff_seconds(attempt, None))
+                attempt += 1
+            except httpx.TransportError:
+                if attempt >= self._c.max_retries:
+                    raise
+                time.sleep(_base.backoff_seconds(attempt, None))
+                attempt += 1
+
+    def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None,
+             raise_on_failure: bool = True) -> Job:
+        """Block until the job ends, following its events; print a progress bar if asked."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        printer = ProgressPrinter(job_id) if progress else None
+        try:
+            for event in self.events(job_id):
+                if printer:
+                    printer.show(event)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+                if event.type == "state" and event.state in FINAL_STATES:
+                    break
+        finally:
+            if printer:
+                printer.close()
+        job = self.get(job_id)
+        if raise_on_failure and job.state in ("failed", "cancelled"):
+            raise JobFailedError(job)
+        return job
+
+    def download(self, job_id: str, name: str, dest: str | Path) -> Path:
+        """Stream an artifact to ``dest`` (a file, or a folder to put ``name`` in)."""
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / name
+        tmp = dest.with_name(dest.name + ".part")
+        with self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
+            if not resp.is_success:
+                resp.read()
+                raise status_error(resp)
+            with tmp.open("wb") as fh:
+                for chunk in resp.iter_bytes():
+                    fh.write(chunk)
+        tmp.replace(dest)
+        return dest

@@ -1,0 +1,109 @@
+"""Error classes: one per way a call can fail, all under :class:`ModelpressError`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+class ModelpressError(Exception):
+    """Base class of every error this SDK raises."""
+
+
+class APIConnectionError(ModelpressError):
+    """The service could not be reached (after retries)."""
+
+    def __init__(self, message: str, *, request: httpx.Request | None = None) -> None:
+        super().__init__(message)
+        self.request = request
+
+
+class APITimeoutError(APIConnectionError):
+    """The request timed out (after retries)."""
+
+
+class APIStatusError(ModelpressError):
+    """The service answered with a 4xx or 5xx status."""
+
+    status_code: int
+
+    def __init__(self, message: str, *, response: httpx.Response, body: Any | None) -> None:
+        super().__init__(message)
+        self.response = response
+        self.status_code = response.status_code
+        self.body = body
+        err = body.get("error") if isinstance(body, dict) else None
+        self.type: str | None = err.get("type") if isinstance(err, dict) else None
+        self.fields: list[dict[str, Any]] | None = err.get("fields") if isinstance(err, dict) else None
+
+
+class BadRequestError(APIStatusError):
+    status_code = 400
+
+
+class AuthenticationError(APIStatusError):
+    status_code = 401
+
+
+class PermissionDeniedError(APIStatusError):
+    status_code = 403
+
+
+class NotFoundError(APIStatusError):
+    status_code = 404
+
+
+class ConflictError(APIStatusError):
+    status_code = 409
+
+
+class PayloadTooLargeError(APIStatusError):
+    status_code = 413
+
+
+class UnsupportedMediaTypeError(APIStatusError):
+    status_code = 415
+
+
+class UnprocessableEntityError(APIStatusError):
+    status_code = 422
+
+
+class RateLimitError(APIStatusError):
+    status_code = 429
+
+
+class InternalServerError(APIStatusError):
+    """A 5xx answer."""
+
+
+class JobFailedError(ModelpressError):
+    """``wait()`` saw the job end in ``failed`` or ``cancelled``."""
+
+    def __init__(self, job: Any) -> None:
+        err = getattr(job, "error", None)
+        reason = f": {err.type}: {err.message}" if err else ""
+        super().__init__(f"job {job.id} {job.state}{reason}")
+        self.job = job
+
+
+_BY_STATUS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError,
+    404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError,
+    415: UnsupportedMediaTypeError, 422: UnprocessableEntityError, 429: RateLimitError,
+}
+
+
+def status_error(response: httpx.Response) -> APIStatusError:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = None
+    err = body.get("error") if isinstance(body, dict) else None
+    message = err.get("message") if isinstance(err, dict) else None
+    message = f"{response.status_code}: {message or response.text[:300] or response.reason_phrase}"
+    cls = _BY_STATUS.get(response.status_code)
+    if cls is None:
+        cls = InternalServerError if response.status_code >= 500 else APIStatusError
+    return cls(message, response=response, body=body)

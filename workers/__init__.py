@@ -1,0 +1,1 @@
+"""Celery app and tasks (thin), and the compression engine they call (``workers.engine``)."""

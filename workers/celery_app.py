@@ -1,0 +1,62 @@
+"""Celery configuration. Importing this module does not import torch, so the API can use it to
+enqueue. The worker runs ``celery -A workers.celery_app:celery_app worker`` (or
+``modelpress worker``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue  # type: ignore[attr-defined]
+
+from app.config import Settings, get_settings
+
+QUEUES = ("cpu", "gpu")
+
+
+def create_celery(settings: Settings) -> Celery:
+    if not settings.redis_url:
+        raise RuntimeError("set MODELPRESS_REDIS_URL (or REDIS_URL) for the Celery broker")
+    app = Celery("modelpress", broker=settings.redis_url, include=["workers.tasks"])
+    app.conf.update(
+        # A job is acknowledged only when it is done; a worker that dies mid-job (even by
+        # SIGKILL) leaves it unacknowledged, so Redis hands it to another worker.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,  # results live on the job record, not in a Celery backend
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=settings.soft_time_limit_s,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue(q) for q in QUEUES],
+        task_default_queue=settings.default_queue,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_track_started=False,
+    )
+    validate(app)
+    return app
+
+
+def validate(app: Celery) -> None:
+    """Refuse to start with a visibility timeout that would re-deliver a job still running."""
+    opts: dict[str, Any] = app.conf.broker_transport_options or {}
+    vt, limit = opts.get("visibility_timeout"), app.conf.task_time_limit
+    if vt is None or limit is None or vt <= limit:
+        raise RuntimeError(
+            f"broker visibility_timeout ({vt}) must exceed task_time_limit ({limit}); otherwise a "
+            "long job is handed to a second worker while the first still runs it"
+        )
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first use so importing this module never needs a configured Redis.
+    if name == "celery_app":
+        app = create_celery(get_settings())
+        globals()["celery_app"] = app
+        return app
+    raise AttributeError(name)

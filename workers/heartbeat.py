@@ -1,0 +1,109 @@
+"""Liveness keys in Redis: one per worker process (read by ``/readyz``) and one lease per running
+job (so a redelivered job is not run twice while its first worker is still alive)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from celery.signals import worker_ready, worker_shutdown
+
+from app import records
+from app.config import get_settings
+
+log = logging.getLogger("modelpress.worker")
+
+# Deletes the key only if we still hold it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Beat:
+    """Calls ``tick`` every ``interval`` seconds on a daemon thread until stopped."""
+
+    def __init__(self, interval: float, tick: Callable[[], None]) -> None:
+        self._interval = interval
+        self._tick = tick
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="modelpress-beat")
+
+    def start(self) -> Beat:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._interval + 1)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._tick()
+            except Exception:  # a missed beat is retried next period; never kill the job for it
+                log.warning("heartbeat failed", exc_info=True)
+
+
+class Lease:
+    """A job lease: SET NX with a TTL of three heartbeats, refreshed while the job runs."""
+
+    def __init__(self, r: redis.Redis, job_id: str, holder: str, interval: float) -> None:
+        self._r = r
+        self.key = records.lease_key(job_id)
+        self.holder = holder
+        self._ttl = max(2, int(interval * 3 + 0.999))
+        self._beat = Beat(interval, self._refresh)
+
+    def acquire(self) -> bool:
+        return bool(self._r.set(self.key, self.holder, nx=True, ex=self._ttl))
+
+    def current_holder(self) -> str | None:
+        value = self._r.get(self.key)
+        return None if value is None else str(value)
+
+    def start(self) -> None:
+        self._beat.start()
+
+    def _refresh(self) -> None:
+        self._r.set(self.key, self.holder, xx=True, ex=self._ttl)
+
+    def release(self) -> None:
+        self._beat.stop()
+        self._r.eval(_RELEASE, 1, self.key, self.holder)
+
+
+_worker_beat: Beat | None = None
+
+
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    global _worker_beat
+    settings = get_settings()
+    assert settings.redis_url
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    hostname = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
+    key = records.worker_key(hostname)
+    ttl = max(2, int(settings.worker_heartbeat_s * 3 + 0.999))
+    info = json.dumps({"hostname": hostname, "pid": os.getpid(), "started_at": records.iso()})
+
+    def tick() -> None:
+        r.set(key, info, ex=ttl)
+
+    tick()
+    _worker_beat = Beat(settings.worker_heartbeat_s, tick).start()
+
+    def stop(**_: Any) -> None:
+        if _worker_beat:
+            _worker_beat.stop()
+        r.delete(key)
+
+    worker_shutdown.connect(stop, weak=False)
+
+
+def connect_signals() -> None:
+    worker_ready.connect(_on_ready, weak=False)

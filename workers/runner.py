@@ -1,0 +1,242 @@
+"""Runs one job attempt: claim it, run the engine with a live context, record the outcome.
+
+Idempotent per job id: a delivery of a finished job is dropped, a duplicate delivery while a
+live worker holds the job's lease is dropped, and only the attempt that claimed the job may
+finish it. A worker that dies mid-job leaves its attempt marked ``lost`` by the next one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import traceback
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import BaseModel, TypeAdapter
+
+from app import records
+from app.config import Settings, get_settings
+from app.schemas import FINAL_STATES, ArtifactInfo, ErrorInfo, JobSpec, Progress, RunAttempt
+from app.storage import Store, open_store
+from workers.engine.context import JobCancelled, Throttle, UserError
+from workers.heartbeat import Lease
+
+log = logging.getLogger("modelpress.worker")
+_spec_adapter: TypeAdapter[Any] = TypeAdapter(JobSpec)
+
+
+@lru_cache(maxsize=1)
+def _services() -> tuple[Settings, redis.Redis, Store]:
+    settings = get_settings()
+    assert settings.redis_url, "MODELPRESS_REDIS_URL is not set"
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+    return settings, r, open_store(settings)
+
+
+class _RedisLogHandler(logging.Handler):
+    """Mirrors engine log records into the job's capped Redis log and its event stream."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        super().__init__(logging.INFO)
+        self.ctx = ctx
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            self.lines.append(line)
+            self.ctx.append_log(line)
+        except Exception:
+            self.handleError(record)
+
+
+class WorkerContext:
+    def __init__(self, job_id: str, tenant: str, attempt: int, settings: Settings,
+                 r: redis.Redis, store: Store, workdir: Path) -> None:
+        self.job_id = job_id
+        self._tenant = tenant
+        self.attempt = attempt
+        self.settings = settings
+        self.r = r
+        self._store = store
+        self._workdir = workdir
+        self.log = logging.getLogger(f"modelpress.job.{job_id}")
+        self._throttle = Throttle(0.25)
+        self._last_stage = ""
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def tenant(self) -> str:
+        return self._tenant
+
+    @property
+    def workdir(self) -> Path:
+        return self._workdir
+
+    def progress(self, stage: str, fraction: float, message: str = "") -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        if stage == self._last_stage and fraction < 1.0 and not self._throttle.ready():
+            self.check_cancelled()
+            return
+        self._last_stage = stage
+        p = Progress(stage=stage, fraction=fraction, message=message, updated_at=records.now())
+        _written, cancel = self.r.eval(
+            records.PROGRESS, 2, records.job_key(self.job_id), records.events_key(self.job_id),
+            str(self.attempt), p.model_dump_json(),
+            records.event_json(self.job_id, "progress", progress=p),
+            self.settings.event_stream_maxlen,
+        )
+        if int(cancel):
+            raise JobCancelled()
+
+    def check_cancelled(self) -> None:
+        h = self.r.hmget(records.job_key(self.job_id), ["cancel_requested", "state", "attempts"])
+        flag, state, attempts = h
+        if flag == "1" or state != "running" or attempts != str(self.attempt):
+            raise JobCancelled()
+
+    def append_log(self, line: str) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        key = records.log_key(self.job_id)
+        pipe.rpush(key, line)
+        pipe.ltrim(key, -self.settings.log_lines_kept, -1)
+        pipe.xadd(records.events_key(self.job_id),
+                  {"data": records.event_json(self.job_id, "log", message=line)},
+                  maxlen=self.settings.event_stream_maxlen, approximate=True)
+        pipe.execute()
+
+    def save_artifact(self, name: str, data: bytes | Path, media_type: str) -> ArtifactInfo:
+        if "/" in name or name.startswith(".") or not name:
+            raise ValueError(f"bad artifact name {name!r}")
+        key = records.artifact_object(self._tenant, self.job_id, name)
+        stored = (self._store.put_file(key, data) if isinstance(data, Path)
+                  else self._store.put_bytes(key, data))
+        info = ArtifactInfo(name=name, size=stored.size, sha256=stored.sha256,
+                            media_type=media_type, created_at=records.now())
+        self.r.hset(records.artifacts_key(self.job_id), name, info.model_dump_json())
+        return info
+
+    def memo_get(self, key: str) -> Any | None:
+        raw = self.r.hget(records.memo_key(self.job_id), key)
+        return None if raw is None else json.loads(raw)
+
+    def memo_put(self, key: str, value: Any) -> None:
+        self.r.hset(records.memo_key(self.job_id), key, json.dumps(value))
+
+
+def _record_run(r: redis.Redis, job_id: str, run: RunAttempt) -> None:
+    r.hset(records.runs_key(job_id), str(run.attempt), run.model_dump_json())
+
+
+def _mark_lost_runs(r: redis.Redis, job_id: str, attempt: int) -> None:
+    for raw in r.hgetall(records.runs_key(job_id)).values():
+        run = RunAttempt.model_validate_json(raw)
+        if run.attempt < attempt and run.outcome == "running":
+            _record_run(r, job_id, run.model_copy(update={"outcome": "lost",
+                                                          "finished_at": records.now()}))
+
+
+def execute(job_id: str, worker: str) -> None:
+    settings, r, store = _services()
+    h: dict[str, str] = r.hgetall(records.job_key(job_id))
+    if not h:
+        log.warning("no record for job %s; dropping the message", job_id)
+        return
+    if h.get("state") in FINAL_STATES:
+        log.info("job %s is already %s; dropping a repeated delivery", job_id, h["state"])
+        return
+    holder = f"{worker}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    lease = Lease(r, job_id, holder, settings.worker_heartbeat_s)
+    if not lease.acquire():
+        log.info("job %s is held by %s; dropping a duplicate delivery", job_id,
+                 lease.current_holder())
+        return
+    try:
+        _run_claimed(job_id, worker, h, settings, r, store, lease)
+    finally:
+        lease.release()
+
+
+def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings,
+                 r: redis.Redis, store: Store, lease: Lease) -> None:
+    from workers.engine import registry  # imports torch; keep it out of the API's import path
+
+    maxlen = settings.event_stream_maxlen
+    state, attempt = r.eval(records.START, 2, records.job_key(job_id), records.events_key(job_id),
+                            records.iso(), records.event_json(job_id, "state", state="running"),
+                            maxlen)
+    if state != "running":
+        log.info("job %s is %s; not starting it", job_id, state)
+        return
+    attempt = int(attempt)
+    lease.start()
+    _mark_lost_runs(r, job_id, attempt)
+    run = RunAttempt(attempt=attempt, worker=worker, started_at=records.now())
+    _record_run(r, job_id, run)
+
+    tenant = h["tenant"]
+    with tempfile.TemporaryDirectory(prefix=f"{job_id}-") as tmp:
+        ctx = WorkerContext(job_id, tenant, attempt, settings, r, store, Path(tmp))
+        handler = _RedisLogHandler(ctx)
+        engine_log = logging.getLogger("modelpress")
+        engine_log.addHandler(handler)
+        engine_log.setLevel(logging.INFO)
+        outcome, result, error = "failed", None, None
+        try:
+            ctx.log.info("attempt %d on %s", attempt, worker)
+            if attempt > 1:
+                ctx.log.warning("retrying: an earlier attempt did not finish (worker lost)")
+            if h.get("cancel_requested") == "1":
+                raise JobCancelled()
+            spec = _spec_adapter.validate_json(h["spec"])
+            out: BaseModel = registry.run(spec, ctx)
+            result, outcome = out.model_dump_json(), "succeeded"
+            ctx.log.info("succeeded")
+        except JobCancelled:
+            outcome = "cancelled"
+            error = ErrorInfo(type="cancelled", message="cancelled by the user")
+            ctx.log.info("cancelled")
+        except SoftTimeLimitExceeded:
+            error = ErrorInfo(type="time_limit", message=f"the job ran past its time limit of "
+                              f"{settings.task_time_limit_s} s and was stopped")
+            ctx.log.error(error.message)
+        except UserError as exc:
+            error = ErrorInfo(type=exc.type, message=str(exc))
+            ctx.log.error("failed: %s", exc)
+        except Exception as exc:
+            error = ErrorInfo(type=type(exc).__name__, message=str(exc) or repr(exc))
+            ctx.log.error("failed: %s\n%s", exc, traceback.format_exc())
+        finally:
+            engine_log.removeHandler(handler)
+        _save_log(ctx, handler.lines)
+        finished = r.eval(
+            records.FINISH, 2, records.job_key(job_id), records.events_key(job_id), str(attempt),
+            outcome, records.iso(), records.event_json(job_id, "state", state=outcome), maxlen,
+            result or "", error.model_dump_json() if error else "",
+        )
+        _record_run(r, job_id, run.model_copy(update={"outcome": outcome,
+                                                      "finished_at": records.now()}))
+        if not int(finished):
+            log.warning("job %s attempt %d finished after it was closed elsewhere", job_id, attempt)
+
+
+def _save_log(ctx: WorkerContext, lines: list[str]) -> None:
+    """The attempt's log as an artifact, so it outlives Redis's capped list."""
+    data = ("\n".join(lines) + "\n").encode()
+    try:
+        ctx.save_artifact(f"job-attempt{ctx.attempt}.log", data, "text/plain")
+    except Exception:
+        log.warning("could not store the log of %s (sha %s)", ctx.job_id,
+                    hashlib.sha256(data).hexdigest()[:12], exc_info=True)

@@ -1,0 +1,16 @@
+"""Celery tasks: thin wrappers that hand a job id to the runner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from workers import heartbeat, runner
+
+heartbeat.connect_signals()
+
+
+@shared_task(name="modelpress.run_job", bind=True)
+def run_job(self: Any, job_id: str) -> None:
+    runner.execute(job_id, worker=str(self.request.hostname or "worker"))
