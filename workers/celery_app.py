@@ -28,7 +28,13 @@ def create_celery(settings: Settings) -> Celery:
         task_ignore_result=True,  # results live on the job record, not in a Celery backend
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=settings.soft_time_limit_s,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # kombu sweeps for expired unacked deliveries every interval x throttle seconds
+            # (100 s by default); one cheap ZRANGE per sweep, so sweep every <= 10 s.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 10)),
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         task_queues=[Queue(q) for q in QUEUES],
         task_default_queue=settings.default_queue,

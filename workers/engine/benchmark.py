@@ -26,7 +26,7 @@ def run(spec: BenchmarkSpec, ctx: JobContext) -> BenchmarkResult:
     ctx.progress("load", 0.02, f"loading {spec.model.label()}")
     model = models.load_model(spec.model, ctx)
     inputs = _inputs(spec, model, ctx)
-    module = model.module.to(device).eval()
+    module = model.for_inference(device)
     inputs = tuple(t.to(device) for t in inputs)
     ctx.log.info("benchmarking %s on %s, inputs %s", model.name, device,
                  [list(t.shape) for t in inputs])
@@ -35,19 +35,24 @@ def run(spec: BenchmarkSpec, ctx: JobContext) -> BenchmarkResult:
         with torch.inference_mode():
             return module(*inputs)
 
-    try:
-        forward()
-    except Exception as exc:
-        raise UserError(f"the model does not run on the given inputs: {exc}") from None
-
-    ctx.progress("warmup", 0.05, f"{spec.warmup} warm-up runs")
     total = spec.repeats
 
     def on_step(done: int, elapsed: float) -> None:
         frac = max(done / total, elapsed / spec.min_time_s if spec.min_time_s else 0.0)
         ctx.progress("measure", 0.05 + 0.8 * min(frac, 1.0), f"{done} timed runs")
 
+    # The memory window opens before the first inference, so it sees activations and
+    # workspaces being allocated (later runs reuse them and would show no increase).
     with PeakMemory(device) as mem:
+        try:
+            forward()
+        except Exception as exc:
+            hint = ""
+            if model.source == "pt2":
+                hint = (f"; the program was exported for inputs {model.info.get('inputs')}: export "
+                        "with a dynamic batch dimension (torch.export.Dim) to run other batch sizes")
+            raise UserError(f"the model does not run on the given inputs: {exc}{hint}") from None
+        ctx.progress("warmup", 0.05, f"{spec.warmup} warm-up runs")
         timing = measure(forward, warmup=spec.warmup, repeats=spec.repeats, device=device,
                          min_time_s=spec.min_time_s, on_step=on_step)
     stats = timing.stats()

@@ -41,6 +41,12 @@ class LoadedModel:
         reps = -(-batch_size // len(data))
         return tuple(t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size] for t in tensors)
 
+    def for_inference(self, device: torch.device) -> nn.Module:
+        """The module on ``device`` in eval mode. An exported program refuses ``.eval()`` and
+        needs none: its graph was captured in the mode the user exported it in."""
+        module = self.module.to(device)
+        return module if self.source == "pt2" else module.eval()
+
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 

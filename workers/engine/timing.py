@@ -69,8 +69,10 @@ class PeakMemory:
     @property
     def method(self) -> str:
         if self.device.type == "cuda":
-            return "torch.cuda.max_memory_allocated over the measured runs"
-        return "peak RSS increase over the measured runs, sampled every 1 ms"
+            return ("torch.cuda.max_memory_allocated above the loaded model, "
+                    "first inference through the timed runs")
+        return ("peak process RSS above the loaded model, first inference through the timed runs, "
+                "sampled every 1 ms")
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":

@@ -1,0 +1,145 @@
+"""Shared fixtures: a real redis-server, and real API + Celery worker processes around it.
+
+Nothing here is mocked: the stack is the same one `modelpress serve` starts, on free ports, with
+its data under a temporary folder. Each test gets a fresh tenant (API key), so tests sharing a
+stack cannot see each other's jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from app.auth import create_key
+from app.config import Settings
+from app.storage import open_store
+from modelpress import Client, _stack
+from workers.engine import zoo
+
+# Short limits so the crash test's redelivery happens in seconds, not hours. The visibility
+# timeout still exceeds the time limit, as the settings validator requires.
+FAST_LIMITS = {
+    "MODELPRESS_TASK_TIME_LIMIT_S": "60",
+    "MODELPRESS_VISIBILITY_TIMEOUT_S": "61",
+    "MODELPRESS_WORKER_HEARTBEAT_S": "1",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_stack.EmbeddedRedis]:
+    """Our own redis-server on a free port (never the machine's shared one)."""
+    server = _stack.EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One local object store for the session, with the digits-cnn zoo model trained into it
+    once here, so jobs with short time limits do not pay for training."""
+    root = tmp_path_factory.mktemp("store")
+    zoo.digits_cnn(open_store(Settings(store_url=root.as_uri())))
+    return root
+
+
+@dataclass
+class Stack:
+    """A running API and worker set against one Redis, with a helper to add processes."""
+
+    root: Path
+    env: dict[str, str]
+    db: int
+    base_url: str = ""
+    api: subprocess.Popen[bytes] | None = None
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.env["MODELPRESS_REDIS_URL"], decode_responses=True)
+
+    def log(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+    def start_api(self) -> None:
+        port = _stack.free_port()
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.api = _stack.spawn_api(self.env, self.log("api"), "127.0.0.1", port)
+
+    def start_worker(self, name: str = "w1") -> subprocess.Popen[bytes]:
+        proc = _stack.spawn_worker(self.env, self.log(name), ["cpu"], name)
+        self.workers.append(proc)
+        return proc
+
+    def wait_ready(self) -> None:
+        procs = {"api": self.api} if self.api else {}
+        _stack.wait_ready(self.base_url, 90.0, {k: v for k, v in procs.items() if v},
+                          {"api": self.log("api")})
+
+    def key(self, tenant: str | None = None) -> str:
+        return create_key(self.redis, tenant or f"t{uuid.uuid4().hex[:12]}", "test")
+
+    def client(self, key: str | None = None, **kw: object) -> Client:
+        return Client(base_url=self.base_url, api_key=key or self.key(), **kw)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        _stack.stop_process(self.api)
+        for w in self.workers:
+            _stack.stop_process(w, timeout=5)
+
+    def dump_logs(self) -> str:
+        out = []
+        for p in sorted((self.root / "logs").glob("*.log")):
+            out.append(f"==== {p.name}\n{p.read_text(errors='replace')[-4000:]}")
+        return "\n".join(out)
+
+
+_db_counter = iter(range(1, 16))
+
+
+def make_stack(root: Path, redis_server: _stack.EmbeddedRedis, extra_env: dict[str, str]) -> Stack:
+    db = next(_db_counter)  # a Redis database per stack: no shared queue between stacks
+    env = {
+        "MODELPRESS_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/{db}",
+        "MODELPRESS_DATA_DIR": str(root),
+        "MODELPRESS_RATE_LIMIT_PER_MINUTE": "0",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        **FAST_LIMITS,
+        **extra_env,
+    }
+    return Stack(root=root, env=env, db=db)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: _stack.EmbeddedRedis,
+          shared_store: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """API + one worker, shared by the tests of a module."""
+    s = make_stack(tmp_path_factory.mktemp("stack"), redis_server,
+                   {"MODELPRESS_STORE_URL": shared_store.as_uri(),
+                    "MODELPRESS_MAX_UPLOAD_BYTES": str(32 * 2**20)})
+    s.start_api()
+    s.start_worker()
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+        if os.environ.get("MODELPRESS_TEST_LOGS"):
+            print(s.dump_logs())

@@ -1,0 +1,64 @@
+"""Small builders shared by tests: exported models, hostile files."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class TinyMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc2(torch.relu(self.fc1(x)))
+        return out
+
+
+def export_tiny(path: Path, batch: int = 4) -> Path:
+    """A real torch.export archive, saved the way a user would."""
+    torch.manual_seed(0)
+    batch_dim = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(TinyMLP().eval(), (torch.randn(batch, 16),),
+                             dynamic_shapes={"x": {0: batch_dim}})
+    torch.export.save(ep, str(path))
+    return path
+
+
+class _Touch:
+    """Unpickling this creates ``marker``: proof that someone executed the pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def hostile_pickle(marker: Path) -> bytes:
+    return pickle.dumps({"state_dict": _Touch(marker)})
+
+
+def pt2_with_pickled_weights(path: Path, marker: Path, tiny: Path) -> Path:
+    """A .pt2 whose layout is right but whose first weight is a hostile pickle flagged
+    ``use_pickle`` (which torch.export.load would hand to the unpickler)."""
+    with zipfile.ZipFile(tiny) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("/data/weights/weight_0"):
+                data = hostile_pickle(marker)
+            elif info.filename.endswith("model_weights_config.json"):
+                cfg = json.loads(data)
+                first = next(iter(cfg["config"].values()))
+                first["use_pickle"] = True
+                data = json.dumps(cfg).encode()
+            dst.writestr(info.filename, data)
+    return path

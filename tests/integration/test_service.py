@@ -1,0 +1,294 @@
+"""End to end through real processes: the API (uvicorn), a Celery worker, redis-server, the store.
+
+Submit -> SSE progress -> result -> artifact; cancel; tenancy; bad input; idempotency; paging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.schemas import BenchmarkResult, BenchmarkSpec, ModelRef
+from modelpress import (
+    AuthenticationError,
+    BadRequestError,
+    Client,
+    JobFailedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnprocessableEntityError,
+)
+from tests.conftest import Stack
+from tests.helpers import export_tiny, hostile_pickle, pt2_with_pickled_weights
+
+pytestmark = pytest.mark.slow
+
+
+def sse_events(stack: Stack, key: str, job_id: str) -> list[dict[str, Any]]:
+    """Read the raw SSE stream until the server ends it (after the final state)."""
+    events: list[dict[str, Any]] = []
+    headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
+    with httpx.stream("GET", f"{stack.base_url}/v1/jobs/{job_id}/events", headers=headers,
+                      timeout=httpx.Timeout(10.0, read=120.0)) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        current: dict[str, str] = {}
+        for line in resp.iter_lines():
+            if line.startswith(("event:", "id:", "data:")):
+                field, _, value = line.partition(":")
+                current[field] = value.strip()
+            elif line == "" and "data" in current:
+                events.append({"event": current.get("event"), "id": current.get("id"),
+                               **json.loads(current["data"])})
+                current = {}
+    return events
+
+
+def stored_object(store: Path, job_id: str, name: str) -> Path:
+    [path] = [p for p in store.rglob(name) if job_id in p.parts]
+    return path
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_submit_progress_result_artifact(stack: Stack, shared_store: Path) -> None:
+    key = stack.key()
+    with stack.client(key) as client:
+        job = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), batch_size=16,
+                                               repeats=30), name="e2e")
+        assert job.state == "queued"
+        events = sse_events(stack, key, job.id)
+        states = [e["state"] for e in events if e["event"] == "state"]
+        assert states[0] == "queued" and states[-1] == "succeeded" and "running" in states
+        progress = [e["progress"] for e in events if e["event"] == "progress"]
+        stages = [p["stage"] for p in progress]
+        assert {"load", "warmup", "measure", "done"} <= set(stages), stages
+        fractions = [p["fraction"] for p in progress]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+        ids = [e["id"] for e in events]
+        assert len(ids) == len(set(ids))
+
+        done = client.jobs.get(job.id)
+        assert done.state == "succeeded" and done.attempts == 1
+        assert done.progress.stage == "done"  # the record keeps the last progress too
+        result = done.result
+        assert isinstance(result, BenchmarkResult)
+        assert result.model == "digits-cnn" and result.batch_size == 16
+        assert 0 < result.latency.median_ms <= result.latency.p90_ms
+        assert result.latency.repeats >= 30
+        assert result.throughput_per_s == pytest.approx(16 / (result.latency.median_ms / 1e3))
+        assert {layer.name for layer in result.per_layer} >= {"conv1", "conv2", "fc1"}
+        assert result.environment.versions["torch"].startswith("2.13")
+
+        arts = {a.name: a for a in done.artifacts}
+        assert set(arts) >= {"benchmark.json", "job-attempt1.log"}
+        got = client.jobs.download(job.id, "benchmark.json", stack.root / "dl.json").read_bytes()
+        stored = stored_object(shared_store, job.id, "benchmark.json").read_bytes()
+        assert got == stored
+        assert hashlib.sha256(got).hexdigest() == arts["benchmark.json"].sha256
+        assert BenchmarkResult.model_validate_json(got) == result
+
+        # Replaying from an event id gives only what came after it.
+        mid = events[len(events) // 2]["id"]
+        replay = list(client.jobs.events(job.id, last_event_id=mid))
+        assert [e.id for e in replay] == ids[len(events) // 2 + 1:]
+        assert any("succeeded" in line for line in client.jobs.log(job.id))
+
+
+def test_cancel_running_job_frees_worker(stack: Stack) -> None:
+    with stack.client() as client:
+        long = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
+                                                min_time_s=120, per_layer=False))
+        wait_for(lambda: client.jobs.get(long.id).progress.stage == "measure", 60,
+                 "the job to start measuring")
+        t0 = time.monotonic()
+        client.jobs.cancel(long.id)
+        job = client.jobs.wait(long.id, timeout=30, raise_on_failure=False)
+        assert job.state == "cancelled" and job.cancel_requested
+        assert time.monotonic() - t0 < 15  # the engine checks the flag between runs
+        assert job.runs[-1].outcome == "cancelled"
+        with pytest.raises(JobFailedError):
+            client.jobs.wait(long.id)
+        # The worker is free: the next job runs to the end.
+        nxt = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=5,
+                                               per_layer=False))
+        assert client.jobs.wait(nxt.id, timeout=60).state == "succeeded"
+
+
+def test_cancel_queued_job_is_immediate(stack: Stack) -> None:
+    with stack.client() as client:
+        blocker = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=5,
+                                                   min_time_s=5, per_layer=False))
+        queued = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=5))
+        assert client.jobs.cancel(queued.id).state == "cancelled"
+        assert client.jobs.wait(blocker.id, timeout=60).state == "succeeded"
+        # The worker dropped the cancelled delivery instead of running it.
+        after = client.jobs.get(queued.id)
+        assert after.state == "cancelled" and after.attempts == 0
+
+
+def test_tenancy(stack: Stack, tmp_path: Path) -> None:
+    owner, other = stack.client(), stack.client()
+    with owner, other:
+        model = owner.models.upload(export_tiny(tmp_path / "tiny.pt2"), name="tiny")
+        job = owner.jobs.create(BenchmarkSpec(model=ModelRef(id=model.id), repeats=5))
+        owner.jobs.wait(job.id, timeout=60)
+        with pytest.raises(NotFoundError):
+            other.jobs.get(job.id)
+        with pytest.raises(NotFoundError):
+            other.models.get(model.id)
+        with pytest.raises(NotFoundError):
+            other.jobs.download(job.id, "benchmark.json", tmp_path / "x.json")
+        with pytest.raises(NotFoundError):
+            other.jobs.cancel(job.id)
+        with pytest.raises(NotFoundError):  # a job may not use another tenant's model
+            other.jobs.create(BenchmarkSpec(model=ModelRef(id=model.id)))
+        assert other.jobs.list().items == [] and other.models.list() == []
+        assert [m.id for m in owner.models.list()] == [model.id]
+
+    r = httpx.get(f"{stack.base_url}/v1/jobs/{job.id}")
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    with Client(base_url=stack.base_url, api_key="mp_not-a-real-key", max_retries=0) as bad, \
+            pytest.raises(AuthenticationError):
+        bad.jobs.list()
+
+
+def test_malformed_spec_names_the_field(stack: Stack) -> None:
+    key = stack.key()
+    r = httpx.post(f"{stack.base_url}/v1/jobs", headers={"Authorization": f"Bearer {key}"},
+                   json={"spec": {"kind": "benchmark", "model": {"zoo": "digits-cnn"},
+                                  "batch_size": 0}})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert "spec.benchmark.batch_size" in err["message"] or "spec.batch_size" in err["message"]
+    assert err["fields"]
+    with stack.client(key) as client:
+        with pytest.raises(UnprocessableEntityError, match="kind"):
+            client.jobs.create({"kind": "nope", "model": {"zoo": "digits-cnn"}})
+        with pytest.raises(UnprocessableEntityError, match="zoo"):
+            client.jobs.create({"kind": "benchmark", "model": {"zoo": "resnet9000"}})
+        with pytest.raises(UnprocessableEntityError, match="exactly one"):
+            client.jobs.create({"kind": "benchmark", "model": {}})
+
+
+def test_unknown_model_and_dataset_are_404(stack: Stack) -> None:
+    with stack.client() as client:
+        with pytest.raises(NotFoundError, match="model"):
+            client.jobs.create({"kind": "benchmark", "model": {"id": "mdl_" + "0" * 32}})
+        with pytest.raises(NotFoundError, match="dataset"):
+            client.jobs.create({"kind": "benchmark", "model": {"zoo": "digits-cnn"},
+                                "dataset": {"id": "dst_" + "0" * 32}})
+        with pytest.raises(NotFoundError):
+            client.jobs.get("job_" + "0" * 32)
+
+
+def test_upload_over_limit_is_413(stack: Stack, tmp_path: Path) -> None:
+    limit = int(stack.env["MODELPRESS_MAX_UPLOAD_BYTES"])
+    key = stack.key()
+
+    def body() -> Any:  # chunked: no Content-Length, so the limit is enforced while streaming
+        chunk = b"\0" * 2**20
+        for _ in range(limit // len(chunk) + 2):
+            yield chunk
+
+    r = httpx.post(f"{stack.base_url}/v1/models", params={"name": "big"}, content=body(),
+                   headers={"Authorization": f"Bearer {key}",
+                            "Content-Type": "application/octet-stream"}, timeout=60)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    big = tmp_path / "big.pt2"
+    with big.open("wb") as fh:
+        fh.truncate(limit + 1)
+    with stack.client(key) as client, pytest.raises(PayloadTooLargeError):
+        client.models.upload(big)
+    assert not list((stack.root / "tmp").glob("upload-*"))  # nothing left behind
+
+
+def test_pickle_disguised_as_model_is_rejected_unexecuted(stack: Stack, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    raw = tmp_path / "model.pt2"
+    raw.write_bytes(hostile_pickle(marker))
+    tiny = export_tiny(tmp_path / "tiny.pt2")
+    flagged = pt2_with_pickled_weights(tmp_path / "flagged.pt2", marker, tiny)
+    with stack.client() as client:
+        with pytest.raises(UnprocessableEntityError, match="pickle"):
+            client.models.upload(raw)
+        with pytest.raises(UnprocessableEntityError, match="pickle"):
+            client.models.upload(flagged)
+        assert client.models.list() == []
+    assert not marker.exists()
+
+
+def test_checksum_mismatch_is_400(stack: Stack, tmp_path: Path) -> None:
+    tiny = export_tiny(tmp_path / "tiny.pt2")
+    r = httpx.post(f"{stack.base_url}/v1/models", params={"name": "tiny"}, content=tiny.read_bytes(),
+                   headers={"Authorization": f"Bearer {stack.key()}",
+                            "Content-Type": "application/octet-stream",
+                            "X-Content-SHA256": "0" * 64})
+    assert r.status_code == 400 and "checksum" in r.json()["error"]["message"]
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    with stack.client() as client, pytest.raises(BadRequestError, match="empty"):
+        client.datasets.upload(empty)
+
+
+def test_failing_job_keeps_error_log_and_inputs(stack: Stack, tmp_path: Path,
+                                                shared_store: Path) -> None:
+    with stack.client() as client:
+        model = client.models.upload(export_tiny(tmp_path / "tiny.pt2"), name="tiny")
+        # The exported model takes (4, 16); (4, 5) makes its forward raise inside the worker.
+        job = client.jobs.create(BenchmarkSpec(model=ModelRef(id=model.id), input_shape=[4, 5]))
+        with pytest.raises(JobFailedError) as info:
+            client.jobs.wait(job.id, timeout=60)
+        failed = info.value.job
+        assert failed.state == "failed" and failed.error is not None
+        assert "does not run on the given inputs" in failed.error.message
+        assert failed.spec == job.spec
+        log = client.jobs.log(job.id)
+        assert any("does not run" in line for line in log)
+        assert "job-attempt1.log" in {a.name for a in failed.artifacts}
+        assert client.models.get(model.id).sha256 == model.sha256
+        assert [p for p in shared_store.rglob("*") if model.id in p.parts and p.is_file()]
+        # The same model with its own shape runs: the input was kept intact.
+        ok = client.jobs.create(BenchmarkSpec(model=ModelRef(id=model.id), repeats=5))
+        assert client.jobs.wait(ok.id, timeout=60).state == "succeeded"
+
+
+def test_idempotent_create_and_paging(stack: Stack) -> None:
+    with stack.client() as client:
+        spec = BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3, per_layer=False)
+        a = client.jobs.create(spec, idempotency_key="retry-key-0001")
+        b = client.jobs.create(spec, idempotency_key="retry-key-0001")
+        assert a.id == b.id
+        others = [client.jobs.create(spec) for _ in range(2)]
+        for j in [a, *others]:
+            client.jobs.wait(j.id, timeout=60)
+        page1 = client.jobs.list(limit=2)
+        assert [j.id for j in page1.items] == [others[1].id, others[0].id]
+        assert page1.next_cursor is not None
+        page2 = client.jobs.list(limit=2, cursor=page1.next_cursor)
+        assert [j.id for j in page2.items] == [a.id] and page2.next_cursor is None
+        assert {j.id for j in client.jobs.iter(state="succeeded", kind="benchmark")} == {
+            a.id, *(o.id for o in others)}
+        assert client.jobs.list(state="failed").items == []
+
+
+def test_readyz_and_docs(stack: Stack) -> None:
+    r = httpx.get(f"{stack.base_url}/readyz")
+    assert r.status_code == 200
+    assert r.json()["checks"]["worker"].startswith("ok")
+    spec = httpx.get(f"{stack.base_url}/openapi.json").json()
+    assert "/v1/jobs/{job_id}/events" in spec["paths"]
+    assert httpx.get(f"{stack.base_url}/docs").status_code == 200

@@ -1,0 +1,68 @@
+"""A worker SIGKILLed in the middle of a job: the job is redelivered to a new worker after the
+visibility timeout, runs to the end exactly once, and its record says it was retried."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.schemas import BenchmarkSpec, ModelRef
+from modelpress import _stack
+from tests.conftest import Stack, make_stack
+from tests.integration.test_service import sse_events, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def crash_stack(tmp_path: Path, redis_server: _stack.EmbeddedRedis,
+                shared_store: Path) -> Iterator[Stack]:
+    s = make_stack(tmp_path, redis_server, {
+        "MODELPRESS_STORE_URL": shared_store.as_uri(),
+        "MODELPRESS_TASK_TIME_LIMIT_S": "8",
+        "MODELPRESS_VISIBILITY_TIMEOUT_S": "10",
+    })
+    s.start_api()
+    s.start_worker("w1")
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def test_sigkill_mid_job_is_retried_once(crash_stack: Stack) -> None:
+    s = crash_stack
+    key = s.key()
+    with s.client(key) as client:
+        # Warm the zoo cache so the killed attempt is surely inside the measuring loop.
+        warm = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3,
+                                                per_layer=False))
+        client.jobs.wait(warm.id, timeout=60)
+
+        job = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
+                                               min_time_s=3, per_layer=False))
+        wait_for(lambda: client.jobs.get(job.id).progress.stage == "measure", 30,
+                 "the first attempt to be measuring")
+        _stack.kill_process(s.workers[0])  # SIGKILL to the worker's whole process group
+        assert client.jobs.get(job.id).state == "running"
+
+        t_kill = time.monotonic()
+        s.start_worker("w2")
+        done = client.jobs.wait(job.id, timeout=90)
+        waited = time.monotonic() - t_kill
+
+    assert done.state == "succeeded"
+    assert done.attempts == 2 and done.retried
+    outcomes = [(r.attempt, r.outcome) for r in done.runs]
+    assert outcomes == [(1, "lost"), (2, "succeeded")]
+    assert done.runs[0].worker.startswith("w1@") and done.runs[1].worker.startswith("w2@")
+    # Redelivery waits for the visibility timeout, not less: the lost delivery was not acked.
+    assert waited >= 8, waited
+    events = sse_events(s, key, job.id)
+    finals = [e for e in events if e["event"] == "state" and e["state"] == "succeeded"]
+    assert len(finals) == 1
+    assert {a.name for a in done.artifacts} >= {"benchmark.json", "job-attempt2.log"}
