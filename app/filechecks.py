@@ -211,7 +211,9 @@ def check_npz(path: Path, max_unpacked: int) -> dict[str, TensorInfo]:
             with zf.open(info) as fh:
                 try:
                     version = np.lib.format.read_magic(fh)
-                    shape, _, dtype = np.lib.format._read_array_header(fh, version)  # type: ignore[attr-defined]
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(fh)
                 except ValueError as exc:
                     raise Rejected(f"{info.filename!r} is not a valid .npy array: {exc}") from None
             if dtype.hasobject:

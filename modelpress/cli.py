@@ -126,9 +126,10 @@ def serve(demo: bool, exit_after: bool, port: int | None) -> None:
 
         host = settings.api_host
         api_port = port or settings.api_port
-        if not _port_free(host, api_port):
+        if api_port == 0 or not _port_free(host, api_port):
+            if api_port:
+                click.echo(f"port {api_port} is taken; using a free one")
             api_port = _stack.free_port()
-            click.echo(f"port {port or settings.api_port} is taken; using {api_port}")
         base_url = f"http://{host}:{api_port}"
         env = {"MODELPRESS_REDIS_URL": redis_url, "MODELPRESS_DATA_DIR": str(data_dir),
                "MODELPRESS_API_HOST": host, "MODELPRESS_API_PORT": str(api_port)}

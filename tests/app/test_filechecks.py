@@ -1,0 +1,111 @@
+"""Upload checks: what a hostile or broken file meets before anything loads it."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app import filechecks
+from app.filechecks import Rejected
+from tests.helpers import _Touch, export_tiny, hostile_pickle, pt2_with_pickled_weights
+
+LIMIT = 64 * 2**20
+
+
+def test_real_export_passes(tmp_path: Path) -> None:
+    info = filechecks.check_pt2(export_tiny(tmp_path / "m.pt2"), LIMIT)
+    assert info == {"weights": 4, "constants": 0}
+    assert filechecks.detect_model_format(tmp_path / "m.pt2") == "pt2"
+
+
+def test_raw_pickle_is_rejected_without_loading(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    p = tmp_path / "model.pt2"
+    p.write_bytes(hostile_pickle(marker))
+    with pytest.raises(Rejected, match="pickle"):
+        filechecks.check_pt2(p, LIMIT)
+    with pytest.raises(Rejected, match="pickles are never accepted"):
+        filechecks.detect_model_format(p)
+    assert not marker.exists()
+
+
+def test_torch_save_checkpoint_is_rejected(tmp_path: Path) -> None:
+    p = tmp_path / "ckpt.pt2"
+    torch.save({"w": torch.zeros(2)}, p)  # a zip of pickles, not an exported program
+    with pytest.raises(Rejected):
+        filechecks.check_pt2(p, LIMIT)
+
+
+def test_pickled_weight_inside_pt2_is_rejected(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    bad = pt2_with_pickled_weights(tmp_path / "bad.pt2", marker, export_tiny(tmp_path / "m.pt2"))
+    with pytest.raises(Rejected, match="pickled"):
+        filechecks.check_pt2(bad, LIMIT)
+    assert not marker.exists()
+
+
+def test_hostile_sample_inputs_are_rejected(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    tiny = export_tiny(tmp_path / "m.pt2")
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(tiny) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if "sample_inputs" in info.filename:
+                buf = io.BytesIO()
+                torch.save({"inputs": _Touch(marker)}, buf)  # torch's format, hostile payload
+                data = buf.getvalue()
+            dst.writestr(info.filename, data)
+    with pytest.raises(Rejected, match="weights_only"):
+        filechecks.check_pt2(bad, LIMIT)
+    assert not marker.exists()
+
+
+def test_path_traversal_and_zip_bomb(tmp_path: Path) -> None:
+    trav = tmp_path / "t.zip"
+    with zipfile.ZipFile(trav, "w") as zf:
+        zf.writestr("../../etc/evil", b"x")
+        zf.writestr("config.json", b"{}")
+    with pytest.raises(Rejected):
+        filechecks.check_hf_zip(trav, LIMIT)
+    bomb = tmp_path / "b.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("config.json", b"{}")
+        zf.writestr("model.safetensors", b"\0" * (8 * 2**20))
+    with pytest.raises(Rejected):
+        filechecks.check_hf_zip(bomb, 2**20)
+
+
+def test_hf_folder_rules(tmp_path: Path) -> None:
+    def make(files: dict[str, bytes]) -> Path:
+        p = tmp_path / f"hf{len(list(tmp_path.iterdir()))}.zip"
+        with zipfile.ZipFile(p, "w") as zf:
+            for n, d in files.items():
+                zf.writestr(f"mymodel/{n}", d)
+        return p
+
+    from safetensors.torch import save
+
+    st = save({"w": torch.zeros(3, 2)})
+    ok = make({"config.json": b'{"model_type": "bert"}', "model.safetensors": st})
+    assert filechecks.check_hf_zip(ok, LIMIT)
+    with pytest.raises(Rejected, match="safetensors"):
+        filechecks.check_hf_zip(make({"config.json": b"{}", "pytorch_model.bin": b"x"}), LIMIT)
+    with pytest.raises(Rejected, match="own code"):
+        filechecks.check_hf_zip(make({"config.json": b"{}", "modeling.py": b"x",
+                                      "model.safetensors": st}), LIMIT)
+
+
+def test_npz_object_arrays_are_rejected(tmp_path: Path) -> None:
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.zeros((4, 3), np.float32), y=np.arange(4))
+    assert set(filechecks.check_npz(good, LIMIT)) == {"x", "y"}
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(Rejected, match="object"):
+        filechecks.check_npz(bad, LIMIT)

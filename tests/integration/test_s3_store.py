@@ -1,0 +1,101 @@
+"""The artifact round trip against a real S3-protocol server (moto's, over HTTP), configured with
+the same settings a production deployment sets."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+from moto.server import ThreadedMotoServer
+
+from app.schemas import BenchmarkSpec, ModelRef
+from modelpress import _stack
+from tests.conftest import Stack, make_stack
+from tests.helpers import export_tiny
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "modelpress-artifacts"
+CREDS = {"aws_access_key_id": "AKIDTEST", "aws_secret_access_key": "secret-test"}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    port = _stack.free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **CREDS).create_bucket(
+        Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_stack(tmp_path_factory: pytest.TempPathFactory, redis_server: _stack.EmbeddedRedis,
+             s3_endpoint: str) -> Iterator[Stack]:
+    s = make_stack(tmp_path_factory.mktemp("s3stack"), redis_server, {
+        "MODELPRESS_STORE_URL": f"s3://{BUCKET}/prod",
+        "MODELPRESS_S3_ENDPOINT": s3_endpoint,
+        "MODELPRESS_S3_REGION": "us-east-1",
+        "MODELPRESS_S3_ACCESS_KEY_ID": CREDS["aws_access_key_id"],
+        "MODELPRESS_S3_SECRET_ACCESS_KEY": CREDS["aws_secret_access_key"],
+        "MODELPRESS_S3_ALLOW_HTTP": "true",
+    })
+    s.start_api()
+    s.start_worker()
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def test_artifact_round_trip_through_s3(s3_stack: Stack, s3_endpoint: str, tmp_path: Path) -> None:
+    s3: Any = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **CREDS)
+    with s3_stack.client() as client:
+        model = client.models.upload(export_tiny(tmp_path / "tiny.pt2"), name="tiny")
+        job = client.jobs.create(BenchmarkSpec(model=ModelRef(id=model.id), batch_size=8,
+                                               repeats=10))
+        done = client.jobs.wait(job.id, timeout=120)
+        assert done.state == "succeeded"
+        got = client.jobs.download(job.id, "benchmark.json", tmp_path).read_bytes()
+
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="prod/")["Contents"]]
+    [model_key] = [k for k in keys if model.id in k]
+    [art_key] = [k for k in keys if job.id in k and k.endswith("/benchmark.json")]
+    assert s3.get_object(Bucket=BUCKET, Key=art_key)["Body"].read() == got
+    uploaded = s3.get_object(Bucket=BUCKET, Key=model_key)["Body"].read()
+    assert uploaded == (tmp_path / "tiny.pt2").read_bytes()
+    # Nothing went to a local store folder instead.
+    assert not (s3_stack.root / "store").exists()
+
+
+def test_readyz_reports_a_missing_bucket(tmp_path: Path, redis_server: _stack.EmbeddedRedis,
+                                        s3_endpoint: str) -> None:
+    s = make_stack(tmp_path, redis_server, {
+        "MODELPRESS_STORE_URL": "s3://no-such-bucket",
+        "MODELPRESS_S3_ENDPOINT": s3_endpoint,
+        "MODELPRESS_S3_ACCESS_KEY_ID": CREDS["aws_access_key_id"],
+        "MODELPRESS_S3_SECRET_ACCESS_KEY": CREDS["aws_secret_access_key"],
+        "MODELPRESS_S3_ALLOW_HTTP": "true",
+    })
+    s.start_api()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"{s.base_url}/readyz", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert r.status_code == 503
+        assert not r.json()["checks"]["store"].startswith("ok")
+    finally:
+        s.stop()

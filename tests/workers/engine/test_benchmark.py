@@ -1,0 +1,59 @@
+"""The benchmark engine called directly, as library code, with a local job context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.config import Settings
+from app.schemas import BenchmarkResult, BenchmarkSpec, ModelRef
+from app.storage import open_store
+from workers.engine import benchmark, zoo
+from workers.engine.context import JobCancelled, LocalContext, UserError
+
+
+def ctx_for(tmp_path: Path, store_root: Path, **kw: object) -> LocalContext:
+    store = open_store(Settings(store_url=store_root.as_uri()))
+    return LocalContext(tmp_path / "work", store=store, **kw)  # type: ignore[arg-type]
+
+
+def test_digits_cnn_benchmark(tmp_path: Path, shared_store: Path) -> None:
+    ctx = ctx_for(tmp_path, shared_store)
+    res = benchmark.run(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), batch_size=8, repeats=20,
+                                      warmup=2), ctx)
+    assert isinstance(res, BenchmarkResult)
+    assert res.input_shapes == [[8, 1, 8, 8]]
+    assert res.parameters == sum(p.numel() for p in zoo.DigitsCNN().parameters())
+    assert res.latency.repeats >= 20 and res.latency.min_ms <= res.latency.median_ms
+    shares = sum(layer.share for layer in res.per_layer)
+    assert shares == pytest.approx(1.0, abs=1e-6)
+    assert [s for s, _, _ in ctx.events][-1] == "done"
+    saved = BenchmarkResult.model_validate_json((ctx.workdir / "artifacts" / "benchmark.json")
+                                                .read_bytes())
+    assert saved == res
+
+
+def test_zoo_model_is_accurate(shared_store: Path) -> None:
+    _, meta = zoo.digits_cnn(open_store(Settings(store_url=shared_store.as_uri())))
+    assert meta["test_accuracy"] >= 0.95
+
+
+def test_cancel_between_runs(tmp_path: Path, shared_store: Path) -> None:
+    ctx = ctx_for(tmp_path, shared_store, cancel_after=5)
+    with pytest.raises(JobCancelled):
+        benchmark.run(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10_000), ctx)
+
+
+def test_input_shape_for_multi_input_model_is_a_user_error(tmp_path: Path) -> None:
+    ctx = LocalContext(tmp_path)
+    with pytest.raises(UserError, match="dataset instead"):
+        benchmark.run(BenchmarkSpec(model=ModelRef(zoo="minilm-l6"), input_shape=[1, 8]), ctx)
+
+
+@pytest.mark.slow
+def test_minilm_benchmark_runs_offline(tmp_path: Path) -> None:
+    ctx = LocalContext(tmp_path)
+    res = benchmark.run(BenchmarkSpec(model=ModelRef(zoo="minilm-l6"), batch_size=2, repeats=3,
+                                      warmup=1, per_layer=False), ctx)
+    assert res.input_shapes[0][0] == 2 and res.parameters > 20_000_000
