@@ -62,3 +62,20 @@ def pt2_with_pickled_weights(path: Path, marker: Path, tiny: Path) -> Path:
                 data = json.dumps(cfg).encode()
             dst.writestr(info.filename, data)
     return path
+
+
+def tiny_hf_folder(dest: Path) -> Path:
+    """A small BERT saved the Hugging Face way (safetensors), with MiniLM's tokenizer files."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from workers.engine import zoo
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(dest, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(zoo.minilm_dir() / name, dest / name)
+    return dest

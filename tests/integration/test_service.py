@@ -25,7 +25,7 @@ from modelpress import (
     UnprocessableEntityError,
 )
 from tests.conftest import Stack
-from tests.helpers import export_tiny, hostile_pickle, pt2_with_pickled_weights
+from tests.helpers import export_tiny, hostile_pickle, pt2_with_pickled_weights, tiny_hf_folder
 
 pytestmark = pytest.mark.slow
 
@@ -292,3 +292,31 @@ def test_readyz_and_docs(stack: Stack) -> None:
     spec = httpx.get(f"{stack.base_url}/openapi.json").json()
     assert "/v1/jobs/{job_id}/events" in spec["paths"]
     assert httpx.get(f"{stack.base_url}/docs").status_code == 200
+
+
+def test_hf_folder_and_dataset_uploads_run(stack: Stack, tmp_path: Path) -> None:
+    import numpy as np
+
+    with stack.client() as client:
+        hf = client.models.upload(tiny_hf_folder(tmp_path / "tiny-bert"), name="tiny-bert")
+        assert hf.format == "hf"
+        job = client.jobs.create(BenchmarkSpec(model=ModelRef(id=hf.id), batch_size=4, repeats=5,
+                                               dataset={"builtin": "sentences"}))  # type: ignore[arg-type]
+        res = client.jobs.wait(job.id, timeout=120).result
+        assert isinstance(res, BenchmarkResult)
+        assert res.input_shapes[0][0] == 4 and len(res.input_shapes) == 2  # ids and mask
+
+        mlp = client.models.upload(export_tiny(tmp_path / "tiny.pt2"), name="tiny")
+        data = tmp_path / "data.npz"
+        np.savez(data, x=np.random.default_rng(0).standard_normal((64, 16), dtype=np.float32),
+                 y=np.arange(64) % 4)
+        ds = client.datasets.upload(data, name="rows")
+        assert ds.tensors["x"].shape == [64, 16]
+        job = client.jobs.create(BenchmarkSpec(model=ModelRef(id=mlp.id), batch_size=32,
+                                               repeats=5, dataset={"id": ds.id}))  # type: ignore[arg-type]
+        res = client.jobs.wait(job.id, timeout=60).result
+        assert isinstance(res, BenchmarkResult) and res.input_shapes == [[32, 16]]
+        too_big = client.jobs.create(BenchmarkSpec(model=ModelRef(id=mlp.id), batch_size=128,
+                                                   dataset={"id": ds.id}))  # type: ignore[arg-type]
+        failed = client.jobs.wait(too_big.id, timeout=60, raise_on_failure=False)
+        assert failed.state == "failed" and failed.error and "fewer than batch_size" in failed.error.message
