@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
-JobKind = Literal["benchmark"]
+JobKind = Literal["benchmark", "sensitivity", "mixed_precision"]
 ZooModel = Literal["digits-cnn", "minilm-l6"]
 BuiltinDataset = Literal["digits-test", "digits-calib", "sentences"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -87,8 +87,86 @@ class BenchmarkSpec(_Strict):
     )
 
 
+# ---- mixed precision
+
+Metric = Literal["accuracy", "cosine", "mse"]
+Precision = Literal["fp32", "int8", "int4"]
+Ordering = Literal["augmented", "hessian", "random", "greedy", "uniform"]
+
+
+class Budget(_Strict):
+    """How much of the float model's quality the result must keep, on ``metric``.
+
+    ``relative``: keep ``value`` of the baseline (0.999 = 99.9%; for a lower-is-better metric the
+    baseline may grow by 0.1%). ``absolute``: lose at most ``value`` (in the metric's units)."""
+
+    metric: Metric | None = Field(
+        default=None, description="Default: accuracy with labels, else cosine to the float model.")
+    mode: Literal["relative", "absolute"] = "relative"
+    value: float = Field(default=0.999, ge=0)
+    higher_is_better: bool | None = Field(default=None, description="Default: from the metric.")
+
+    @model_validator(mode="after")
+    def _range(self) -> Budget:
+        if self.mode == "relative" and not 0 < self.value <= 1:
+            raise ValueError("a relative budget is a fraction in (0, 1], e.g. 0.999")
+        return self
+
+
+class SensitivityOptions(_Strict):
+    probes: int = Field(default=16, ge=1, le=1024, description="Hutchinson probes per layer.")
+    calibration_samples: int = Field(default=128, ge=1, le=100_000)
+    dependency: Literal["none", "leave_one_out", "pairwise"] = Field(
+        default="leave_one_out",
+        description="Inter-layer term: loss change of restoring each layer in the fully quantized "
+        "model; `pairwise` adds every pair (small models only).")
+    dependency_weight: float = Field(default=1.0, ge=0, description="lambda in h + lambda * d.")
+    seed: int = 0
+
+
+class SensitivitySpec(_Strict):
+    """Per-layer sensitivity only: Hessian trace x perturbation, plus the inter-layer term."""
+
+    kind: Literal["sensitivity"] = "sensitivity"
+    model: ModelRef
+    dataset: DatasetRef | None = Field(default=None, description="Evaluation data; default: "
+                                       "the model's own (digits-test, sentences).")
+    precision: Precision = Field(default="int8", description="The format whose noise is scored.")
+    metric: Metric | None = None
+    options: SensitivityOptions = Field(default_factory=SensitivityOptions)
+    eval_samples: int = Field(default=512, ge=8, le=100_000)
+
+
+class MixedPrecisionSpec(_Strict):
+    """Per-layer precisions inside an accuracy budget, chosen on measured latency."""
+
+    kind: Literal["mixed_precision"] = "mixed_precision"
+    model: ModelRef
+    dataset: DatasetRef | None = Field(default=None, description="Labeled or unlabeled "
+                                       "evaluation data; default: the model's own.")
+    budget: Budget = Field(default_factory=Budget)
+    levels: list[Precision] = Field(
+        default=["int8", "int4"], min_length=1, max_length=3,
+        description="Precisions to descend through, most precise first (fp32 is the start).")
+    int4_group_size: int = Field(default=32, ge=16, le=256, multiple_of=16)
+    backend: Literal["onnxruntime-cpu"] = "onnxruntime-cpu"
+    baselines: list[Ordering] = Field(
+        default=["uniform", "hessian", "random"],
+        description="Other searches run in the same job for comparison (greedy: small models).")
+    sensitivity: SensitivityOptions = Field(default_factory=SensitivityOptions)
+    eval_samples: int = Field(default=512, ge=8, le=100_000)
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Batch used for latency.")
+    threads: int | None = Field(default=None, ge=1, le=256)
+    warmup: int = Field(default=5, ge=0, le=1000)
+    repeats: int = Field(default=30, ge=1, le=10_000)
+    frontier_points: int = Field(default=6, ge=2, le=64, description="Sweep points per level.")
+    latency_gate: bool = Field(
+        default=True, description="Offer a precision to an op type only where the backend runs "
+        "it faster than fp32 (measured on this model first).")
+
+
 # Every job spec model; each new kind joins this union (and JobKind) with its issue.
-AnySpec = BenchmarkSpec
+AnySpec = BenchmarkSpec | SensitivitySpec | MixedPrecisionSpec
 JobSpec = Annotated[AnySpec, Field(discriminator="kind")]
 
 
@@ -143,7 +221,82 @@ class BenchmarkResult(BaseModel):
     environment: Environment
 
 
-JobResult = Annotated[BenchmarkResult, Field(discriminator="kind")]
+class LayerSensitivity(BaseModel):
+    name: str
+    type: str
+    parameters: int
+    hessian_trace: float = Field(description="Hutchinson estimate of Tr(H) of the loss w.r.t. "
+                                 "the layer's weight.")
+    perturbation: float = Field(description="||Q(W) - W||^2 for the scored format.")
+    hessian_term: float = Field(description="Tr(H) / n * ||Q(W) - W||^2.")
+    dependency_term: float | None = Field(default=None, description="Loss of the fully "
+                                          "quantized model minus the loss with this layer restored.")
+    score: float = Field(description="Normalized hessian term + lambda x normalized dependency.")
+    rank: int = Field(description="0 = least sensitive.")
+
+
+class SensitivityResult(BaseModel):
+    kind: Literal["sensitivity"] = "sensitivity"
+    model: str
+    precision: str
+    metric: str
+    loss: str
+    layers: list[LayerSensitivity]
+    pairwise: dict[str, float] | None = None
+    evaluations: int
+    seconds: float
+    environment: Environment
+
+
+class ConfigPoint(BaseModel):
+    """One per-layer configuration with what it scored."""
+
+    label: str
+    config: dict[str, str] = Field(description="Layer -> precision; layers not listed are fp32.")
+    simulated_metric: float | None = None
+    deployed_metric: float | None = Field(default=None, description="Re-measured on the backend.")
+    latency_ms: float | None = Field(default=None, description="Median on the backend.")
+    latency_p90_ms: float | None = None
+    size_bytes: int | None = None
+    within_budget: bool | None = None
+    pareto: bool = False
+
+
+class SearchRun(BaseModel):
+    ordering: str
+    order: list[str] = Field(description="Layers, least sensitive first.")
+    boundaries: dict[str, int] = Field(description="Precision -> layers moved to it.")
+    result: ConfigPoint
+    evaluations: int
+    seconds: float
+
+
+class MixedPrecisionResult(BaseModel):
+    kind: Literal["mixed_precision"] = "mixed_precision"
+    model: str
+    backend: str
+    metric: str
+    higher_is_better: bool
+    budget: Budget
+    threshold: float
+    baseline: ConfigPoint
+    chosen: ConfigPoint
+    why: str
+    frontier: list[ConfigPoint]
+    searches: list[SearchRun]
+    sensitivity: list[LayerSensitivity]
+    evaluations: int
+    stage_seconds: dict[str, float]
+    latency_gate: dict[str, float] = Field(
+        default_factory=dict, description="'precision:op' -> latency with all such layers "
+        "converted / fp32 latency; >= 1 means not offered to the search.")
+    latency_reduction: float = Field(description="1 - chosen latency / fp32 latency (backend).")
+    method: str
+    environment: Environment
+
+
+JobResult = Annotated[BenchmarkResult | SensitivityResult | MixedPrecisionResult,
+                      Field(discriminator="kind")]
 
 
 # ---------------------------------------------------------------- job records

@@ -8,14 +8,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from app.schemas import AnySpec
-from workers.engine import benchmark
+from workers.engine import benchmark, mixed_precision
 from workers.engine.context import JobContext
 
 ENGINES: dict[str, Callable[[Any, JobContext], BaseModel]] = {
     "benchmark": benchmark.run,
+    "sensitivity": mixed_precision.run_sensitivity,
+    "mixed_precision": mixed_precision.run,
 }
 
 
 def run(spec: AnySpec, ctx: JobContext) -> BaseModel:
-    kind = spec.kind
-    return ENGINES[kind](spec, ctx)
+    return ENGINES[spec.kind](spec, ctx)

@@ -1,0 +1,83 @@
+"""The pieces of the search, each against something exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from workers.engine.quant import fake
+from workers.engine.quant import search as qsearch
+from workers.engine.quant.formats import LayerFormat
+from workers.engine.quant.sensitivity import exact_trace, hutchinson_traces
+from workers.engine.quant.task import threshold
+
+
+def test_hutchinson_matches_exact_hessian_trace() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    params = [net[0].weight, net[2].weight]
+
+    def loss() -> torch.Tensor:
+        return nn.functional.cross_entropy(net(x), y)
+
+    exact = [exact_trace(loss, p) for p in params]
+    est = hutchinson_traces(loss, params, probes=1000, seed=1)
+    for e, h in zip(exact, est, strict=True):
+        assert h == pytest.approx(e, rel=0.08), (e, h)
+    # Few probes are noisy but unbiased: the mean of many 1-probe estimates converges too.
+    few = [hutchinson_traces(loss, params[:1], probes=1, seed=s)[0] for s in range(200)]
+    assert sum(few) / len(few) == pytest.approx(exact[0], rel=0.15)
+
+
+def test_bisection_finds_the_boundary_of_a_monotone_case() -> None:
+    for n in (1, 2, 7, 64):
+        for boundary in range(n + 1):
+            calls: list[int] = []
+
+            def ok(k: int, b: int = boundary, calls: list[int] = calls) -> bool:
+                calls.append(k)
+                return k <= b
+
+            assert qsearch.bisect_boundary(ok, n) == boundary
+            assert len(calls) <= 2 + n.bit_length()
+
+
+def test_bisection_search_over_levels_descends_only_from_the_previous_level() -> None:
+    names = [f"l{i}" for i in range(8)]
+    int8 = {n: LayerFormat("int8") for n in names}
+    int4 = {n: LayerFormat("int4") for n in names[:6]}
+    cost = {"int8": 1.0, "int4": 3.0}
+
+    def evaluate(cfg: object) -> float:  # metric falls by a fixed amount per quantized layer
+        assert isinstance(cfg, dict)
+        return 100.0 - sum(cost[f.precision] for f in cfg.values())
+
+    limit = threshold(100.0, "absolute", 14.0, True)
+    levels = [("int8", qsearch.Level(int8, names)), ("int4", qsearch.Level(int4, names[:6]))]
+    out = qsearch.bisection_search(evaluate, limit, levels, "test")
+    # all 8 to int8 costs 8; each int4 adds 2 more: 3 of them reach exactly 14.
+    assert out.boundaries == {"int8": 8, "int4": 3}
+    assert [n for n, f in out.config.items() if f.precision == "int4"] == names[:3]
+    assert out.metric == 86.0
+
+
+def test_thresholds() -> None:
+    assert threshold(0.9, "relative", 0.999, True).value == pytest.approx(0.8991)
+    assert threshold(2.0, "relative", 0.99, False).value == pytest.approx(2.02)
+    assert threshold(0.9, "absolute", 0.01, True).ok(0.8901)
+    assert not threshold(0.9, "absolute", 0.01, True).ok(0.889)
+
+
+def test_fake_int4_and_int8_grids() -> None:
+    w = torch.randn(16, 64)
+    blocks = fake.int4_weight(w, 32).reshape(16, 2, 32)
+    scale = w.reshape(16, 2, 32).abs().amax(2, keepdim=True) / 8  # the extreme maps to -8
+    steps = blocks / scale
+    assert torch.allclose(steps, torch.round(steps), atol=1e-4)
+    assert steps.abs().max() <= 8  # [-8, 7] in units of the signed scale
+    q8 = fake.int8_weight(w)
+    scale8 = w.abs().amax(1, keepdim=True) / 127
+    assert torch.allclose(q8 / scale8, torch.round(q8 / scale8), atol=1e-3)
+    assert (q8 - w).abs().max() <= scale8.max() / 2 + 1e-6

@@ -1,0 +1,205 @@
+"""The ``onnxruntime-cpu`` backend: export to ONNX once, realize a per-layer config with ORT's
+real integer kernels (MatMulInteger / ConvInteger for int8, MatMulNBits for int4 weight-only),
+time the session, and evaluate the deployed model.
+
+Layers are matched to ONNX nodes by weight *values*, not names: the exporter constant-folds
+transposes and renames initializers, but a Linear's weight (or its transpose) and a Conv's weight
+survive bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from workers.engine.quant.formats import LayerFormat
+
+log = logging.getLogger("modelpress.backend.ort")
+
+NAME = "onnxruntime-cpu"
+SUPPORTED: dict[str, set[str]] = {"MatMul": {"fp32", "int8", "int4"}, "Conv": {"fp32", "int8"}}
+
+
+@dataclass
+class Exported:
+    """An fp32 ONNX model with its Linear/Conv layers mapped to nodes."""
+
+    model: onnx.ModelProto
+    input_names: list[str]
+    node_of: dict[str, str] = field(default_factory=dict)  # layer name -> node name
+    op_of: dict[str, str] = field(default_factory=dict)  # layer name -> MatMul | Conv
+
+    def supports(self, layer: str, fmt: LayerFormat) -> bool:
+        op = self.op_of.get(layer)
+        return op is not None and fmt.precision in SUPPORTED[op]
+
+
+def export(module: nn.Module, example: Sequence[torch.Tensor], input_names: list[str],
+           layers: Mapping[str, nn.Module]) -> Exported:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    dynamic = tuple({0: batch} for _ in example)
+    prog = torch.onnx.export(module, tuple(example), input_names=input_names, dynamo=True,
+                             dynamic_shapes=dynamic, optimize=True, verbose=False)
+    assert prog is not None
+    model = _gemm_to_matmul(prog.model_proto)
+    exported = Exported(model=model, input_names=input_names)
+    _map_layers(exported, layers)
+    return exported
+
+
+def _gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Gemm(x, W, b, transB=1) -> MatMul(x, W^T) + Add(b): ORT's dynamic int8 and int4
+    quantizers handle MatMul, not Gemm."""
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type == "Gemm" and node.input[1] in inits and attrs.get("transA", 0) == 0
+                and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0):
+            w = numpy_helper.to_array(inits[node.input[1]])
+            if attrs.get("transB", 0):
+                w = w.T
+            wt_name = f"{node.input[1]}__kn"
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), wt_name))
+            mm_out = f"{node.output[0]}__mm" if len(node.input) > 2 else node.output[0]
+            nodes.append(helper.make_node("MatMul", [node.input[0], wt_name], [mm_out],
+                                          name=f"{node.name}__matmul"))
+            if len(node.input) > 2:
+                nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]],
+                                              name=f"{node.name}__bias"))
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return model
+
+
+def _map_layers(exported: Exported, layers: Mapping[str, nn.Module]) -> None:
+    graph = exported.model.graph
+    by_shape: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
+    for init in graph.initializer:
+        arr = numpy_helper.to_array(init)
+        by_shape.setdefault(tuple(arr.shape), []).append((init.name, arr))
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    for name, mod in layers.items():
+        w = mod.weight.detach().float().numpy()  # type: ignore[union-attr, operator]
+        want = w.T if isinstance(mod, nn.Linear) else w
+        for init_name, arr in by_shape.get(tuple(want.shape), []):
+            if arr.dtype == np.float32 and np.array_equal(arr, want):
+                ops = [n for n in consumers.get(init_name, []) if n.op_type in SUPPORTED]
+                if len(ops) == 1:
+                    exported.node_of[name] = ops[0].name
+                    exported.op_of[name] = ops[0].op_type
+                break
+    missing = sorted(set(layers) - set(exported.node_of))
+    if missing:
+        log.info("layers without a quantizable ONNX node (kept fp32): %s", missing)
+
+
+def realize(exported: Exported, config: Mapping[str, LayerFormat]) -> onnx.ModelProto:
+    """The deployable model for ``config``: int4 nodes through MatMulNBits, then int8 nodes
+    through dynamic quantization; everything else stays fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.ModelProto()
+    model.CopyFrom(exported.model)
+    int4 = [(exported.node_of[n], f.group_size) for n, f in config.items()
+            if f.precision == "int4" and exported.supports(n, f)]
+    for group in sorted({g for _, g in int4}):
+        nodes = {node for node, g in int4 if g == group}
+        # nodes_to_include *adds* to "every MatMul"; excluding the others is what restricts it.
+        others = [n.name for n in model.graph.node if n.name not in nodes]
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=group, is_symmetric=True,
+                                 nodes_to_exclude=others)
+        q.process()
+        model = q.model.model
+    int8 = [exported.node_of[n] for n, f in config.items()
+            if f.precision == "int8" and exported.supports(n, f)]
+    if int8:
+        with tempfile.TemporaryDirectory() as tmp:
+            dst = Path(tmp) / "out.onnx"
+            quantize_dynamic(model, dst, per_channel=True, weight_type=QuantType.QInt8,
+                             reduce_range=needs_reduce_range(),
+                             nodes_to_quantize=int8, extra_options={"MatMulConstBOnly": True})
+            model = onnx.load(dst)
+    return model
+
+
+def needs_reduce_range() -> bool:
+    """True on x86 CPUs without VNNI, where ORT's u8s8 int8 GEMM can saturate (see formats)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def native_format(op: str, fmt: LayerFormat) -> LayerFormat:
+    """``fmt`` with the arithmetic this backend really uses for an ``op`` node: 7-bit weights
+    without VNNI, and one weight scale per tensor for ConvInteger (ORT's dynamic Conv)."""
+    if fmt.precision != "int8":
+        return fmt
+    return replace(fmt, reduce_range=needs_reduce_range(), per_channel=op != "Conv")
+
+
+def int8_format() -> LayerFormat:
+    return LayerFormat("int8", reduce_range=needs_reduce_range())
+
+
+class Session:
+    """An ORT CPU session with fixed threads, so configs are timed under equal conditions."""
+
+    def __init__(self, model: onnx.ModelProto, threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                         providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.sess.get_inputs()]
+        self.size_bytes = model.ByteSize()
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> np.ndarray:
+        feed = {n: t.numpy() for n, t in zip(self.input_names, inputs, strict=True)}
+        out: Any = self.sess.run(None, feed)[0]
+        return np.asarray(out)
+
+    def latency_ms(self, inputs: Sequence[torch.Tensor], warmup: int, repeats: int,
+                   min_time_s: float = 0.0) -> list[float]:
+        feed = {n: t.numpy() for n, t in zip(self.input_names, inputs, strict=True)}
+        for _ in range(warmup):
+            self.sess.run(None, feed)
+        samples: list[float] = []
+        start = time.perf_counter()
+        while len(samples) < repeats or time.perf_counter() - start < min_time_s:
+            t0 = time.perf_counter()
+            self.sess.run(None, feed)
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return samples

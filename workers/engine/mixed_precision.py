@@ -1,0 +1,312 @@
+"""The ``mixed_precision`` and ``sensitivity`` jobs.
+
+Stages: load -> baseline -> sensitivity (Hessian trace x perturbation + inter-layer term) ->
+search (bisection along the augmented ordering, plus the baselines asked for) -> frontier
+(realize each candidate on the backend's real kernels, time it, re-measure its metric on the
+deployed model) -> choose (fastest deployed point inside the budget) -> report + artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Mapping
+
+import torch
+
+from app.schemas import (
+    ConfigPoint,
+    LayerSensitivity,
+    MixedPrecisionResult,
+    MixedPrecisionSpec,
+    SearchRun,
+    SensitivityResult,
+    SensitivitySpec,
+)
+from workers.engine import env
+from workers.engine.backends import onnxruntime_cpu as ortb
+from workers.engine.context import JobContext
+from workers.engine.quant import search as qsearch
+from workers.engine.quant import sensitivity as qsens
+from workers.engine.quant.formats import LayerFormat
+from workers.engine.quant.prepare import build_task
+from workers.engine.quant.task import Config, QuantTask, config_json, config_key, threshold
+
+log = logging.getLogger("modelpress.engine.mixed_precision")
+
+
+def _to_schema(scores: list[qsens.LayerScore]) -> list[LayerSensitivity]:
+    return [LayerSensitivity(**vars(s)) for s in scores]
+
+
+def _sensitivity(task: QuantTask, names: list[str], fmt_of: Mapping[str, LayerFormat],
+                 opts: object, ctx: JobContext, lo: float, hi: float
+                 ) -> tuple[list[qsens.LayerScore], dict[str, float] | None]:
+    from app.schemas import SensitivityOptions
+
+    assert isinstance(opts, SensitivityOptions)
+    span = hi - lo
+    scores = qsens.hessian_terms(
+        task, names, fmt_of, opts.probes, opts.calibration_samples, opts.seed,
+        on_probe=lambda k: ctx.progress("sensitivity", lo + span * 0.5 * k / opts.probes,
+                                        f"Hutchinson probe {k}/{opts.probes}"))
+    deps = None
+    if opts.dependency != "none":
+        deps = qsens.dependency_terms(
+            task, names, fmt_of,
+            on_step=lambda i: ctx.progress("sensitivity", lo + span * (0.5 + 0.5 * i / len(names)),
+                                           f"inter-layer term {i}/{len(names)}"))
+    pairwise = None
+    if opts.dependency == "pairwise":
+        if len(names) > 12:
+            ctx.log.warning("pairwise terms skipped: %d layers (12 at most)", len(names))
+        else:
+            pairwise = qsens.pairwise_terms(task, names, fmt_of)
+    return qsens.combine(scores, deps, opts.dependency_weight, pairwise), pairwise
+
+
+def run_sensitivity(spec: SensitivitySpec, ctx: JobContext) -> SensitivityResult:
+    t0 = time.perf_counter()
+    ctx.progress("load", 0.02, f"loading {spec.model.label()}")
+    loaded, task = build_task(spec.model, spec.dataset, spec.metric, spec.eval_samples,
+                              spec.options.calibration_samples, ctx)
+    fmt = LayerFormat(spec.precision)
+    names = list(task.layers)
+    scores, pairwise = _sensitivity(task, names, {n: fmt for n in names}, spec.options, ctx,
+                                    0.05, 0.95)
+    result = SensitivityResult(
+        model=loaded.name, precision=fmt.label(), metric=task.metric,
+        loss="cross-entropy" if task.metric == "accuracy" else "squared error to float outputs",
+        layers=_to_schema(scores), pairwise=pairwise, evaluations=task.evaluations,
+        seconds=time.perf_counter() - t0, environment=env.environment(torch.device("cpu")))
+    ctx.save_artifact("sensitivity.json", result.model_dump_json(indent=2).encode(),
+                      "application/json")
+    ctx.progress("done", 1.0, f"{len(names)} layers scored")
+    return result
+
+
+def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
+    stages: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def stage_done(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        stages[name] = round(now - clock, 3)
+        clock = now
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    threads = spec.threads or torch.get_num_threads()
+    ctx.progress("load", 0.01, f"loading {spec.model.label()}")
+    loaded, task = build_task(spec.model, spec.dataset, spec.budget.metric, spec.eval_samples,
+                              spec.sensitivity.calibration_samples, ctx)
+    example = tuple(t[: spec.batch_size] for t in task.eval_inputs)
+    ctx.progress("load", 0.04, "exporting to ONNX")
+    exported = ortb.export(task.module, example, loaded.input_names, task.layers)
+    stage_done("load")
+
+    # Baseline: the float model in simulation and on the backend.
+    higher = spec.budget.higher_is_better
+    if higher is None:
+        higher = task.higher_is_better
+    base_metric = task.evaluate({})
+    limit = threshold(base_metric, spec.budget.mode, spec.budget.value, higher)
+    ctx.log.info("baseline %s = %.6f; budget threshold %.6f", task.metric, base_metric, limit.value)
+    stage_done("baseline")
+
+    # Levels: which layers each precision may take on this backend, in its real arithmetic.
+    fmt_at: dict[str, dict[str, LayerFormat]] = {}
+    prec: str
+    for prec in spec.levels:
+        if prec == "fp32":
+            continue
+        fmt_at[prec] = {}
+        for name in task.layers:
+            op = exported.op_of.get(name)
+            fmt = LayerFormat(prec, group_size=spec.int4_group_size)  # type: ignore[arg-type]
+            if op is not None and exported.supports(name, fmt):
+                fmt_at[prec][name] = ortb.native_format(op, fmt)
+    # Latency gate: a precision is offered to an op type only if the backend, measured with
+    # every such layer converted, runs faster than fp32 (ORT's ConvInteger, for one, is slower
+    # than its float convolution on AVX2). Accuracy search alone would happily pick slower
+    # configs; this keeps the search inside what the real kernels reward.
+    ctx.progress("baseline", 0.045, "measuring which precisions the backend speeds up")
+    fp32_ms = statistics.median(ortb.Session(ortb.realize(exported, {}), threads).latency_ms(
+        example, spec.warmup, spec.repeats))
+    gate: dict[str, float] = {}
+    for prec in list(fmt_at):
+        for op in sorted({exported.op_of[n] for n in fmt_at[prec]}):
+            group = {n: f for n, f in fmt_at[prec].items() if exported.op_of[n] == op}
+            ms = statistics.median(ortb.Session(ortb.realize(exported, group), threads).latency_ms(
+                example, spec.warmup, spec.repeats))
+            gate[f"{prec}:{op}"] = round(ms / fp32_ms, 4)
+            if ms >= fp32_ms and spec.latency_gate:
+                ctx.log.info("%s on %s layers measured %.3f ms vs fp32 %.3f ms: not offered",
+                             prec, op, ms, fp32_ms)
+                for n in group:
+                    del fmt_at[prec][n]
+    levels_used = [p for p in fmt_at if fmt_at[p]]
+    stage_done("latency_gate")
+
+    # Sensitivity per level (each level's own perturbation).
+    scores_at: dict[str, list[qsens.LayerScore]] = {}
+    span = 0.35 / max(1, len(levels_used))
+    for i, prec in enumerate(levels_used):
+        names = list(fmt_at[prec])
+        scores_at[prec], _ = _sensitivity(task, names, fmt_at[prec], spec.sensitivity, ctx,
+                                          0.05 + i * span, 0.05 + (i + 1) * span)
+    stage_done("sensitivity")
+
+    def levels_for(ordering: str) -> list[tuple[str, qsearch.Level]]:
+        out = []
+        gen = torch.Generator().manual_seed(spec.sensitivity.seed)
+        for prec in levels_used:
+            sc = scores_at[prec]
+            if ordering == "hessian":
+                order = [s.name for s in sorted(sc, key=lambda s: s.hessian_term)]
+            elif ordering == "random":
+                perm = torch.randperm(len(sc), generator=gen).tolist()
+                order = [sc[j].name for j in perm]
+            else:
+                order = [s.name for s in sorted(sc, key=lambda s: s.score)]
+            out.append((prec, qsearch.Level(fmt_at[prec], order)))
+        return out
+
+    # Search: ours first, then the baselines asked for.
+    ctx.progress("search", 0.42, "bisection along the augmented ordering")
+    outcomes = [qsearch.bisection_search(task.evaluate, limit, levels_for("augmented"),
+                                         "augmented")]
+    for b in spec.baselines:
+        if b in ("hessian", "random"):
+            ctx.progress("search", 0.5, f"baseline: {b} ordering")
+            outcomes.append(qsearch.bisection_search(task.evaluate, limit, levels_for(b), b))
+        elif b == "greedy":
+            ctx.progress("search", 0.5, "baseline: greedy one-by-one")
+            outcomes.append(qsearch.greedy_search(task.evaluate, limit, levels_for("augmented"),
+                                                  max_evaluations=400))
+    stage_done("search")
+
+    # Candidates for the frontier: every search result, uniform configs, a sweep of ours.
+    candidates: dict[str, tuple[str, Config]] = {}
+
+    def add(label: str, cfg: Config) -> None:
+        candidates.setdefault(config_key(cfg), (label, cfg))
+
+    add("fp32", {})
+    for o in outcomes:
+        add(f"search:{o.ordering}", o.config)
+    uniform: dict[str, Config] = {}
+    for prec in levels_used:
+        uniform[prec] = dict(fmt_at[prec])
+        if "uniform" in spec.baselines:
+            add(f"uniform:{prec}", uniform[prec])
+    ours = outcomes[0]
+    for cfg in qsearch.sweep(levels_for("augmented"), ours.boundaries, spec.frontier_points):
+        add("sweep:augmented", cfg)
+
+    points: dict[str, ConfigPoint] = {}
+    deployed_models: dict[str, object] = {}
+    for i, (key, (label, cfg)) in enumerate(candidates.items()):
+        ctx.progress("frontier", 0.55 + 0.4 * i / len(candidates),
+                     f"realizing and timing {i + 1}/{len(candidates)} on {ortb.NAME}")
+        model = ortb.realize(exported, cfg)
+        sess = ortb.Session(model, threads)
+        lat = sess.latency_ms(example, spec.warmup, spec.repeats)
+        outs = torch.from_numpy(_run_batched(sess, task.eval_inputs, task.batch_size))
+        deployed = task.score(outs)
+        points[key] = ConfigPoint(
+            label=label, config=config_json(cfg), simulated_metric=task.evaluate(cfg),
+            deployed_metric=deployed, latency_ms=statistics.median(lat),
+            latency_p90_ms=statistics.quantiles(lat, n=10)[-1] if len(lat) > 1 else lat[0],
+            # fp32 is the reference the budget is taken from; on the backend it differs from
+            # torch only by float rounding, which must not put it "outside" a tight budget.
+            size_bytes=sess.size_bytes, within_budget=limit.ok(deployed) or not cfg)
+        deployed_models[key] = model
+    stage_done("frontier")
+
+    _mark_pareto(list(points.values()), higher)
+    base_key = config_key({})
+    baseline = points[base_key]
+    inside = [(k, p) for k, p in points.items() if p.within_budget]
+    if inside:
+        chosen_key, chosen = min(inside, key=lambda kp: (kp[1].latency_ms or 0.0,
+                                                         kp[1].size_bytes or 0))
+    else:
+        chosen_key, chosen = base_key, baseline
+    why = _explain(chosen, baseline, limit.value, task.metric, len(inside), len(points))
+    assert baseline.latency_ms and chosen.latency_ms
+    reduction = 1.0 - chosen.latency_ms / baseline.latency_ms
+
+    searches = [SearchRun(ordering=o.ordering, order=o.orders.get(levels_used[0], []) if levels_used
+                          else [], boundaries=o.boundaries,
+                          result=points[config_key(o.config)], evaluations=o.evaluations,
+                          seconds=round(o.seconds, 3)) for o in outcomes]
+    for prec, cfg in uniform.items():
+        if "uniform" in spec.baselines:
+            searches.append(SearchRun(ordering=f"uniform:{prec}", order=list(cfg),
+                                      boundaries={prec: len(cfg)}, result=points[config_key(cfg)],
+                                      evaluations=1, seconds=0.0))
+    sens = _to_schema(scores_at[levels_used[0]]) if levels_used else []
+    result = MixedPrecisionResult(
+        model=loaded.name, backend=ortb.NAME, metric=task.metric, higher_is_better=higher,
+        budget=spec.budget, threshold=limit.value, baseline=baseline, chosen=chosen, why=why,
+        frontier=sorted(points.values(), key=lambda p: p.latency_ms or 0.0), searches=searches,
+        sensitivity=sens, evaluations=task.evaluations, stage_seconds=stages, latency_gate=gate,
+        latency_reduction=reduction,
+        method=(f"search in simulated quantization matching {ortb.NAME}'s arithmetic on "
+                f"{len(task.eval_inputs[0])} evaluation samples; every frontier point realized "
+                f"with ONNX Runtime's integer kernels, its metric re-measured on the deployed "
+                f"model and its latency timed at batch {spec.batch_size} ({spec.warmup} warm-up, "
+                f"{spec.repeats} runs, median, {threads} threads)"),
+        environment=env.environment(torch.device("cpu")),
+    )
+    import onnx
+
+    chosen_model = deployed_models[chosen_key]
+    assert isinstance(chosen_model, onnx.ModelProto)
+    ctx.save_artifact("model.onnx", chosen_model.SerializeToString(), "application/octet-stream")
+    ctx.save_artifact("report.json", result.model_dump_json(indent=2).encode(), "application/json")
+    ctx.save_artifact("config.json", json.dumps(chosen.config, indent=2).encode(),
+                      "application/json")
+    ctx.progress("done", 1.0, f"{chosen.label}: {task.metric} {chosen.deployed_metric:.4f}, "
+                 f"{chosen.latency_ms:.3f} ms ({reduction:+.1%} vs fp32)")
+    return result
+
+
+def _run_batched(sess: ortb.Session, inputs: tuple[torch.Tensor, ...], batch: int):  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    outs = [sess.run(tuple(t[i:i + batch] for t in inputs)) for i in range(0, len(inputs[0]), batch)]
+    return np.concatenate(outs).astype("float32")
+
+
+def _mark_pareto(points: list[ConfigPoint], higher: bool) -> None:
+    def better_or_equal(a: ConfigPoint, b: ConfigPoint) -> bool:
+        assert a.deployed_metric is not None and b.deployed_metric is not None
+        m = a.deployed_metric >= b.deployed_metric if higher else a.deployed_metric <= b.deployed_metric
+        return m and (a.latency_ms or 0) <= (b.latency_ms or 0)
+
+    for p in points:
+        p.pareto = not any(q is not p and better_or_equal(q, p) and (
+            q.deployed_metric != p.deployed_metric or q.latency_ms != p.latency_ms)
+            for q in points)
+
+
+def _explain(chosen: ConfigPoint, baseline: ConfigPoint, limit: float, metric: str,
+             inside: int, n: int) -> str:
+    if not inside:
+        return (f"no configuration, not even fp32, met the threshold {limit:.6f} on the "
+                f"deployed model; returning the float model")
+    if not chosen.config:
+        if inside == 1:
+            return (f"none of the {n - 1} quantized configurations kept {metric} within the "
+                    f"threshold {limit:.6f} on the deployed model; returning the float model")
+        return (f"{inside - 1} quantized configurations met the threshold {limit:.6f}, but each "
+                f"measured slower than fp32 ({baseline.latency_ms:.3f} ms) on this backend at "
+                "this batch size; returning the float model")
+    return (f"fastest of the {n} measured configurations whose deployed {metric} "
+            f"({chosen.deployed_metric:.6f}) meets the threshold {limit:.6f}: "
+            f"{chosen.latency_ms:.3f} ms vs fp32 {baseline.latency_ms:.3f} ms")

@@ -1,0 +1,122 @@
+"""Simulated (fake) quantization in PyTorch, matching the backend's integer arithmetic.
+
+``simulate(model, config)`` swaps each configured layer's weight for its quantize-dequantize
+image and, for int8 layers, quantizes the layer's input per call the way ORT's
+DynamicQuantizeLinear does. It restores the float weights on exit, so one model serves every
+evaluation of a search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from workers.engine.quant.formats import LayerFormat
+
+
+def _round(x: torch.Tensor) -> torch.Tensor:
+    return torch.round(x)  # round half to even, as ONNX QuantizeLinear
+
+
+def int8_weight(w: torch.Tensor, reduce_range: bool = False, per_channel: bool = True
+                ) -> torch.Tensor:
+    """Symmetric int8 per output channel (dim 0 of a torch weight) or per tensor: range
+    [-127, 127], or [-64, 64] with ``reduce_range``."""
+    qmax = 64.0 if reduce_range else 127.0
+    flat = w.reshape(w.shape[0], -1)
+    amax = flat.abs().amax(dim=1, keepdim=True) if per_channel else flat.abs().amax()
+    scale = amax.clamp(min=1e-12) / qmax
+    q = _round(flat / scale).clamp(-qmax, qmax)
+    return (q * scale).reshape(w.shape).to(w.dtype)
+
+
+def uint8_dynamic(x: torch.Tensor) -> torch.Tensor:
+    """ONNX DynamicQuantizeLinear then dequantize: per-tensor uint8 over [min(x, 0), max(x, 0)]."""
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = (hi - lo) / 255.0
+    if float(scale) == 0.0:
+        return x
+    zp = _round(-lo / scale).clamp(0, 255)
+    q = (_round(x / scale) + zp).clamp(0, 255)
+    return ((q - zp) * scale).to(x.dtype)
+
+
+def int4_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Symmetric int4 in blocks of ``group_size`` along the input dimension (MatMulNBits):
+    the element of largest magnitude maps to -8, so scale = that element / -8, range [-8, 7]."""
+    out_f, in_f = w.shape[0], w.reshape(w.shape[0], -1).shape[1]
+    flat = w.reshape(out_f, in_f)
+    pad = (-in_f) % group_size
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    blocks = flat.reshape(out_f, -1, group_size)
+    idx = blocks.abs().argmax(dim=2, keepdim=True)
+    extreme = torch.gather(blocks, 2, idx)
+    scale = extreme / -8.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = _round(blocks / scale).clamp(-8, 7)
+    deq = (q * scale).reshape(out_f, -1)[:, :in_f]
+    return deq.reshape(w.shape).to(w.dtype)
+
+
+def fp8_weight(w: torch.Tensor) -> torch.Tensor:
+    """e4m3 with a per-tensor scale to the format's max (448), as fp8 GEMMs are fed."""
+    scale = w.abs().amax().clamp(min=1e-12) / 448.0
+    return ((w / scale).to(torch.float8_e4m3fn).to(w.dtype)) * scale
+
+
+def quantize_weight(w: torch.Tensor, fmt: LayerFormat) -> torch.Tensor:
+    if fmt.precision == "fp32":
+        return w
+    if fmt.precision == "int8":
+        return int8_weight(w, fmt.reduce_range, fmt.per_channel)
+    if fmt.precision == "int4":
+        return int4_weight(w, fmt.group_size)
+    if fmt.precision == "fp8":
+        return fp8_weight(w)
+    dtype = torch.float16 if fmt.precision == "fp16" else torch.bfloat16
+    return w.to(dtype).to(w.dtype)
+
+
+def weight_perturbation(w: torch.Tensor, fmt: LayerFormat) -> float:
+    """||Q(W) - W||^2, the quantization noise a format puts on a layer's weight."""
+    with torch.no_grad():
+        return float((quantize_weight(w, fmt) - w).double().pow(2).sum())
+
+
+def _quantize_input(fmt: LayerFormat):  # type: ignore[no-untyped-def]
+    def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (uint8_dynamic(args[0]), *args[1:])
+
+    return hook
+
+
+@contextmanager
+def simulate(layers: Mapping[str, nn.Module], config: Mapping[str, LayerFormat]
+             ) -> Iterator[None]:
+    """Within the block, the layers named in ``config`` compute in their formats."""
+    saved: dict[str, torch.Tensor] = {}
+    hooks = []
+    try:
+        with torch.no_grad():
+            for name, fmt in config.items():
+                if fmt.precision == "fp32":
+                    continue
+                mod = layers[name]
+                weight = mod.weight  # type: ignore[union-attr]
+                assert isinstance(weight, torch.Tensor)
+                saved[name] = weight.detach().clone()
+                weight.copy_(quantize_weight(weight, fmt))
+                if fmt.quantizes_activations:
+                    hooks.append(mod.register_forward_pre_hook(_quantize_input(fmt)))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for name, w in saved.items():
+                layers[name].weight.copy_(w)  # type: ignore[union-attr, operator]

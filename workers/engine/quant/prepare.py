@@ -1,0 +1,53 @@
+"""From a job spec to a :class:`QuantTask`: load the model, split evaluation and calibration
+data, pick the metric."""
+
+from __future__ import annotations
+
+import torch
+
+from app.schemas import DatasetRef, ModelRef
+from workers.engine import datasets, models
+from workers.engine.context import JobContext, UserError
+from workers.engine.datasets import TensorData
+from workers.engine.quant.task import QuantTask, quantizable_layers
+
+
+def _split(data: TensorData, names: list[str], n_eval: int, n_calib: int
+           ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None,
+                      tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """Evaluation from the front, calibration from the back; they overlap only when the data
+    is too small to hold both (the result says how many samples each used)."""
+    tensors = data.ordered(names)
+    n = len(data)
+    ev = min(n_eval, n)
+    cb = min(n_calib, n)
+    labels = data.labels
+    return (tuple(t[:ev] for t in tensors), labels[:ev] if labels is not None else None,
+            tuple(t[n - cb:] for t in tensors), labels[n - cb:] if labels is not None else None)
+
+
+def build_task(model_ref: ModelRef, dataset_ref: DatasetRef | None, metric: str | None,
+               eval_samples: int, calib_samples: int, ctx: JobContext
+               ) -> tuple[models.LoadedModel, QuantTask]:
+    loaded = models.load_model(model_ref, ctx)
+    if dataset_ref is not None:
+        data = models.load_dataset(dataset_ref, ctx, loaded)
+        ev_x, ev_y, cb_x, cb_y = _split(data, loaded.input_names, eval_samples, calib_samples)
+    elif loaded.name == "digits-cnn":
+        test, calib = datasets.digits("test"), datasets.digits("calib")
+        ev_x, ev_y = tuple(t[:eval_samples] for t in test.ordered(["x"])), test.labels
+        cb_x, cb_y = tuple(t[:calib_samples] for t in calib.ordered(["x"])), calib.labels
+        ev_y = ev_y[:eval_samples] if ev_y is not None else None
+        cb_y = cb_y[:calib_samples] if cb_y is not None else None
+    else:
+        ev_x, ev_y, cb_x, cb_y = _split(loaded.default_data, loaded.input_names, eval_samples,
+                                        calib_samples)
+    if metric is None:
+        metric = "accuracy" if ev_y is not None and loaded.task == "classification" else "cosine"
+    module = loaded.for_inference(torch.device("cpu"))
+    layers = quantizable_layers(module)
+    if not layers:
+        raise UserError("the model has no Linear or Conv layers to quantize")
+    batch = 64 if loaded.name == "digits-cnn" else 32
+    task = QuantTask(module, layers, ev_x, ev_y, cb_x, cb_y, metric, batch_size=batch, ctx=ctx)
+    return loaded, task

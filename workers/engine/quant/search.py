@@ -1,0 +1,131 @@
+"""Search inside a budget: bisection along a sensitivity ordering, one precision level at a time.
+
+At each level (e.g. fp32 -> int8, then int8 -> int4) the layers eligible for the lower precision
+are ordered least-sensitive first, and bisection finds the largest k such that moving the first k
+of them keeps the metric within the budget. Assuming the metric falls monotonically with k, this
+costs about log2(n) evaluations per level. Greedy one-by-one is the quadratic baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from workers.engine.quant.formats import LayerFormat
+from workers.engine.quant.task import Config, Threshold
+
+
+@dataclass
+class Level:
+    fmt_of: dict[str, LayerFormat]  # eligible layer -> its format at this level
+    order: list[str]  # eligible layers, least sensitive first
+
+
+@dataclass
+class SearchOutcome:
+    ordering: str
+    config: Config
+    metric: float
+    boundaries: dict[str, int] = field(default_factory=dict)
+    orders: dict[str, list[str]] = field(default_factory=dict)
+    evaluations: int = 0
+    seconds: float = 0.0
+
+
+def bisect_boundary(ok: Callable[[int], bool], n: int) -> int:
+    """Largest k in [0, n] with ok(k), given ok(0) and monotone ok (true then false)."""
+    if ok(n):
+        return n
+    lo, hi = 0, n  # ok(lo) holds, ok(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def bisection_search(evaluate: Callable[[Mapping[str, LayerFormat]], float], limit: Threshold,
+                     levels: Sequence[tuple[str, Level]], ordering: str) -> SearchOutcome:
+    t0 = time.perf_counter()
+    config: Config = {}
+    metric = limit.baseline
+    boundaries: dict[str, int] = {}
+    evals = 0
+    for i, (name, level) in enumerate(levels):
+        # Only layers already at the previous level (or float, for the first) may descend.
+        order = [n for n in level.order if i == 0 or n in config]
+        cache: dict[int, float] = {}
+
+        def cfg_at(k: int, order: list[str] = order, level: Level = level,
+                   base: Config = config) -> Config:
+            return {**base, **{n: level.fmt_of[n] for n in order[:k]}}
+
+        def ok(k: int, cache: dict[int, float] = cache, cfg_at: Callable[[int], Config] = cfg_at
+               ) -> bool:
+            nonlocal evals
+            if k == 0:
+                return True
+            if k not in cache:
+                cache[k] = evaluate(cfg_at(k))
+                evals += 1
+            return limit.ok(cache[k])
+
+        k = bisect_boundary(ok, len(order))
+        boundaries[name] = k
+        if k:
+            config = cfg_at(k)
+            metric = cache[k]
+    return SearchOutcome(ordering, config, metric, boundaries,
+                         {name: lvl.order for name, lvl in levels}, evals,
+                         time.perf_counter() - t0)
+
+
+def greedy_search(evaluate: Callable[[Mapping[str, LayerFormat]], float], limit: Threshold,
+                  levels: Sequence[tuple[str, Level]], max_evaluations: int) -> SearchOutcome:
+    """Move, one at a time, the layer whose move hurts least, while the budget holds."""
+    t0 = time.perf_counter()
+    config: Config = {}
+    metric = limit.baseline
+    evals = 0
+    boundaries: dict[str, int] = {}
+    orders: dict[str, list[str]] = {}
+    for i, (name, level) in enumerate(levels):
+        remaining = [n for n in level.order if i == 0 or n in config]
+        taken: list[str] = []
+        while remaining and evals < max_evaluations:
+            trials = []
+            for n in remaining:
+                if evals >= max_evaluations:
+                    break
+                trials.append((evaluate({**config, n: level.fmt_of[n]}), n))
+                evals += 1
+            good = [(m, n) for m, n in trials if limit.ok(m)]
+            if not good:
+                break
+            m, best = max(good) if limit.higher_is_better else min(good)
+            config = {**config, best: level.fmt_of[best]}
+            metric = m
+            taken.append(best)
+            remaining.remove(best)
+        boundaries[name] = len(taken)
+        orders[name] = taken + remaining
+    return SearchOutcome("greedy", config, metric, boundaries, orders, evals,
+                         time.perf_counter() - t0)
+
+
+def sweep(levels: Sequence[tuple[str, Level]], boundaries: Mapping[str, int], points: int
+          ) -> list[Config]:
+    """Configs along one ordering for the frontier: at each level, ``points`` evenly spaced
+    boundaries, on top of the chosen boundaries of the levels before it."""
+    out: list[Config] = []
+    base: Config = {}
+    for j, (name, level) in enumerate(levels):
+        order = [n for n in level.order if j == 0 or n in base]
+        ks = sorted({round(i * len(order) / (points - 1)) for i in range(points)})
+        for k in ks:
+            out.append({**base, **{m: level.fmt_of[m] for m in order[:k]}})
+        base = {**base, **{m: level.fmt_of[m] for m in order[:boundaries.get(name, 0)]}}
+    return out

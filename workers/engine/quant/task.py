@@ -1,0 +1,165 @@
+"""What a search evaluates: a model, its quantizable layers, evaluation and calibration data,
+the metric and budget, and a memoized evaluation of any per-layer config in simulation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from workers.engine.context import JobContext, UserError, memo_key
+from workers.engine.quant.fake import simulate
+from workers.engine.quant.formats import LayerFormat
+
+Config = dict[str, LayerFormat]
+
+
+def quantizable_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """Linear and Conv layers, by qualified name, in execution-definition order."""
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d)
+    return {n: m for n, m in module.named_modules() if isinstance(m, kinds)}
+
+
+def _accuracy(out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor) -> float:
+    assert labels is not None
+    return float((out.argmax(dim=-1) == labels).float().mean())
+
+
+def _cosine(out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor) -> float:
+    return float(nn.functional.cosine_similarity(out.flatten(1).double(),
+                                                 ref.flatten(1).double(), dim=1).mean())
+
+
+def _mse(out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).pow(2).mean())
+
+
+METRICS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], float], bool]] = {
+    "accuracy": (_accuracy, True),
+    "cosine": (_cosine, True),
+    "mse": (_mse, False),
+}
+
+
+@dataclass
+class Threshold:
+    baseline: float
+    value: float
+    higher_is_better: bool
+
+    def ok(self, metric: float) -> bool:
+        eps = 1e-12
+        return metric >= self.value - eps if self.higher_is_better else metric <= self.value + eps
+
+
+def threshold(baseline: float, mode: str, value: float, higher_is_better: bool) -> Threshold:
+    if mode == "absolute":
+        t = baseline - value if higher_is_better else baseline + value
+    elif higher_is_better:
+        t = baseline * value
+    else:
+        if baseline == 0:
+            raise UserError("a relative budget on a lower-is-better metric whose baseline is 0 "
+                            "allows nothing; give an absolute budget (mode 'absolute')")
+        t = baseline * (2.0 - value)
+    return Threshold(baseline, t, higher_is_better)
+
+
+@dataclass
+class QuantTask:
+    module: nn.Module
+    layers: dict[str, nn.Module]
+    eval_inputs: tuple[torch.Tensor, ...]
+    eval_labels: torch.Tensor | None
+    calib_inputs: tuple[torch.Tensor, ...]
+    calib_labels: torch.Tensor | None
+    metric: str
+    batch_size: int = 64
+    ctx: JobContext | None = None
+    evaluations: int = 0
+    _ref_eval: torch.Tensor | None = field(default=None, repr=False)
+    _ref_calib: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise UserError(f"unknown metric {self.metric!r}; one of {sorted(METRICS)}")
+        if self.metric == "accuracy" and self.eval_labels is None:
+            raise UserError("metric 'accuracy' needs a labeled dataset (labels under `y`)")
+        self.module.eval()
+        self._ref_eval = self.forward(self.eval_inputs)
+        self._ref_calib = self.forward(self.calib_inputs)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return METRICS[self.metric][1]
+
+    @property
+    def reference(self) -> torch.Tensor:
+        assert self._ref_eval is not None
+        return self._ref_eval
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, len(inputs[0]), self.batch_size):
+                outs.append(self.module(*(t[i:i + self.batch_size] for t in inputs)))
+        return torch.cat(outs).float()
+
+    def score(self, outputs: torch.Tensor) -> float:
+        fn, _ = METRICS[self.metric]
+        return fn(outputs, self.eval_labels, self.reference)
+
+    def loss(self, outputs: torch.Tensor, calib: bool = True) -> torch.Tensor:
+        """The smooth objective behind the metric: cross-entropy with labels for classifiers,
+        else squared error to the float model's outputs (summed over features)."""
+        labels = self.calib_labels if calib else self.eval_labels
+        ref = self._ref_calib if calib else self._ref_eval
+        assert ref is not None
+        if self.metric == "accuracy" and labels is not None:
+            return nn.functional.cross_entropy(outputs, labels)
+        return (outputs - ref).pow(2).flatten(1).sum(1).mean()
+
+    def _memo(self, what: str, config: Mapping[str, LayerFormat]) -> str:
+        cfg = sorted((n, f.label(), f.reduce_range, f.per_channel) for n, f in config.items()
+                     if f.precision != "fp32")
+        return "mp:" + memo_key(what, self.metric, cfg)
+
+    def evaluate(self, config: Mapping[str, LayerFormat]) -> float:
+        """The metric of ``config`` in simulation, memoized in the job (survives a retry)."""
+        key = self._memo("metric", config)
+        if self.ctx is not None:
+            hit = self.ctx.memo_get(key)
+            if hit is not None:
+                return float(hit)
+            self.ctx.check_cancelled()
+        with simulate(self.layers, config):
+            value = self.score(self.forward(self.eval_inputs))
+        self.evaluations += 1
+        if self.ctx is not None:
+            self.ctx.memo_put(key, value)
+        return value
+
+    def calib_loss(self, config: Mapping[str, LayerFormat]) -> float:
+        key = self._memo("loss", config)
+        if self.ctx is not None:
+            hit = self.ctx.memo_get(key)
+            if hit is not None:
+                return float(hit)
+            self.ctx.check_cancelled()
+        with simulate(self.layers, config):
+            value = float(self.loss(self.forward(self.calib_inputs)))
+        self.evaluations += 1
+        if self.ctx is not None:
+            self.ctx.memo_put(key, value)
+        return value
+
+
+def config_json(config: Mapping[str, LayerFormat]) -> dict[str, str]:
+    return {n: f.label() for n, f in config.items() if f.precision != "fp32"}
+
+
+def config_key(config: Mapping[str, LayerFormat]) -> str:
+    return json.dumps(config_json(config), sort_keys=True)
