@@ -30,8 +30,8 @@ def test_serve_demo_on_embedded_redis(tmp_path: Path) -> None:
     key = (tmp_path / ".modelpress" / "api-key").read_text().strip()
     assert key.startswith("mp_") and key in out
     assert (tmp_path / ".modelpress" / "api-key").stat().st_mode & 0o077 == 0
-    assert re.search(r"job job_\w+ succeeded — benchmark of digits-cnn", out), out
-    assert re.search(r"latency\s+median \d+\.\d+ ms", out)
+    assert re.search(r"job job_\w+ succeeded — mixed_precision of digits-cnn", out), out
+    assert re.search(r"chosen\s+accuracy 0\.\d+, \d+\.\d+ ms", out), out
     # Everything it started has stopped: the API and the embedded Redis no longer answer.
     api = re.search(r"api\s+(http://127\.0\.0\.1:\d+)", out)
     redis_port = re.search(r"redis://127\.0\.0\.1:(\d+)", out)

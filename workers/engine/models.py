@@ -16,7 +16,7 @@ from torch import nn
 
 from app import filechecks
 from app.schemas import DatasetRef, ModelRef
-from workers.engine import datasets, zoo
+from workers.engine import datasets, graph_layers, zoo
 from workers.engine.context import JobContext, UserError
 from workers.engine.datasets import TensorData
 
@@ -101,7 +101,7 @@ def _load_pt2(model_id: str, path: Path) -> LoadedModel:
         raise UserError("the .pt2 has no example inputs; export it with torch.export.export(model, "
                         "example_args) and save it with torch.export.save")
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    module = ep.module()
+    module = graph_layers.restore_layers(ep.module())  # type: ignore[arg-type]
     with torch.no_grad():
         out = module(*tensors)
     task: Task = "classification" if isinstance(out, torch.Tensor) and out.dim() == 2 else "embedding"

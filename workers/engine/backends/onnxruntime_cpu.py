@@ -181,6 +181,9 @@ class Session:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # Idle worker threads would otherwise spin for a while after each run and steal the
+        # cores from whatever is timed next (another session of the frontier, say).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sess = ort.InferenceSession(model.SerializeToString(), opts,
                                          providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.sess.get_inputs()]

@@ -45,11 +45,16 @@ def hutchinson_traces(loss_fn: Callable[[], torch.Tensor], params: Sequence[torc
     totals = [0.0] * len(params)
     for k in range(probes):
         loss = loss_fn()
-        grads = torch.autograd.grad(loss, params, create_graph=True)
+        # allow_unused: a layer the output never reaches (e.g. an unused pooler) has Tr(H) = 0.
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype).mul_(2).sub_(1) for p in params]
-        hvs = torch.autograd.grad(grads, params, grad_outputs=vs)
-        for i, (hv, v) in enumerate(zip(hvs, vs, strict=True)):
-            totals[i] += float((hv * v).sum())
+        if used:
+            hvs = torch.autograd.grad([grads[i] for i in used], [params[i] for i in used],
+                                      grad_outputs=[vs[i] for i in used], allow_unused=True)
+            for i, hv in zip(used, hvs, strict=True):
+                if hv is not None:
+                    totals[i] += float((hv * vs[i]).sum())
         if on_probe is not None:
             on_probe(k + 1)
     return [t / probes for t in totals]

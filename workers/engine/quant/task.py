@@ -88,7 +88,6 @@ class QuantTask:
             raise UserError(f"unknown metric {self.metric!r}; one of {sorted(METRICS)}")
         if self.metric == "accuracy" and self.eval_labels is None:
             raise UserError("metric 'accuracy' needs a labeled dataset (labels under `y`)")
-        self.module.eval()
         self._ref_eval = self.forward(self.eval_inputs)
         self._ref_calib = self.forward(self.calib_inputs)
 

@@ -1,0 +1,136 @@
+"""Mixed precision on digits-cnn and minilm-l6: one table per model from one run.
+
+Rows: fp32 baseline, uniform int8, ours (augmented Hessian + bisection), Hessian-only ordering,
+random ordering. Each search runs inside the same job (same data, same budget); afterwards the
+five configurations are re-timed on ONNX Runtime *interleaved* (round-robin, same process, same
+threads) so drift on a busy machine hits them alike.
+
+    python benchmarks/mixed_precision.py [--models digits-cnn,minilm-l6] [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.config import Settings  # noqa: E402
+from app.schemas import MixedPrecisionResult, MixedPrecisionSpec  # noqa: E402
+from app.storage import open_store  # noqa: E402
+from workers.engine import mixed_precision  # noqa: E402
+from workers.engine.backends import onnxruntime_cpu as ortb  # noqa: E402
+from workers.engine.context import LocalContext  # noqa: E402
+from workers.engine.quant.formats import parse  # noqa: E402
+from workers.engine.quant.prepare import build_task  # noqa: E402
+
+SETTINGS: dict[str, dict[str, object]] = {
+    "digits-cnn": {"batch_size": 256, "eval_samples": 360, "repeats": 30,
+                   "sensitivity": {"probes": 16, "calibration_samples": 256}},
+    "minilm-l6": {"batch_size": 8, "eval_samples": 128, "repeats": 10, "frontier_points": 4,
+                  "sensitivity": {"probes": 4, "calibration_samples": 32}},
+}
+ROWS = [("fp32", None), ("uniform int8", "uniform:int8"), ("ours (augmented)", "augmented"),
+        ("Hessian-only", "hessian"), ("random order", "random")]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_model(name: str, store_dir: Path, rounds: int) -> tuple[MixedPrecisionResult, list[str]]:
+    spec = MixedPrecisionSpec.model_validate({"model": {"zoo": name}, **SETTINGS[name],
+                                              "baselines": ["uniform", "hessian", "random"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = LocalContext(Path(tmp), store=open_store(Settings(store_url=store_dir.as_uri())))
+        t0 = time.perf_counter()
+        res = mixed_precision.run(spec, ctx)
+        wall = time.perf_counter() - t0
+        loaded, task = build_task(spec.model, spec.dataset, res.metric, spec.eval_samples,
+                                  spec.sensitivity.calibration_samples, ctx)
+    example = tuple(t[: spec.batch_size] for t in task.eval_inputs)
+    exported = ortb.export(task.module, example, loaded.input_names, task.layers)
+    by_ordering = {s.ordering: s for s in res.searches}
+    configs = {}
+    for label, key in ROWS:
+        point = res.baseline if key is None else by_ordering[key].result
+        cfg = {n: ortb.native_format(exported.op_of[n], parse(p, spec.int4_group_size))
+               for n, p in point.config.items()}
+        configs[label] = (point, ortb.Session(ortb.realize(exported, cfg), torch.get_num_threads()))
+    samples: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(rounds):  # interleaved re-timing
+        for label, (_, sess) in configs.items():
+            samples[label] += sess.latency_ms(example, 2, max(3, spec.repeats // rounds))
+    base_ms = statistics.median(samples["fp32"])
+    lines = [
+        f"### {name} — budget {res.budget.value:g} relative on {res.metric} "
+        f"(threshold {res.threshold:.6f}), batch {spec.batch_size}, {torch.get_num_threads()} threads",
+        "",
+        "| config | layers quantized | " + res.metric + " (ONNX Runtime) | within budget | "
+        "latency median ms | vs fp32 | size MB | evaluations | search s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, key in ROWS:
+        point, _ = configs[label]
+        ms = statistics.median(samples[label])
+        run = by_ordering.get(key) if key else None
+        counts: dict[str, int] = {}
+        for p in point.config.values():
+            counts[p] = counts.get(p, 0) + 1
+        quant = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
+        lines.append(
+            f"| {label} | {quant} | {point.deployed_metric:.6f} | "
+            f"{'yes' if point.within_budget else 'no'} | {ms:.3f} | {ms / base_ms:.3f}x | "
+            f"{(point.size_bytes or 0) / 1e6:.2f} | {run.evaluations if run else 0} | "
+            f"{run.seconds if run else 0:.1f} |")
+    lines += ["", f"Job chose **{res.chosen.label}** ({res.why}); latency reduction reported by the "
+              f"job {res.latency_reduction:.1%}. Latency gate (x fp32): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in res.latency_gate.items())
+              + f". Stage seconds: {res.stage_seconds}; job wall time {wall:.0f} s; "
+              f"{res.evaluations} simulated evaluations in all.", ""]
+    return res, lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", default="digits-cnn,minilm-l6")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("onnxruntime", "root", "onnxscript", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    store = Path(tempfile.mkdtemp(prefix="mp-bench-store-"))
+    header = [f"# Mixed precision on onnxruntime-cpu — {cpu_name()}, "
+              f"{dt.date.today().isoformat()}", "",
+              f"Command: `python benchmarks/mixed_precision.py --models {args.models}`; "
+              f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}.",
+              ""]
+    out = header
+    for name in args.models.split(","):
+        _, lines = run_model(name, store, args.rounds)
+        print("\n".join(lines), flush=True)
+        out += lines
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
