@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from app import errors
 from app.config import Settings, get_settings
 from app.deps import Services
-from app.routes import assets, health, jobs
+from app.routes import assets, dashboard, health, jobs
 from app.storage import open_store
 from workers.celery_app import create_celery
 
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(assets.router)
     app.include_router(jobs.router)
+    dashboard.install(app)
     return app
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
-JobKind = Literal["benchmark", "sensitivity", "mixed_precision"]
+JobKind = Literal["benchmark", "sensitivity", "mixed_precision", "loss_benchmark"]
 ZooModel = Literal["digits-cnn", "minilm-l6"]
 BuiltinDataset = Literal["digits-test", "digits-calib", "sentences"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -165,8 +165,29 @@ class MixedPrecisionSpec(_Strict):
         "it faster than fp32 (measured on this model first).")
 
 
+# ---- loss benchmark
+
+LossImpl = Literal["torch", "chunked", "triton", "cce_torch_compile", "cce_triton", "liger"]
+
+
+class LossBenchmarkSpec(_Strict):
+    """Time and peak memory of linear + cross-entropy: materialized logits vs fused kernels."""
+
+    kind: Literal["loss_benchmark"] = "loss_benchmark"
+    n: int = Field(default=2048, ge=1, le=131072, description="Tokens.")
+    d: int = Field(default=512, ge=1, le=16384, description="Hidden size.")
+    vocab_sizes: list[Annotated[int, Field(ge=2, le=1_048_576)]] = Field(
+        default=[32768, 131072], min_length=1, max_length=8)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    impls: list[LossImpl] | None = Field(
+        default=None, description="Default: torch, chunked, cce_torch_compile on CPU; adds "
+        "triton, cce_triton and liger on a GPU.")
+    device: Device = "auto"
+    repeats: int = Field(default=3, ge=1, le=100)
+
+
 # Every job spec model; each new kind joins this union (and JobKind) with its issue.
-AnySpec = BenchmarkSpec | SensitivitySpec | MixedPrecisionSpec
+AnySpec = BenchmarkSpec | SensitivitySpec | MixedPrecisionSpec | LossBenchmarkSpec
 JobSpec = Annotated[AnySpec, Field(discriminator="kind")]
 
 
@@ -295,7 +316,29 @@ class MixedPrecisionResult(BaseModel):
     environment: Environment
 
 
-JobResult = Annotated[BenchmarkResult | SensitivityResult | MixedPrecisionResult,
+class LossRow(BaseModel):
+    impl: str
+    n: int
+    d: int
+    v: int
+    dtype: str
+    device: str
+    time_ms: float | None
+    peak_extra_bytes: int | None
+    loss: float | None
+    error: str | None = None
+
+
+class LossBenchmarkResult(BaseModel):
+    kind: Literal["loss_benchmark"] = "loss_benchmark"
+    rows: list[LossRow]
+    table: str = Field(description="The rows as a Markdown table with ratios to `torch`.")
+    method: str
+    environment: Environment
+
+
+JobResult = Annotated[BenchmarkResult | SensitivityResult | MixedPrecisionResult
+                      | LossBenchmarkResult,
                       Field(discriminator="kind")]
 
 

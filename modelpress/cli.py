@@ -74,6 +74,8 @@ def format_result(job: Job) -> str:
     res = job.result
     if res is None:
         return f"job {job.id}: {job.state}" + (f" ({job.error.message})" if job.error else "")
+    if res.kind == "loss_benchmark":
+        return f"job {job.id} {job.state} — loss_benchmark\n{res.table}"
     lines = [f"job {job.id} {job.state} — {res.kind} of {res.model}"]
     if res.kind == "benchmark":
         env = res.environment

@@ -1,19 +1,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse
 
 from app import records
 from app.deps import ServicesDep
 from app.schemas import Health
 
 router = APIRouter(tags=["health"])
-
-
-@router.get("/", include_in_schema=False)
-async def root() -> RedirectResponse:
-    # The job dashboard takes this path when it lands; until then the API docs are the front page.
-    return RedirectResponse("/docs")
 
 
 @router.get("/healthz", response_model=Health)

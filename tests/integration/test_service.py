@@ -320,3 +320,15 @@ def test_hf_folder_and_dataset_uploads_run(stack: Stack, tmp_path: Path) -> None
                                                    dataset={"id": ds.id}))  # type: ignore[arg-type]
         failed = client.jobs.wait(too_big.id, timeout=60, raise_on_failure=False)
         assert failed.state == "failed" and failed.error and "fewer than batch_size" in failed.error.message
+
+
+def test_loss_benchmark_job_through_the_api(stack: Stack) -> None:
+    from app.schemas import LossBenchmarkResult, LossBenchmarkSpec
+
+    with stack.client() as client:
+        spec = LossBenchmarkSpec(n=128, d=32, vocab_sizes=[2048], repeats=1,
+                                 impls=["torch", "chunked"])
+        res = client.jobs.wait(client.jobs.create(spec).id, timeout=120).result
+        assert isinstance(res, LossBenchmarkResult)
+        assert [r.impl for r in res.rows] == ["torch", "chunked"]
+        assert all(r.error is None and r.peak_extra_bytes is not None for r in res.rows)

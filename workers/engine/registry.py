@@ -8,13 +8,14 @@ from typing import Any
 from pydantic import BaseModel
 
 from app.schemas import AnySpec
-from workers.engine import benchmark, mixed_precision
+from workers.engine import benchmark, loss_benchmark, mixed_precision
 from workers.engine.context import JobContext
 
 ENGINES: dict[str, Callable[[Any, JobContext], BaseModel]] = {
     "benchmark": benchmark.run,
     "sensitivity": mixed_precision.run_sensitivity,
     "mixed_precision": mixed_precision.run,
+    "loss_benchmark": loss_benchmark.run,
 }
 
 

@@ -27,7 +27,7 @@ def test_digits_cnn_benchmark(tmp_path: Path, shared_store: Path) -> None:
     assert res.parameters == sum(p.numel() for p in zoo.DigitsCNN().parameters())
     assert res.latency.repeats >= 20 and res.latency.min_ms <= res.latency.median_ms
     shares = sum(layer.share for layer in res.per_layer)
-    assert shares == pytest.approx(1.0, abs=1e-6)
+    assert shares == pytest.approx(1.0, abs=1e-3)  # each share is rounded to 4 decimals
     assert [s for s, _, _ in ctx.events][-1] == "done"
     saved = BenchmarkResult.model_validate_json((ctx.workdir / "artifacts" / "benchmark.json")
                                                 .read_bytes())
