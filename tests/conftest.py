@@ -8,6 +8,14 @@ stack cannot see each other's jobs.
 from __future__ import annotations
 
 import os
+
+import torch
+
+# Triton kernels run on the CPU through Triton's interpreter where there is no GPU. Set before
+# anything imports triton (kernel modules are imported lazily, inside tests).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -16,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import redis
-import torch
 
 from app.auth import create_key
 from app.config import Settings
