@@ -134,13 +134,8 @@ def make_stack(root: Path, redis_server: _stack.EmbeddedRedis, extra_env: dict[s
     return Stack(root=root, env=env, db=db)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: _stack.EmbeddedRedis,
-          shared_store: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
-    """API + one worker, shared by the tests of a module."""
-    s = make_stack(tmp_path_factory.mktemp("stack"), redis_server,
-                   {"MODELPRESS_STORE_URL": shared_store.as_uri(),
-                    "MODELPRESS_MAX_UPLOAD_BYTES": str(32 * 2**20)})
+def running(s: Stack) -> Iterator[Stack]:
+    """Start the API and one worker, wait until ready, and stop them afterwards."""
     s.start_api()
     s.start_worker()
     try:
@@ -150,3 +145,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: _stack.Embedde
         s.stop()
         if os.environ.get("MODELPRESS_TEST_LOGS"):
             print(s.dump_logs())
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: _stack.EmbeddedRedis,
+          shared_store: Path) -> Iterator[Stack]:
+    """API + one worker, shared by the tests of a module."""
+    yield from running(make_stack(tmp_path_factory.mktemp("stack"), redis_server,
+                                  {"MODELPRESS_STORE_URL": shared_store.as_uri(),
+                                   "MODELPRESS_MAX_UPLOAD_BYTES": str(32 * 2**20)}))

@@ -15,7 +15,7 @@ from moto.server import ThreadedMotoServer
 
 from app.schemas import BenchmarkSpec, ModelRef
 from modelpress import _stack
-from tests.conftest import Stack, make_stack
+from tests.conftest import Stack, make_stack, running
 from tests.helpers import export_tiny
 
 pytestmark = pytest.mark.slow
@@ -39,21 +39,14 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def s3_stack(tmp_path_factory: pytest.TempPathFactory, redis_server: _stack.EmbeddedRedis,
              s3_endpoint: str) -> Iterator[Stack]:
-    s = make_stack(tmp_path_factory.mktemp("s3stack"), redis_server, {
+    yield from running(make_stack(tmp_path_factory.mktemp("s3stack"), redis_server, {
         "MODELPRESS_STORE_URL": f"s3://{BUCKET}/prod",
         "MODELPRESS_S3_ENDPOINT": s3_endpoint,
         "MODELPRESS_S3_REGION": "us-east-1",
         "MODELPRESS_S3_ACCESS_KEY_ID": CREDS["aws_access_key_id"],
         "MODELPRESS_S3_SECRET_ACCESS_KEY": CREDS["aws_secret_access_key"],
         "MODELPRESS_S3_ALLOW_HTTP": "true",
-    })
-    s.start_api()
-    s.start_worker()
-    try:
-        s.wait_ready()
-        yield s
-    finally:
-        s.stop()
+    }))
 
 
 def test_artifact_round_trip_through_s3(s3_stack: Stack, s3_endpoint: str, tmp_path: Path) -> None:

@@ -126,34 +126,31 @@ class QuantTask:
                      if f.precision != "fp32")
         return "mp:" + memo_key(what, self.metric, cfg)
 
-    def evaluate(self, config: Mapping[str, LayerFormat]) -> float:
-        """The metric of ``config`` in simulation, memoized in the job (survives a retry)."""
-        key = self._memo("metric", config)
+    def _memoized(self, what: str, config: Mapping[str, LayerFormat],
+                   compute: Callable[[], float]) -> float:
+        """``compute()`` under ``config``, memoized in the job (so a retried job resumes)."""
+        key = self._memo(what, config)
         if self.ctx is not None:
             hit = self.ctx.memo_get(key)
             if hit is not None:
                 return float(hit)
             self.ctx.check_cancelled()
         with simulate(self.layers, config):
-            value = self.score(self.forward(self.eval_inputs))
+            value = compute()
         self.evaluations += 1
         if self.ctx is not None:
             self.ctx.memo_put(key, value)
         return value
 
+    def evaluate(self, config: Mapping[str, LayerFormat]) -> float:
+        """The metric of ``config`` in simulation, on the evaluation data."""
+        return self._memoized("metric", config,
+                              lambda: self.score(self.forward(self.eval_inputs)))
+
     def calib_loss(self, config: Mapping[str, LayerFormat]) -> float:
-        key = self._memo("loss", config)
-        if self.ctx is not None:
-            hit = self.ctx.memo_get(key)
-            if hit is not None:
-                return float(hit)
-            self.ctx.check_cancelled()
-        with simulate(self.layers, config):
-            value = float(self.loss(self.forward(self.calib_inputs)))
-        self.evaluations += 1
-        if self.ctx is not None:
-            self.ctx.memo_put(key, value)
-        return value
+        """The smooth loss of ``config`` in simulation, on the calibration data."""
+        return self._memoized("loss", config,
+                              lambda: float(self.loss(self.forward(self.calib_inputs))))
 
 
 def config_json(config: Mapping[str, LayerFormat]) -> dict[str, str]:
