@@ -136,20 +136,27 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     # configs; this keeps the search inside what the real kernels reward.
     ungated = {p: dict(f) for p, f in fmt_at.items()}
     ctx.progress("baseline", 0.045, "measuring which precisions the backend speeds up")
-    fp32_ms = statistics.median(ortb.Session(ortb.realize(exported, {}), threads).latency_ms(
-        example, spec.warmup, spec.repeats))
-    gate: dict[str, float] = {}
-    for prec in list(fmt_at):
+    groups: dict[str, dict[str, LayerFormat]] = {}
+    for prec in fmt_at:
         for op in sorted({exported.op_of[n] for n in fmt_at[prec]}):
-            group = {n: f for n, f in fmt_at[prec].items() if exported.op_of[n] == op}
-            ms = statistics.median(ortb.Session(ortb.realize(exported, group), threads).latency_ms(
-                example, spec.warmup, spec.repeats))
-            gate[f"{prec}:{op}"] = round(ms / fp32_ms, 4)
-            if ms >= fp32_ms and spec.latency_gate:
-                ctx.log.info("%s on %s layers measured %.3f ms vs fp32 %.3f ms: not offered",
-                             prec, op, ms, fp32_ms)
-                for n in group:
-                    del fmt_at[prec][n]
+            groups[f"{prec}:{op}"] = {n: f for n, f in fmt_at[prec].items()
+                                      if exported.op_of[n] == op}
+    gate_sessions = {k: ortb.Session(ortb.realize(exported, cfg), threads)
+                     for k, cfg in {"fp32": {}, **groups}.items()}
+    gate_ms = {k: statistics.median(v) for k, v in ortb.interleaved_latency(
+        gate_sessions, example, spec.warmup, spec.repeats).items()}
+    del gate_sessions
+    fp32_ms = gate_ms["fp32"]
+    gate: dict[str, float] = {}
+    for gkey, group in groups.items():
+        prec, op = gkey.split(":")
+        ms = gate_ms[gkey]
+        gate[gkey] = round(ms / fp32_ms, 4)
+        if ms >= fp32_ms and spec.latency_gate:
+            ctx.log.info("%s on %s layers measured %.3f ms vs fp32 %.3f ms: not offered",
+                         prec, op, ms, fp32_ms)
+            for n in group:
+                del fmt_at[prec][n]
     levels_used = [p for p in fmt_at if fmt_at[p]]
     stage_done("latency_gate")
 
@@ -213,22 +220,26 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
 
     points: dict[str, ConfigPoint] = {}
     deployed_models: dict[str, object] = {}
+    sessions: dict[str, ortb.Session] = {}
     for i, (key, (label, cfg)) in enumerate(candidates.items()):
-        ctx.progress("frontier", 0.55 + 0.4 * i / len(candidates),
-                     f"realizing and timing {i + 1}/{len(candidates)} on {ortb.NAME}")
+        ctx.progress("frontier", 0.55 + 0.3 * i / len(candidates),
+                     f"realizing and evaluating {i + 1}/{len(candidates)} on {ortb.NAME}")
         model = ortb.realize(exported, cfg)
-        sess = ortb.Session(model, threads)
-        lat = sess.latency_ms(example, spec.warmup, spec.repeats)
+        sess = sessions[key] = ortb.Session(model, threads)
         outs = torch.from_numpy(_run_batched(sess, task.eval_inputs, task.batch_size))
         deployed = task.score(outs)
         points[key] = ConfigPoint(
             label=label, config=config_json(cfg), simulated_metric=task.evaluate(cfg),
-            deployed_metric=deployed, latency_ms=statistics.median(lat),
-            latency_p90_ms=statistics.quantiles(lat, n=10)[-1] if len(lat) > 1 else lat[0],
+            deployed_metric=deployed, size_bytes=sess.size_bytes,
             # fp32 is the reference the budget is taken from; on the backend it differs from
             # torch only by float rounding, which must not put it "outside" a tight budget.
-            size_bytes=sess.size_bytes, within_budget=limit.ok(deployed) or not cfg)
+            within_budget=limit.ok(deployed) or not cfg)
         deployed_models[key] = model
+    ctx.progress("frontier", 0.86, f"timing {len(sessions)} configurations, interleaved")
+    for key, lat in ortb.interleaved_latency(sessions, example, spec.warmup, spec.repeats).items():
+        points[key].latency_ms = statistics.median(lat)
+        points[key].latency_p90_ms = statistics.quantiles(lat, n=10)[-1] if len(lat) > 1 else lat[0]
+    del sessions
     stage_done("frontier")
 
     _mark_pareto(list(points.values()), higher)

@@ -144,6 +144,21 @@ def realize(exported: Exported, config: Mapping[str, LayerFormat]) -> onnx.Model
     return model
 
 
+def interleaved_latency(sessions: Mapping[str, Session], inputs: Sequence[torch.Tensor],
+                        warmup: int, repeats: int, rounds: int = 5) -> dict[str, list[float]]:
+    """Time several sessions round-robin: ``rounds`` passes, each running every session
+    ``repeats / rounds`` times. On a machine whose load drifts (other jobs, other tenants),
+    drift then hits every configuration alike instead of whichever was timed last."""
+    for sess in sessions.values():
+        sess.latency_ms(inputs, warmup, 0)
+    per_round = max(1, -(-repeats // rounds))
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for key, sess in sessions.items():
+            samples[key] += sess.latency_ms(inputs, 0, per_round)
+    return samples
+
+
 def needs_reduce_range() -> bool:
     """True on x86 CPUs without VNNI, where ORT's u8s8 int8 GEMM can saturate (see formats)."""
     import platform
@@ -201,7 +216,7 @@ class Session:
             self.sess.run(None, feed)
         samples: list[float] = []
         start = time.perf_counter()
-        while len(samples) < repeats or time.perf_counter() - start < min_time_s:
+        while len(samples) < repeats or (samples and time.perf_counter() - start < min_time_s):
             t0 = time.perf_counter()
             self.sess.run(None, feed)
             samples.append((time.perf_counter() - t0) * 1e3)
