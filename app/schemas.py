@@ -326,6 +326,8 @@ class LossRow(BaseModel):
     time_ms: float | None
     peak_extra_bytes: int | None
     loss: float | None
+    max_abs_grad_diff: float | None = Field(
+        default=None, description="Against the materialized fp32 gradients on the same inputs.")
     error: str | None = None
 
 

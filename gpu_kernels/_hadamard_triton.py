@@ -1,7 +1,9 @@
-"""Triton FWHT: one program per row, the whole row in registers, log2(n) butterfly stages.
-Each stage pairs element i with i XOR h; reading the partner through a gather-free reshape is
-not expressible in Triton, so every stage goes through a small scratch row in global memory
-(L2-resident for the row sizes used: n <= 2^16)."""
+"""Triton FWHT: one program per row of up to MAX_ROW elements, the row in registers, log2(n)
+butterfly stages. A stage pairs element i with i XOR h; Triton cannot permute a register tensor
+by index, so each stage exchanges partners through the output row in global memory (it stays in
+L1/L2 at these sizes) with a barrier around it. Longer rows use H_ab = H_a ⊗ H_b: transform
+rows of b, transpose, transform rows of a, transpose back.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_ROW = 4096  # elements per program (16 KiB of fp32 registers)
+
 
 @triton.jit
-def _kernel(x_ptr: Any, y_ptr: Any, n: Any, scale: Any, LOG_N: tl.constexpr,
+def _kernel(x_ptr: Any, y_ptr: Any, n: Any, LOG_N: tl.constexpr,
             BLOCK: tl.constexpr) -> None:
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, BLOCK)
     mask = idx < n
     v = tl.load(x_ptr + row * n + idx, mask=mask, other=0.0).to(tl.float32)
@@ -25,19 +29,30 @@ def _kernel(x_ptr: Any, y_ptr: Any, n: Any, scale: Any, LOG_N: tl.constexpr,
         tl.store(y_ptr + row * n + idx, v, mask=mask)
         tl.debug_barrier()
         partner = tl.load(y_ptr + row * n + (idx ^ h), mask=mask, other=0.0)
+        tl.debug_barrier()  # every partner read before the next stage overwrites the row
         v = tl.where((idx & h) == 0, v + partner, partner - v)
-        tl.debug_barrier()
         h *= 2
-    tl.store(y_ptr + row * n + idx, v * scale, mask=mask)
+    tl.store(y_ptr + row * n + idx, v, mask=mask)
+
+
+def _rows(x2: torch.Tensor) -> torch.Tensor:
+    """Unnormalized FWHT of the rows of a contiguous fp32 (rows, n) tensor."""
+    rows, n = x2.shape
+    if n > MAX_ROW:
+        b = MAX_ROW
+        a = n // b
+        y = _rows(x2.reshape(rows * a, b)).reshape(rows, a, b)
+        y = _rows(y.transpose(1, 2).reshape(rows * b, a).contiguous())
+        return y.reshape(rows, b, a).transpose(1, 2).reshape(rows, n).contiguous()
+    y = torch.empty_like(x2)
+    if rows:
+        _kernel[(rows,)](x2, y, n, LOG_N=int(math.log2(n)), BLOCK=n)
+    return y
 
 
 def fwht(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     n = x.shape[-1]
-    if n & (n - 1):
-        raise ValueError(f"the last dimension ({n}) must be a power of two")
-    x2 = x.reshape(-1, n).contiguous().float()
-    y = torch.empty_like(x2)
-    log_n = int(math.log2(n))
-    _kernel[(x2.shape[0],)](x2, y, n, 1.0 / math.sqrt(n) if normalize else 1.0, LOG_N=log_n,
-                            BLOCK=triton.next_power_of_2(n))
+    y = _rows(x.reshape(-1, n).float().contiguous())
+    if normalize:
+        y.mul_(1.0 / math.sqrt(n))
     return y.reshape(x.shape).to(x.dtype)

@@ -63,7 +63,9 @@ def forward(x_seq: torch.Tensor, beta: float, thr: float, subtract: bool
     spikes = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     v = torch.empty_like(spikes)
     block = 256
-    _fwd[(triton.cdiv(m, block),)](x, spikes, v, t, m, beta, thr, SUBTRACT=subtract, BLOCK=block)
+    if m:
+        _fwd[(triton.cdiv(m, block),)](x, spikes, v, t, m, beta, thr, SUBTRACT=subtract,
+                                       BLOCK=block)
     return spikes.reshape(x_seq.shape), v.reshape(x_seq.shape)
 
 
@@ -74,6 +76,8 @@ def backward(grad: torch.Tensor, spikes: torch.Tensor, v: torch.Tensor, beta: fl
     m = g.shape[1]
     gx = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     block = 256
-    _bwd[(triton.cdiv(m, block),)](g, spikes.reshape(t, -1), v.reshape(t, -1), gx, t, m, beta,
-                                   thr, alpha, SUBTRACT=subtract, ATAN=atan, BLOCK=block)
+    if m:
+        _bwd[(triton.cdiv(m, block),)](g, spikes.reshape(t, -1), v.reshape(t, -1), gx, t, m,
+                                       beta, thr, alpha, SUBTRACT=subtract, ATAN=atan,
+                                       BLOCK=block)
     return gx.reshape(grad.shape)

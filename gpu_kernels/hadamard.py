@@ -1,46 +1,73 @@
-"""Fast Walsh-Hadamard transform over the last dimension (a power of two): O(n log n)
-butterflies instead of an n x n matrix product. Used by the Fastfood projection of the
-intrinsic-dimension job. ``normalize`` scales by 1/sqrt(n), making the transform orthonormal
-(and its own inverse)."""
+"""Fast Walsh-Hadamard transform over the last dimension (a power of two): log2(n) butterfly
+passes, O(n log n), instead of a product with the n x n Sylvester-Hadamard matrix. Used by the
+Fastfood projection of the intrinsic-dimension job. ``normalize`` scales by 1/sqrt(n), making
+the transform orthonormal and its own inverse. Both paths are differentiable (the transform is
+symmetric, so its backward is the transform of the gradient).
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any, Literal
 
 import torch
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The Sylvester Hadamard matrix (tests only: n x n memory)."""
+    """The Sylvester-Hadamard matrix, H[i, j] = (-1)^popcount(i & j) (tests: n x n memory)."""
+    _check(n)
     h = torch.ones(1, 1, dtype=dtype)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
 
 
-def fwht_reference(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """The butterfly in PyTorch: log2(n) passes of (a + b, a - b) on halves."""
-    n = x.shape[-1]
-    if n & (n - 1):
+def _check(n: int) -> None:
+    if n < 1 or n & (n - 1):
         raise ValueError(f"the last dimension ({n}) must be a power of two")
+
+
+def fwht_reference(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """The butterfly in PyTorch (the CPU path): pass h pairs x[i] with x[i + h] inside each
+    block of 2h as (a + b, a - b)."""
+    n = x.shape[-1]
+    _check(n)
     lead = x.shape[:-1]
     y = x.reshape(-1, n)
     h = 1
     while h < n:
         y = y.reshape(-1, n // (2 * h), 2, h)
-        a, b = y[:, :, 0, :], y[:, :, 1, :]
-        y = torch.stack([a + b, a - b], dim=2)
+        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2)
         h *= 2
     y = y.reshape(*lead, n)
     return y / math.sqrt(n) if normalize else y
 
 
-def fwht(x: torch.Tensor, normalize: bool = True, impl: str = "auto") -> torch.Tensor:
-    """FWHT of ``x (..., n)``; ``impl``: auto (Triton on CUDA), triton, torch."""
+class _FWHT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, normalize: bool) -> torch.Tensor:
+        from gpu_kernels import _hadamard_triton
+
+        ctx.normalize = normalize
+        return _hadamard_triton.fwht(x, normalize)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        from gpu_kernels import _hadamard_triton
+
+        return _hadamard_triton.fwht(grad, ctx.normalize), None
+
+
+def fwht(x: torch.Tensor, normalize: bool = True,
+         impl: Literal["auto", "triton", "torch"] = "auto") -> torch.Tensor:
+    """FWHT of ``x (..., n)``; ``impl``: auto (Triton on CUDA, else the butterfly in torch),
+    triton, torch."""
+    _check(x.shape[-1])
     if impl == "auto":
         impl = "triton" if x.is_cuda else "torch"
     if impl == "torch":
         return fwht_reference(x, normalize)
-    from gpu_kernels import _hadamard_triton
-
-    return _hadamard_triton.fwht(x, normalize)
+    if impl != "triton":
+        raise ValueError(f"unknown implementation {impl!r}")
+    out: torch.Tensor = _FWHT.apply(x, normalize)
+    return out

@@ -6,7 +6,8 @@
 
 Backward uses a surrogate for dH/dv (``atan``: alpha / 2 / (1 + (pi/2 * alpha * x)^2), or
 ``sigmoid``: alpha * sig(alpha x) (1 - sig(alpha x))) and, as is usual, treats the reset as
-detached. ``x_seq`` is (T, ...); returns spikes of the same shape.
+detached. ``x_seq`` is (T, ...); returns spikes of the same shape. The decay is given either
+as ``beta`` or as a time constant ``tau`` (beta = exp(-1/tau), one step = one time unit).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class _Spike(torch.autograd.Function):
 def lif_reference(x_seq: torch.Tensor, beta: float = 0.9, threshold: float = 1.0,
                   reset: Reset = "subtract", surrogate: Surrogate = "atan", alpha: float = 2.0
                   ) -> torch.Tensor:
+    """The CPU path: a Python loop over T; autograd goes through the surrogate spike."""
     u = torch.zeros_like(x_seq[0])
     out = []
     for x in x_seq:
@@ -62,6 +64,7 @@ class _LIF(torch.autograd.Function):
         spikes, v = _lif_triton.forward(x_seq, beta, threshold, reset == "subtract")
         ctx.save_for_backward(spikes, v)
         ctx.cfg = (beta, threshold, reset, surrogate, alpha)
+        ctx.x_dtype = x_seq.dtype
         return spikes.to(x_seq.dtype)
 
     @staticmethod
@@ -72,16 +75,27 @@ class _LIF(torch.autograd.Function):
         beta, threshold, reset, surrogate, alpha = ctx.cfg
         gx = _lif_triton.backward(grad, spikes, v, beta, threshold, reset == "subtract",
                                   surrogate == "atan", alpha)
-        return gx.to(grad.dtype), None, None, None, None, None
+        return gx.to(ctx.x_dtype), None, None, None, None, None
 
 
 def lif(x_seq: torch.Tensor, beta: float = 0.9, threshold: float = 1.0,
         reset: Reset = "subtract", surrogate: Surrogate = "atan", alpha: float = 2.0,
-        impl: str = "auto") -> torch.Tensor:
-    """Spikes (T, ...) of LIF neurons driven by ``x_seq`` (T, ...); differentiable."""
+        impl: Literal["auto", "triton", "torch"] = "auto", *, tau: float | None = None
+        ) -> torch.Tensor:
+    """Spikes (T, ...) of LIF neurons driven by ``x_seq`` (T, ...), zero initial membrane;
+    differentiable through the surrogate. ``impl``: auto (Triton on CUDA, else the reference
+    loop over T), triton, torch."""
+    if tau is not None:
+        if tau <= 0:
+            raise ValueError("tau must be positive")
+        beta = math.exp(-1.0 / tau)
+    if reset not in ("subtract", "zero") or surrogate not in ("atan", "sigmoid"):
+        raise ValueError(f"unknown reset {reset!r} or surrogate {surrogate!r}")
     if impl == "auto":
         impl = "triton" if x_seq.is_cuda else "torch"
     if impl == "torch":
         return lif_reference(x_seq, beta, threshold, reset, surrogate, alpha)
+    if impl != "triton":
+        raise ValueError(f"unknown implementation {impl!r}")
     out: torch.Tensor = _LIF.apply(x_seq, beta, threshold, reset, surrogate, alpha)
     return out

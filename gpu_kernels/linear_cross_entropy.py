@@ -1,12 +1,15 @@
 """Cross-entropy of a linear classifier head without materializing the N x V logits
-(after "Cut Your Losses in Large-Vocabulary Language Models", 2024).
+(the Cut Cross-Entropy method of "Cut Your Losses in Large-Vocabulary Language Models", 2024).
 
     loss_i = logsumexp_v(softcap(e_i . c_v)) - softcap(e_i . c_{t_i})
 
-Forward: the correct-token logit by an indexed dot product; the log-sum-exp by a blockwise matmul
-with an online (running max, running sum) reduction. Backward: the logit blocks are recomputed,
-turned into softmax gradients, and blocks whose softmax values are all below ``filter_eps`` are
-skipped (gradient filtering): their contribution is below the precision of the result.
+Forward: the correct-token logit by an indexed dot product (N x D, never N x V); the
+log-sum-exp by a blockwise matmul with an online (running max, running sum) reduction.
+Backward: logit blocks are recomputed and turned into softmax gradients; a block whose softmax
+values are all below ``filter_eps`` and that holds no target is skipped (gradient filtering:
+its contribution is below the precision of the result). Optionally the vocabulary is visited in
+order of decreasing mean logit (``sort_vocab``), which gathers the non-negligible entries into
+few blocks so that more blocks are skipped.
 
 Three implementations of one function:
 - ``torch``: the reference, materializing the logits (``F.cross_entropy(e @ c.T)``).
@@ -16,6 +19,7 @@ Three implementations of one function:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -25,18 +29,40 @@ Reduction = Literal["mean", "sum", "none"]
 Impl = Literal["auto", "torch", "chunked", "triton"]
 
 
+@dataclass
+class FilterStats:
+    """Filled by the backward of the chunked and Triton paths when passed as ``stats``."""
+
+    blocks: int = 0  # (row block, vocabulary block) pairs visited
+    skipped: int = 0  # of which skipped by gradient filtering
+
+
+@dataclass(frozen=True)
+class _Config:
+    ignore_index: int
+    softcap: float | None
+    reduction: Reduction
+    impl: Literal["chunked", "triton"]
+    chunk_rows: int
+    vocab_block: int
+    filter_eps: float
+    sort_vocab: bool
+    stats: FilterStats | None
+
+
 def _softcap(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
 def default_filter_eps(dtype: torch.dtype) -> float:
-    """Softmax values under the result dtype's resolution: 2^-12 for 16-bit (as in the paper),
-    none for fp32 (exact gradients)."""
-    return 2.0**-12 if dtype in (torch.bfloat16, torch.float16) else 0.0
+    """The paper's (and its package's) threshold: the dtype's machine epsilon / 32, i.e. 2^-12
+    for bf16, 2^-15 for fp16, 2^-28 for fp32."""
+    return float(torch.finfo(dtype).eps) / 32
 
 
 def reference(e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
               softcap: float | None = None, reduction: Reduction = "mean") -> torch.Tensor:
+    """Materialized logits: N x V memory (the baseline)."""
     logits = _softcap((e @ c.T).float(), softcap)
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
 
@@ -45,109 +71,156 @@ def _reduce(loss: torch.Tensor, valid: torch.Tensor, reduction: Reduction) -> to
     if reduction == "none":
         return loss
     total = loss.sum()
-    if reduction == "sum":
-        return total
-    return total / valid.sum().clamp(min=1)
+    return total if reduction == "sum" else total / valid.sum().clamp(min=1)
 
 
 def _grad_rows(grad_out: torch.Tensor, valid: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     """d(result)/d(loss_i) per row, zero on ignored rows."""
-    n = valid.shape[0]
-    if reduction == "none":
-        g = grad_out.float()
-    elif reduction == "sum":
-        g = grad_out.float().expand(n)
-    else:
-        g = (grad_out.float() / valid.sum().clamp(min=1)).expand(n)
+    g = grad_out.float()
+    if reduction == "mean":
+        g = g / valid.sum().clamp(min=1)
+    g = g.expand(valid.shape[0])
     return torch.where(valid, g, torch.zeros_like(g))
 
 
-def _correct_logit(e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+def _correct_logit(e: torch.Tensor, c: torch.Tensor, safe_targets: torch.Tensor,
                    softcap: float | None) -> torch.Tensor:
-    safe = torch.where(valid, targets, torch.zeros_like(targets))
-    dot = (e.float() * c[safe].float()).sum(-1)  # indexed dot: N x D, never N x V
+    dot = (e.float() * c[safe_targets].float()).sum(-1)  # indexed dot product, N x D
     return _softcap(dot, softcap)
 
 
 # ---------------------------------------------------------------- chunked PyTorch path
 
-def _chunked_lse(e: torch.Tensor, c: torch.Tensor, softcap: float | None, rows: int,
-                 vblock: int) -> torch.Tensor:
-    n = e.shape[0]
+def _chunked_lse(e: torch.Tensor, c: torch.Tensor, cfg: _Config, colsum: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """Log-sum-exp per row; with ``colsum``, also the per-vocabulary sum of logits (for
+    sorting). Peak extra memory: one chunk_rows x vocab_block block and a temporary."""
+    n, v = e.shape[0], c.shape[0]
     lse = torch.empty(n, dtype=torch.float32, device=e.device)
-    cf = c.float()
-    for r0 in range(0, n, rows):
-        er = e[r0:r0 + rows].float()
-        acc = torch.full((er.shape[0],), float("-inf"), device=e.device)
-        for v0 in range(0, c.shape[0], vblock):
-            z = _softcap(er @ cf[v0:v0 + vblock].T, softcap)
-            # online reduction: combine this block's log-sum-exp with the running one
-            acc = torch.logaddexp(acc, torch.logsumexp(z, dim=1))
-        lse[r0:r0 + rows] = acc
+    for r0 in range(0, n, cfg.chunk_rows):
+        er = e[r0:r0 + cfg.chunk_rows].float()
+        m = torch.full((er.shape[0],), float("-inf"), device=e.device)
+        s = torch.zeros(er.shape[0], device=e.device)
+        for v0 in range(0, v, cfg.vocab_block):
+            z = er @ c[v0:v0 + cfg.vocab_block].float().T
+            if cfg.softcap is not None:
+                z.div_(cfg.softcap).tanh_().mul_(cfg.softcap)
+            if colsum is not None:
+                colsum[v0:v0 + z.shape[1]] += z.sum(0)
+            # online softmax: rescale the running sum to the new running max
+            m_new = torch.maximum(m, z.amax(1))
+            s = s * torch.exp(m - m_new) + z.sub_(m_new[:, None]).exp_().sum(1)
+            m = m_new
+        lse[r0:r0 + cfg.chunk_rows] = m + s.log()
     return lse
 
 
-def _chunked_backward(e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor,
-                      lse: torch.Tensor, g: torch.Tensor, softcap: float | None, rows: int,
-                      vblock: int, filter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_e = torch.zeros(e.shape, dtype=torch.float32, device=e.device)
-    grad_c = torch.zeros(c.shape, dtype=torch.float32, device=c.device)
-    cf = c.float()
-    for r0 in range(0, e.shape[0], rows):
-        er, tr = e[r0:r0 + rows].float(), targets[r0:r0 + rows]
-        gr, lr = g[r0:r0 + rows], lse[r0:r0 + rows]
+def _chunked_backward(e: torch.Tensor, c: torch.Tensor, pos: torch.Tensor, lse: torch.Tensor,
+                      g: torch.Tensor, order: torch.Tensor | None, cfg: _Config,
+                      need_e: bool, need_c: bool
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients by recomputed blocks. ``pos``: each row's target position in visiting order
+    (-1 for ignored rows); ``order``: the visiting order of the vocabulary (None: identity)."""
+    n, v = e.shape[0], c.shape[0]
+    grad_e = torch.zeros(e.shape, dtype=torch.float32, device=e.device) if need_e else None
+    grad_c = torch.zeros(c.shape, dtype=torch.float32, device=c.device) if need_c else None
+    eps = cfg.filter_eps
+    for r0 in range(0, n, cfg.chunk_rows):
+        gr = g[r0:r0 + cfg.chunk_rows]
         if not bool((gr != 0).any()):
-            continue
-        for v0 in range(0, c.shape[0], vblock):
-            cb = cf[v0:v0 + vblock]
-            z = _softcap(er @ cb.T, softcap)
-            d = z.sub_(lr[:, None]).exp_() if softcap is None else torch.exp(z - lr[:, None])
-            hit = (tr >= v0) & (tr < v0 + cb.shape[0])
-            if filter_eps > 0 and not bool(hit.any()) and float(d.max()) < filter_eps:
-                continue  # every softmax value here is below the result's precision
-            rows_hit = hit.nonzero().squeeze(1)
-            d[rows_hit, tr[rows_hit] - v0] -= 1.0
-            d.mul_(gr[:, None])
-            if softcap is not None:
-                d.mul_(1.0 - (z / softcap) ** 2)
-            grad_e[r0:r0 + rows].addmm_(d, cb)
-            grad_c[v0:v0 + vblock].addmm_(d.T, er)
+            continue  # every row ignored
+        er, pr, lr = e[r0:r0 + cfg.chunk_rows].float(), pos[r0:r0 + cfg.chunk_rows], \
+            lse[r0:r0 + cfg.chunk_rows, None]
+        er_g = er * gr[:, None]  # d(result)/d(loss_i) folded into the rows: grad_c = dᵀ (g e)
+        ge = torch.zeros_like(er) if need_e else None
+        for v0 in range(0, v, cfg.vocab_block):
+            idx = None if order is None else order[v0:v0 + cfg.vocab_block]
+            cb = (c[v0:v0 + cfg.vocab_block] if idx is None else c.index_select(0, idx)).float()
+            z = er @ cb.T
+            dcap = None
+            if cfg.softcap is not None:
+                z.div_(cfg.softcap).tanh_()
+                dcap = 1.0 - z * z  # d softcap(x) / dx = 1 - tanh²
+                z.mul_(cfg.softcap)
+            p = z.sub_(lr).exp_()  # softmax block, in place of the logits
+            hit = ((pr >= v0) & (pr < v0 + cb.shape[0])).nonzero().squeeze(1)
+            if cfg.stats is not None:
+                cfg.stats.blocks += 1
+            if eps > 0 and hit.numel() == 0 and float(p.max()) < eps:
+                if cfg.stats is not None:
+                    cfg.stats.skipped += 1
+                continue
+            p[hit, pr[hit] - v0] -= 1.0  # softmax - one_hot(target)
+            if dcap is not None:
+                p.mul_(dcap)
+            if ge is not None:
+                ge.addmm_(p, cb)
+            if grad_c is not None:
+                if idx is None:
+                    grad_c[v0:v0 + cb.shape[0]].addmm_(p.T, er_g)
+                else:
+                    grad_c.index_add_(0, idx, p.T @ er_g)
+        if grad_e is not None and ge is not None:
+            grad_e[r0:r0 + cfg.chunk_rows] = ge.mul_(gr[:, None])
     return grad_e, grad_c
+
+
+# ---------------------------------------------------------------- autograd
+
+def _lse(e: torch.Tensor, c: torch.Tensor, cfg: _Config, colsum: torch.Tensor | None
+         ) -> torch.Tensor:
+    if cfg.impl == "triton":
+        from gpu_kernels import _lce_triton
+
+        return _lce_triton.lse_forward(e, c, cfg.softcap, colsum)
+    return _chunked_lse(e, c, cfg, colsum)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor,
-                ignore_index: int, softcap: float | None, reduction: Reduction, impl: str,
-                rows: int, vblock: int, filter_eps: float) -> torch.Tensor:
-        valid = targets != ignore_index
-        if impl == "triton":
-            from gpu_kernels import _lce_triton
-
-            lse = _lce_triton.lse_forward(e, c, softcap)
-        else:
-            lse = _chunked_lse(e, c, softcap, rows, vblock)
-        loss = torch.where(valid, lse - _correct_logit(e, c, targets, valid, softcap),
+                cfg: _Config) -> torch.Tensor:
+        valid = targets != cfg.ignore_index
+        safe = torch.where(valid, targets, torch.zeros_like(targets))
+        # the mean logit per vocabulary entry orders the backward's blocks; only worth its
+        # pass when a backward will filter
+        sort = cfg.sort_vocab and cfg.filter_eps > 0 and any(ctx.needs_input_grad[:2])
+        colsum = torch.zeros(c.shape[0], dtype=torch.float32, device=c.device) if sort else None
+        lse = _lse(e, c, cfg, colsum)
+        loss = torch.where(valid, lse - _correct_logit(e, c, safe, cfg.softcap),
                            torch.zeros_like(lse))
-        ctx.save_for_backward(e, c, targets, lse, valid)
-        ctx.cfg = (softcap, reduction, impl, rows, vblock, filter_eps, ignore_index)
-        return _reduce(loss, valid, reduction)
+        ctx.save_for_backward(e, c, targets, lse, valid, *(() if colsum is None else (colsum,)))
+        ctx.cfg = cfg
+        return _reduce(loss, valid, cfg.reduction)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        e, c, targets, lse, valid = ctx.saved_tensors
-        softcap, reduction, impl, rows, vblock, filter_eps, _ = ctx.cfg
-        g = _grad_rows(grad_out, valid, reduction)
-        safe = torch.where(valid, targets, torch.full_like(targets, -1))
-        if impl == "triton":
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        e, c, targets, lse, valid, *rest = ctx.saved_tensors
+        cfg: _Config = ctx.cfg
+        need_e, need_c = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+        g = _grad_rows(grad_out, valid, cfg.reduction)
+        order = torch.argsort(rest[0], descending=True) if rest else None
+        grad_e: torch.Tensor | None
+        grad_c: torch.Tensor | None
+        if cfg.impl == "triton":
             from gpu_kernels import _lce_triton
 
-            grad_e, grad_c = _lce_triton.backward(e, c, safe, lse, g, softcap, filter_eps)
+            tgt = torch.where(valid, targets, torch.full_like(targets, -1))
+            grad_e, grad_c = _lce_triton.backward(e, c, tgt, lse, g, cfg.softcap, cfg.filter_eps,
+                                                  order, cfg.stats)
+            grad_e = grad_e if need_e else None
+            grad_c = grad_c if need_c else None
         else:
-            grad_e, grad_c = _chunked_backward(e, c, safe, lse, g, softcap, rows, vblock,
-                                               filter_eps)
-        return (grad_e.to(e.dtype), grad_c.to(c.dtype), None, None, None, None, None, None,
-                None, None)
+            if order is None:
+                pos = targets
+            else:  # position of each target in the visiting order
+                inv = torch.empty_like(order)
+                inv[order] = torch.arange(order.shape[0], device=order.device)
+                pos = inv[torch.where(valid, targets, torch.zeros_like(targets))]
+            pos = torch.where(valid, pos, torch.full_like(pos, -1))
+            grad_e, grad_c = _chunked_backward(e, c, pos, lse, g, order, cfg, need_e, need_c)
+        return (None if grad_e is None else grad_e.to(e.dtype),
+                None if grad_c is None else grad_c.to(c.dtype), None, None)
 
 
 def linear_cross_entropy(
@@ -158,31 +231,42 @@ def linear_cross_entropy(
     softcap: float | None = None,
     reduction: Reduction = "mean",
     impl: Impl = "auto",
-    chunk_rows: int = 1024,
-    vocab_block: int = 4096,
+    *,
     filter_eps: float | None = None,
+    sort_vocab: bool = False,
+    chunk_rows: int = 2048,
+    vocab_block: int = 2048,
+    stats: FilterStats | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``embeddings (N, D) @ classifier (V, D).T`` against ``targets (N,)``.
 
-    Works in fp32 / bf16 / fp16 (accumulation in fp32), with autograd for both inputs.
-    ``impl="auto"``: Triton on CUDA, the chunked path elsewhere. Leading dimensions of
-    ``embeddings`` and ``targets`` are flattened.
+    fp32 / bf16 / fp16 inputs, accumulation in fp32, autograd for both inputs; leading
+    dimensions of ``embeddings`` and ``targets`` are flattened (``reduction="none"`` returns
+    ``targets``' shape, 0 on ignored positions). ``impl="auto"``: Triton on CUDA, the chunked
+    path elsewhere. ``filter_eps``: gradient-filtering threshold (None: the dtype's eps / 32;
+    0 disables filtering). ``chunk_rows`` / ``vocab_block``: the chunked path's block (its
+    extra memory is a few such fp32 blocks).
     """
-    if embeddings.shape[-1] != classifier.shape[-1]:
-        raise ValueError(f"embeddings have D={embeddings.shape[-1]} but the classifier has "
-                         f"D={classifier.shape[-1]}")
+    if embeddings.shape[-1] != classifier.shape[-1] or classifier.dim() != 2:
+        raise ValueError(f"embeddings (..., {embeddings.shape[-1]}) do not match the classifier "
+                         f"{tuple(classifier.shape)} (want (V, D))")
     e = embeddings.reshape(-1, embeddings.shape[-1])
     t = targets.reshape(-1)
     if t.shape[0] != e.shape[0]:
         raise ValueError(f"{e.shape[0]} embeddings but {t.shape[0]} targets")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}")
     if impl == "auto":
         impl = "triton" if e.is_cuda else "chunked"
     if impl == "torch":
         out = reference(e, classifier, t, ignore_index, softcap, reduction)
+    elif impl in ("chunked", "triton"):
+        if chunk_rows < 1 or vocab_block < 1:
+            raise ValueError("chunk_rows and vocab_block must be positive")
+        eps = default_filter_eps(e.dtype) if filter_eps is None else float(filter_eps)
+        cfg = _Config(ignore_index, softcap, reduction, impl, chunk_rows, vocab_block, eps,
+                      sort_vocab, stats)
+        out = _LinearCrossEntropy.apply(e, classifier, t, cfg)
     else:
-        eps = default_filter_eps(e.dtype) if filter_eps is None else filter_eps
-        out = _LinearCrossEntropy.apply(e, classifier, t, ignore_index, softcap, reduction, impl,
-                                        chunk_rows, vocab_block, eps)
-    if reduction == "none":
-        return out.reshape(targets.shape)
-    return out
+        raise ValueError(f"unknown implementation {impl!r}")
+    return out.reshape(targets.shape) if reduction == "none" else out

@@ -1,29 +1,40 @@
-"""Measuring the linear cross-entropy implementations: time and peak extra memory of one
-forward + backward, each case in a fresh process so allocations of one cannot hide in another.
+"""Measuring linear + cross-entropy implementations: time and peak extra memory of one forward
++ backward, each case in a fresh Python process so that one case's allocations (or allocator
+caches, or a compile) cannot hide in another's. Used by ``benchmarks/loss_memory.py`` and the
+``loss_benchmark`` job (``workers/engine/loss_benchmark.py``).
 
-Memory: on the CPU, the process's resident set sampled every millisecond during the timed run,
-minus its value just before (glibc is told to mmap every allocation over 64 KiB, so freed
-tensors leave the resident set at once); on CUDA, ``max_memory_allocated`` above the inputs.
-Used by ``benchmarks/loss_memory.py`` and the ``loss_benchmark`` job.
+Memory, CPU: the kernel's resident-set high-water mark of the process (VmHWM, reset through
+/proc/self/clear_refs just before the step) minus the resident set just before it; glibc is told
+to mmap every allocation over 64 KiB (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident
+set at once and the count is of live memory. Where clear_refs is unavailable, the resident set
+is sampled every millisecond instead. CUDA: ``max_memory_allocated`` above the allocation before
+the step. Either way the figure includes the gradients themselves (N x D + V x D).
+Time: median over ``repeats`` forward + backward runs after one warm-up run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 
+OURS = ["torch", "chunked", "triton"]
 PEERS_CPU = ["torch", "chunked", "cce_torch_compile"]
 PEERS_GPU = ["torch", "triton", "chunked", "cce_triton", "cce_torch_compile", "liger"]
+ALL_IMPLS = [*OURS, "cce_triton", "cce_torch_compile", "liger"]
+
+Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -34,131 +45,230 @@ class Row:
     v: int
     dtype: str
     device: str
-    time_ms: float | None
-    peak_extra_bytes: int | None
-    loss: float | None
+    time_ms: float | None = None
+    peak_extra_bytes: int | None = None
+    loss: float | None = None
+    max_abs_grad_diff: float | None = None  # vs the materialized fp32 reference, same inputs
     error: str | None = None
 
 
-def _loss_fn(impl: str) -> Callable[..., torch.Tensor]:
+def loss_fn(impl: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The mean cross-entropy of ``e @ c.T`` by one implementation (ours or a peer's)."""
     from gpu_kernels.linear_cross_entropy import linear_cross_entropy
 
     if impl in ("torch", "chunked", "triton"):
         return lambda e, c, t: linear_cross_entropy(e, c, t, impl=impl)  # type: ignore[arg-type]
-    if impl.startswith("cce_"):
+    if impl in ("cce_triton", "cce_torch_compile"):
         from cut_cross_entropy import linear_cross_entropy as cce
 
-        which = impl.removeprefix("cce_")
-        return lambda e, c, t: cce(e, c, t, impl=which)
+        which = "cce" if impl == "cce_triton" else "torch_compile"
+        return lambda e, c, t: cce(e, c, t, impl=which)  # type: ignore[no-any-return]
     if impl == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         lce = LigerFusedLinearCrossEntropyLoss()
-        return lambda e, c, t: lce(c, e, t)
-    raise ValueError(f"unknown implementation {impl!r}")
+        return lambda e, c, t: lce(c, e, t)  # type: ignore[no-any-return]
+    raise ValueError(f"unknown implementation {impl!r}; known: {', '.join(ALL_IMPLS)}")
 
 
-class _RssPeak:
+def materialized_bytes(impl: str, n: int, v: int) -> int:
+    """Rough peak of the implementations that hold N x V fp32 buffers (logits, log-softmax and
+    its gradient for eager PyTorch; fewer for the compiled graph); 0 for the fused ones."""
+    per = {"torch": 3, "cce_torch_compile": 2}.get(impl, 0)
+    return per * n * v * 4
+
+
+def available_bytes(device: str) -> int:
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+# ---------------------------------------------------------------- peak memory (CPU)
+
+_HWM = re.compile(r"VmHWM:\s+(\d+) kB")
+
+
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class PeakRss:
+    """Peak resident set above its value at ``__enter__``, in bytes (see the module doc)."""
+
     def __init__(self) -> None:
-        import psutil
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-        self.proc = psutil.Process()
-        self.stop = threading.Event()
-        self.base = self.peak = self.proc.memory_info().rss
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS to now
+            return True
+        except OSError:
+            return False
 
-    def __enter__(self) -> _RssPeak:
-        self.base = self.peak = self.proc.memory_info().rss
+    def __enter__(self) -> PeakRss:
+        self.base = self.peak = _rss()
+        if not self._reset_hwm():
+            def sample() -> None:
+                while not self._stop.wait(0.001):
+                    self.peak = max(self.peak, _rss())
 
-        def sample() -> None:
-            while not self.stop.wait(0.001):
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss())
+        else:
+            m = _HWM.search(Path("/proc/self/status").read_text())
+            self.peak = int(m.group(1)) * 1024 if m else _rss()
+
+    @property
+    def extra(self) -> int:
+        return max(0, self.peak - self.base)
 
 
-def run_case(impl: str, n: int, d: int, v: int, dtype: str, device: str, repeats: int) -> Row:
-    """One case, in this process (call it through :func:`measure` to get a fresh process)."""
-    torch.manual_seed(0)
+# ---------------------------------------------------------------- one case
+
+def make_inputs(n: int, d: int, v: int, dtype: str, device: str, seed: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings ~ N(0, 0.5²), classifier ~ N(0, 0.02²) (a trained head's scale), uniform
+    targets; deterministic in ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
     dt = getattr(torch, dtype)
-    dev = torch.device(device)
-    e = (torch.randn(n, d, device=dev) * 0.5).to(dt).requires_grad_(True)
-    c = (torch.randn(v, d, device=dev) * 0.02).to(dt).requires_grad_(True)
-    t = torch.randint(0, v, (n,), device=dev)
-    fn = _loss_fn(impl)
+    e = (torch.randn(n, d, generator=gen) * 0.5).to(device=device, dtype=dt)
+    c = (torch.randn(v, d, generator=gen) * 0.02).to(device=device, dtype=dt)
+    t = torch.randint(0, v, (n,), generator=gen).to(device)
+    return e.requires_grad_(True), c.requires_grad_(True), t
+
+
+def run_case(impl: str, n: int, d: int, v: int, dtype: str = "float32", device: str = "cpu",
+             repeats: int = 3, check_grads: bool = True) -> Row:
+    """One case in this process (:func:`measure_case` runs it in a fresh one)."""
+    e, c, t = make_inputs(n, d, v, dtype, device)
+    fn = loss_fn(impl)
+    cuda = device == "cuda"
 
     def step() -> float:
         e.grad = c.grad = None
         loss = fn(e, c, t)
         loss.backward()
-        if dev.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         return float(loss)
 
-    loss = step()  # warm-up (compiles where the implementation compiles)
+    step()  # warm-up: compiles where the implementation compiles, loads libraries
     e.grad = c.grad = None
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with _RssPeak() as mem:
-            step()
-        peak = mem.peak - mem.base
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return Row(impl, n, d, v, dtype, device, statistics.median(times), int(peak), loss)
+    for i in range(repeats):
+        if i == 0:  # memory of the first timed run (the measuring costs no time)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            with PeakRss() as rss:
+                t0 = time.perf_counter()
+                loss = step()
+                times.append(time.perf_counter() - t0)
+            peak = torch.cuda.max_memory_allocated() - base if cuda else rss.extra
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    row = Row(impl, n, d, v, dtype, device, round(statistics.median(times) * 1e3, 3), int(peak),
+              loss)
+    need = materialized_bytes("torch", n, v)
+    if check_grads and impl != "torch" and need < 0.5 * available_bytes(device):
+        assert e.grad is not None and c.grad is not None
+        ge, gc = e.grad, c.grad
+        e.grad = c.grad = None
+        loss_fn("torch")(e, c, t).backward()
+        assert e.grad is not None and c.grad is not None
+        row.max_abs_grad_diff = float(max((ge.float() - e.grad.float()).abs().max(),
+                                          (gc.float() - c.grad.float()).abs().max()))
+    return row
 
 
-def measure(impl: str, n: int, d: int, v: int, dtype: str = "float32", device: str = "cpu",
-            repeats: int = 3, timeout_s: float = 1800) -> Row:
-    """Run one case in a fresh Python process; failures come back as a row with ``error``."""
+def measure_case(impl: str, n: int, d: int, v: int, dtype: str = "float32", device: str = "cpu",
+                 repeats: int = 3, check_grads: bool = True, timeout_s: float = 1800) -> Row:
+    """Run one case in a fresh Python process. A case whose materialized buffers would not fit
+    in the free memory is not run; failures come back as a row with ``error``."""
+    need = materialized_bytes(impl, n, v)
+    free = available_bytes(device)
+    if need > 0.8 * free:
+        return Row(impl, n, d, v, dtype, device, error=(
+            f"not run: needs ~{need / 2**30:.1f} GiB for N x V buffers, "
+            f"{free / 2**30:.1f} GiB free"))
+    args = json.dumps([impl, n, d, v, dtype, device, repeats, check_grads])
     code = ("import json, sys; from dataclasses import asdict; "
             "from gpu_kernels.loss_bench import run_case; "
-            f"print('ROW' + json.dumps(asdict(run_case({impl!r}, {n}, {d}, {v}, {dtype!r}, "
-            f"{device!r}, {repeats}))))")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore"}
+            "print('ROW' + json.dumps(asdict(run_case(*json.loads(sys.argv[1])))))")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env=env, timeout=timeout_s)
+        out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True,
+                             env=env, timeout=timeout_s, cwd=root)
     except subprocess.TimeoutExpired:
-        return Row(impl, n, d, v, dtype, device, None, None, None, error=f"over {timeout_s} s")
+        return Row(impl, n, d, v, dtype, device, error=f"over the {timeout_s:.0f} s time limit")
     for line in out.stdout.splitlines():
         if line.startswith("ROW"):
             return Row(**json.loads(line[3:]))
-    err = (out.stderr.strip().splitlines() or ["no output"])[-1]
-    return Row(impl, n, d, v, dtype, device, None, None, None, error=err[:300])
+    lines = out.stderr.strip().splitlines() or [f"exit status {out.returncode}, no output"]
+    if out.returncode < 0:
+        lines.append(f"killed by signal {-out.returncode}")
+    return Row(impl, n, d, v, dtype, device, error=lines[-1][:300])
 
 
-def table(rows: list[Row]) -> list[str]:
-    """Markdown: each row with its ratios to the materialized baseline of the same size."""
+def measure_all(n: int, d: int, vocab_sizes: Sequence[int], dtype: str, impls: Sequence[str],
+                repeats: int, device: str = "cpu", check_grads: bool = True,
+                on_progress: Progress | None = None) -> list[Row]:
+    """Every (vocabulary size, implementation) case, in that order."""
+    for impl in impls:
+        if impl not in ALL_IMPLS:
+            raise ValueError(f"unknown implementation {impl!r}; known: {', '.join(ALL_IMPLS)}")
+    cases = [(v, impl) for v in vocab_sizes for impl in impls]
+    rows = []
+    for i, (v, impl) in enumerate(cases):
+        if on_progress is not None:
+            on_progress(i / len(cases), f"{impl} at V={v} ({i + 1}/{len(cases)})")
+        rows.append(measure_case(impl, n, d, v, dtype, device, repeats, check_grads))
+    if on_progress is not None:
+        on_progress(1.0, f"{len(cases)} cases measured")
+    return rows
+
+
+def table(rows: Sequence[Row]) -> list[str]:
+    """Markdown lines: each row with its time and memory relative to the materialized
+    baseline (``torch``) of the same size."""
     base = {(r.n, r.d, r.v, r.dtype): r for r in rows if r.impl == "torch" and r.error is None}
-    lines = ["| impl | N | D | V | dtype | fwd+bwd ms | x torch | peak extra MB | x torch | "
-             "loss |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| impl | N | D | V | dtype | fwd+bwd ms | x torch | peak extra MiB | x torch | "
+             "loss | max abs grad diff |", "|" + " --- |" * 11]
     for r in rows:
-        b = base.get((r.n, r.d, r.v, r.dtype))
-        if r.error:
-            lines.append(f"| {r.impl} | {r.n} | {r.d} | {r.v} | {r.dtype} | failed: {r.error} "
-                         "| | | | |")
+        head = f"| {r.impl} | {r.n} | {r.d} | {r.v} | {r.dtype} |"
+        if r.error or r.time_ms is None or r.peak_extra_bytes is None or r.loss is None:
+            lines.append(f"{head} {r.error or 'no result'} | | | | | |")
             continue
-        assert r.time_ms is not None and r.peak_extra_bytes is not None and r.loss is not None
-        tx = f"{r.time_ms / b.time_ms:.2f}" if b and b.time_ms else ""
-        mx = (f"{r.peak_extra_bytes / b.peak_extra_bytes:.3f}"
-              if b and b.peak_extra_bytes else "")
-        lines.append(f"| {r.impl} | {r.n} | {r.d} | {r.v} | {r.dtype} | {r.time_ms:.1f} | {tx} | "
-                     f"{r.peak_extra_bytes / 2**20:.1f} | {mx} | {r.loss:.5f} |")
+        b = base.get((r.n, r.d, r.v, r.dtype))
+        tx = f"{r.time_ms / b.time_ms:.2f}" if b and b.time_ms else "-"
+        mx = f"{r.peak_extra_bytes / b.peak_extra_bytes:.3f}" if b and b.peak_extra_bytes else "-"
+        gd = "-" if r.max_abs_grad_diff is None else f"{r.max_abs_grad_diff:.1e}"
+        lines.append(f"{head} {r.time_ms:.0f} | {tx} | {r.peak_extra_bytes / 2**20:.1f} | {mx} | "
+                     f"{r.loss:.5f} | {gd} |")
     return lines
 
 
-def rows_json(rows: list[Row]) -> list[dict[str, Any]]:
+def row_dicts(rows: Sequence[Row]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
+
+
+ROW_FIELDS = [f.name for f in fields(Row)]

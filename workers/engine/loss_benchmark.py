@@ -1,50 +1,71 @@
-"""The ``loss_benchmark`` job: linear + cross-entropy, materialized logits vs fused kernels."""
+"""The ``loss_benchmark`` job: memory and time of linear + cross-entropy, materialized logits vs
+fused implementations. :func:`measure` is the plain library function; :func:`run` is the job
+engine around it. The measuring itself lives in :mod:`gpu_kernels.loss_bench` (shared with
+``benchmarks/loss_memory.py``)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
-import psutil
-import torch
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from app.schemas import LossBenchmarkResult, LossBenchmarkSpec, LossRow
-from gpu_kernels.loss_bench import PEERS_CPU, PEERS_GPU, measure, table
+from gpu_kernels import loss_bench
 from workers.engine import env
 from workers.engine.context import JobContext, UserError
+
+METHOD = ("each case in a fresh process; time: median of `repeats` forward + backward runs after "
+          "one warm-up; peak extra memory: CPU, the kernel's resident-set high-water mark "
+          "(VmHWM, reset via /proc/self/clear_refs) above the resident set before the run, "
+          "glibc mmap threshold 64 KiB; CUDA, max_memory_allocated above the allocation before "
+          "the run; both include the gradients; max abs grad diff: against the materialized "
+          "fp32 reference on the same inputs, where it fits in memory")
+
+
+def measure(n: int, d: int, vocab_sizes: Sequence[int], dtype: str = "float32",
+            impls: Sequence[str] | None = None, repeats: int = 3,
+            on_progress: Callable[[float, str], None] | None = None, device: str = "cpu",
+            check_grads: bool = True) -> list[dict[str, Any]]:
+    """Time and peak extra memory of ``mean CE(e @ c.T, t)`` forward + backward for every
+    (vocabulary size, implementation), ``e (n, d)``, ``c (V, d)``.
+
+    ``impls``: any of ``loss_bench.ALL_IMPLS`` (default: torch, chunked, cce_torch_compile on
+    the CPU; adds triton, cce_triton, liger on CUDA). Returns one dict per case with the keys
+    of ``loss_bench.ROW_FIELDS``: impl, n, d, v, dtype, device, time_ms (median), peak_extra_bytes,
+    loss, max_abs_grad_diff (None for ``torch`` and where the reference does not fit), error
+    (None, or why the case has no figures: not run for lack of memory, a peer that failed to
+    import or run, a timeout). ``on_progress(fraction, message)`` is called before each case.
+    """
+    if impls is None:
+        impls = loss_bench.PEERS_GPU if device == "cuda" else loss_bench.PEERS_CPU
+    rows = loss_bench.measure_all(n, d, vocab_sizes, dtype, impls, repeats, device, check_grads,
+                                  on_progress)
+    return loss_bench.row_dicts(rows)
 
 
 def run(spec: LossBenchmarkSpec, ctx: JobContext) -> LossBenchmarkResult:
     device = env.resolve_device(spec.device)
-    impls = list(spec.impls or (PEERS_GPU if device.type == "cuda" else PEERS_CPU))
+    impls = list(spec.impls or (loss_bench.PEERS_GPU if device.type == "cuda"
+                                else loss_bench.PEERS_CPU))
     if "triton" in impls and device.type != "cuda":
         raise UserError("impl 'triton' needs a CUDA worker (set device 'cuda'); on the CPU the "
                         "chunked path is the fused implementation")
-    if "torch" in impls:
-        need = 2 * spec.n * max(spec.vocab_sizes) * 4  # logits and their gradient, fp32
-        have = (torch.cuda.mem_get_info()[0] if device.type == "cuda"
-                else psutil.virtual_memory().available)
-        if need > 0.8 * have:
-            raise UserError(f"the materialized baseline needs ~{need / 2**30:.1f} GiB for N x V "
-                            f"logits and their gradient, {have / 2**30:.1f} GiB are free: use "
-                            "smaller sizes or drop 'torch' from impls")
-    rows: list[LossRow] = []
-    cases = [(v, impl) for v in spec.vocab_sizes for impl in impls]
-    for i, (v, impl) in enumerate(cases):
-        ctx.progress("measure", i / len(cases), f"{impl} at V={v} ({i + 1}/{len(cases)})")
-        row = measure(impl, spec.n, spec.d, v, spec.dtype, device.type, spec.repeats)
-        ctx.log.info("%s V=%d: %s ms, peak extra %s B%s", impl, v, row.time_ms,
-                     row.peak_extra_bytes, f" ({row.error})" if row.error else "")
-        rows.append(LossRow(**asdict(row)))
-    from gpu_kernels.loss_bench import Row
+    need = max(loss_bench.materialized_bytes(i, spec.n, v) for i in impls for v in spec.vocab_sizes)
+    free = loss_bench.available_bytes(device.type)
+    if need > 0.8 * free:
+        raise UserError(f"the materialized baseline needs ~{need / 2**30:.1f} GiB for N x V "
+                        f"buffers, {free / 2**30:.1f} GiB are free: use smaller sizes or drop "
+                        "'torch' (and 'cce_torch_compile') from impls")
 
-    md = "\n".join(table([Row(**r.model_dump()) for r in rows]))
-    result = LossBenchmarkResult(
-        rows=rows, table=md,
-        method=("each case in a fresh process; median of the timed forward + backward runs "
-                "after one warm-up; peak extra memory = resident-set high-water mark above the "
-                "inputs (CPU, sampled every 1 ms, glibc mmap threshold 64 KiB) or "
-                "max_memory_allocated above the inputs (CUDA)"),
-        environment=env.environment(device))
+    def progress(fraction: float, message: str) -> None:
+        ctx.progress("measure", fraction, message)
+
+    rows = measure(spec.n, spec.d, spec.vocab_sizes, spec.dtype, impls, spec.repeats, progress,
+                   device.type)
+    for r in rows:
+        ctx.log.info("%s V=%d: %s ms, peak extra %s B%s", r["impl"], r["v"], r["time_ms"],
+                     r["peak_extra_bytes"], f" ({r['error']})" if r["error"] else "")
+    md = "\n".join(loss_bench.table([loss_bench.Row(**r) for r in rows]))
     ctx.save_artifact("loss_table.md", (md + "\n").encode(), "text/markdown")
     ctx.progress("done", 1.0, f"{len(rows)} cases measured")
-    return result
+    return LossBenchmarkResult(rows=[LossRow(**r) for r in rows], table=md, method=METHOD,
+                               environment=env.environment(device))
