@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
-JobKind = Literal["benchmark", "sensitivity", "mixed_precision", "loss_benchmark"]
+JobKind = Literal["benchmark", "sensitivity", "mixed_precision", "loss_benchmark",
+                  "intrinsic_dimension"]
 ZooModel = Literal["digits-cnn", "minilm-l6"]
 BuiltinDataset = Literal["digits-test", "digits-calib", "sentences"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -186,8 +187,37 @@ class LossBenchmarkSpec(_Strict):
     repeats: int = Field(default=3, ge=1, le=100)
 
 
+# ---- intrinsic dimension
+
+
+class IntrinsicDimensionSpec(_Strict):
+    """Train in random subspaces of growing dimension d; find d_int90 (Li et al., 2018)."""
+
+    kind: Literal["intrinsic_dimension"] = "intrinsic_dimension"
+    model: Literal["digits-mlp", "digits-cnn"] = Field(
+        default="digits-mlp", description="Architecture trained from its seeded random init.")
+    projection: Literal["dense", "sparse", "fastfood"] = "fastfood"
+    search: Literal["bisection", "grid"] = Field(
+        default="bisection", description="Galloping + bisection over the grid, or the full grid.")
+    grid: list[Annotated[int, Field(ge=1, le=10_000_000)]] | None = Field(
+        default=None, max_length=1000, description="Candidate d values, ascending; default "
+        "10, 20, ..., 100, 150, ..., 1000, 1250, ..., 3000.")
+    threshold: float = Field(default=0.9, gt=0, le=1, description="Fraction of full accuracy.")
+    seeds: list[int] = Field(default=[0], min_length=1, max_length=8,
+                             description="One search per seed (theta0 and projection).")
+    epochs: int = Field(default=20, ge=1, le=1000)
+    lr: float = Field(default=0.01, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ascending(self) -> IntrinsicDimensionSpec:
+        if self.grid is not None and self.grid != sorted(set(self.grid)):
+            raise ValueError("grid must be strictly ascending")
+        return self
+
+
 # Every job spec model; each new kind joins this union (and JobKind) with its issue.
-AnySpec = BenchmarkSpec | SensitivitySpec | MixedPrecisionSpec | LossBenchmarkSpec
+AnySpec = (BenchmarkSpec | SensitivitySpec | MixedPrecisionSpec | LossBenchmarkSpec
+           | IntrinsicDimensionSpec)
 JobSpec = Annotated[AnySpec, Field(discriminator="kind")]
 
 
@@ -339,8 +369,34 @@ class LossBenchmarkResult(BaseModel):
     environment: Environment
 
 
+class CurvePoint(BaseModel):
+    d: int
+    seed: int
+    accuracy: float
+
+
+class IntrinsicDimensionResult(BaseModel):
+    kind: Literal["intrinsic_dimension"] = "intrinsic_dimension"
+    model: str
+    projection: str
+    parameters: int = Field(description="D, the native parameter count.")
+    full_accuracy: float
+    target: float
+    d_int90: int | None = Field(description="Median over seeds of the smallest passing d.")
+    d_int90_per_seed: list[int | None]
+    curve: list[CurvePoint]
+    training_runs: int
+    rebuilt_accuracy: float | None = Field(
+        default=None, description="Accuracy of the model rebuilt from the artifact (seed 0).")
+    compression_ratio: float | None = Field(
+        default=None, description="fp32 bytes of the full model / bytes of the artifact.")
+    seconds: float
+    method: str
+    environment: Environment
+
+
 JobResult = Annotated[BenchmarkResult | SensitivityResult | MixedPrecisionResult
-                      | LossBenchmarkResult,
+                      | LossBenchmarkResult | IntrinsicDimensionResult,
                       Field(discriminator="kind")]
 
 

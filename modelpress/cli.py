@@ -76,6 +76,13 @@ def format_result(job: Job) -> str:
         return f"job {job.id}: {job.state}" + (f" ({job.error.message})" if job.error else "")
     if res.kind == "loss_benchmark":
         return f"job {job.id} {job.state} — loss_benchmark\n{res.table}"
+    if res.kind == "intrinsic_dimension":
+        return (f"job {job.id} {job.state} — intrinsic_dimension of {res.model} "
+                f"({res.projection})\n  full accuracy {res.full_accuracy:.4f}, target "
+                f"{res.target:.4f}\n  d_int90 {res.d_int90} of D {res.parameters:,} "
+                f"(per seed {res.d_int90_per_seed}), {res.training_runs} training runs\n"
+                f"  rebuilt from the artifact: accuracy {res.rebuilt_accuracy}, compression "
+                f"{res.compression_ratio and round(res.compression_ratio)}x")
     lines = [f"job {job.id} {job.state} — {res.kind} of {res.model}"]
     if res.kind == "benchmark":
         env = res.environment

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parents[1]
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 router = APIRouter(include_in_schema=False)
 
-KINDS = ["mixed_precision", "sensitivity", "benchmark", "loss_benchmark"]
+KINDS = ["mixed_precision", "sensitivity", "benchmark", "loss_benchmark", "intrinsic_dimension"]
 STATES = ["queued", "running", "succeeded", "failed", "cancelled"]
 ZOO = ["digits-cnn", "minilm-l6"]
 BUILTIN_DATA = ["digits-test", "digits-calib", "sentences"]
@@ -109,6 +109,8 @@ def _summary(job: Job) -> str:
         return f"median {res.latency.median_ms:.3f} ms"
     if res.kind == "sensitivity":
         return f"{len(res.layers)} layers scored"
+    if res.kind == "intrinsic_dimension":
+        return f"d_int90 {res.d_int90} of D {res.parameters:,}"
     return f"{len(res.rows)} cases"
 
 
@@ -148,7 +150,7 @@ async def submit(
             spec: dict[str, Any] = json.loads(spec_json)
         else:
             spec = {"kind": kind}
-            if kind != "loss_benchmark":
+            if kind not in ("loss_benchmark", "intrinsic_dimension"):
                 spec["model"] = ({"zoo": model[4:]} if model.startswith("zoo:") else {"id": model})
                 if dataset:
                     spec["dataset"] = ({"builtin": dataset[8:]} if dataset.startswith("builtin:")

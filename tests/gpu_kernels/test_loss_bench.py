@@ -39,7 +39,10 @@ def test_cases_in_fresh_processes() -> None:
 
 
 def test_a_failing_peer_is_a_row_not_an_exception() -> None:
-    row = measure_case("liger", 64, 16, 256, repeats=1)  # needs liger-kernel (and a GPU)
+    # cut-cross-entropy's Triton kernel needs a CUDA driver; without one its case fails.
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    row = measure_case("cce_triton", 64, 16, 256, repeats=1)
     assert row.time_ms is None and row.error
     with pytest.raises(ValueError, match="unknown implementation"):
         loss_bench.measure_all(8, 8, [16], "float32", ["nope"], 1)

@@ -10,12 +10,14 @@ from pydantic import BaseModel
 from app.schemas import AnySpec
 from workers.engine import benchmark, loss_benchmark, mixed_precision
 from workers.engine.context import JobContext
+from workers.engine.intrinsic import job as intrinsic_job
 
 ENGINES: dict[str, Callable[[Any, JobContext], BaseModel]] = {
     "benchmark": benchmark.run,
     "sensitivity": mixed_precision.run_sensitivity,
     "mixed_precision": mixed_precision.run,
     "loss_benchmark": loss_benchmark.run,
+    "intrinsic_dimension": intrinsic_job.run,
 }
 
 

@@ -1,0 +1,86 @@
+"""Intrinsic dimension on digits: d_int90 and training runs, galloping bisection vs the paper's
+grid sweep (same grid, same seed); and the time of one projection step, dense vs Fastfood, as
+D grows (Fastfood ~ D log d, dense ~ D d).
+
+    python benchmarks/intrinsic_dimension.py [--models digits-mlp,digits-cnn] [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.schemas import IntrinsicDimensionSpec
+from workers.engine.context import LocalContext
+from workers.engine.intrinsic import job
+from workers.engine.intrinsic.projections import make
+
+
+def projection_times(d: int = 1000) -> list[str]:
+    lines = [f"| D | dense ms (d={d}) | Fastfood ms (d={d}) | dense / Fastfood |",
+             "| --- | --- | --- | --- |"]
+    x = torch.randn(d)
+    for D in (10_000, 40_000, 160_000, 640_000):
+        row = []
+        for kind in ("dense", "fastfood"):
+            if kind == "dense" and D * d * 4 > 3 * 2**30:
+                row.append(float("nan"))
+                continue
+            p = make(kind, D, d, 0)  # type: ignore[arg-type]
+            p(x)
+            ts = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                p(x)
+                ts.append((time.perf_counter() - t0) * 1e3)
+            row.append(statistics.median(ts))
+        lines.append(f"| {D:,} | {row[0]:.2f} | {row[1]:.2f} | {row[0] / row[1]:.1f} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", default="digits-mlp,digits-cnn")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--grid-models", default="digits-mlp",
+                    help="Models also run with the full grid sweep (it costs every grid value).")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    out = [f"# Intrinsic dimension on digits — {dt.date.today().isoformat()}, "
+           f"{torch.get_num_threads()} CPU threads", "",
+           f"Command: `python benchmarks/intrinsic_dimension.py --models {args.models} "
+           f"--epochs {args.epochs} --grid-models {args.grid_models}`. Fastfood projection, "
+           "seed 0, default grid "
+           f"({len(job.DEFAULT_GRID)} values from 10 to 3000).", "",
+           "| model | D | full acc | target | search | d_int90 | D / d_int90 | runs | rebuilt acc | "
+           "compression | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for model in args.models.split(","):
+        for how in ("bisection", "grid") if model in args.grid_models.split(",") else ("bisection",):
+            with tempfile.TemporaryDirectory() as tmp:
+                res = job.run(IntrinsicDimensionSpec(model=model, search=how,  # type: ignore[arg-type]
+                                                     epochs=args.epochs), LocalContext(Path(tmp)))
+            ratio = f"{res.parameters / res.d_int90:.0f}x" if res.d_int90 else "-"
+            line = (f"| {model} | {res.parameters:,} | {res.full_accuracy:.4f} | {res.target:.4f} | "
+                    f"{how} | {res.d_int90} | {ratio} | {res.training_runs} | "
+                    f"{res.rebuilt_accuracy} | {res.compression_ratio and round(res.compression_ratio)}x | "
+                    f"{res.seconds:.0f} |")
+            print(line, flush=True)
+            out.append(line)
+    out += ["", "Projection step (one P x), median of 5:", "", *projection_times(), ""]
+    print("\n".join(out[-8:]))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Projections, the d_int90 search and the artifact, each against something exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.schemas import IntrinsicDimensionSpec
+from workers.engine import datasets
+from workers.engine.context import LocalContext
+from workers.engine.intrinsic import job
+from workers.engine.intrinsic.projections import Fastfood, make
+from workers.engine.intrinsic.search import gallop_bisect, grid_sweep
+from workers.engine.intrinsic.subspace import (
+    Artifact,
+    flatten,
+    init_params,
+    rebuild,
+    train_subspace,
+    unflatten,
+)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "fastfood"])
+def test_projections_preserve_norms_in_expectation(kind: str) -> None:
+    proj = make(kind, 3000, 64, seed=5)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randn(300, 64, generator=gen)
+    xs = xs / xs.norm(dim=1, keepdim=True)
+    mean_sq = float(torch.stack([proj(x).norm() ** 2 for x in xs]).mean())
+    assert mean_sq == pytest.approx(1.0, abs=0.05)
+    assert proj(torch.zeros(64)).abs().max() == 0
+
+
+def test_fastfood_equals_its_dense_equivalent() -> None:
+    for D, d, seed in [(40, 10, 3), (100, 16, 1), (7, 5, 2)]:
+        f = Fastfood(D, d, seed)
+        dense = f.dense()
+        assert dense.shape == (D, d)
+        x = torch.randn(d, generator=torch.Generator().manual_seed(seed))
+        assert torch.allclose(f(x), dense @ x, atol=1e-5)
+
+
+def test_search_finds_the_grid_boundary_with_fewer_runs() -> None:
+    grid = list(range(10, 2010, 10))
+    for boundary in (10, 15, 330, 1990, 5000):
+        def run(d: int, b: int = boundary) -> float:
+            return 1.0 if d >= b else 0.0
+
+        fast, full = gallop_bisect(run, grid, 0.5), grid_sweep(run, grid, 0.5)
+        assert fast.d_int == full.d_int
+        assert len(fast.runs) <= 2 * 8 + 2 < len(full.runs)
+
+
+def test_artifact_rebuilds_the_trained_model_bit_for_bit() -> None:
+    tr, te = datasets.digits("train"), datasets.digits("test")
+    assert tr.labels is not None and te.labels is not None
+    for kind in ("fastfood", "dense", "sparse"):
+        r = train_subspace(job.digits_mlp, 24, kind, (tr.inputs["x"][:256], tr.labels[:256]),  # type: ignore[arg-type]
+                           (te.inputs["x"], te.labels), 1, 0.05, theta0_seed=3,
+                           projection_seed=4)
+        _, theta0 = init_params(job.digits_mlp, 3)
+        D = flatten(theta0).numel()
+        art = Artifact("digits-mlp", 3, kind, 4, D, 24, Artifact.pack(r.d_vector))  # type: ignore[arg-type]
+        back = Artifact(**{**art.__dict__})
+        assert torch.equal(back.values, r.d_vector)
+        rebuilt = rebuild(back, job.digits_mlp)
+        expected = unflatten(flatten(theta0) + make(kind, D, 24, 4)(r.d_vector), theta0)  # type: ignore[arg-type]
+        for name, p in rebuilt.named_parameters():
+            assert torch.equal(p, expected[name]), name
+        assert art.stored_bytes() * 100 < 4 * D
+
+
+def test_job_on_a_small_grid(tmp_path: Path) -> None:
+    ctx = LocalContext(tmp_path)
+    res = job.run(IntrinsicDimensionSpec(grid=[5, 50, 400, 2000], epochs=3, seeds=[0]), ctx)
+    assert res.parameters == 55_210 and res.full_accuracy > 0.8  # 64-200-200-10
+    assert res.d_int90 in (None, 5, 50, 400, 2000)
+    if res.d_int90 is not None:
+        passing = [c for c in res.curve if c.d == res.d_int90]
+        assert passing[0].accuracy >= res.target
+        assert res.rebuilt_accuracy == pytest.approx(passing[0].accuracy, abs=1e-9)
+        assert (ctx.workdir / "artifacts" / "intrinsic.json").exists()
