@@ -332,3 +332,33 @@ def test_loss_benchmark_job_through_the_api(stack: Stack) -> None:
         assert isinstance(res, LossBenchmarkResult)
         assert [r.impl for r in res.rows] == ["torch", "chunked"]
         assert all(r.error is None and r.peak_extra_bytes is not None for r in res.rows)
+
+
+def test_intrinsic_dimension_job_through_the_api(stack: Stack, tmp_path: Path) -> None:
+    import json as _json
+
+    import torch as _torch
+
+    from app.schemas import IntrinsicDimensionResult, IntrinsicDimensionSpec
+    from workers.engine import datasets
+    from workers.engine.intrinsic import job as id_job
+    from workers.engine.intrinsic.subspace import Artifact, evaluate, rebuild
+
+    with stack.client() as client:
+        j = client.jobs.create(IntrinsicDimensionSpec(grid=[20, 400, 3000], epochs=3))
+        done = client.jobs.wait(j.id, timeout=300)
+        res = done.result
+        assert isinstance(res, IntrinsicDimensionResult)
+        assert res.parameters == 55_210 and res.training_runs >= 1
+        if res.d_int90 is None:
+            return
+        assert res.d_int90 < res.parameters / 10
+        art = Artifact(**_json.loads(client.jobs.download(j.id, "intrinsic.json",
+                                                          tmp_path).read_bytes()))
+    # The downloaded artifact alone rebuilds a model with the reported accuracy.
+    te = datasets.digits("test")
+    assert te.labels is not None
+    model = rebuild(art, id_job.digits_mlp)
+    with _torch.no_grad():
+        acc = evaluate(model, None, te.inputs["x"], te.labels)
+    assert acc == pytest.approx(res.rebuilt_accuracy, abs=1e-9) and acc >= res.target
