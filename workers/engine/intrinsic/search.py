@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from workers.engine.bisect import first_true
+
 
 @dataclass
 class SearchResult:
@@ -39,12 +41,6 @@ def gallop_bisect(run: Callable[[int], float], grid: Sequence[int], target: floa
         if i == len(grid) - 1:
             return res  # nothing on the grid reaches the target
         prev, i, step = i, min(i + step, len(grid) - 1), step * 2
-    lo, hi = prev, i
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid
+    hi = first_true(ok, prev, i)
     res.d_int = grid[hi]
     return res

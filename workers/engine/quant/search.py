@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from workers.engine.bisect import first_true
 from workers.engine.quant.formats import LayerFormat
 from workers.engine.quant.task import Config, Threshold
 
@@ -37,14 +38,7 @@ def bisect_boundary(ok: Callable[[int], bool], n: int) -> int:
     """Largest k in [0, n] with ok(k), given ok(0) and monotone ok (true then false)."""
     if ok(n):
         return n
-    lo, hi = 0, n  # ok(lo) holds, ok(hi) does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return first_true(lambda k: not ok(k), 0, n) - 1  # ok(0) holds, ok(n) does not
 
 
 def bisection_search(evaluate: Callable[[Mapping[str, LayerFormat]], float], limit: Threshold,
