@@ -59,13 +59,13 @@ def run(spec: LossBenchmarkSpec, ctx: JobContext) -> LossBenchmarkResult:
     def progress(fraction: float, message: str) -> None:
         ctx.progress("measure", fraction, message)
 
-    rows = measure(spec.n, spec.d, spec.vocab_sizes, spec.dtype, impls, spec.repeats, progress,
-                   device.type)
+    rows = loss_bench.measure_all(spec.n, spec.d, spec.vocab_sizes, spec.dtype, impls,
+                                  spec.repeats, device.type, on_progress=progress)
     for r in rows:
-        ctx.log.info("%s V=%d: %s ms, peak extra %s B%s", r["impl"], r["v"], r["time_ms"],
-                     r["peak_extra_bytes"], f" ({r['error']})" if r["error"] else "")
-    md = "\n".join(loss_bench.table([loss_bench.Row(**r) for r in rows]))
+        ctx.log.info("%s V=%d: %s ms, peak extra %s B%s", r.impl, r.v, r.time_ms,
+                     r.peak_extra_bytes, f" ({r.error})" if r.error else "")
+    md = "\n".join(loss_bench.table(rows))
     ctx.save_artifact("loss_table.md", (md + "\n").encode(), "text/markdown")
     ctx.progress("done", 1.0, f"{len(rows)} cases measured")
-    return LossBenchmarkResult(rows=[LossRow(**r) for r in rows], table=md, method=METHOD,
-                               environment=env.environment(device))
+    return LossBenchmarkResult(rows=[LossRow(**d) for d in loss_bench.row_dicts(rows)], table=md,
+                               method=METHOD, environment=env.environment(device))

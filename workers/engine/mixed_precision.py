@@ -14,6 +14,8 @@ import statistics
 import time
 from collections.abc import Mapping
 
+import numpy as np
+import onnx
 import torch
 
 from app.schemas import (
@@ -22,6 +24,7 @@ from app.schemas import (
     MixedPrecisionResult,
     MixedPrecisionSpec,
     SearchRun,
+    SensitivityOptions,
     SensitivityResult,
     SensitivitySpec,
 )
@@ -43,11 +46,8 @@ def _to_schema(scores: list[qsens.LayerScore]) -> list[LayerSensitivity]:
 
 
 def _sensitivity(task: QuantTask, names: list[str], fmt_of: Mapping[str, LayerFormat],
-                 opts: object, ctx: JobContext, lo: float, hi: float
+                 opts: SensitivityOptions, ctx: JobContext, lo: float, hi: float
                  ) -> tuple[list[qsens.LayerScore], dict[str, float] | None]:
-    from app.schemas import SensitivityOptions
-
-    assert isinstance(opts, SensitivityOptions)
     span = hi - lo
     scores = qsens.hessian_terms(
         task, names, fmt_of, opts.probes, opts.calibration_samples, opts.seed,
@@ -207,19 +207,17 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     add("fp32", {})
     for o in outcomes:
         add(f"search:{o.ordering}", o.config)
-    uniform: dict[str, Config] = {}
-    for prec, fmts in ungated.items():  # the naive baseline: every layer the backend can take
-        if not fmts:
-            continue
-        uniform[prec] = dict(fmts)
-        if "uniform" in spec.baselines:
-            add(f"uniform:{prec}", uniform[prec])
+    # The naive baseline: every layer the backend can take, gate or no gate.
+    uniform: dict[str, Config] = ({p: dict(f) for p, f in ungated.items() if f}
+                                  if "uniform" in spec.baselines else {})
+    for prec, cfg in uniform.items():
+        add(f"uniform:{prec}", cfg)
     ours = outcomes[0]
     for cfg in qsearch.sweep(levels_for("augmented"), ours.boundaries, spec.frontier_points):
         add("sweep:augmented", cfg)
 
     points: dict[str, ConfigPoint] = {}
-    deployed_models: dict[str, object] = {}
+    deployed_models: dict[str, onnx.ModelProto] = {}
     sessions: dict[str, ortb.Session] = {}
     for i, (key, (label, cfg)) in enumerate(candidates.items()):
         ctx.progress("frontier", 0.55 + 0.3 * i / len(candidates),
@@ -245,17 +243,15 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     _mark_pareto(list(points.values()), higher)
     base_key = config_key({})
     baseline = points[base_key]
+    # fp32 is always inside the budget (see within_budget above), so `inside` is never empty.
     inside = [(k, p) for k, p in points.items() if p.within_budget]
-    if inside:
-        # Latencies within 3% of the fastest are a tie on a shared machine: among those, keep
-        # the best metric (then the smallest model) instead of chasing timer noise.
-        fastest = min(p.latency_ms or 0.0 for _, p in inside)
-        ties = [(k, p) for k, p in inside if (p.latency_ms or 0.0) <= fastest * (1 + TIE)]
-        sign = 1.0 if higher else -1.0
-        chosen_key, chosen = min(ties, key=lambda kp: (-sign * (kp[1].deployed_metric or 0.0),
-                                                       kp[1].size_bytes or 0))
-    else:
-        chosen_key, chosen = base_key, baseline
+    # Latencies within 3% of the fastest are a tie on a shared machine: among those, keep the
+    # best metric (then the smallest model) instead of chasing timer noise.
+    fastest = min(p.latency_ms or 0.0 for _, p in inside)
+    ties = [(k, p) for k, p in inside if (p.latency_ms or 0.0) <= fastest * (1 + TIE)]
+    sign = 1.0 if higher else -1.0
+    chosen_key, chosen = min(ties, key=lambda kp: (-sign * (kp[1].deployed_metric or 0.0),
+                                                   kp[1].size_bytes or 0))
     why = _explain(chosen, baseline, limit.value, task.metric, len(inside), len(points))
     assert baseline.latency_ms and chosen.latency_ms
     reduction = 1.0 - chosen.latency_ms / baseline.latency_ms
@@ -265,10 +261,9 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
                           result=points[config_key(o.config)], evaluations=o.evaluations,
                           seconds=round(o.seconds, 3)) for o in outcomes]
     for prec, cfg in uniform.items():
-        if "uniform" in spec.baselines:
-            searches.append(SearchRun(ordering=f"uniform:{prec}", order=list(cfg),
-                                      boundaries={prec: len(cfg)}, result=points[config_key(cfg)],
-                                      evaluations=1, seconds=0.0))
+        searches.append(SearchRun(ordering=f"uniform:{prec}", order=list(cfg),
+                                  boundaries={prec: len(cfg)}, result=points[config_key(cfg)],
+                                  evaluations=1, seconds=0.0))
     sens = _to_schema(scores_at[levels_used[0]]) if levels_used else []
     result = MixedPrecisionResult(
         model=loaded.name, backend=ortb.NAME, metric=task.metric, higher_is_better=higher,
@@ -283,11 +278,8 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
                 f"{spec.repeats} runs, median, {threads} threads)"),
         environment=env.environment(torch.device("cpu")),
     )
-    import onnx
-
-    chosen_model = deployed_models[chosen_key]
-    assert isinstance(chosen_model, onnx.ModelProto)
-    ctx.save_artifact("model.onnx", chosen_model.SerializeToString(), "application/octet-stream")
+    ctx.save_artifact("model.onnx", deployed_models[chosen_key].SerializeToString(),
+                      "application/octet-stream")
     ctx.save_artifact("report.json", result.model_dump_json(indent=2).encode(), "application/json")
     ctx.save_artifact("config.json", json.dumps(chosen.config, indent=2).encode(),
                       "application/json")
@@ -296,9 +288,8 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     return result
 
 
-def _run_batched(sess: ortb.Session, inputs: tuple[torch.Tensor, ...], batch: int):  # type: ignore[no-untyped-def]
-    import numpy as np
-
+def _run_batched(sess: ortb.Session, inputs: tuple[torch.Tensor, ...], batch: int
+                 ) -> np.ndarray:
     outs = [sess.run(tuple(t[i:i + batch] for t in inputs)) for i in range(0, len(inputs[0]), batch)]
     return np.concatenate(outs).astype("float32")
 
@@ -317,9 +308,7 @@ def _mark_pareto(points: list[ConfigPoint], higher: bool) -> None:
 
 def _explain(chosen: ConfigPoint, baseline: ConfigPoint, limit: float, metric: str,
              inside: int, n: int) -> str:
-    if not inside:
-        return (f"no configuration, not even fp32, met the threshold {limit:.6f} on the "
-                f"deployed model; returning the float model")
+    """``inside`` counts fp32, which is always within the budget."""
     if not chosen.config:
         if inside == 1:
             return (f"none of the {n - 1} quantized configurations kept {metric} within the "

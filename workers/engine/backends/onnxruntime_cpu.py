@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +160,10 @@ def interleaved_latency(sessions: Mapping[str, Session], inputs: Sequence[torch.
     return samples
 
 
+@lru_cache(maxsize=1)
 def needs_reduce_range() -> bool:
-    """True on x86 CPUs without VNNI, where ORT's u8s8 int8 GEMM can saturate (see formats)."""
+    """True on x86 CPUs without VNNI, where ORT's u8s8 int8 GEMM can saturate (see formats).
+    Cached: asked for every layer and every realized config, and the CPU does not change."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -178,10 +181,6 @@ def native_format(op: str, fmt: LayerFormat) -> LayerFormat:
     if fmt.precision != "int8":
         return fmt
     return replace(fmt, reduce_range=needs_reduce_range(), per_channel=op != "Conv")
-
-
-def int8_format() -> LayerFormat:
-    return LayerFormat("int8", reduce_range=needs_reduce_range())
 
 
 class Session:

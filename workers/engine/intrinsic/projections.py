@@ -81,8 +81,7 @@ class Fastfood:
         self.scale = math.sqrt(self.L / (D * float((self.G ** 2).mean())))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        padded = torch.zeros(self.L, dtype=x.dtype)
-        padded = torch.cat([x, padded[: self.L - x.shape[0]]])
+        padded = torch.nn.functional.pad(x, (0, self.L - x.shape[0]))
         y = fwht(self.B * padded, impl="torch")  # (blocks, L), normalized H
         y = torch.gather(y, 1, self.Pi) * self.G
         y = fwht(y, impl="torch")

@@ -33,12 +33,11 @@ def build_task(model_ref: ModelRef, dataset_ref: DatasetRef | None, metric: str 
     if dataset_ref is not None:
         data = models.load_dataset(dataset_ref, ctx, loaded)
         ev_x, ev_y, cb_x, cb_y = _split(data, loaded.input_names, eval_samples, calib_samples)
-    elif loaded.name == "digits-cnn":
-        test, calib = datasets.digits("test"), datasets.digits("calib")
-        ev_x, ev_y = tuple(t[:eval_samples] for t in test.ordered(["x"])), test.labels
-        cb_x, cb_y = tuple(t[:calib_samples] for t in calib.ordered(["x"])), calib.labels
-        ev_y = ev_y[:eval_samples] if ev_y is not None else None
-        cb_y = cb_y[:calib_samples] if cb_y is not None else None
+    elif loaded.name == "digits-cnn":  # its own held-out splits, not slices of one set
+        test = datasets.digits("test").take(eval_samples)
+        calib = datasets.digits("calib").take(calib_samples)
+        ev_x, ev_y = test.ordered(loaded.input_names), test.labels
+        cb_x, cb_y = calib.ordered(loaded.input_names), calib.labels
     else:
         ev_x, ev_y, cb_x, cb_y = _split(loaded.default_data, loaded.input_names, eval_samples,
                                         calib_samples)
