@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -26,22 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_kernels import loss_bench
+from workers.engine import env
 
 SCALED_NOTE = (
     "- sizes: N = 2048 tokens, D = 512, i.e. the study's N = 8192, D = 2048 scaled by 1/4 each "
     "(D/N, hence the memory ratios, kept): on 2 CPU cores each 8192 x 2048 case takes minutes, "
     "and the materialized V = 256k case would need ~24 GiB of N x V buffers")
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def versions(impls: list[str]) -> str:
@@ -84,7 +73,7 @@ def main() -> None:
     rows = loss_bench.measure_all(args.n, args.d, vocab, args.dtype, impls, args.repeats, device,
                                   not args.no_check_grads, progress)
     threads = torch.get_num_threads() if device == "cpu" else None
-    where = device_name(device) + (f", {threads} threads" if threads else "")
+    where = env.device_name(torch.device(device)) + (f", {threads} threads" if threads else "")
     lines = [
         f"# Linear cross-entropy, forward + backward ({device.upper()})", "",
         f"- device: {where}",

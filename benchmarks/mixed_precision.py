@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from app.config import Settings  # noqa: E402
 from app.schemas import MixedPrecisionResult, MixedPrecisionSpec  # noqa: E402
 from app.storage import open_store  # noqa: E402
-from workers.engine import mixed_precision  # noqa: E402
+from workers.engine import env, mixed_precision  # noqa: E402
 from workers.engine.backends import onnxruntime_cpu as ortb  # noqa: E402
 from workers.engine.context import LocalContext  # noqa: E402
 from workers.engine.quant.formats import parse  # noqa: E402
@@ -42,16 +41,6 @@ SETTINGS: dict[str, dict[str, object]] = {
 }
 ROWS = [("fp32", None), ("uniform int8", "uniform:int8"), ("ours (augmented)", "augmented"),
         ("Hessian-only", "hessian"), ("random order", "random")]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_model(name: str, store_dir: Path, rounds: int) -> tuple[MixedPrecisionResult, list[str]]:
@@ -73,10 +62,9 @@ def run_model(name: str, store_dir: Path, rounds: int) -> tuple[MixedPrecisionRe
         cfg = {n: ortb.native_format(exported.op_of[n], parse(p, spec.int4_group_size))
                for n, p in point.config.items()}
         configs[label] = (point, ortb.Session(ortb.realize(exported, cfg), torch.get_num_threads()))
-    samples: dict[str, list[float]] = {k: [] for k in configs}
-    for _ in range(rounds):  # interleaved re-timing
-        for label, (_, sess) in configs.items():
-            samples[label] += sess.latency_ms(example, 2, max(3, spec.repeats // rounds))
+    # Re-timed interleaved, all five together, with the job's own round-robin timer.
+    samples = ortb.interleaved_latency({k: s for k, (_, s) in configs.items()}, example, 2,
+                                       max(3, spec.repeats // rounds) * rounds, rounds)
     base_ms = statistics.median(samples["fp32"])
     lines = [
         f"### {name} — budget {res.budget.value:g} relative on {res.metric} "
@@ -117,7 +105,7 @@ def main() -> None:
     for noisy in ("onnxruntime", "root", "onnxscript", "torch"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     store = Path(tempfile.mkdtemp(prefix="mp-bench-store-"))
-    header = [f"# Mixed precision on onnxruntime-cpu — {cpu_name()}, "
+    header = [f"# Mixed precision on onnxruntime-cpu — {env.device_name(torch.device('cpu'))}, "
               f"{dt.date.today().isoformat()}", "",
               f"Command: `python benchmarks/mixed_precision.py --models {args.models}`; "
               f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}.",

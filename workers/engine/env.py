@@ -45,7 +45,12 @@ def versions() -> dict[str, str]:
     return out
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+
+
 def environment(device: torch.device) -> Environment:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return Environment(device=str(device), device_name=name, threads=torch.get_num_threads(),
+    return Environment(device=str(device), device_name=device_name(device),
+                       threads=torch.get_num_threads(),
                        versions=versions(), host=platform.node())
