@@ -91,7 +91,8 @@ class BenchmarkSpec(_Strict):
 # ---- mixed precision
 
 Metric = Literal["accuracy", "cosine", "mse"]
-Precision = Literal["fp32", "int8", "int4"]
+# int8: dynamic activations (quantized per call); int8-static: activations on calibrated grids.
+Precision = Literal["fp32", "int8", "int8-static", "int4"]
 Ordering = Literal["augmented", "hessian", "random", "greedy", "uniform"]
 
 
@@ -146,9 +147,12 @@ class MixedPrecisionSpec(_Strict):
     dataset: DatasetRef | None = Field(default=None, description="Labeled or unlabeled "
                                        "evaluation data; default: the model's own.")
     budget: Budget = Field(default_factory=Budget)
-    levels: list[Precision] = Field(
-        default=["int8", "int4"], min_length=1, max_length=3,
-        description="Precisions to descend through, most precise first (fp32 is the start).")
+    levels: list[Precision] | None = Field(
+        default=None, min_length=1, max_length=3,
+        description="Precisions to descend through, most precise first (fp32 is the start). "
+        "Default: int8-static then int4 for models with convolutions (calibrated activations "
+        "that stay uint8 from layer to layer), else int8 (activations quantized per call, "
+        "which suits transformers) then int4.")
     int4_group_size: int = Field(default=32, ge=16, le=256, multiple_of=16)
     backend: Literal["onnxruntime-cpu"] = "onnxruntime-cpu"
     baselines: list[Ordering] = Field(
@@ -340,7 +344,9 @@ class MixedPrecisionResult(BaseModel):
     stage_seconds: dict[str, float]
     latency_gate: dict[str, float] = Field(
         default_factory=dict, description="'precision:op' -> latency with all such layers "
-        "converted / fp32 latency; >= 1 means not offered to the search.")
+        "converted / fp32 latency; >= 1 means not offered to the search. int8-static is "
+        "gated as a whole ('int8-static:all'): its gain comes from chains of static layers.")
+    levels: list[str] = Field(default_factory=list, description="The precision levels used.")
     latency_reduction: float = Field(description="1 - chosen latency / fp32 latency (backend).")
     method: str
     environment: Environment

@@ -33,7 +33,7 @@ from workers.engine.backends import onnxruntime_cpu as ortb
 from workers.engine.context import JobContext
 from workers.engine.quant import search as qsearch
 from workers.engine.quant import sensitivity as qsens
-from workers.engine.quant.formats import LayerFormat
+from workers.engine.quant.formats import LayerFormat, parse
 from workers.engine.quant.prepare import build_task
 from workers.engine.quant.task import Config, QuantTask, config_json, config_key, threshold
 
@@ -73,10 +73,16 @@ def run_sensitivity(spec: SensitivitySpec, ctx: JobContext) -> SensitivityResult
     ctx.progress("load", 0.02, f"loading {spec.model.label()}")
     loaded, task = build_task(spec.model, spec.dataset, spec.metric, spec.eval_samples,
                               spec.options.calibration_samples, ctx)
-    fmt = LayerFormat(spec.precision)
+    fmt = parse(spec.precision)
     names = list(task.layers)
-    scores, pairwise = _sensitivity(task, names, {n: fmt for n in names}, spec.options, ctx,
-                                    0.05, 0.95)
+    fmt_of = {n: fmt for n in names}
+    if fmt.is_static:  # the grids come from calibrating the deployed graph
+        example = tuple(t[:8] for t in task.eval_inputs)
+        exported = ortb.export(task.module, example, loaded.input_names, task.layers)
+        exported.set_calibration(task.calib_inputs)
+        fmt_of = {n: ortb.native_format(exported, n, fmt) for n in names}
+        names = [n for n in names if fmt_of[n].grids is not None]
+    scores, pairwise = _sensitivity(task, names, fmt_of, spec.options, ctx, 0.05, 0.95)
     result = SensitivityResult(
         model=loaded.name, precision=fmt.label(), metric=task.metric,
         loss="cross-entropy" if task.metric == "accuracy" else "squared error to float outputs",
@@ -107,6 +113,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     example = tuple(t[: spec.batch_size] for t in task.eval_inputs)
     ctx.progress("load", 0.04, "exporting to ONNX")
     exported = ortb.export(task.module, example, loaded.input_names, task.layers)
+    exported.set_calibration(task.calib_inputs)
     stage_done("load")
 
     # Baseline: the float model in simulation and on the backend.
@@ -121,15 +128,17 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     # Levels: which layers each precision may take on this backend, in its real arithmetic.
     fmt_at: dict[str, dict[str, LayerFormat]] = {}
     prec: str
-    for prec in spec.levels:
+    for prec in spec.levels or default_levels(task):
         if prec == "fp32":
             continue
         fmt_at[prec] = {}
         for name in task.layers:
             op = exported.op_of.get(name)
-            fmt = LayerFormat(prec, group_size=spec.int4_group_size)  # type: ignore[arg-type]
+            fmt = parse(prec, spec.int4_group_size)
             if op is not None and exported.supports(name, fmt):
-                fmt_at[prec][name] = ortb.native_format(op, fmt)
+                native = ortb.native_format(exported, name, fmt)
+                if not native.is_static or native.grids is not None:
+                    fmt_at[prec][name] = native
     # Latency gate: a precision is offered to an op type only if the backend, measured with
     # every such layer converted, runs faster than fp32 (ORT's ConvInteger, for one, is slower
     # than its float convolution on AVX2). Accuracy search alone would happily pick slower
@@ -138,6 +147,12 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     ctx.progress("baseline", 0.045, "measuring which precisions the backend speeds up")
     groups: dict[str, dict[str, LayerFormat]] = {}
     for prec in fmt_at:
+        if prec == "int8-static":
+            # Static layers pay off in chains (uint8 from one layer to the next, no Q/DQ in
+            # between): gated as a whole, since one op type alone measures its seams only.
+            if fmt_at[prec]:
+                groups[f"{prec}:all"] = dict(fmt_at[prec])
+            continue
         for op in sorted({exported.op_of[n] for n in fmt_at[prec]}):
             groups[f"{prec}:{op}"] = {n: f for n, f in fmt_at[prec].items()
                                       if exported.op_of[n] == op}
@@ -270,7 +285,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         budget=spec.budget, threshold=limit.value, baseline=baseline, chosen=chosen, why=why,
         frontier=sorted(points.values(), key=lambda p: p.latency_ms or 0.0), searches=searches,
         sensitivity=sens, evaluations=task.evaluations, stage_seconds=stages, latency_gate=gate,
-        latency_reduction=reduction,
+        latency_reduction=reduction, levels=list(fmt_at),
         method=(f"search in simulated quantization matching {ortb.NAME}'s arithmetic on "
                 f"{len(task.eval_inputs[0])} evaluation samples; every frontier point realized "
                 f"with ONNX Runtime's integer kernels, its metric re-measured on the deployed "
@@ -286,6 +301,14 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     ctx.progress("done", 1.0, f"{chosen.label}: {task.metric} {chosen.deployed_metric:.4f}, "
                  f"{chosen.latency_ms:.3f} ms ({reduction:.1%} faster than fp32)")
     return result
+
+
+def default_levels(task: QuantTask) -> list[str]:
+    """Static int8 where convolutions are (ORT's dynamic ConvInteger is slower than its float
+    convolution on AVX2; the static chain is faster), dynamic int8 elsewhere (per-call ranges
+    keep transformers' activation outliers: static MiniLM measured cosine 0.94)."""
+    conv = any(isinstance(m, torch.nn.Conv1d | torch.nn.Conv2d) for m in task.layers.values())
+    return ["int8-static" if conv else "int8", "int4"]
 
 
 def _run_batched(sess: ortb.Session, inputs: tuple[torch.Tensor, ...], batch: int

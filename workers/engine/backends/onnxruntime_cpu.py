@@ -1,6 +1,7 @@
 """The ``onnxruntime-cpu`` backend: export to ONNX once, realize a per-layer config with ORT's
-real integer kernels (MatMulInteger / ConvInteger for int8, MatMulNBits for int4 weight-only),
-time the session, and evaluate the deployed model.
+real integer kernels (MatMulInteger / ConvInteger for dynamic int8, QLinearConv / QLinearMatMul
+for static int8 on calibrated grids, MatMulNBits for int4 weight-only), time the session, and
+evaluate the deployed model.
 
 Layers are matched to ONNX nodes by weight *values*, not names: the exporter constant-folds
 transposes and renames initializers, but a Linear's weight (or its transpose) and a Conv's weight
@@ -24,12 +25,15 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from workers.engine.quant.formats import LayerFormat
+from workers.engine.quant.formats import Grid, LayerFormat, StaticGrids
 
 log = logging.getLogger("modelpress.backend.ort")
 
 NAME = "onnxruntime-cpu"
 SUPPORTED: dict[str, set[str]] = {"MatMul": {"fp32", "int8", "int4"}, "Conv": {"fp32", "int8"}}
+# Ops between static layers that ORT keeps in uint8 (when their input already is): a chain
+# Conv -> ReLU -> MaxPool -> Flatten -> MatMul then never leaves the integer domain.
+GLUE = {"Relu", "Clip", "MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
 
 @dataclass
@@ -40,6 +44,17 @@ class Exported:
     input_names: list[str]
     node_of: dict[str, str] = field(default_factory=dict)  # layer name -> node name
     op_of: dict[str, str] = field(default_factory=dict)  # layer name -> MatMul | Conv
+    # Static int8: calibration feeds, ORT's calibrated tensor ranges (its cache file's bytes,
+    # computed once) and the grids each layer got, read back from a realized model.
+    calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
+    ranges: bytes | None = None
+    grids: dict[str, StaticGrids] | None = None
+
+    def set_calibration(self, inputs: Sequence[torch.Tensor], batch: int = 32) -> None:
+        self.calibration = [{n: t[i:i + batch].numpy() for n, t in zip(self.input_names, inputs,
+                                                                       strict=True)}
+                            for i in range(0, len(inputs[0]), batch)]
+        self.ranges = self.grids = None
 
     def supports(self, layer: str, fmt: LayerFormat) -> bool:
         op = self.op_of.get(layer)
@@ -116,13 +131,16 @@ def _map_layers(exported: Exported, layers: Mapping[str, nn.Module]) -> None:
 
 
 def realize(exported: Exported, config: Mapping[str, LayerFormat]) -> onnx.ModelProto:
-    """The deployable model for ``config``: int4 nodes through MatMulNBits, then int8 nodes
-    through dynamic quantization; everything else stays fp32."""
+    """The deployable model for ``config``: static int8 nodes first (calibrated on the float
+    graph), then int4 nodes through MatMulNBits, then dynamic int8 nodes; the rest stays fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.ModelProto()
     model.CopyFrom(exported.model)
+    static = [n for n, f in config.items() if f.is_static and exported.supports(n, f)]
+    if static:
+        model = _realize_static(exported, model, static)
     int4 = [(exported.node_of[n], f.group_size) for n, f in config.items()
             if f.precision == "int4" and exported.supports(n, f)]
     for group in sorted({g for _, g in int4}):
@@ -134,7 +152,7 @@ def realize(exported: Exported, config: Mapping[str, LayerFormat]) -> onnx.Model
         q.process()
         model = q.model.model
     int8 = [exported.node_of[n] for n, f in config.items()
-            if f.precision == "int8" and exported.supports(n, f)]
+            if f.quantizes_activations and exported.supports(n, f)]
     if int8:
         with tempfile.TemporaryDirectory() as tmp:
             dst = Path(tmp) / "out.onnx"
@@ -143,6 +161,96 @@ def realize(exported: Exported, config: Mapping[str, LayerFormat]) -> onnx.Model
                              nodes_to_quantize=int8, extra_options={"MatMulConstBOnly": True})
             model = onnx.load(dst)
     return model
+
+
+class _Feeds:
+    """ORT's CalibrationDataReader protocol over the exported model's calibration feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def _bias_add(model: onnx.ModelProto, node_name: str) -> str | None:
+    """The Add that applies a Linear's bias after its MatMul, if there is one."""
+    nodes = {n.name: n for n in model.graph.node}
+    inits = {i.name for i in model.graph.initializer}
+    out = nodes[node_name].output[0]
+    for n in model.graph.node:
+        if n.op_type == "Add" and out in n.input and any(i in inits for i in n.input if i != out):
+            return str(n.name)
+    return None
+
+
+def _realize_static(exported: Exported, model: onnx.ModelProto, layers: list[str]
+                    ) -> onnx.ModelProto:
+    """QOperator static quantization of ``layers`` (with their bias adds and the glue between
+    them), per-channel int8 weights, uint8 activations on ranges calibrated once per export."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    if not exported.calibration:
+        raise ValueError("int8-static needs calibration data: call Exported.set_calibration")
+    nodes = [exported.node_of[n] for n in layers]
+    nodes += [a for a in (_bias_add(model, n) for n in list(nodes)) if a]
+    nodes += [n.name for n in model.graph.node if n.op_type in GLUE]
+    with tempfile.TemporaryDirectory() as tmp:
+        cache, src, dst = (Path(tmp) / n for n in ("ranges.json", "in.onnx", "out.onnx"))
+        # By path: given a ModelProto, ORT moves its tensors to external data in place.
+        onnx.save(model, src)
+        if exported.ranges is not None:
+            cache.write_bytes(exported.ranges)
+        quiet = logging.getLogger()
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # ORT's "consider pre-processing" warnings, per call
+        try:
+            quantize_static(src, dst, _Feeds(exported.calibration),
+                            quant_format=QuantFormat.QOperator, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            reduce_range=needs_reduce_range(), nodes_to_quantize=nodes,
+                            calibration_cache_path=cache,
+                            extra_options={"MatMulConstBOnly": True})
+        finally:
+            quiet.setLevel(level)
+        exported.ranges = cache.read_bytes()
+        return onnx.load(dst)
+
+
+def static_grids(exported: Exported) -> dict[str, StaticGrids]:
+    """Each layer's calibrated grids, read from the model with every layer static: the exact
+    scales and zero points the kernels use (ranges do not depend on which other layers are
+    static: they are calibrated on the float graph)."""
+    if exported.grids is not None:
+        return exported.grids
+    layers = list(exported.node_of)
+    model = _realize_static(exported, exported.model, layers)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    wanted = set(exported.node_of.values())
+    weights = {n.name: n.input[1] for n in exported.model.graph.node if n.name in wanted}
+
+    def grid(scale: str, zp: str) -> Grid:
+        return Grid(float(inits[scale]), int(inits[zp]))
+
+    by_weight = {n.input[3]: n for n in model.graph.node
+                 if n.op_type in ("QLinearConv", "QLinearMatMul")}
+    grids: dict[str, StaticGrids] = {}
+    for layer in layers:
+        node = by_weight.get(weights[exported.node_of[layer]] + "_quantized")
+        if node is None:
+            continue
+        inp, out = grid(node.input[1], node.input[2]), grid(node.input[6], node.input[7])
+        add = next((n for n in model.graph.node
+                    if n.op_type == "QLinearAdd" and n.input[0] == node.output[0]), None)
+        if add is None:
+            grids[layer] = StaticGrids(inp, out)
+            continue
+        b = grid(add.input[4], add.input[5])
+        bias = (inits[add.input[3]].astype(np.float64) - b.zero_point) * b.scale
+        grids[layer] = StaticGrids(inp, grid(add.input[6], add.input[7]), product=out,
+                                   bias=tuple(float(v) for v in bias.astype(np.float32).ravel()))
+    exported.grids = grids
+    return grids
 
 
 def interleaved_latency(sessions: Mapping[str, Session], inputs: Sequence[torch.Tensor],
@@ -175,12 +283,17 @@ def needs_reduce_range() -> bool:
     return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def native_format(op: str, fmt: LayerFormat) -> LayerFormat:
-    """``fmt`` with the arithmetic this backend really uses for an ``op`` node: 7-bit weights
-    without VNNI, and one weight scale per tensor for ConvInteger (ORT's dynamic Conv)."""
+def native_format(exported: Exported, layer: str, fmt: LayerFormat) -> LayerFormat:
+    """``fmt`` with the arithmetic this backend really uses for ``layer``'s node: 7-bit weights
+    without VNNI, one weight scale per tensor for ConvInteger (ORT's dynamic Conv), and for
+    static int8 the grids calibration gave the layer."""
     if fmt.precision != "int8":
         return fmt
-    return replace(fmt, reduce_range=needs_reduce_range(), per_channel=op != "Conv")
+    if fmt.is_static:
+        return replace(fmt, reduce_range=needs_reduce_range(), per_channel=True,
+                       grids=static_grids(exported).get(layer))
+    return replace(fmt, reduce_range=needs_reduce_range(),
+                   per_channel=exported.op_of[layer] != "Conv")
 
 
 class Session:
@@ -198,8 +311,12 @@ class Session:
         # Idle worker threads would otherwise spin for a while after each run and steal the
         # cores from whatever is timed next (another session of the frontier, say).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Next to a static int8 layer (a DequantizeLinear on its input), ORT's MatMulAddFusion
+        # quietly quantizes a *float* layer's weight to int8; a layer configured fp32 stays fp32.
+        static = any(n.op_type.startswith("QLinear") for n in model.graph.node)
         self.sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                         providers=["CPUExecutionProvider"])
+                                         providers=["CPUExecutionProvider"],
+                                         disabled_optimizers=["MatMulAddFusion"] if static else None)
         self.input_names = [i.name for i in self.sess.get_inputs()]
         self.size_bytes = model.ByteSize()
 

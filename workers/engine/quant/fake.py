@@ -2,8 +2,9 @@
 
 ``simulate(model, config)`` swaps each configured layer's weight for its quantize-dequantize
 image and, for int8 layers, quantizes the layer's input per call the way ORT's
-DynamicQuantizeLinear does. It restores the float weights on exit, so one model serves every
-evaluation of a search.
+DynamicQuantizeLinear does; int8-static layers compute on the calibrated uint8 grids the
+backend chose (input, requantized product, quantized bias, output). It restores the float
+weights on exit, so one model serves every evaluation of a search.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from workers.engine.quant.formats import LayerFormat
+from workers.engine.quant.formats import Grid, LayerFormat, StaticGrids
 
 
 def _round(x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,12 @@ def uint8_dynamic(x: torch.Tensor) -> torch.Tensor:
     zp = _round(-lo / scale).clamp(0, 255)
     q = (_round(x / scale) + zp).clamp(0, 255)
     return ((q - zp) * scale).to(x.dtype)
+
+
+def uint8_grid(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """QuantizeLinear then DequantizeLinear on a fixed (calibrated) uint8 grid."""
+    q = (_round(x / grid.scale) + grid.zero_point).clamp(0, 255)
+    return ((q - grid.zero_point) * grid.scale).to(x.dtype)
 
 
 def int4_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -95,6 +102,43 @@ def _quantize_input(fmt: LayerFormat):  # type: ignore[no-untyped-def]
     return hook
 
 
+def _static_input(grids: StaticGrids):  # type: ignore[no-untyped-def]
+    def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (uint8_grid(args[0], grids.input), *args[1:])
+
+    return hook
+
+
+def _static_output(fmt: LayerFormat, grids: StaticGrids):  # type: ignore[no-untyped-def]
+    """Recompute the layer the way QLinearConv / QLinearMatMul (+ QLinearAdd) do: integer
+    product requantized to a grid, the bias int32 inside Conv or a uint8 tensor added after a
+    MatMul, the result on the output grid (which clips at zero where a ReLU was fused)."""
+
+    def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> torch.Tensor:
+        x = args[0]  # already on the input grid: forward hooks see the pre-hook's arguments
+        w = mod.weight
+        assert isinstance(w, torch.Tensor)
+        b = mod.bias if isinstance(mod.bias, torch.Tensor) else None
+        if isinstance(mod, nn.Linear):
+            y = nn.functional.linear(x, w)
+            if b is not None:
+                assert grids.product is not None and grids.bias is not None
+                y = uint8_grid(y, grids.product) + torch.tensor(grids.bias, dtype=y.dtype)
+        else:
+            assert isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            y = mod._conv_forward(x, w, None)
+            if b is not None:  # int32 at scale input_scale * weight_scale, per channel
+                # The weight is already on its grid, whose extreme is exactly +-qmax * scale.
+                flat = w.reshape(w.shape[0], -1).abs()
+                amax = flat.amax(1) if fmt.per_channel else flat.amax().expand(w.shape[0])
+                w_scale = amax / (64.0 if fmt.reduce_range else 127.0)
+                b_scale = (grids.input.scale * w_scale).clamp(min=1e-30)
+                y = y + (_round(b / b_scale) * b_scale).reshape(1, -1, *([1] * (y.dim() - 2)))
+        return uint8_grid(y, grids.output)
+
+    return hook
+
+
 @contextmanager
 def simulate(layers: Mapping[str, nn.Module], config: Mapping[str, LayerFormat]
              ) -> Iterator[None]:
@@ -113,6 +157,12 @@ def simulate(layers: Mapping[str, nn.Module], config: Mapping[str, LayerFormat]
                 weight.copy_(quantize_weight(weight, fmt))
                 if fmt.quantizes_activations:
                     hooks.append(mod.register_forward_pre_hook(_quantize_input(fmt)))
+                elif fmt.is_static:
+                    if fmt.grids is None:
+                        raise ValueError(f"{name}: int8-static needs the backend's calibrated "
+                                         "grids (backend.native_format)")
+                    hooks.append(mod.register_forward_pre_hook(_static_input(fmt.grids)))
+                    hooks.append(mod.register_forward_hook(_static_output(fmt, fmt.grids)))
         yield
     finally:
         for h in hooks:
