@@ -12,7 +12,7 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 JobKind = Literal["benchmark", "sensitivity", "mixed_precision", "loss_benchmark",
                   "intrinsic_dimension"]
-ZooModel = Literal["digits-cnn", "minilm-l6"]
+ZooModel = Literal["digits-cnn", "minilm-l6", "char-gpt"]
 BuiltinDataset = Literal["digits-test", "digits-calib", "sentences"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -90,7 +90,7 @@ class BenchmarkSpec(_Strict):
 
 # ---- mixed precision
 
-Metric = Literal["accuracy", "cosine", "mse"]
+Metric = Literal["accuracy", "cosine", "mse", "perplexity"]
 # int8: dynamic activations (quantized per call); int8-static: activations on calibrated grids.
 Precision = Literal["fp32", "int8", "int8-static", "int4"]
 Ordering = Literal["augmented", "hessian", "random", "greedy", "uniform"]

@@ -1,4 +1,5 @@
-"""Mixed precision on digits-cnn and minilm-l6: one table per model from one run.
+"""Mixed precision on digits-cnn and minilm-l6 (and char-gpt, on request): one table per model
+from one run.
 
 Rows: fp32 baseline, uniform int8, ours (augmented Hessian + bisection), Hessian-only ordering,
 random ordering. Each search runs inside the same job (same data, same budget); afterwards the
@@ -37,6 +38,8 @@ from workers.engine.quant.prepare import build_task  # noqa: E402
 SETTINGS: dict[str, dict[str, object]] = {
     "digits-cnn": {"batch_size": 256, "eval_samples": 360, "repeats": 30,
                    "sensitivity": {"probes": 16, "calibration_samples": 256}},
+    "char-gpt": {"batch_size": 8, "eval_samples": 256, "repeats": 20,
+                 "sensitivity": {"probes": 8, "calibration_samples": 64}},
     "minilm-l6": {"batch_size": 8, "eval_samples": 128, "repeats": 10, "frontier_points": 4,
                   "sensitivity": {"probes": 4, "calibration_samples": 32}},
 }

@@ -59,10 +59,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_stack.Em
 
 @pytest.fixture(scope="session")
 def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One local object store for the session, with the digits-cnn zoo model trained into it
-    once here, so jobs with short time limits do not pay for training."""
+    """One local object store for the session, with the zoo models that train on first use
+    (digits-cnn ~10 s, char-gpt ~50 s) trained into it once here, so jobs with short time
+    limits do not pay for training."""
     root = tmp_path_factory.mktemp("store")
-    zoo.digits_cnn(open_store(Settings(store_url=root.as_uri())))
+    store = open_store(Settings(store_url=root.as_uri()))
+    zoo.digits_cnn(store)
+    zoo.char_gpt(store)
     return root
 
 

@@ -85,7 +85,8 @@ def run_sensitivity(spec: SensitivitySpec, ctx: JobContext) -> SensitivityResult
     scores, pairwise = _sensitivity(task, names, fmt_of, spec.options, ctx, 0.05, 0.95)
     result = SensitivityResult(
         model=loaded.name, precision=fmt.label(), metric=task.metric,
-        loss="cross-entropy" if task.metric == "accuracy" else "squared error to float outputs",
+        loss=("cross-entropy" if task.metric in ("accuracy", "perplexity")
+              else "squared error to float outputs"),
         layers=_to_schema(scores), pairwise=pairwise, evaluations=task.evaluations,
         seconds=time.perf_counter() - t0, environment=env.environment(torch.device("cpu")))
     ctx.save_artifact("sensitivity.json", result.model_dump_json(indent=2).encode(),

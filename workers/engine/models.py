@@ -16,11 +16,11 @@ from torch import nn
 
 from app import filechecks
 from app.schemas import DatasetRef, ModelRef
-from workers.engine import datasets, graph_layers, zoo
+from workers.engine import char_lm, datasets, graph_layers, zoo
 from workers.engine.context import JobContext, UserError
 from workers.engine.datasets import TensorData
 
-Task = Literal["classification", "embedding"]
+Task = Literal["classification", "embedding", "language_model"]
 MAX_UNPACKED = 64 * 1024**3
 
 
@@ -60,6 +60,10 @@ def load_model(ref: ModelRef, ctx: JobContext) -> LoadedModel:
         cnn, meta = zoo.digits_cnn(ctx.store)
         return LoadedModel("digits-cnn", cnn, ["x"], "classification",
                            datasets.digits("test"), info=meta)
+    if ref.zoo == "char-gpt":
+        lm, meta = zoo.char_gpt(ctx.store)
+        return LoadedModel("char-gpt", lm, ["x"], "language_model", char_lm.windows("test"),
+                           info=meta)
     if ref.zoo == "minilm-l6":
         module, tok = zoo.load_hf_encoder(zoo.minilm_dir())
         data = TensorData(zoo.tokenize(tok, datasets.sentences()))

