@@ -198,9 +198,17 @@ class IntrinsicDimensionSpec(_Strict):
     """Train in random subspaces of growing dimension d; find d_int90 (Li et al., 2018)."""
 
     kind: Literal["intrinsic_dimension"] = "intrinsic_dimension"
-    model: Literal["digits-mlp", "digits-cnn"] = Field(
-        default="digits-mlp", description="Architecture trained from its seeded random init.")
+    model: Literal["digits-mlp", "digits-cnn"] | ModelRef = Field(
+        default="digits-mlp", description="Architecture trained from its seeded random init: "
+        "a built-in one, or an uploaded classifier ({\"id\": \"mdl_...\"}) whose Linear, Conv, "
+        "norm and embedding layers are re-initialized (with `dataset`).")
+    dataset: DatasetRef | None = Field(
+        default=None, description="Labeled data for an uploaded model: the first 80% train, "
+        "the last 20% measure accuracy. Built-in models use digits train / test.")
     projection: Literal["dense", "sparse", "fastfood"] = "fastfood"
+    layer_scaling: bool = Field(
+        default=False, description="Structure-aware variant: each parameter tensor also learns "
+        "a scale of its share of P d (m more numbers trained and stored).")
     search: Literal["bisection", "grid"] = Field(
         default="bisection", description="Galloping + bisection over the grid, or the full grid.")
     grid: list[Annotated[int, Field(ge=1, le=10_000_000)]] | None = Field(
@@ -211,11 +219,19 @@ class IntrinsicDimensionSpec(_Strict):
                              description="One search per seed (theta0 and projection).")
     epochs: int = Field(default=20, ge=1, le=1000)
     lr: float = Field(default=0.01, gt=0, le=1)
+    fan_out: bool = Field(
+        default=True, description="Offer independent training runs (other seeds' searches, or "
+        "every grid point) to idle workers; each run is still computed once.")
 
     @model_validator(mode="after")
     def _ascending(self) -> IntrinsicDimensionSpec:
         if self.grid is not None and self.grid != sorted(set(self.grid)):
             raise ValueError("grid must be strictly ascending")
+        if isinstance(self.model, ModelRef) and self.model.id is None:
+            raise ValueError("model: give a built-in architecture name (digits-mlp, digits-cnn) "
+                             "or an uploaded model's id; zoo models are not re-initialized here")
+        if isinstance(self.model, ModelRef) and self.dataset is None:
+            raise ValueError("an uploaded model needs a labeled `dataset` to train on")
         return self
 
 
@@ -392,6 +408,12 @@ class IntrinsicDimensionResult(BaseModel):
     d_int90_per_seed: list[int | None]
     curve: list[CurvePoint]
     training_runs: int
+    computed_by: dict[str, int] = Field(
+        default_factory=dict, description="Worker -> training runs it computed for this job.")
+    layer_scaling: bool = False
+    reinitialized_parameters: int | None = Field(
+        default=None, description="Uploaded models: parameters redrawn for theta0; the rest "
+        "keep their uploaded values.")
     rebuilt_accuracy: float | None = Field(
         default=None, description="Accuracy of the model rebuilt from the artifact (seed 0).")
     compression_ratio: float | None = Field(

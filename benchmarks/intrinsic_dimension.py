@@ -1,6 +1,6 @@
 """Intrinsic dimension on digits: d_int90 and training runs, galloping bisection vs the paper's
-grid sweep (same grid, same seed); and the time of one projection step, dense vs Fastfood, as
-D grows (Fastfood ~ D log d, dense ~ D d).
+grid sweep (same grid, same seed), plain vs per-layer scaling (structure-aware); and the time
+of one projection step, dense vs Fastfood, as D grows (Fastfood ~ D log d, dense ~ D d).
 
     python benchmarks/intrinsic_dimension.py [--models digits-mlp,digits-cnn] [--out FILE.md]
 """
@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.schemas import IntrinsicDimensionSpec
+from workers.engine import env
 from workers.engine.context import LocalContext
 from workers.engine.intrinsic import job
 from workers.engine.intrinsic.projections import make
@@ -53,25 +54,34 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--grid-models", default="digits-mlp",
                     help="Models also run with the full grid sweep (it costs every grid value).")
+    ap.add_argument("--scaling-models", default="digits-mlp,digits-cnn",
+                    help="Models also run (bisection) with per-layer scaling.")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     out = [f"# Intrinsic dimension on digits — {dt.date.today().isoformat()}, "
            f"{torch.get_num_threads()} CPU threads", "",
            f"Command: `python benchmarks/intrinsic_dimension.py --models {args.models} "
-           f"--epochs {args.epochs} --grid-models {args.grid_models}`. Fastfood projection, "
+           f"--epochs {args.epochs} --grid-models {args.grid_models} --scaling-models "
+           f"{args.scaling_models}` on {env.device_name(torch.device('cpu'))}. Fastfood projection, "
            "seed 0, default grid "
            f"({len(job.DEFAULT_GRID)} values from 10 to 3000).", "",
            "| model | D | full acc | target | search | d_int90 | D / d_int90 | runs | rebuilt acc | "
            "compression | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for model in args.models.split(","):
-        for how in ("bisection", "grid") if model in args.grid_models.split(",") else ("bisection",):
+        runs = [("bisection", False)]
+        runs += [("grid", False)] if model in args.grid_models.split(",") else []
+        runs += [("bisection", True)] if model in args.scaling_models.split(",") else []
+        for how, scaling in runs:
             with tempfile.TemporaryDirectory() as tmp:
                 res = job.run(IntrinsicDimensionSpec(model=model, search=how,  # type: ignore[arg-type]
-                                                     epochs=args.epochs), LocalContext(Path(tmp)))
+                                                     epochs=args.epochs, layer_scaling=scaling),
+                              LocalContext(Path(tmp)))
+            how = f"{how} + layer scaling" if scaling else how
             ratio = f"{res.parameters / res.d_int90:.0f}x" if res.d_int90 else "-"
             line = (f"| {model} | {res.parameters:,} | {res.full_accuracy:.4f} | {res.target:.4f} | "
                     f"{how} | {res.d_int90} | {ratio} | {res.training_runs} | "
-                    f"{res.rebuilt_accuracy} | {res.compression_ratio and round(res.compression_ratio)}x | "
+                    f"{res.rebuilt_accuracy or 0:.4f} | "
+                    f"{res.compression_ratio and round(res.compression_ratio)}x | "
                     f"{res.seconds:.0f} |")
             print(line, flush=True)
             out.append(line)

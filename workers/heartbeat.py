@@ -19,7 +19,7 @@ from app.config import get_settings
 log = logging.getLogger("modelpress.worker")
 
 # Deletes the key only if we still hold it.
-_RELEASE = """
+RELEASE_IF_HELD = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -75,7 +75,7 @@ class Lease:
 
     def release(self) -> None:
         self._beat.stop()
-        self._r.eval(_RELEASE, 1, self.key, self.holder)
+        self._r.eval(RELEASE_IF_HELD, 1, self.key, self.holder)
 
 
 _worker_beat: Beat | None = None

@@ -14,6 +14,8 @@ import os
 import tempfile
 import traceback
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,10 @@ from app.config import Settings, get_settings
 from app.schemas import FINAL_STATES, ArtifactInfo, ErrorInfo, JobSpec, Progress, RunAttempt
 from app.storage import Store, open_store
 from workers.engine.context import JobCancelled, Throttle, UserError
-from workers.heartbeat import Lease
+from workers.heartbeat import RELEASE_IF_HELD, Beat, Lease
 
 log = logging.getLogger("modelpress.worker")
+ITEM_TASK = "modelpress.run_item"
 _spec_adapter: TypeAdapter[Any] = TypeAdapter(JobSpec)
 
 
@@ -61,8 +64,11 @@ class _RedisLogHandler(logging.Handler):
 
 class WorkerContext:
     def __init__(self, job_id: str, tenant: str, attempt: int, settings: Settings,
-                 r: redis.Redis, store: Store, workdir: Path) -> None:
+                 r: redis.Redis, store: Store, workdir: Path, queue: str = "cpu",
+                 who: str = "worker") -> None:
         self.job_id = job_id
+        self.queue = queue
+        self.who = who
         self._tenant = tenant
         self.attempt = attempt
         self.settings = settings
@@ -135,6 +141,36 @@ class WorkerContext:
     def memo_put(self, key: str, value: Any) -> None:
         self.r.hset(records.memo_key(self.job_id), key, json.dumps(value))
 
+    @contextmanager
+    def claim(self, key: str) -> Iterator[bool]:
+        """A Redis key held with a TTL and renewed while the piece is computed: a worker that
+        dies lets it expire within ``worker_heartbeat_s * 3`` seconds."""
+        name = f"{records.memo_key(self.job_id)}:claim:{key}"
+        token = f"{self.who}:{uuid.uuid4().hex[:8]}"
+        ttl = max(3, int(self.settings.worker_heartbeat_s * 3))
+        if not self.r.set(name, token, nx=True, ex=ttl):
+            yield False
+            return
+        beat = Beat(ttl / 3, lambda: self.r.expire(name, ttl)).start()
+        try:
+            yield True
+        finally:
+            beat.stop()
+            self.r.eval(RELEASE_IF_HELD, 1, name, token)
+
+    def fan_out(self, items: list[dict[str, Any]]) -> int:
+        """One Celery group of pieces on this job's queue; nobody waits on the group itself
+        (pieces report through the memo), so no result backend is needed."""
+        from celery import group
+
+        from workers.celery_app import celery_app
+
+        if items:
+            group(celery_app.signature(ITEM_TASK, args=[self.job_id, self.attempt, item],
+                                       queue=self.queue, immutable=True)
+                  for item in items).apply_async()
+        return len(items)
+
 
 def _record_run(r: redis.Redis, job_id: str, run: RunAttempt) -> None:
     r.hset(records.runs_key(job_id), str(run.attempt), run.model_dump_json())
@@ -188,7 +224,8 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
 
     tenant = h["tenant"]
     with tempfile.TemporaryDirectory(prefix=f"{job_id}-") as tmp:
-        ctx = WorkerContext(job_id, tenant, attempt, settings, r, store, Path(tmp))
+        ctx = WorkerContext(job_id, tenant, attempt, settings, r, store, Path(tmp),
+                            queue=h.get("queue") or settings.default_queue, who=worker)
         handler = _RedisLogHandler(ctx)
         engine_log = logging.getLogger("modelpress")
         engine_log.addHandler(handler)
@@ -230,6 +267,30 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
                                                       "finished_at": records.now()}))
         if not int(finished):
             log.warning("job %s attempt %d finished after it was closed elsewhere", job_id, attempt)
+
+
+def execute_item(job_id: str, attempt: int, item: dict[str, Any], worker: str) -> None:
+    """A piece of a running job that its worker fanned out. Best effort: a piece that fails or
+    finds the job over is dropped, and the job's own worker computes whatever is missing."""
+    from workers.engine import registry
+
+    settings, r, store = _services()
+    h: dict[str, str] = r.hgetall(records.job_key(job_id))
+    if h.get("state") != "running" or h.get("attempts") != str(attempt):
+        log.info("job %s is %s (attempt %s); dropping piece %s", job_id, h.get("state"),
+                 h.get("attempts"), item)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"{job_id}-item-") as tmp:
+        ctx = WorkerContext(job_id, h["tenant"], attempt, settings, r, store, Path(tmp),
+                            queue=h.get("queue") or settings.default_queue, who=worker)
+        try:
+            spec = _spec_adapter.validate_json(h["spec"])
+            registry.run_item(spec, ctx, item)
+            ctx.append_log(f"{records.iso()} INFO {worker} computed piece {item}")
+        except JobCancelled:
+            return
+        except Exception as exc:
+            log.warning("piece %s of %s failed: %s", item, job_id, exc, exc_info=True)
 
 
 def _save_log(ctx: WorkerContext, lines: list[str]) -> None:

@@ -14,3 +14,8 @@ heartbeat.connect_signals()
 @shared_task(name="modelpress.run_job", bind=True)
 def run_job(self: Any, job_id: str) -> None:
     runner.execute(job_id, worker=str(self.request.hostname or "worker"))
+
+
+@shared_task(name=runner.ITEM_TASK, bind=True)
+def run_item(self: Any, job_id: str, attempt: int, item: dict[str, Any]) -> None:
+    runner.execute_item(job_id, attempt, item, worker=str(self.request.hostname or "worker"))

@@ -65,3 +65,44 @@ def test_users_own_pt2_and_labeled_dataset(stack: Stack, tmp_path: Path, shared_
         assert res.chosen.deployed_metric is not None
         assert res.chosen.deployed_metric >= res.threshold - 1e-9
     assert ModelRef(id=mdl.id).label() == mdl.id
+
+
+def test_intrinsic_dimension_of_an_uploaded_model(stack: Stack, tmp_path: Path) -> None:
+    """The same uploaded-model path for intrinsic dimension: a user's .pt2 (its architecture,
+    re-initialized) and labeled .npz; the downloaded artifact rebuilds the reported accuracy."""
+    import json
+
+    from app.schemas import IntrinsicDimensionResult, IntrinsicDimensionSpec
+    from workers.engine import graph_layers
+    from workers.engine.intrinsic.subspace import Artifact, evaluate, rebuild, reinit_factory
+
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, 10))
+    digits = datasets.digits("train")
+    x, y = digits.inputs["x"], digits.labels
+    assert y is not None
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.export.save(torch.export.export(mlp.eval(), (x[:8],), dynamic_shapes={"input": {0: batch}}),
+                      str(tmp_path / "mlp.pt2"))
+    np.savez(tmp_path / "digits.npz", x=x.numpy(), y=y.numpy())
+    with stack.client() as client:
+        mdl = client.models.upload(tmp_path / "mlp.pt2", name="my mlp")
+        dst = client.datasets.upload(tmp_path / "digits.npz", name="digits train")
+        spec = IntrinsicDimensionSpec.model_validate({
+            "model": {"id": mdl.id}, "dataset": {"id": dst.id}, "grid": [20, 200, 1000],
+            "epochs": 4, "layer_scaling": True})
+        job = client.jobs.wait(client.jobs.create(spec).id, timeout=300)
+        res = job.result
+        assert isinstance(res, IntrinsicDimensionResult), job.error
+        assert res.parameters == 64 * 32 + 32 + 32 * 10 + 10 == res.reinitialized_parameters
+        assert res.model == mdl.id and res.layer_scaling and res.full_accuracy > 0.5  # 4 epochs
+        if res.d_int90 is None:
+            return
+        art = Artifact(**json.loads(client.jobs.download(job.id, "intrinsic.json",
+                                                         tmp_path).read_bytes()))
+    assert art.layer_scales is not None and art.layer_scales.numel() == 4
+    ep = torch.export.load(tmp_path / "mlp.pt2")
+    factory = reinit_factory(graph_layers.restore_layers(ep.module()))  # type: ignore[arg-type]
+    cut = int(len(y) * 0.8)
+    acc = evaluate(rebuild(art, factory), None, x[cut:], y[cut:])
+    assert acc == pytest.approx(res.rebuilt_accuracy, abs=1e-9) and acc >= res.target

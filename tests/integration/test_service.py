@@ -344,10 +344,14 @@ def test_intrinsic_dimension_job_through_the_api(stack: Stack, tmp_path: Path) -
     from workers.engine.intrinsic import job as id_job
     from workers.engine.intrinsic.subspace import Artifact, evaluate, rebuild
 
-    with stack.client() as client:
+    key = stack.key()
+    with stack.client(key) as client:
         j = client.jobs.create(IntrinsicDimensionSpec(grid=[20, 400, 3000], epochs=3))
         done = client.jobs.wait(j.id, timeout=300)
         res = done.result
+        # The dashboard's job list renders a spec whose model is a plain architecture name.
+        page = httpx.get(f"{stack.base_url}/ui/jobs", cookies={"modelpress_key": key})
+        assert page.status_code == 200 and "digits-mlp" in page.text
         assert isinstance(res, IntrinsicDimensionResult)
         assert res.parameters == 55_210 and res.training_runs >= 1
         if res.d_int90 is None:

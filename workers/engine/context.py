@@ -1,5 +1,6 @@
 """What the engine may ask of the job that runs it: progress, cancellation, logging, artifacts,
-inputs and a memo of finished evaluations (so a re-run after a crash resumes)."""
+inputs, a memo of finished evaluations (so a re-run after a crash resumes) and fan-out: other
+workers may compute independent pieces of the same job (claims make sure each is computed once)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,6 +51,37 @@ class JobContext(Protocol):
     def memo_get(self, key: str) -> Any | None: ...
 
     def memo_put(self, key: str, value: Any) -> None: ...
+
+    def claim(self, key: str) -> AbstractContextManager[bool]:
+        """While held (True), no other process of this job computes ``key``; False: another
+        one holds it now."""
+
+    def fan_out(self, items: list[dict[str, Any]]) -> int:
+        """Offer ``items`` (independent pieces of this job) to other workers; how many were
+        sent (0 where there is nobody to send them to)."""
+
+
+def compute_once(ctx: JobContext, key: str, compute: Callable[[], dict[str, Any]],
+                 wait: bool = True, poll_s: float = 0.5) -> dict[str, Any] | None:
+    """The memoized value of ``key``: from the memo, computed here under a claim, or (``wait``)
+    awaited while another worker computes it. A worker that dies drops its claim (it expires),
+    and the piece is computed by whoever asks next, so nothing is lost or done twice."""
+    while True:
+        hit = ctx.memo_get(key)
+        if hit is not None:
+            return dict(hit)
+        with ctx.claim(key) as mine:
+            if mine:
+                hit = ctx.memo_get(key)  # finished between our read and our claim
+                if hit is not None:
+                    return dict(hit)
+                value = {**compute(), "by": getattr(ctx, "who", "local")}
+                ctx.memo_put(key, value)
+                return value
+        if not wait:
+            return None
+        ctx.check_cancelled()
+        time.sleep(poll_s)
 
 
 def memo_key(*parts: Any) -> str:
@@ -114,6 +148,13 @@ class LocalContext:
 
     def memo_put(self, key: str, value: Any) -> None:
         self._memo[key] = value
+
+    @contextmanager
+    def claim(self, key: str) -> Iterator[bool]:
+        yield True  # one process: nobody to share with
+
+    def fan_out(self, items: list[dict[str, Any]]) -> int:
+        return 0
 
 
 class Throttle:

@@ -21,5 +21,15 @@ ENGINES: dict[str, Callable[[Any, JobContext], BaseModel]] = {
 }
 
 
+# Kinds whose jobs fan independent pieces out to other workers: the piece runner.
+ITEMS: dict[str, Callable[[Any, JobContext, dict[str, Any]], None]] = {
+    "intrinsic_dimension": intrinsic_job.run_item,
+}
+
+
 def run(spec: AnySpec, ctx: JobContext) -> BaseModel:
     return ENGINES[spec.kind](spec, ctx)
+
+
+def run_item(spec: AnySpec, ctx: JobContext, item: dict[str, Any]) -> None:
+    ITEMS[spec.kind](spec, ctx, item)

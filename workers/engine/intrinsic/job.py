@@ -1,18 +1,26 @@
-"""The ``intrinsic_dimension`` job."""
+"""The ``intrinsic_dimension`` job.
+
+Training runs are the cost, and runs of different seeds (or, for the grid sweep, every grid
+point) are independent: the job fans them out to idle workers as pieces (``run_item``). Every
+run is memoized under a claim (``compute_once``), so whichever worker gets to a run first
+computes it, the others reuse it, and a crashed worker's runs are redone by the next to ask.
+"""
 
 from __future__ import annotations
 
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 import torch
 from torch import nn
 
-from app.schemas import CurvePoint, IntrinsicDimensionResult, IntrinsicDimensionSpec
-from workers.engine import datasets, env
-from workers.engine.context import JobContext
+from app.schemas import CurvePoint, IntrinsicDimensionResult, IntrinsicDimensionSpec, ModelRef
+from workers.engine import datasets, env, models
+from workers.engine.context import JobContext, UserError, compute_once
 from workers.engine.intrinsic import search as idsearch
 from workers.engine.intrinsic.subspace import (
     Artifact,
@@ -20,8 +28,11 @@ from workers.engine.intrinsic.subspace import (
     SubspaceRun,
     evaluate,
     rebuild,
+    reinit_factory,
+    reset_coverage,
     train_full,
     train_subspace,
+    unpack_floats,
 )
 from workers.engine.zoo import DigitsCNN
 
@@ -37,21 +48,112 @@ def digits_mlp() -> nn.Module:
 FACTORIES: dict[str, ModelFactory] = {"digits-mlp": digits_mlp, "digits-cnn": DigitsCNN}
 
 
+Split = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+Problem = tuple[str, ModelFactory, Split, Split, int | None]
+
+
+def _problem(spec: IntrinsicDimensionSpec, ctx: JobContext, report: bool = True) -> Problem:
+    """(name, factory, train, test, re-initialized parameter count for uploads)."""
+    if not isinstance(spec.model, ModelRef):
+        tr, te = datasets.digits("train"), datasets.digits("test")
+        assert tr.labels is not None and te.labels is not None
+        return (spec.model, FACTORIES[spec.model], ((tr.inputs["x"],), tr.labels),
+                ((te.inputs["x"],), te.labels), None)
+    assert spec.dataset is not None
+    if report:
+        ctx.progress("load", 0.01, f"loading {spec.model.label()}")
+    loaded = models.load_model(spec.model, ctx)
+    data = models.load_dataset(spec.dataset, ctx, loaded)
+    if data.labels is None:
+        raise UserError("intrinsic dimension measures accuracy: the dataset needs labels (`y`)")
+    n = len(data)
+    if n < 10:
+        raise UserError(f"the dataset has {n} samples; at least 10 are needed (80% train, "
+                        "20% test)")
+    cut = int(n * 0.8)
+    xs = data.ordered(loaded.input_names)
+    with torch.no_grad():
+        out = loaded.module(*(t[:2] for t in xs))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise UserError("intrinsic dimension needs a classifier: the model must return logits "
+                        f"[batch, classes], got {getattr(out, 'shape', type(out).__name__)}")
+    if int(data.labels.max()) >= out.shape[1] or int(data.labels.min()) < 0:
+        raise UserError(f"labels must lie in [0, {out.shape[1]}) for a model with "
+                        f"{out.shape[1]} outputs")
+    covered, total = reset_coverage(loaded.module)
+    ctx.log.info("%s: %d of %d parameters re-initialized for theta0; the rest keep their "
+                 "uploaded values", loaded.name, covered, total)
+    return (loaded.name, reinit_factory(loaded.module),
+            (tuple(t[:cut] for t in xs), data.labels[:cut]),
+            (tuple(t[cut:] for t in xs), data.labels[cut:]), covered)
+
+
+def _point(spec: IntrinsicDimensionSpec, ctx: JobContext, prob: Problem, seed: int, d: int,
+           wait: bool = True) -> tuple[SubspaceRun, str] | None:
+    """One training run (seed, d), computed once across the job's workers; and who ran it."""
+    _, factory, train, test, _ = prob
+
+    def compute() -> dict[str, Any]:
+        r = train_subspace(factory, d, spec.projection, train, test, spec.epochs, spec.lr,
+                           theta0_seed=seed, projection_seed=seed + 1_000_003,
+                           check=ctx.check_cancelled, layer_scaling=spec.layer_scaling)
+        ctx.log.info("seed %d d=%d: accuracy %.4f (%.1f s)", seed, d, r.accuracy, r.seconds)
+        scales = None if r.layer_scales is None else Artifact.pack(r.layer_scales)
+        return {"accuracy": r.accuracy, "d_vector": Artifact.pack(r.d_vector),
+                "layer_scales": scales, "seconds": r.seconds, "steps": r.steps}
+
+    v = compute_once(ctx, f"intrinsic:{seed}:{d}", compute, wait=wait)
+    if v is None:
+        return None
+    scales = None if v["layer_scales"] is None else unpack_floats(v["layer_scales"])
+    return SubspaceRun(d, v["accuracy"], unpack_floats(v["d_vector"]), v["seconds"], v["steps"],
+                       scales), str(v["by"])
+
+
+def _search(spec: IntrinsicDimensionSpec, grid: list[int], target: float,
+            one: Callable[[int], float]) -> idsearch.SearchResult:
+    how = idsearch.gallop_bisect if spec.search == "bisection" else idsearch.grid_sweep
+    return how(one, grid, target)
+
+
+def run_item(spec: IntrinsicDimensionSpec, ctx: JobContext, item: dict[str, Any]) -> None:
+    """A piece fanned out by :func:`run`: one grid point, or one seed's whole search."""
+    prob = _problem(spec, ctx, report=False)
+    seed = int(item["seed"])
+    if "d" in item:
+        _point(spec, ctx, prob, seed, int(item["d"]), wait=False)
+        return
+
+    def one(d: int) -> float:
+        out = _point(spec, ctx, prob, seed, d)
+        assert out is not None
+        return out[0].accuracy
+
+    _search(spec, spec.grid or DEFAULT_GRID, float(item["target"]), one)
+
+
 def run(spec: IntrinsicDimensionSpec, ctx: JobContext) -> IntrinsicDimensionResult:
     t0 = time.perf_counter()
-    factory = FACTORIES[spec.model]
-    tr, te = datasets.digits("train"), datasets.digits("test")
-    assert tr.labels is not None and te.labels is not None
-    train, test = (tr.inputs["x"], tr.labels), (te.inputs["x"], te.labels)
+    prob = _problem(spec, ctx)
+    name, factory, train, test, reinitialized = prob
     grid = spec.grid or DEFAULT_GRID
-    ctx.progress("baseline", 0.02, f"training the full {spec.model}")
+    ctx.progress("baseline", 0.02, f"training the full {name}")
     full = train_full(factory, train, test, spec.epochs, min(spec.lr, 1e-3), spec.seeds[0])
     target = spec.threshold * full
     n_params = sum(p.numel() for p in factory().parameters())
-    ctx.log.info("full %s: accuracy %.4f, D=%d; target %.4f", spec.model, full, n_params, target)
+    ctx.log.info("full %s: accuracy %.4f, D=%d; target %.4f", name, full, n_params, target)
+    # Independent pieces for idle workers, last first: this worker starts from the front.
+    if spec.fan_out:
+        items: list[dict[str, Any]] = (
+            [{"seed": sd, "d": d} for sd in spec.seeds for d in grid] if spec.search == "grid"
+            else [{"seed": sd, "target": target} for sd in spec.seeds[1:]])
+        sent = ctx.fan_out(items[::-1])
+        if sent:
+            ctx.log.info("offered %d independent pieces to other workers", sent)
     curve: list[CurvePoint] = []
     best: dict[int, dict[int, SubspaceRun]] = {}
     per_seed: list[int | None] = []
+    computed_by: dict[str, int] = {}
     total = 0
     for k, seed in enumerate(spec.seeds):
         runs: dict[int, SubspaceRun] = {}
@@ -60,15 +162,13 @@ def run(spec: IntrinsicDimensionSpec, ctx: JobContext) -> IntrinsicDimensionResu
                 ) -> float:
             ctx.progress("search", 0.05 + 0.85 * (k + min(len(runs), 12) / 12) / len(spec.seeds),
                          f"seed {seed}: training in a {d}-dimensional subspace")
-            r = train_subspace(factory, d, spec.projection, train, test, spec.epochs, spec.lr,
-                               theta0_seed=seed, projection_seed=seed + 1_000_003,
-                               check=ctx.check_cancelled)
-            runs[d] = r
-            ctx.log.info("seed %d d=%d: accuracy %.4f (%.1f s)", seed, d, r.accuracy, r.seconds)
-            return r.accuracy
+            out = _point(spec, ctx, prob, seed, d)
+            assert out is not None
+            runs[d], by = out
+            computed_by[by] = computed_by.get(by, 0) + 1
+            return runs[d].accuracy
 
-        how = idsearch.gallop_bisect if spec.search == "bisection" else idsearch.grid_sweep
-        res = how(one, grid, target)
+        res = _search(spec, grid, target, one)
         per_seed.append(res.d_int)
         total += len(runs)
         best[seed] = runs
@@ -80,20 +180,26 @@ def run(spec: IntrinsicDimensionSpec, ctx: JobContext) -> IntrinsicDimensionResu
     seed0 = spec.seeds[0]
     if per_seed[0] is not None:
         run0 = best[seed0][per_seed[0]]
-        art = Artifact(model=spec.model, theta0_seed=seed0, projection=spec.projection,
+        art = Artifact(model=name, theta0_seed=seed0, projection=spec.projection,
                        projection_seed=seed0 + 1_000_003, D=n_params, d=run0.d,
-                       d_vector_b64=Artifact.pack(run0.d_vector))
+                       d_vector_b64=Artifact.pack(run0.d_vector),
+                       layer_scales_b64=(None if run0.layer_scales is None
+                                         else Artifact.pack(run0.layer_scales)))
         model = rebuild(art, factory)
         rebuilt_acc = evaluate(model, None, *test)
         ratio = (4 * n_params) / art.stored_bytes()
         ctx.save_artifact("intrinsic.json", json.dumps(asdict(art)).encode(), "application/json")
     result = IntrinsicDimensionResult(
-        model=spec.model, projection=spec.projection, parameters=n_params, full_accuracy=full,
+        model=name, projection=spec.projection, parameters=n_params, full_accuracy=full,
         target=target, d_int90=d_int, d_int90_per_seed=per_seed, curve=curve,
-        training_runs=total, rebuilt_accuracy=rebuilt_acc, compression_ratio=ratio,
+        training_runs=total, computed_by=computed_by, layer_scaling=spec.layer_scaling,
+        reinitialized_parameters=reinitialized, rebuilt_accuracy=rebuilt_acc,
+        compression_ratio=ratio,
         seconds=time.perf_counter() - t0,
-        method=(f"Adam on d ({spec.epochs} epochs, lr {spec.lr}, batch 64) on digits train, "
-                f"accuracy on digits test; full baseline Adam lr {min(spec.lr, 1e-3)}; "
+        method=(f"Adam on d ({spec.epochs} epochs, lr {spec.lr}, batch 64) on "
+                f"{'digits train' if reinitialized is None else 'the first 80% of the dataset'}"
+                f", accuracy on {'digits test' if reinitialized is None else 'the last 20%'}; "
+                f"full baseline Adam lr {min(spec.lr, 1e-3)}; "
                 f"{spec.search} over {len(grid)} grid values"),
         environment=env.environment(torch.device("cpu")))
     ctx.save_artifact("curve.json", json.dumps([c.model_dump() for c in curve]).encode(),

@@ -1,10 +1,15 @@
 """Training in a random subspace: only d coordinates are trained, the model's parameters are
 theta = theta0 + P d with theta0 its seeded random initialization. The solution is stored as
-numbers (model, seeds, projection, d values) and rebuilt bit for bit by :func:`rebuild`."""
+numbers (model, seeds, projection, d values) and rebuilt bit for bit by :func:`rebuild`.
+
+With ``layer_scaling`` (the structure-aware variant of Aghajanyan et al., 2020), each parameter
+tensor i also learns a scalar lambda_i: theta_i = theta0_i + lambda_i (P d)_i, so m more numbers
+are trained and stored (m = the number of parameter tensors)."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +22,48 @@ from torch.func import functional_call
 from workers.engine.intrinsic.projections import Kind, make
 
 ModelFactory = Callable[[], nn.Module]
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _tuple(x: Inputs) -> tuple[torch.Tensor, ...]:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _mode(model: nn.Module, training: bool) -> None:
+    """train() / eval(), except on exported programs, which refuse both (their graph was
+    captured in one mode)."""
+    with contextlib.suppress(NotImplementedError):
+        model.train(training)
+
+
+def reinit_factory(module: nn.Module) -> ModelFactory:
+    """A factory for an uploaded model's architecture with fresh weights: every submodule that
+    has ``reset_parameters`` (Linear, Conv, norms, embeddings) redraws its parameters from the
+    global generator, which :func:`init_params` seeds first. Parameters no module can reset
+    keep their uploaded values as part of theta0 (:func:`reset_coverage` counts them)."""
+    import copy
+
+    template = copy.deepcopy(module)
+
+    def make() -> nn.Module:
+        model = copy.deepcopy(template)
+        for sub in model.modules():
+            reset = getattr(sub, "reset_parameters", None)
+            if sub is not model and callable(reset):
+                reset()
+        return model
+
+    return make
+
+
+def reset_coverage(module: nn.Module) -> tuple[int, int]:
+    """(parameters that a re-initialization redraws, all parameters)."""
+    covered: set[int] = set()
+    for sub in module.modules():
+        if sub is not module and callable(getattr(sub, "reset_parameters", None)):
+            covered |= {id(p) for p in sub.parameters()}
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if id(p) in covered), sum(p.numel() for p in params)
 
 
 def init_params(factory: ModelFactory, seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -38,6 +85,12 @@ def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
+def segments(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """For each flat coordinate, the index of the parameter tensor it belongs to."""
+    sizes = torch.tensor([p.numel() for p in params.values()])
+    return torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+
+
 @dataclass
 class SubspaceRun:
     d: int
@@ -45,6 +98,7 @@ class SubspaceRun:
     d_vector: torch.Tensor
     seconds: float
     steps: int
+    layer_scales: torch.Tensor | None = None
 
 
 @dataclass
@@ -58,18 +112,34 @@ class Artifact:
     D: int
     d: int
     d_vector_b64: str  # float32 little-endian
+    layer_scales_b64: str | None = None  # layer_scaling: one float32 per parameter tensor
 
     @property
     def values(self) -> torch.Tensor:
-        return torch.from_numpy(np.frombuffer(base64.b64decode(self.d_vector_b64),
-                                              dtype="<f4").copy())
+        return unpack_floats(self.d_vector_b64)
+
+    @property
+    def layer_scales(self) -> torch.Tensor | None:
+        return None if self.layer_scales_b64 is None else unpack_floats(self.layer_scales_b64)
 
     def stored_bytes(self) -> int:
-        return 4 * self.d + 64  # the d floats plus the model name, seeds and sizes
+        scales = self.layer_scales
+        m = 0 if scales is None else scales.numel()
+        return 4 * (self.d + m) + 64  # the floats plus the model name, seeds and sizes
 
     @staticmethod
     def pack(values: torch.Tensor) -> str:
         return base64.b64encode(values.detach().float().numpy().astype("<f4").tobytes()).decode()
+
+
+def unpack_floats(b64: str) -> torch.Tensor:
+    """The inverse of :meth:`Artifact.pack`."""
+    return torch.from_numpy(np.frombuffer(base64.b64decode(b64), dtype="<f4").copy())
+
+
+def _theta(flat0: torch.Tensor, offset: torch.Tensor, seg: torch.Tensor,
+           scales: torch.Tensor | None) -> torch.Tensor:
+    return flat0 + (offset if scales is None else offset * scales[seg])
 
 
 def rebuild(art: Artifact, factory: ModelFactory) -> nn.Module:
@@ -77,68 +147,79 @@ def rebuild(art: Artifact, factory: ModelFactory) -> nn.Module:
     model, theta0 = init_params(factory, art.theta0_seed)
     proj = make(art.projection, art.D, art.d, art.projection_seed)
     with torch.no_grad():
-        theta = flatten(theta0) + proj(art.values)
+        theta = _theta(flatten(theta0), proj(art.values), segments(theta0), art.layer_scales)
         for name, value in unflatten(theta, theta0).items():
             model.get_parameter(name).copy_(value)
-    return model.eval()
+    _mode(model, False)
+    return model
 
 
-def evaluate(model: nn.Module, params: dict[str, torch.Tensor] | None, x: torch.Tensor,
-             y: torch.Tensor) -> float:
+def evaluate(model: nn.Module, params: dict[str, torch.Tensor] | None, x: Inputs,
+             y: torch.Tensor, batch_size: int = 256) -> float:
+    xs = _tuple(x)
+    correct = 0
     with torch.no_grad():
-        out = functional_call(model, params, (x,)) if params is not None else model(x)
-    return float((out.argmax(1) == y).float().mean())
+        for i in range(0, len(y), batch_size):
+            part = tuple(t[i:i + batch_size] for t in xs)
+            out = functional_call(model, params, part) if params is not None else model(*part)
+            correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
+    return correct / len(y)
 
 
-def train_subspace(factory: ModelFactory, d: int, kind: Kind, train: tuple[torch.Tensor, torch.Tensor],
-                   test: tuple[torch.Tensor, torch.Tensor], epochs: int, lr: float,
+def train_subspace(factory: ModelFactory, d: int, kind: Kind, train: tuple[Inputs, torch.Tensor],
+                   test: tuple[Inputs, torch.Tensor], epochs: int, lr: float,
                    theta0_seed: int, projection_seed: int, batch_size: int = 64,
-                   check: Callable[[], None] | None = None) -> SubspaceRun:
-    """Adam on the d coordinates only; returns the test accuracy of theta0 + P d."""
+                   check: Callable[[], None] | None = None, layer_scaling: bool = False
+                   ) -> SubspaceRun:
+    """Adam on the d coordinates only (and the per-tensor scales with ``layer_scaling``);
+    returns the test accuracy of theta0 + P d."""
     t0 = time.perf_counter()
     model, theta0 = init_params(factory, theta0_seed)
-    flat0 = flatten(theta0)
+    flat0, seg = flatten(theta0), segments(theta0)
     proj = make(kind, flat0.numel(), d, projection_seed)
     z = torch.zeros(d, requires_grad=True)
-    opt = torch.optim.Adam([z], lr=lr)
-    x, y = train
+    scales = torch.ones(len(theta0), requires_grad=True) if layer_scaling else None
+    opt = torch.optim.Adam([z] if scales is None else [z, scales], lr=lr)
+    xs, y = _tuple(train[0]), train[1]
     gen = torch.Generator().manual_seed(theta0_seed)
     steps = 0
-    model.train()
+    _mode(model, True)
     for _ in range(epochs):
         if check is not None:
             check()
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), batch_size):
             idx = perm[i:i + batch_size]
-            params = unflatten(flat0 + proj(z), theta0)
-            loss = nn.functional.cross_entropy(functional_call(model, params, (x[idx],)), y[idx])
+            params = unflatten(_theta(flat0, proj(z), seg, scales), theta0)
+            out = functional_call(model, params, tuple(t[idx] for t in xs))
+            loss = nn.functional.cross_entropy(out, y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             steps += 1
-    model.eval()
+    _mode(model, False)
     with torch.no_grad():
-        acc = evaluate(model, unflatten(flat0 + proj(z), theta0), *test)
-    return SubspaceRun(d, acc, z.detach().clone(), time.perf_counter() - t0, steps)
+        acc = evaluate(model, unflatten(_theta(flat0, proj(z), seg, scales), theta0), *test)
+    return SubspaceRun(d, acc, z.detach().clone(), time.perf_counter() - t0, steps,
+                       None if scales is None else scales.detach().clone())
 
 
-def train_full(factory: ModelFactory, train: tuple[torch.Tensor, torch.Tensor],
-               test: tuple[torch.Tensor, torch.Tensor], epochs: int, lr: float, seed: int,
+def train_full(factory: ModelFactory, train: tuple[Inputs, torch.Tensor],
+               test: tuple[Inputs, torch.Tensor], epochs: int, lr: float, seed: int,
                batch_size: int = 64) -> float:
     """The baseline: all D parameters trained, same data, epochs and optimizer."""
     model, _ = init_params(factory, seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    x, y = train
+    xs, y = _tuple(train[0]), train[1]
     gen = torch.Generator().manual_seed(seed)
-    model.train()
+    _mode(model, True)
     for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), batch_size):
             idx = perm[i:i + batch_size]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss = nn.functional.cross_entropy(model(*(t[idx] for t in xs)), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    model.eval()
+    _mode(model, False)
     return evaluate(model, None, *test)

@@ -15,9 +15,13 @@ from workers.engine.intrinsic.projections import Fastfood, make
 from workers.engine.intrinsic.search import gallop_bisect, grid_sweep
 from workers.engine.intrinsic.subspace import (
     Artifact,
+    evaluate,
     flatten,
     init_params,
     rebuild,
+    reinit_factory,
+    reset_coverage,
+    segments,
     train_subspace,
     unflatten,
 )
@@ -83,3 +87,52 @@ def test_job_on_a_small_grid(tmp_path: Path) -> None:
         assert passing[0].accuracy >= res.target
         assert res.rebuilt_accuracy == pytest.approx(passing[0].accuracy, abs=1e-9)
         assert (ctx.workdir / "artifacts" / "intrinsic.json").exists()
+
+
+def test_layer_scaling_trains_and_rebuilds_bit_for_bit() -> None:
+    """Structure-aware variant: one learned scale per parameter tensor, stored in the artifact
+    and applied on rebuild; the model equals theta0 + scale_i (P d)_i exactly."""
+    tr, te = datasets.digits("train"), datasets.digits("test")
+    assert tr.labels is not None and te.labels is not None
+    r = train_subspace(job.digits_mlp, 32, "fastfood", (tr.inputs["x"][:512], tr.labels[:512]),
+                       (te.inputs["x"], te.labels), 2, 0.05, theta0_seed=1, projection_seed=2,
+                       layer_scaling=True)
+    _, theta0 = init_params(job.digits_mlp, 1)
+    assert r.layer_scales is not None and r.layer_scales.shape == (len(theta0),)
+    assert not torch.equal(r.layer_scales, torch.ones(len(theta0)))  # they were trained
+    D = flatten(theta0).numel()
+    art = Artifact("digits-mlp", 1, "fastfood", 2, D, 32, Artifact.pack(r.d_vector),
+                   Artifact.pack(r.layer_scales))
+    assert art.stored_bytes() == 4 * (32 + len(theta0)) + 64
+    rebuilt = rebuild(Artifact(**{**art.__dict__}), job.digits_mlp)
+    offset = make("fastfood", D, 32, 2)(r.d_vector)
+    scaled = offset * r.layer_scales[segments(theta0)]
+    expected = unflatten(flatten(theta0) + scaled, theta0)
+    for name, p in rebuilt.named_parameters():
+        assert torch.equal(p, expected[name]), name
+    assert evaluate(rebuilt, None, te.inputs["x"], te.labels) == pytest.approx(r.accuracy)
+
+
+def test_uploaded_pt2_is_reinitialized_deterministically(tmp_path: Path) -> None:
+    """An uploaded architecture's theta0: its Linear layers redrawn under the seed, the same
+    for the same seed, different for another, and trainable in a subspace."""
+    from tests.helpers import export_tiny
+    from workers.engine import graph_layers
+
+    ep = torch.export.load(export_tiny(tmp_path / "tiny.pt2"))
+    module = graph_layers.restore_layers(ep.module())  # type: ignore[arg-type]
+    factory = reinit_factory(module)
+    covered, total = reset_coverage(module)
+    assert covered == total > 0  # TinyMLP: only Linear layers
+    _, a = init_params(factory, 7)
+    _, b = init_params(factory, 7)
+    _, c = init_params(factory, 8)
+    uploaded = dict(module.named_parameters())
+    for name in a:
+        assert torch.equal(a[name], b[name])
+        assert not torch.equal(a[name], c[name]) and not torch.equal(a[name], uploaded[name])
+    x = torch.randn(64, 16)
+    y = (x[:, 0] > 0).long()
+    r = train_subspace(factory, 8, "dense", (x, y), (x, y), 2, 0.05, theta0_seed=7,
+                       projection_seed=9)
+    assert 0.0 <= r.accuracy <= 1.0 and r.steps == 2

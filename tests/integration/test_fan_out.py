@@ -1,0 +1,88 @@
+"""Fan-out: a job's independent training runs computed by several real Celery workers, each
+exactly once, and a piece whose worker died is computed by the next to ask (claims expire)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from app import records
+from app.config import Settings
+from app.schemas import IntrinsicDimensionResult, IntrinsicDimensionSpec
+from app.storage import open_store
+from modelpress import _stack
+from tests.conftest import Stack, make_stack
+from workers.engine.context import compute_once
+from workers.runner import WorkerContext
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path, redis_server: _stack.EmbeddedRedis,
+                shared_store: Path) -> Iterator[Stack]:
+    s = make_stack(tmp_path, redis_server, {"MODELPRESS_STORE_URL": shared_store.as_uri()})
+    s.start_api()
+    s.start_worker("w1")
+    s.start_worker("w2")
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def test_grid_points_are_shared_by_two_workers_each_once(two_workers: Stack) -> None:
+    s = two_workers
+    grid, seeds = [10, 40, 150, 500, 1500], [0, 1]
+    with s.client() as client:
+        job = client.jobs.create(IntrinsicDimensionSpec(search="grid", grid=grid, seeds=seeds,
+                                                        epochs=2))
+        done = client.jobs.wait(job.id, timeout=300)
+    res = done.result
+    assert isinstance(res, IntrinsicDimensionResult), done.error
+    assert res.training_runs == len(grid) * len(seeds) == sum(res.computed_by.values())
+    assert len(res.computed_by) == 2, res.computed_by  # both workers trained some
+    assert {w.split("@")[0] for w in res.computed_by} == {"w1", "w2"}
+    # Exactly one memoized run per (seed, d): nothing computed twice, nothing missing.
+    memo = s.redis.hgetall(records.memo_key(job.id))
+    runs = {k for k in memo if k.startswith("intrinsic:")}
+    assert runs == {f"intrinsic:{sd}:{d}" for sd in seeds for d in grid}
+    assert done.attempts == 1
+
+
+def test_a_dead_workers_claim_expires_and_the_piece_is_computed(
+        tmp_path: Path, redis_server: _stack.EmbeddedRedis) -> None:
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15",
+                        worker_heartbeat_s=1, store_url=tmp_path.as_uri())
+    r = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    r.flushdb()
+    r.hset(records.job_key("job_x"), mapping={"state": "running", "attempts": "1"})
+    ctx = WorkerContext("job_x", "t", 1, settings, r, open_store(settings), tmp_path, who="w9")
+    # Another worker claimed the piece and then died: its claim is never renewed.
+    claim = f"{records.memo_key('job_x')}:claim:piece"
+    r.set(claim, "dead-worker", ex=3)
+    calls: list[float] = []
+    out: list[dict[str, object] | None] = []
+    t0 = time.monotonic()
+    worker = threading.Thread(target=lambda: out.append(compute_once(
+        ctx, "piece", lambda: calls.append(time.monotonic()) or {"v": 42}, poll_s=0.2)))
+    worker.start()
+    worker.join(timeout=20)
+    assert out == [{"v": 42, "by": "w9"}] and len(calls) == 1
+    assert 2.0 <= calls[0] - t0 <= 6.0  # waited for the dead claim to expire, then computed
+    assert compute_once(ctx, "piece", lambda: {"v": 0}) == {"v": 42, "by": "w9"}  # memoized
+    assert r.get(claim) is None  # released after computing
+    # While a live holder renews its claim, others wait rather than compute it again.
+    with ctx.claim("other") as mine:
+        assert mine
+        other = WorkerContext("job_x", "t", 1, settings, r, open_store(settings), tmp_path)
+        assert compute_once(other, "other", lambda: {"v": 1}, wait=False) is None
+        time.sleep(3.5)  # longer than the TTL: renewal keeps it
+        with other.claim("other") as theirs:
+            assert not theirs
