@@ -43,6 +43,9 @@ def create_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_track_started=False,
+        # Pool processes import the engine (torch, ONNX Runtime: ~4 s) as they start (see
+        # workers.tasks); Celery's default 4 s wait for a new process would kill them.
+        worker_proc_alive_timeout=60.0,
     )
     validate(app)
     return app

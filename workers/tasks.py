@@ -5,10 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_process_init
 
 from workers import heartbeat, runner
 
 heartbeat.connect_signals()
+
+
+@worker_process_init.connect(weak=False)
+def _import_engine(**_: Any) -> None:
+    """Import the engine when a pool process starts, not inside the first job's time limit
+    (a redelivered job on a fresh worker would otherwise spend ~4 s of it importing)."""
+    import workers.engine.registry  # noqa: F401
 
 
 @shared_task(name="modelpress.run_job", bind=True)
