@@ -137,10 +137,11 @@ def make_stack(root: Path, redis_server: _stack.EmbeddedRedis, extra_env: dict[s
     return Stack(root=root, env=env, db=db)
 
 
-def running(s: Stack) -> Iterator[Stack]:
-    """Start the API and one worker, wait until ready, and stop them afterwards."""
+def running(s: Stack, workers: tuple[str, ...] = ("w1",)) -> Iterator[Stack]:
+    """Start the API and the workers, wait until ready, and stop them afterwards."""
     s.start_api()
-    s.start_worker()
+    for name in workers:
+        s.start_worker(name)
     try:
         s.wait_ready()
         yield s

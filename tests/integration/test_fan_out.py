@@ -16,7 +16,7 @@ from app.config import Settings
 from app.schemas import IntrinsicDimensionResult, IntrinsicDimensionSpec
 from app.storage import open_store
 from modelpress import _stack
-from tests.conftest import Stack, make_stack
+from tests.conftest import Stack, make_stack, running
 from workers.engine.context import compute_once
 from workers.runner import WorkerContext
 
@@ -26,15 +26,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def two_workers(tmp_path: Path, redis_server: _stack.EmbeddedRedis,
                 shared_store: Path) -> Iterator[Stack]:
-    s = make_stack(tmp_path, redis_server, {"MODELPRESS_STORE_URL": shared_store.as_uri()})
-    s.start_api()
-    s.start_worker("w1")
-    s.start_worker("w2")
-    try:
-        s.wait_ready()
-        yield s
-    finally:
-        s.stop()
+    yield from running(make_stack(tmp_path, redis_server,
+                                  {"MODELPRESS_STORE_URL": shared_store.as_uri()}),
+                       workers=("w1", "w2"))
 
 
 def test_grid_points_are_shared_by_two_workers_each_once(two_workers: Stack) -> None:

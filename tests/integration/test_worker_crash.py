@@ -11,7 +11,7 @@ import pytest
 
 from app.schemas import BenchmarkSpec, ModelRef
 from modelpress import _stack
-from tests.conftest import Stack, make_stack
+from tests.conftest import Stack, make_stack, running
 from tests.integration.test_service import sse_events, wait_for
 
 pytestmark = pytest.mark.slow
@@ -20,18 +20,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def crash_stack(tmp_path: Path, redis_server: _stack.EmbeddedRedis,
                 shared_store: Path) -> Iterator[Stack]:
-    s = make_stack(tmp_path, redis_server, {
+    yield from running(make_stack(tmp_path, redis_server, {
         "MODELPRESS_STORE_URL": shared_store.as_uri(),
         "MODELPRESS_TASK_TIME_LIMIT_S": "8",
         "MODELPRESS_VISIBILITY_TIMEOUT_S": "10",
-    })
-    s.start_api()
-    s.start_worker("w1")
-    try:
-        s.wait_ready()
-        yield s
-    finally:
-        s.stop()
+    }))
 
 
 def test_sigkill_mid_job_is_retried_once(crash_stack: Stack) -> None:

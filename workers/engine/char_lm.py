@@ -101,6 +101,7 @@ class CharGPT(nn.Module):
 
 
 def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """exp(mean next-token cross-entropy) of logits [..., V] against targets [...]."""
     ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(),
                                      targets.reshape(-1))
     return float(torch.exp(ce))

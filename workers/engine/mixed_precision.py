@@ -35,7 +35,14 @@ from workers.engine.quant import search as qsearch
 from workers.engine.quant import sensitivity as qsens
 from workers.engine.quant.formats import LayerFormat, parse
 from workers.engine.quant.prepare import build_task
-from workers.engine.quant.task import Config, QuantTask, config_json, config_key, threshold
+from workers.engine.quant.task import (
+    LABELED,
+    Config,
+    QuantTask,
+    config_json,
+    config_key,
+    threshold,
+)
 
 log = logging.getLogger("modelpress.engine.mixed_precision")
 TIE = 0.03  # relative latency difference treated as equal when choosing
@@ -85,8 +92,7 @@ def run_sensitivity(spec: SensitivitySpec, ctx: JobContext) -> SensitivityResult
     scores, pairwise = _sensitivity(task, names, fmt_of, spec.options, ctx, 0.05, 0.95)
     result = SensitivityResult(
         model=loaded.name, precision=fmt.label(), metric=task.metric,
-        loss=("cross-entropy" if task.metric in ("accuracy", "perplexity")
-              else "squared error to float outputs"),
+        loss="cross-entropy" if task.metric in LABELED else "squared error to float outputs",
         layers=_to_schema(scores), pairwise=pairwise, evaluations=task.evaluations,
         seconds=time.perf_counter() - t0, environment=env.environment(torch.device("cpu")))
     ctx.save_artifact("sensitivity.json", result.model_dump_json(indent=2).encode(),

@@ -47,21 +47,22 @@ def reinit_factory(module: nn.Module) -> ModelFactory:
 
     def make() -> nn.Module:
         model = copy.deepcopy(template)
-        for sub in model.modules():
-            reset = getattr(sub, "reset_parameters", None)
-            if sub is not model and callable(reset):
-                reset()
+        for sub in _resettable(model):
+            sub.reset_parameters()  # type: ignore[operator]
         return model
 
     return make
 
 
+def _resettable(module: nn.Module) -> list[nn.Module]:
+    """The submodules a re-initialization calls ``reset_parameters`` on, in order."""
+    return [sub for sub in module.modules()
+            if sub is not module and callable(getattr(sub, "reset_parameters", None))]
+
+
 def reset_coverage(module: nn.Module) -> tuple[int, int]:
     """(parameters that a re-initialization redraws, all parameters)."""
-    covered: set[int] = set()
-    for sub in module.modules():
-        if sub is not module and callable(getattr(sub, "reset_parameters", None)):
-            covered |= {id(p) for p in sub.parameters()}
+    covered = {id(p) for sub in _resettable(module) for p in sub.parameters()}
     params = list(module.parameters())
     return sum(p.numel() for p in params if id(p) in covered), sum(p.numel() for p in params)
 

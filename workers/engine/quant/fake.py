@@ -41,9 +41,7 @@ def uint8_dynamic(x: torch.Tensor) -> torch.Tensor:
     scale = (hi - lo) / 255.0
     if float(scale) == 0.0:
         return x
-    zp = _round(-lo / scale).clamp(0, 255)
-    q = (_round(x / scale) + zp).clamp(0, 255)
-    return ((q - zp) * scale).to(x.dtype)
+    return uint8_grid(x, Grid(float(scale), int(_round(-lo / scale).clamp(0, 255))))
 
 
 def uint8_grid(x: torch.Tensor, grid: Grid) -> torch.Tensor:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from workers.engine.char_lm import perplexity
 from workers.engine.context import JobContext, UserError, memo_key
 from workers.engine.quant.fake import simulate
 from workers.engine.quant.formats import LayerFormat
@@ -38,10 +39,8 @@ def _mse(out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor) -> f
 
 
 def _perplexity(out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor) -> float:
-    """exp(mean next-token cross-entropy); ``out`` are logits [..., V], labels the targets."""
     assert labels is not None
-    ce = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).double(), labels.reshape(-1))
-    return float(torch.exp(ce))
+    return perplexity(out, labels)
 
 
 METRICS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], float], bool]] = {
@@ -50,6 +49,8 @@ METRICS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor | None, torch.Tens
     "mse": (_mse, False),
     "perplexity": (_perplexity, False),
 }
+# Metrics scored against labels; their smooth loss (Hessian probes) is cross-entropy.
+LABELED = {"accuracy", "perplexity"}
 
 
 @dataclass
@@ -94,7 +95,7 @@ class QuantTask:
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise UserError(f"unknown metric {self.metric!r}; one of {sorted(METRICS)}")
-        if self.metric in ("accuracy", "perplexity") and self.eval_labels is None:
+        if self.metric in LABELED and self.eval_labels is None:
             raise UserError(f"metric {self.metric!r} needs a labeled dataset (labels under `y`)")
         self._ref_eval = self.forward(self.eval_inputs)
         self._ref_calib = self.forward(self.calib_inputs)
@@ -125,7 +126,7 @@ class QuantTask:
         labels = self.calib_labels if calib else self.eval_labels
         ref = self._ref_calib if calib else self._ref_eval
         assert ref is not None
-        if self.metric in ("accuracy", "perplexity") and labels is not None:
+        if self.metric in LABELED and labels is not None:
             return nn.functional.cross_entropy(outputs.reshape(-1, outputs.shape[-1]),
                                                labels.reshape(-1))
         return (outputs - ref).pow(2).flatten(1).sum(1).mean()
