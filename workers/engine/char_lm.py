@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -107,21 +108,30 @@ def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(torch.exp(ce))
 
 
-def train_char_gpt() -> tuple[CharGPT, dict[str, Any]]:
+class CharModel(Protocol):
+    head: nn.Linear
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+
+def fit(model: CharModel, steps: int, batch_size: int, lr: float, seed: int,
+        check: Callable[[int], None] | None = None) -> float:
+    """Train a character model (``hidden`` -> ``head``) on random training windows with AdamW
+    and one-cycle learning rates; the loss by ``linear_cross_entropy``. Returns seconds.
+    ``check(step)`` is called before each step (progress, cancellation)."""
     from gpu_kernels import linear_cross_entropy
 
-    cfg = CHAR_GPT_TRAIN
-    torch.manual_seed(cfg["seed"])
-    gen = torch.Generator().manual_seed(cfg["seed"])
+    gen = torch.Generator().manual_seed(seed)
     ids = split("train")
-    model = CharGPT(cfg["d_model"], cfg["layers"], cfg["heads"])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=cfg["steps"],
-                                                pct_start=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     t0 = time.perf_counter()
-    model.train()
-    for _ in range(cfg["steps"]):
-        start = torch.randint(0, len(ids) - CONTEXT - 1, (cfg["batch_size"],), generator=gen)
+    for step in range(steps):
+        if check is not None:
+            check(step)
+        start = torch.randint(0, len(ids) - CONTEXT - 1, (batch_size,), generator=gen)
         idx = start[:, None] + torch.arange(CONTEXT)[None]
         x, y = ids[idx], ids[idx + 1]
         h = model.hidden(x)
@@ -130,12 +140,25 @@ def train_char_gpt() -> tuple[CharGPT, dict[str, Any]]:
         loss.backward()
         opt.step()
         sched.step()
-    model.eval()
+    return time.perf_counter() - t0
+
+
+def held_out_perplexity(model: nn.Module) -> float:
     test = windows("test")
     with torch.no_grad():
         assert test.labels is not None
-        ppl = perplexity(model(test.inputs["x"]), test.labels)
+        return perplexity(model(test.inputs["x"]), test.labels)
+
+
+def train_char_gpt() -> tuple[CharGPT, dict[str, Any]]:
+    cfg = CHAR_GPT_TRAIN
+    torch.manual_seed(cfg["seed"])
+    model = CharGPT(cfg["d_model"], cfg["layers"], cfg["heads"])
+    model.train()
+    seconds = fit(model, cfg["steps"], cfg["batch_size"], cfg["lr"], cfg["seed"])
+    model.eval()
+    ppl = held_out_perplexity(model)
     meta = {"version": CHAR_GPT_VERSION, "train": cfg, "test_perplexity": ppl,
-            "test_bits_per_char": math.log2(ppl), "train_seconds": round(time.perf_counter() - t0, 2),
+            "test_bits_per_char": math.log2(ppl), "train_seconds": round(seconds, 2),
             "corpus_bytes": len(corpus_ids()), "torch": torch.__version__}
     return model, meta

@@ -87,7 +87,7 @@ def train_digits_cnn() -> tuple[DigitsCNN, dict[str, Any]]:
 _memory_cache: dict[str, tuple[bytes, dict[str, Any]]] = {}
 
 
-def _trained(key: str, train: Callable[[], tuple[nn.Module, dict[str, Any]]], store: Store | None
+def cached_training(key: str, train: Callable[[], tuple[nn.Module, dict[str, Any]]], store: Store | None
              ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A zoo model's trained weights, from this process, the object store, or trained now
     (then cached in both)."""
@@ -107,14 +107,14 @@ def _trained(key: str, train: Callable[[], tuple[nn.Module, dict[str, Any]]], st
 
 
 def digits_cnn(store: Store | None) -> tuple[DigitsCNN, dict[str, Any]]:
-    state, meta = _trained(f"zoo/digits-cnn/{DIGITS_CNN_VERSION}", train_digits_cnn, store)
+    state, meta = cached_training(f"zoo/digits-cnn/{DIGITS_CNN_VERSION}", train_digits_cnn, store)
     model = DigitsCNN()
     model.load_state_dict(state)
     return model.eval(), meta
 
 
 def char_gpt(store: Store | None) -> tuple[char_lm.CharGPT, dict[str, Any]]:
-    state, meta = _trained(f"zoo/char-gpt/{char_lm.CHAR_GPT_VERSION}", char_lm.train_char_gpt,
+    state, meta = cached_training(f"zoo/char-gpt/{char_lm.CHAR_GPT_VERSION}", char_lm.train_char_gpt,
                            store)
     cfg = char_lm.CHAR_GPT_TRAIN
     model = char_lm.CharGPT(cfg["d_model"], cfg["layers"], cfg["heads"])
