@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 JobKind = Literal["benchmark", "sensitivity", "mixed_precision", "loss_benchmark",
-                  "intrinsic_dimension"]
+                  "intrinsic_dimension", "spiking"]
 ZooModel = Literal["digits-cnn", "minilm-l6", "char-gpt"]
 BuiltinDataset = Literal["digits-test", "digits-calib", "sentences"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -235,9 +235,40 @@ class IntrinsicDimensionSpec(_Strict):
         return self
 
 
+# ---- spiking
+
+
+class SpikingSpec(_Strict):
+    """A spiking model next to its non-spiking twin: quality, operations, estimated energy."""
+
+    kind: Literal["spiking"] = "spiking"
+    model: Literal["digits-cnn", "char-rwkv"] = Field(
+        default="digits-cnn", description="digits-cnn: the zoo CNN converted (ReLU -> LIF) and "
+        "fine-tuned; char-rwkv: a character RWKV and its SpikeGPT twin, both trained here.")
+    time_steps: int = Field(default=4, ge=1, le=64,
+                            description="digits-cnn: time steps per input (rate coding).")
+    beta: float | None = Field(
+        default=None, gt=0, le=1, description="Membrane decay per step (1: integrate-and-fire). "
+        "Default 0.9 for digits-cnn, whose steps repeat one input; 0.1 for char-rwkv, whose "
+        "steps are successive characters (held-out bits/char after 300 steps: 4.80 at 0.9, "
+        "3.57 at 0.5, 3.13 at 0.1).")
+    epochs: int = Field(default=5, ge=0, le=200,
+                        description="digits-cnn: surrogate-gradient fine-tuning epochs.")
+    steps: int = Field(default=600, ge=10, le=20000,
+                       description="char-rwkv: training steps of each of the two models.")
+    samples: int = Field(default=2, ge=0, le=8, description="char-rwkv: text samples per model.")
+    sample_length: int = Field(default=160, ge=1, le=2000)
+    seed: int = 0
+
+    def decay(self) -> float:
+        if self.beta is not None:
+            return self.beta
+        return 0.1 if self.model == "char-rwkv" else 0.9
+
+
 # Every job spec model; each new kind joins this union (and JobKind) with its issue.
 AnySpec = (BenchmarkSpec | SensitivitySpec | MixedPrecisionSpec | LossBenchmarkSpec
-           | IntrinsicDimensionSpec)
+           | IntrinsicDimensionSpec | SpikingSpec)
 JobSpec = Annotated[AnySpec, Field(discriminator="kind")]
 
 
@@ -423,8 +454,57 @@ class IntrinsicDimensionResult(BaseModel):
     environment: Environment
 
 
+class SpikingLayer(BaseModel):
+    name: str
+    input: Literal["spikes", "analog"]
+    input_spike_rate: float | None = Field(description="Active fraction of its spike inputs.")
+    twin_macs: int
+    spiking_acs: int
+    spiking_macs: int
+
+
+class TextSample(BaseModel):
+    prompt: str
+    twin: str
+    spiking: str
+
+
+class SpikingResult(BaseModel):
+    kind: Literal["spiking"] = "spiking"
+    model: str
+    metric: Literal["accuracy", "bits_per_char"]
+    twin_quality: float
+    spiking_quality: float
+    quality_gap: float = Field(description="How much worse the spiking model is, in the metric's "
+                               "units (accuracy: twin - spiking; bits/char: spiking - twin).")
+    parameters: int = Field(description="Of each model: the twins have the same parameters.")
+    per: Literal["sample", "token"] = Field(description="Operations and energy are per this.")
+    time_steps: int | None
+    layers: list[SpikingLayer]
+    spike_rates: dict[str, float] = Field(description="LIF layer -> fraction of neuron-steps "
+                                          "that spiked: the sparsity the operation count rests on.")
+    twin_macs: float
+    spiking_acs: float
+    spiking_macs: float
+    neuron_updates: float = Field(description="LIF membrane updates (spiking model only).")
+    op_ratio: float = Field(description="Twin synaptic operations / spiking synaptic operations.")
+    energy_twin_pj: float
+    energy_spiking_pj: float
+    energy_ratio: float
+    energy_ratio_with_neurons: float = Field(
+        description="The same, charging every LIF update as a multiply-accumulate.")
+    energy_note: str
+    wall_ms_twin: float = Field(description="Wall time per sample / token here (PyTorch).")
+    wall_ms_spiking: float
+    samples: list[TextSample] = Field(default_factory=list)
+    train_seconds: float
+    seconds: float
+    method: str
+    environment: Environment
+
+
 JobResult = Annotated[BenchmarkResult | SensitivityResult | MixedPrecisionResult
-                      | LossBenchmarkResult | IntrinsicDimensionResult,
+                      | LossBenchmarkResult | IntrinsicDimensionResult | SpikingResult,
                       Field(discriminator="kind")]
 
 

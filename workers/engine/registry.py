@@ -11,6 +11,7 @@ from app.schemas import AnySpec
 from workers.engine import benchmark, loss_benchmark, mixed_precision
 from workers.engine.context import JobContext
 from workers.engine.intrinsic import job as intrinsic_job
+from workers.engine.spiking import job as spiking_job
 
 ENGINES: dict[str, Callable[[Any, JobContext], BaseModel]] = {
     "benchmark": benchmark.run,
@@ -18,6 +19,7 @@ ENGINES: dict[str, Callable[[Any, JobContext], BaseModel]] = {
     "mixed_precision": mixed_precision.run,
     "loss_benchmark": loss_benchmark.run,
     "intrinsic_dimension": intrinsic_job.run,
+    "spiking": spiking_job.run,
 }
 
 
