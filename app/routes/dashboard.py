@@ -23,9 +23,10 @@ HERE = Path(__file__).resolve().parents[1]
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 router = APIRouter(include_in_schema=False)
 
-KINDS = ["mixed_precision", "sensitivity", "benchmark", "loss_benchmark", "intrinsic_dimension"]
+KINDS = ["mixed_precision", "sensitivity", "benchmark", "loss_benchmark", "intrinsic_dimension",
+         "spiking"]
 STATES = ["queued", "running", "succeeded", "failed", "cancelled"]
-ZOO = ["digits-cnn", "minilm-l6"]
+ZOO = ["digits-cnn", "minilm-l6", "char-gpt"]
 BUILTIN_DATA = ["digits-test", "digits-calib", "sentences"]
 
 
@@ -111,6 +112,9 @@ def _summary(job: Job) -> str:
         return f"{len(res.layers)} layers scored"
     if res.kind == "intrinsic_dimension":
         return f"d_int90 {res.d_int90} of D {res.parameters:,}"
+    if res.kind == "spiking":
+        return (f"{res.metric} {res.spiking_quality:.4f} vs twin {res.twin_quality:.4f}, "
+                f"{res.energy_ratio:.1f}x less energy (est.)")
     return f"{len(res.rows)} cases"
 
 
@@ -150,7 +154,8 @@ async def submit(
             spec: dict[str, Any] = json.loads(spec_json)
         else:
             spec = {"kind": kind}
-            if kind not in ("loss_benchmark", "intrinsic_dimension"):
+            # these kinds name their built-in models themselves (the JSON spec picks others)
+            if kind not in ("loss_benchmark", "intrinsic_dimension", "spiking"):
                 spec["model"] = ({"zoo": model[4:]} if model.startswith("zoo:") else {"id": model})
                 if dataset:
                     spec["dataset"] = ({"builtin": dataset[8:]} if dataset.startswith("builtin:")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.schemas import BenchmarkSpec, MixedPrecisionResult, ModelRef
+from app.schemas import BenchmarkSpec, MixedPrecisionResult, ModelRef, SpikingResult
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.slow
@@ -95,6 +95,23 @@ def test_submit_watch_plot_download(browser: object, stack: Stack, tmp_path: Pat
     # "Run again with changes" pre-fills the form with this job's spec.
     page.goto(f"{stack.base_url}/ui/jobs?from={job_id}")  # type: ignore[attr-defined]
     assert '"kind": "mixed_precision"' in page.input_value("#spec_json")  # type: ignore[attr-defined]
+
+
+def test_spiking_job_from_the_form(browser: object, stack: Stack) -> None:
+    key = stack.key()
+    page = login(browser, stack, key)
+    page.select_option("#kind", "spiking")  # type: ignore[attr-defined]
+    page.click("#submit-button")  # type: ignore[attr-defined]
+    page.wait_for_url("**/ui/jobs/job_*")  # type: ignore[attr-defined]
+    job_id = page.url.rsplit("/", 1)[1]  # type: ignore[attr-defined]
+    sync_api.expect(page.locator("#state")).to_have_text("succeeded", timeout=180_000)  # type: ignore[attr-defined]
+    page.wait_for_selector("#spiking-layers")  # type: ignore[attr-defined]
+    with stack.client(key) as client:
+        res = client.jobs.get(job_id).result
+    assert isinstance(res, SpikingResult) and res.model == "digits-cnn"
+    assert page.locator("#spiking-layers tr").count() == len(res.layers) + 1  # type: ignore[attr-defined]
+    sync_api.expect(page.locator("#summary")).to_contain_text("estimate, not a measurement")
+    page.screenshot(path=str(SHOTS / "dashboard-job-spiking.png"), full_page=True)  # type: ignore[attr-defined]
 
 
 def test_cancel_from_the_page(browser: object, stack: Stack) -> None:
