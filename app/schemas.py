@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 JobKind = Literal["benchmark", "sensitivity", "mixed_precision", "loss_benchmark",
-                  "intrinsic_dimension", "spiking"]
+                  "intrinsic_dimension", "spiking", "few_step_distill"]
 ZooModel = Literal["digits-cnn", "minilm-l6", "char-gpt"]
 BuiltinDataset = Literal["digits-test", "digits-calib", "sentences"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -266,9 +266,43 @@ class SpikingSpec(_Strict):
         return 0.1 if self.model == "char-rwkv" else 0.9
 
 
+# ---- few-step diffusion distillation
+
+
+class FewStepDistillSpec(_Strict):
+    """Distil the digits diffusion teacher into few-step students: SLAM vs consistency
+    distillation, each sampled at every step count in `steps`."""
+
+    kind: Literal["few_step_distill"] = "few_step_distill"
+    methods: list[Literal["slam", "cd"]] = Field(default=["slam", "cd"], min_length=1,
+                                                 max_length=2)
+    steps: list[Annotated[int, Field(ge=1, le=16)]] = Field(default=[1, 2, 4], min_length=1,
+                                                            max_length=6)
+    teacher_steps: int = Field(default=100, ge=2, le=1000,
+                               description="DDIM steps of the teacher's reference sampler.")
+    student: Literal["full", "lora"] = Field(
+        default="full", description="Fine-tune a full copy of the teacher, or LoRA adapters "
+        "on its frozen Linear layers (plus the new gamma branch).")
+    rank: int = Field(default=8, ge=1, le=256, description="LoRA rank.")
+    iterations: int = Field(default=2000, ge=1, le=100_000)
+    grid_points: int = Field(default=32, ge=2, le=1000, description="N of the time grid.")
+    skip: int = Field(default=4, ge=1, le=1000, description="Grid steps between t and s.")
+    teacher_substeps: int = Field(default=4, ge=1, le=100,
+                                  description="Teacher DDIM steps from t to s (LCM uses 1).")
+    samples_per_class: int = Field(default=100, ge=2, le=1000,
+                                   description="Generated per digit class for the metrics.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _skip_fits(self) -> FewStepDistillSpec:
+        if self.skip > self.grid_points:
+            raise ValueError("skip must be at most grid_points")
+        return self
+
+
 # Every job spec model; each new kind joins this union (and JobKind) with its issue.
 AnySpec = (BenchmarkSpec | SensitivitySpec | MixedPrecisionSpec | LossBenchmarkSpec
-           | IntrinsicDimensionSpec | SpikingSpec)
+           | IntrinsicDimensionSpec | SpikingSpec | FewStepDistillSpec)
 JobSpec = Annotated[AnySpec, Field(discriminator="kind")]
 
 
@@ -503,8 +537,50 @@ class SpikingResult(BaseModel):
     environment: Environment
 
 
+class QualityRow(BaseModel):
+    method: Literal["teacher", "slam", "cd", "real"]
+    steps: int | None = Field(description="Network evaluations per sample (None: real data).")
+    frechet_distance: float = Field(description="In digits-cnn features, against digits test.")
+    class_accuracy: float = Field(description="digits-cnn accuracy on the conditioning labels.")
+    ms_per_sample: float | None
+
+
+class LoraNorm(BaseModel):
+    """The quantities the LoRA-limits paper bounds: largest entries of a layer's inputs, frozen
+    weight and adapters."""
+
+    layer: str
+    input_max: float
+    weight_max: float
+    a_max: float
+    b_max: float
+    update_fro: float = Field(description="Frobenius norm of the learned update (alpha/r) B A.")
+
+
+class StudentInfo(BaseModel):
+    method: Literal["slam", "cd"]
+    seconds: float
+    final_loss: float
+    trainable_parameters: int
+    lora: list[LoraNorm] = Field(default_factory=list)
+
+
+class FewStepDistillResult(BaseModel):
+    kind: Literal["few_step_distill"] = "few_step_distill"
+    rows: list[QualityRow]
+    students: list[StudentInfo]
+    teacher_parameters: int
+    teacher_train_seconds: float | None
+    reference: str
+    summary: str
+    seconds: float
+    method: str
+    environment: Environment
+
+
 JobResult = Annotated[BenchmarkResult | SensitivityResult | MixedPrecisionResult
-                      | LossBenchmarkResult | IntrinsicDimensionResult | SpikingResult,
+                      | LossBenchmarkResult | IntrinsicDimensionResult | SpikingResult
+                      | FewStepDistillResult,
                       Field(discriminator="kind")]
 
 

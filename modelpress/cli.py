@@ -83,6 +83,17 @@ def format_result(job: Job) -> str:
                 f"(per seed {res.d_int90_per_seed}), {res.training_runs} training runs\n"
                 f"  rebuilt from the artifact: accuracy {res.rebuilt_accuracy}, compression "
                 f"{res.compression_ratio and round(res.compression_ratio)}x")
+    if res.kind == "few_step_distill":
+        rows = [f"  {r.method:8} {r.steps if r.steps is not None else '-':>4} steps  FD "
+                f"{r.frechet_distance:8.2f}  class accuracy {r.class_accuracy:.3f}"
+                for r in res.rows]
+        return f"job {job.id} {job.state} — few_step_distill\n" + "\n".join(rows)
+    if res.kind == "spiking":
+        return (f"job {job.id} {job.state} — spiking of {res.model}\n  {res.metric}: twin "
+                f"{res.twin_quality:.4f}, spiking {res.spiking_quality:.4f} (gap "
+                f"{res.quality_gap:+.4f})\n  per {res.per}: {res.twin_macs:,.0f} MACs vs "
+                f"{res.spiking_acs:,.0f} ACs + {res.spiking_macs:,.0f} MACs ({res.op_ratio:.2f}x); "
+                f"energy {res.energy_ratio:.1f}x lower ({res.energy_note})")
     lines = [f"job {job.id} {job.state} — {res.kind} of {res.model}"]
     if res.kind == "benchmark":
         env = res.environment

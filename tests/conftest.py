@@ -60,12 +60,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_stack.Em
 @pytest.fixture(scope="session")
 def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One local object store for the session, with the zoo models that train on first use
-    (digits-cnn ~10 s, char-gpt ~50 s) trained into it once here, so jobs with short time
-    limits do not pay for training."""
+    (digits-cnn ~10 s, char-gpt ~50 s, the digits diffusion teacher ~65 s) trained into it once
+    here, so jobs with short time limits do not pay for training."""
+    from workers.engine.diffusion.teacher import teacher
+
     root = tmp_path_factory.mktemp("store")
     store = open_store(Settings(store_url=root.as_uri()))
     zoo.digits_cnn(store)
     zoo.char_gpt(store)
+    teacher(store)
     return root
 
 

@@ -24,7 +24,7 @@ templates = Jinja2Templates(directory=str(HERE / "templates"))
 router = APIRouter(include_in_schema=False)
 
 KINDS = ["mixed_precision", "sensitivity", "benchmark", "loss_benchmark", "intrinsic_dimension",
-         "spiking"]
+         "spiking", "few_step_distill"]
 STATES = ["queued", "running", "succeeded", "failed", "cancelled"]
 ZOO = ["digits-cnn", "minilm-l6", "char-gpt"]
 BUILTIN_DATA = ["digits-test", "digits-calib", "sentences"]
@@ -112,6 +112,8 @@ def _summary(job: Job) -> str:
         return f"{len(res.layers)} layers scored"
     if res.kind == "intrinsic_dimension":
         return f"d_int90 {res.d_int90} of D {res.parameters:,}"
+    if res.kind == "few_step_distill":
+        return res.summary[:120]
     if res.kind == "spiking":
         return (f"{res.metric} {res.spiking_quality:.4f} vs twin {res.twin_quality:.4f}, "
                 f"{res.energy_ratio:.1f}x less energy (est.)")
@@ -155,7 +157,7 @@ async def submit(
         else:
             spec = {"kind": kind}
             # these kinds name their built-in models themselves (the JSON spec picks others)
-            if kind not in ("loss_benchmark", "intrinsic_dimension", "spiking"):
+            if kind not in ("loss_benchmark", "intrinsic_dimension", "spiking", "few_step_distill"):
                 spec["model"] = ({"zoo": model[4:]} if model.startswith("zoo:") else {"id": model})
                 if dataset:
                     spec["dataset"] = ({"builtin": dataset[8:]} if dataset.startswith("builtin:")

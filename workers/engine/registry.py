@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from app.schemas import AnySpec
 from workers.engine import benchmark, loss_benchmark, mixed_precision
 from workers.engine.context import JobContext
+from workers.engine.diffusion import job as diffusion_job
 from workers.engine.intrinsic import job as intrinsic_job
 from workers.engine.spiking import job as spiking_job
 
@@ -20,6 +21,7 @@ ENGINES: dict[str, Callable[[Any, JobContext], BaseModel]] = {
     "loss_benchmark": loss_benchmark.run,
     "intrinsic_dimension": intrinsic_job.run,
     "spiking": spiking_job.run,
+    "few_step_distill": diffusion_job.run,
 }
 
 

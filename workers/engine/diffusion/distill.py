@@ -1,0 +1,115 @@
+"""Few-step students from a teacher's PF-ODE: consistency distillation (CD) and SLAM.
+
+Both sample a data point x0 and a pair of times t > s that lie ``skip`` steps apart on an
+N-point grid, noise x0 to x_t, and take one teacher DDIM step to x_s. CD (Song et al., 2023;
+LCM's skipping-step form) asks the student at x_t for what the EMA target says at x_s.
+SLAM (Xu et al., 2024), as we implement it: the sub-path between x_s and x_t is replaced by its
+sub-path linear ODE x_gamma = (1 - gamma) (alpha_t / alpha_s) x_s + gamma x_t, gamma ~ U(0, 1),
+and the gamma-conditioned student is asked at every point of it for the same target: a
+continuum of problems from the easy end (gamma = 0, the teacher's own next point) to the
+consistency problem itself (gamma = 1, what sampling uses).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from workers.engine.diffusion.nets import Denoiser, add_lora
+from workers.engine.diffusion.schedule import ddim_step, grid, noised, sl_point
+
+Method = Literal["slam", "cd"]
+# x0_hat = teacher(x_t, t, y)
+Teacher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DistillConfig:
+    method: Method = "slam"
+    iterations: int = 2000
+    batch_size: int = 256
+    lr: float = 2e-4
+    grid_points: int = 32
+    skip: int = 4
+    teacher_substeps: int = 1  # DDIM steps of the teacher between t and s (LCM: 1)
+    ema: float = 0.95
+    student: Literal["full", "lora"] = "full"
+    rank: int = 8
+    seed: int = 0
+
+
+def teacher_solve(teacher: Teacher, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                  y: torch.Tensor, substeps: int) -> torch.Tensor:
+    """The teacher's PF-ODE from t to s in ``substeps`` equal DDIM steps."""
+    x = x_t
+    for i in range(substeps):
+        a = t + (s - t) * (i / substeps)
+        b = t + (s - t) * ((i + 1) / substeps)
+        x = ddim_step(teacher(x, a, y), x, a, b)
+    return x
+
+
+def distill(student: Denoiser, teacher: Teacher, x0: torch.Tensor, y: torch.Tensor,
+            cfg: DistillConfig, check: Callable[[int], None] | None = None
+            ) -> tuple[Denoiser, dict[str, float]]:
+    """Train ``student`` (a copy of the teacher network, changed in place; LoRA adapters are
+    added first when ``cfg.student == "lora"``). Returns it and ``{"seconds", "final_loss",
+    "trainable_parameters"}``."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.student == "lora":
+        add_lora(student, cfg.rank, skip=("gamma",))
+    target = copy.deepcopy(student).requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    ts = grid(cfg.grid_points)
+    t0 = time.perf_counter()
+    loss_v = float("nan")
+    student.train()
+    for it in range(cfg.iterations):
+        if check is not None:
+            check(it)
+        idx = torch.randint(0, len(x0), (cfg.batch_size,), generator=gen)
+        xb, yb = x0[idx], y[idx]
+        n = torch.randint(0, cfg.grid_points - cfg.skip + 1, (cfg.batch_size,), generator=gen)
+        t, s = ts[n], ts[n + cfg.skip]
+        x_t = noised(xb, torch.randn(xb.shape, generator=gen), t)
+        with torch.no_grad():
+            x_s = teacher_solve(teacher, x_t, t, s, yb, cfg.teacher_substeps)
+            want = target(x_s, s, yb)
+        if cfg.method == "slam":
+            gamma = torch.rand(cfg.batch_size, generator=gen)
+            got = student(sl_point(x_t, x_s, t, s, gamma), t, yb, gamma)
+        else:
+            got = student(x_t, t, yb)
+        loss = nn.functional.mse_loss(got, want)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for p_t, p_s in zip(target.parameters(), student.parameters(), strict=True):
+                p_t.lerp_(p_s, 1 - cfg.ema)
+        loss_v = float(loss.detach())
+    student.eval()
+    return student, {"seconds": time.perf_counter() - t0, "final_loss": loss_v,
+                     "trainable_parameters": float(sum(p.numel() for p in params))}
+
+
+@torch.no_grad()
+def sample(student: Denoiser, y: torch.Tensor, steps: int, dim: int, seed: int) -> torch.Tensor:
+    """Consistency sampling in ``steps`` evaluations: denoise pure noise at t = 1, then re-noise
+    to t = 1 - j / steps and denoise again."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(y), dim, generator=gen)
+    ones = torch.ones(len(y))
+    x0: torch.Tensor = student(x, ones, y)
+    for j in range(1, steps):
+        t = ones * (1 - j / steps)
+        x0 = student(noised(x0, torch.randn(x0.shape, generator=gen), t), t, y)
+    return x0
