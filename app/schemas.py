@@ -285,6 +285,8 @@ class FewStepDistillSpec(_Strict):
         "on its frozen Linear layers (plus the new gamma branch).")
     rank: int = Field(default=8, ge=1, le=256, description="LoRA rank.")
     iterations: int = Field(default=2000, ge=1, le=100_000)
+    lr: float | None = Field(default=None, gt=0, le=1,
+                             description="Adam learning rate; default 2e-4 full, 1e-3 LoRA.")
     grid_points: int = Field(default=32, ge=2, le=1000, description="N of the time grid.")
     skip: int = Field(default=4, ge=1, le=1000, description="Grid steps between t and s.")
     teacher_substeps: int = Field(default=4, ge=1, le=100,

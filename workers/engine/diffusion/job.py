@@ -38,10 +38,10 @@ def lora_norms(model: Denoiser) -> list[LoraNorm]:
     out = []
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            upd = (m.B @ m.A) * (m.scale / m.rank)
+            upd = (m.B @ m.A).detach() * (m.scale / m.rank)
             out.append(LoraNorm(layer=name, input_max=m.input_max,
-                                weight_max=float(m.base.weight.abs().max()),
-                                a_max=float(m.A.abs().max()), b_max=float(m.B.abs().max()),
+                                weight_max=float(m.base.weight.detach().abs().max()),
+                                a_max=float(m.A.detach().abs().max()), b_max=float(m.B.detach().abs().max()),
                                 update_fro=float(upd.norm())))
     return out
 
@@ -105,7 +105,8 @@ def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
                 ctx.progress(f"distill-{method}", base + span * it / spec.iterations,
                              f"{method}: iteration {it} of {spec.iterations}")
 
-        cfg = DistillConfig(method=method, iterations=spec.iterations, grid_points=spec.grid_points,
+        cfg = DistillConfig(method=method, iterations=spec.iterations, lr=learning_rate(spec),
+                            grid_points=spec.grid_points,
                             skip=spec.skip, teacher_substeps=spec.teacher_substeps,
                             student=spec.student, rank=spec.rank, seed=spec.seed)
         student, info = distill(copy.deepcopy(net), teacher_fn, x_train, y_train, cfg, check)
@@ -134,7 +135,8 @@ def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
         method=(f"teacher: class-conditional residual MLP, v-loss, {meta['train']['steps']} steps "
                 f"on digits train; students: copies of it ({spec.student}"
                 f"{f', rank {spec.rank}' if spec.student == 'lora' else ''}), {spec.iterations} "
-                f"iterations, batch 256, Adam lr 2e-4, EMA target 0.95, grid N={spec.grid_points}, "
+                f"iterations, batch 256, Adam lr {learning_rate(spec):g}, EMA target 0.95, "
+                f"grid N={spec.grid_points}, "
                 f"skip {spec.skip}, teacher {spec.teacher_substeps} DDIM steps per hop; "
                 f"{spec.samples_per_class} samples per class, noise seed "
                 f"{spec.seed}"),
@@ -142,6 +144,10 @@ def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
     ctx.save_artifact("report.json", result.model_dump_json(indent=1).encode(), "application/json")
     ctx.progress("done", 1.0, result.summary[:200])
     return result
+
+
+def learning_rate(spec: FewStepDistillSpec) -> float:
+    return spec.lr if spec.lr is not None else (1e-3 if spec.student == "lora" else 2e-4)
 
 
 def summarize(rows: list[QualityRow], spec: FewStepDistillSpec) -> str:
