@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
@@ -63,7 +63,13 @@ async def cancel_job(
     return await jobs.cancel_job(svc, who.tenant, job_id, force)
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse)
+async def _owned(job_id: str, svc: ServicesDep, who: PrincipalDep) -> None:
+    """404 for another tenant's (or no) job, answered before a stream's 200 goes out."""
+    await jobs.get_job(svc, who.tenant, job_id)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse,
+            dependencies=[Depends(_owned)])
 async def job_events(
     job_id: str,
     svc: ServicesDep,
