@@ -44,13 +44,17 @@ class DigitsCNN(nn.Module):
         self.fc3 = nn.Linear(128, 10)
         self.act = nn.ReLU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 128-d penultimate activations (the few-step job's feature space)."""
         x = self.act(self.conv1(x))
         x = self.pool(self.act(self.conv2(x)))
         x = torch.flatten(x, 1)
         x = self.act(self.fc1(x))
-        x = self.act(self.fc2(x))
-        out: torch.Tensor = self.fc3(x)
+        out: torch.Tensor = self.act(self.fc2(x))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc3(self.features(x))
         return out
 
 
@@ -87,8 +91,8 @@ def train_digits_cnn() -> tuple[DigitsCNN, dict[str, Any]]:
 _memory_cache: dict[str, tuple[bytes, dict[str, Any]]] = {}
 
 
-def cached_training(key: str, train: Callable[[], tuple[nn.Module, dict[str, Any]]], store: Store | None
-             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def cached_training(key: str, train: Callable[[], tuple[nn.Module, dict[str, Any]]],
+                    store: Store | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A zoo model's trained weights, from this process, the object store, or trained now
     (then cached in both)."""
     if key not in _memory_cache and store is not None and store.exists(f"{key}/model.safetensors"):
@@ -114,8 +118,8 @@ def digits_cnn(store: Store | None) -> tuple[DigitsCNN, dict[str, Any]]:
 
 
 def char_gpt(store: Store | None) -> tuple[char_lm.CharGPT, dict[str, Any]]:
-    state, meta = cached_training(f"zoo/char-gpt/{char_lm.CHAR_GPT_VERSION}", char_lm.train_char_gpt,
-                           store)
+    state, meta = cached_training(f"zoo/char-gpt/{char_lm.CHAR_GPT_VERSION}",
+                                  char_lm.train_char_gpt, store)
     cfg = char_lm.CHAR_GPT_TRAIN
     model = char_lm.CharGPT(cfg["d_model"], cfg["layers"], cfg["heads"])
     model.load_state_dict(state)

@@ -29,7 +29,7 @@ from workers.engine.diffusion import quality
 from workers.engine.diffusion.distill import DistillConfig, distill, sample
 from workers.engine.diffusion.nets import Denoiser, LoRALinear
 from workers.engine.diffusion.schedule import solve
-from workers.engine.diffusion.teacher import digits_flat, teacher
+from workers.engine.diffusion.teacher import TEACHER_TRAIN, digits_flat, teacher
 
 GRID_PER_CLASS = 8
 
@@ -38,7 +38,7 @@ def lora_norms(model: Denoiser) -> list[LoraNorm]:
     out = []
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            upd = (m.B @ m.A).detach() * (m.scale / m.rank)
+            upd = m.delta().detach()
             out.append(LoraNorm(layer=name, input_max=m.input_max,
                                 weight_max=float(m.base.weight.detach().abs().max()),
                                 a_max=float(m.A.detach().abs().max()), b_max=float(m.B.detach().abs().max()),
@@ -52,7 +52,8 @@ def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
 
     def teacher_check(step: int) -> None:
         if step % 200 == 0:
-            ctx.progress("teacher", 0.01 + 0.2 * step / 6000, f"training the teacher: step {step}")
+            ctx.progress("teacher", 0.01 + 0.2 * step / TEACHER_TRAIN["steps"],
+                         f"training the teacher: step {step}")
 
     net, meta = teacher(ctx.store, teacher_check)
     cnn, _ = zoo.digits_cnn(ctx.store)

@@ -86,8 +86,9 @@ class LoRALinear(nn.Module):
         out: torch.Tensor = self.base(x) + (x @ self.A.T @ self.B.T) * (self.scale / self.rank)
         return out
 
-    def merged_weight(self) -> torch.Tensor:
-        return self.base.weight + (self.B @ self.A) * (self.scale / self.rank)
+    def delta(self) -> torch.Tensor:
+        """The learned update (alpha / r) B A to the frozen weight."""
+        return (self.B @ self.A) * (self.scale / self.rank)
 
 
 def add_lora(model: nn.Module, rank: int, skip: tuple[str, ...] = ()) -> list[str]:

@@ -21,11 +21,7 @@ def to_images(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def features(cnn: DigitsCNN, images: torch.Tensor) -> torch.Tensor:
-    h = cnn.act(cnn.conv1(images))
-    h = cnn.pool(cnn.act(cnn.conv2(h)))
-    h = cnn.act(cnn.fc1(torch.flatten(h, 1)))
-    out: torch.Tensor = cnn.act(cnn.fc2(h))
-    return out
+    return cnn.features(images)
 
 
 def frechet(a: torch.Tensor, b: torch.Tensor) -> float:

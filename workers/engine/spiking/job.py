@@ -26,6 +26,7 @@ from workers.engine.context import JobContext
 from workers.engine.spiking import convert as conv
 from workers.engine.spiking.ops import ENERGY_NOTE, PJ_PER_AC, PJ_PER_MAC, Counts, OpCounter
 from workers.engine.spiking.rwkv import RWKVLM
+from workers.engine.timing import measure
 
 RWKV_VERSION = "v1"
 RWKV_TRAIN: dict[str, Any] = {"batch_size": 32, "lr": 3e-3, "d_model": 128, "layers": 2}
@@ -34,13 +35,9 @@ PROMPTS = ("Return the ", "If the ")
 
 def _wall_ms(model: nn.Module, x: torch.Tensor, items: int, repeats: int = 3) -> float:
     """Best-of-``repeats`` wall time of one forward over ``x``, per item, in ms."""
-    best = math.inf
     with torch.no_grad():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            best = min(best, time.perf_counter() - t0)
-    return 1000 * best / items
+        timing = measure(lambda: model(x), warmup=0, repeats=repeats, device=x.device)
+    return min(timing.samples_ms) / items
 
 
 def _counted(model: nn.Module, run: Callable[[], float]) -> tuple[float, Counts]:

@@ -80,21 +80,16 @@ def is_binary(x: torch.Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
 
 
-def _shift(x: torch.Tensor) -> torch.Tensor:
-    """(B, T, C) -> the previous token's values (zeros at t = 0)."""
-    return nn.functional.pad(x, (0, 0, 1, -1))
-
-
 def count_layer(module: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
     """(dense MACs, ACs if ``x`` is binary, active inputs) of one call of a weight layer."""
-    from workers.engine.spiking.rwkv import MixLinear
+    from workers.engine.spiking.rwkv import MixLinear, token_shift
 
     if isinstance(module, MixLinear):
         rows = x.numel() // module.weight.shape[1]
         dense = rows * module.weight.numel()
         # each spike adds its weight column now (mu) and at the next token (1 - mu)
         active = int(torch.count_nonzero(x))
-        return dense, (active + int(torch.count_nonzero(_shift(x)))) * module.weight.shape[0], active
+        return dense, (active + int(torch.count_nonzero(token_shift(x)))) * module.weight.shape[0], active
     if isinstance(module, nn.Linear):
         rows = x.numel() // module.in_features
         active = int(torch.count_nonzero(x))

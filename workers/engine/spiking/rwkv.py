@@ -19,6 +19,11 @@ from workers.engine.char_lm import CONTEXT, VOCAB
 from workers.engine.spiking.neurons import LIF
 
 
+def token_shift(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) -> the previous token's values (zeros at t = 0)."""
+    return nn.functional.pad(x, (0, 0, 1, -1))
+
+
 class MixLinear(nn.Module):
     """``W (mu * x_t + (1 - mu) * x_{t-1})`` on (B, T, C): token shift fused into a projection.
     On spikes, that is ``W diag(mu)`` on this token's spikes plus ``W diag(1 - mu)`` on the
@@ -31,8 +36,7 @@ class MixLinear(nn.Module):
         self.mu = nn.Parameter(mu.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        prev = nn.functional.pad(x, (0, 0, 1, -1))
-        return nn.functional.linear(x * self.mu + prev * (1 - self.mu), self.weight)
+        return nn.functional.linear(x * self.mu + token_shift(x) * (1 - self.mu), self.weight)
 
 
 def _ramp(d: int, layer: int, layers: int) -> torch.Tensor:
