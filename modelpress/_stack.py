@@ -43,10 +43,12 @@ def redis_server_binary() -> str:
 class EmbeddedRedis:
     """A real redis-server child process with append-only persistence under ``folder``."""
 
-    def __init__(self, folder: Path, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(self, folder: Path, port: int | None = None, appendonly: bool = True,
+                 databases: int = 16) -> None:
         self.folder = folder
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.databases = databases
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,7 +61,7 @@ class EmbeddedRedis:
             redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.folder.resolve()), "--save", "",
             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
-            "--daemonize", "no", "--protected-mode", "yes",
+            "--daemonize", "no", "--protected-mode", "yes", "--databases", str(self.databases),
             "--logfile", str((self.folder / "redis.log").resolve()),
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -83,8 +85,9 @@ class EmbeddedRedis:
         if kill:
             self.proc.kill()
         else:
-            with contextlib.suppress(redis.ConnectionError):
-                redis.Redis(port=self.port).shutdown(nosave=False)
+            # redis-server shuts down on SIGTERM as on SHUTDOWN (the AOF is fsynced); the
+            # command through redis-py would retry into the closed port for seconds
+            self.proc.terminate()
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -110,11 +113,11 @@ def spawn_worker(env: Mapping[str, str], log_path: Path, queues: list[str], name
     )
 
 
-def spawn_api(env: Mapping[str, str], log_path: Path, host: str, port: int
-              ) -> subprocess.Popen[bytes]:
+def spawn_api(env: Mapping[str, str], log_path: Path, host: str, port: int,
+              access_log: bool = False) -> subprocess.Popen[bytes]:
     return _spawn(
         [sys.executable, "-m", "uvicorn", "--factory", "app.main:app", "--host", host,
-         "--port", str(port), "--no-access-log"],
+         "--port", str(port), "--access-log" if access_log else "--no-access-log"],
         env, log_path,
     )
 

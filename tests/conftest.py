@@ -29,6 +29,7 @@ from app.auth import create_key
 from app.config import Settings
 from app.storage import open_store
 from modelpress import Client, _stack
+from tests.helpers import measured
 from workers.engine import zoo
 
 # Short limits so the crash test's redelivery happens in seconds, not hours. The visibility
@@ -49,10 +50,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if measured:
+        terminalreporter.write_sep("-", "measured")
+        for line in measured:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_stack.EmbeddedRedis]:
     """Our own redis-server on a free port (never the machine's shared one)."""
-    server = _stack.EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False).start()
+    server = _stack.EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False,
+                                  databases=64).start()
     yield server
     server.stop()
 
@@ -82,6 +91,7 @@ class Stack:
     base_url: str = ""
     api: subprocess.Popen[bytes] | None = None
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    access_log: bool = False  # uvicorn's request lines, as the API image logs them
 
     @property
     def redis(self) -> redis.Redis:
@@ -93,7 +103,7 @@ class Stack:
     def start_api(self) -> None:
         port = _stack.free_port()
         self.base_url = f"http://127.0.0.1:{port}"
-        self.api = _stack.spawn_api(self.env, self.log("api"), "127.0.0.1", port)
+        self.api = _stack.spawn_api(self.env, self.log("api"), "127.0.0.1", port, self.access_log)
 
     def start_worker(self, name: str = "w1") -> subprocess.Popen[bytes]:
         proc = _stack.spawn_worker(self.env, self.log(name), ["cpu"], name)
@@ -123,7 +133,7 @@ class Stack:
         return "\n".join(out)
 
 
-_db_counter = iter(range(1, 16))
+_db_counter = iter(range(1, 64))  # the session's redis-server has 64 databases
 
 
 def make_stack(root: Path, redis_server: _stack.EmbeddedRedis, extra_env: dict[str, str]) -> Stack:

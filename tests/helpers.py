@@ -1,4 +1,4 @@
-"""Small builders shared by tests: exported models, hostile files."""
+"""Small builders shared by tests: exported models, hostile files, and the figures tests report."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+# Figures a test measured (cases tried, jobs and attempts), printed after the run by the
+# terminal-summary hook in conftest.py, so they show in CI's `pytest -q` output too.
+measured: list[str] = []
 
 
 class TinyMLP(nn.Module):
