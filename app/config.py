@@ -21,6 +21,11 @@ class Settings(BaseSettings):
         description="Redis for job records, events and the Celery queue. Unset: `modelpress serve` "
         "starts an embedded Redis server under the data folder.",
     )
+    redis_retry_s: float = Field(
+        default=30.0, ge=0,
+        description="How long the API and the workers retry a Redis command that finds no "
+        "connection (Redis restarting) before giving up: the API answers 503, a job fails.",
+    )
     data_dir: Path = Field(
         default=Path(".modelpress"),
         description="Local working folder: embedded Redis data, the default artifact store, caches.",

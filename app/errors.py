@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -76,6 +77,15 @@ def install(app: FastAPI) -> None:
         return JSONResponse(
             body(exc.status_code, str(exc.detail)), exc.status_code, getattr(exc, "headers", None)
         )
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        # Redis unreachable past the client's retries (a restart that takes long): the request
+        # can succeed later, so say so instead of answering 500
+        log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(body(503, "the job store (Redis) is unavailable; try again shortly"),
+                            503, {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

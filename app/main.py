@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from app import errors
 from app.config import Settings, get_settings
 from app.deps import Services
+from app.redis_client import async_client
 from app.routes import assets, dashboard, health, jobs
 from app.storage import open_store
 from workers.celery_app import create_celery
@@ -24,9 +24,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        assert settings.redis_url
-        r = aioredis.from_url(settings.redis_url, decode_responses=True,
-                               health_check_interval=30, socket_timeout=60)
+        r = async_client(settings, health_check_interval=30, socket_timeout=60)
         app.state.services = Services(settings, r, open_store(settings), create_celery(settings))
         try:
             yield

@@ -15,6 +15,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from app import records
 from app.config import get_settings
+from app.redis_client import sync_client
 
 log = logging.getLogger("modelpress.worker")
 
@@ -84,8 +85,7 @@ _worker_beat: Beat | None = None
 def _on_ready(sender: Any = None, **_: Any) -> None:
     global _worker_beat
     settings = get_settings()
-    assert settings.redis_url
-    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    r = sync_client(settings)
     hostname = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
     key = records.worker_key(hostname)
     ttl = max(2, int(settings.worker_heartbeat_s * 3 + 0.999))

@@ -26,6 +26,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from app import records
 from app.config import Settings, get_settings
+from app.redis_client import sync_client
 from app.schemas import FINAL_STATES, ArtifactInfo, ErrorInfo, JobSpec, Progress, RunAttempt
 from app.storage import Store, open_store
 from workers.engine.context import JobCancelled, Throttle, UserError
@@ -39,9 +40,7 @@ _spec_adapter: TypeAdapter[Any] = TypeAdapter(JobSpec)
 @lru_cache(maxsize=1)
 def _services() -> tuple[Settings, redis.Redis, Store]:
     settings = get_settings()
-    assert settings.redis_url, "MODELPRESS_REDIS_URL is not set"
-    r = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
-    return settings, r, open_store(settings)
+    return settings, sync_client(settings, health_check_interval=30), open_store(settings)
 
 
 class _RedisLogHandler(logging.Handler):
