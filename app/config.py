@@ -47,6 +47,16 @@ class Settings(BaseSettings):
     max_unpacked_bytes: int = Field(
         default=8 * 1024**3, gt=0, description="Largest total size of an uploaded archive's members."
     )
+    max_artifact_bytes: int = Field(
+        default=16 * 1024**3, gt=0,
+        description="Largest artifact a job may store (bytes); a larger one fails the job with "
+        "`artifact_too_large`.",
+    )
+    store_retry_s: float = Field(
+        default=180.0, ge=0,
+        description="How long a worker retries an object-store call that gets no answer or a 5xx "
+        "(with backoff) before failing the job with `store_unavailable`.",
+    )
     task_time_limit_s: int = Field(
         default=6 * 3600, gt=0, description="Hard wall-clock limit of one job attempt (seconds)."
     )

@@ -3,25 +3,51 @@
 Keys are laid out per tenant so that a key can never name another tenant's object:
 ``tenants/<tenant>/models/<id>/...``, ``tenants/<tenant>/jobs/<id>/artifacts/<name>``; the
 built-in zoo cache lives under ``zoo/``.
+
+Failures come out as :class:`StoreError` subclasses whose ``type`` a failed job reports. The
+workers' store retries S3 calls that fail for want of an answer (connection refused, 5xx) with
+backoff for ``store_retry_s`` seconds, logging each retry (so it shows in the job log); a full
+disk is reported at once, as retrying cannot help. Writes are whole or absent: S3 puts are
+atomic, and the local store writes a staging file that it removes on failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Iterator
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import obstore
+from obstore.exceptions import GenericError
 from obstore.store import LocalStore, ObjectStore, S3Store
 
 from app.config import Settings
 
 CHUNK = 1024 * 1024
+log = logging.getLogger("modelpress.store")
+T = TypeVar("T")
 
-__all__ = ["Store", "StoredObject", "open_store"]
+__all__ = ["Store", "StoreError", "StoreFull", "StoreUnavailable", "StoredObject", "open_store"]
+
+
+class StoreError(Exception):
+    """A store call failed; ``type`` names the failure in a job's error."""
+
+    type = "store_error"
+
+
+class StoreUnavailable(StoreError):
+    type = "store_unavailable"
+
+
+class StoreFull(StoreError):
+    type = "store_full"
 
 
 @dataclass(frozen=True)
@@ -32,19 +58,45 @@ class StoredObject:
 
 
 class Store:
-    def __init__(self, inner: ObjectStore, url: str) -> None:
+    def __init__(self, inner: ObjectStore, url: str, retry_s: float = 0.0) -> None:
         self._inner = inner
         self.url = url
+        self.retry_s = retry_s  # only the synchronous calls (the workers') retry
+
+    def _call(self, what: str, key: str, fn: Callable[[], T], retry: bool = True) -> T:
+        start, delay, tries = time.monotonic(), 0.5, 0
+        while True:
+            tries += 1
+            try:
+                return fn()
+            except GenericError as exc:
+                reason = str(exc).split("\n", 1)[0]
+                if "os error 28" in str(exc):  # ENOSPC
+                    raise StoreFull(f"the object store {self.url} is full: could not {what} "
+                                    f"{key}: {reason}") from None
+                # a 4xx answer will not change on retry; no answer or a 5xx may
+                if not isinstance(self._inner, S3Store) or "Client error" in reason:
+                    raise StoreError(f"the object store {self.url} could not {what} {key}: "
+                                     f"{reason}") from None
+                waited = time.monotonic() - start
+                if not retry or waited + delay > self.retry_s:
+                    raise StoreUnavailable(
+                        f"the object store {self.url} was unavailable: could not {what} {key} "
+                        f"({tries} tries over {waited:.0f} s): {reason}") from None
+                log.warning("object store %s unavailable (%s); retrying %s of %s in %.1f s",
+                            self.url, reason, what, key, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
 
     # ---- writes
     def put_file(self, key: str, path: Path) -> StoredObject:
         """Upload a local file (multipart for big files); the write is atomic."""
         digest = _sha256_file(path)
-        obstore.put(self._inner, key, path)
+        self._call("write", key, lambda: obstore.put(self._inner, key, path))
         return StoredObject(key=key, size=path.stat().st_size, sha256=digest)
 
-    def put_bytes(self, key: str, data: bytes) -> StoredObject:
-        obstore.put(self._inner, key, data)
+    def put_bytes(self, key: str, data: bytes, retry: bool = True) -> StoredObject:
+        self._call("write", key, lambda: obstore.put(self._inner, key, data), retry)
         return StoredObject(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
     async def put_file_async(self, key: str, path: Path) -> None:
@@ -52,14 +104,18 @@ class Store:
 
     # ---- reads
     def get_bytes(self, key: str) -> bytes:
-        return bytes(obstore.get(self._inner, key).bytes())
+        return self._call("read", key, lambda: bytes(obstore.get(self._inner, key).bytes()))
 
     def download(self, key: str, dest: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(dest.suffix + ".part")
-        with tmp.open("wb") as fh:
-            for chunk in obstore.get(self._inner, key).stream(min_chunk_size=CHUNK):
-                fh.write(chunk)
+
+        def fetch() -> None:  # retried whole: a dropped stream starts over
+            with tmp.open("wb") as fh:
+                for chunk in obstore.get(self._inner, key).stream(min_chunk_size=CHUNK):
+                    fh.write(chunk)
+
+        self._call("read", key, fetch)
         tmp.replace(dest)
         return dest
 
@@ -78,7 +134,7 @@ class Store:
 
     def exists(self, key: str) -> bool:
         try:
-            obstore.head(self._inner, key)
+            self._call("read", key, lambda: obstore.head(self._inner, key))
         except FileNotFoundError:
             return False
         return True
@@ -92,17 +148,18 @@ class Store:
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            obstore.delete(self._inner, key)
+            self._call("delete", key, lambda: obstore.delete(self._inner, key))
 
     async def delete_async(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             await obstore.delete_async(self._inner, key)
 
     def list_keys(self, prefix: str) -> list[str]:
-        keys: list[str] = []
-        for batch in obstore.list(self._inner, prefix=prefix):
-            keys.extend(meta["path"] for meta in batch)
-        return keys
+        def fetch() -> list[str]:
+            return [meta["path"] for batch in obstore.list(self._inner, prefix=prefix)
+                    for meta in batch]
+
+        return self._call("list", prefix, fetch)
 
     async def ping(self) -> None:
         """Readiness: a cheap list call that fails if the store is unreachable or misconfigured."""
@@ -110,7 +167,9 @@ class Store:
             break
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, retry: bool = False) -> Store:
+    """``retry``: the workers' store, whose synchronous calls retry (see the module docstring);
+    otherwise (the API) obstore's own retries apply, as a request should not hang for long."""
     url = settings.resolved_store_url()
     parsed = urlparse(url)
     if parsed.scheme == "file":
@@ -128,8 +187,10 @@ def open_store(settings: Settings) -> Store:
             access_key_id=settings.s3_access_key_id,
             secret_access_key=secret.get_secret_value() if secret else None,
             client_options={"allow_http": settings.s3_allow_http},
+            # one retry layer, ours, so each retry is logged and the total wait is bounded
+            retry_config={"max_retries": 0} if retry else None,
         )
-        return Store(s3, url)
+        return Store(s3, url, settings.store_retry_s if retry else 0.0)
     raise ValueError(f"MODELPRESS_STORE_URL must start with file:// or s3://, got {url!r}")
 
 

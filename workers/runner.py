@@ -28,7 +28,7 @@ from app import records
 from app.config import Settings, get_settings
 from app.redis_client import sync_client
 from app.schemas import FINAL_STATES, ArtifactInfo, ErrorInfo, JobSpec, Progress, RunAttempt
-from app.storage import Store, open_store
+from app.storage import Store, StoreError, StoreUnavailable, open_store
 from workers.engine.context import JobCancelled, Throttle, UserError
 from workers.heartbeat import RELEASE_IF_HELD, Beat, Lease
 
@@ -40,7 +40,11 @@ _spec_adapter: TypeAdapter[Any] = TypeAdapter(JobSpec)
 @lru_cache(maxsize=1)
 def _services() -> tuple[Settings, redis.Redis, Store]:
     settings = get_settings()
-    return settings, sync_client(settings, health_check_interval=30), open_store(settings)
+    return settings, sync_client(settings, health_check_interval=30), open_store(settings, retry=True)
+
+
+class ArtifactTooLarge(UserError):
+    type = "artifact_too_large"
 
 
 class _RedisLogHandler(logging.Handler):
@@ -123,11 +127,21 @@ class WorkerContext:
         pipe.execute()
 
     def save_artifact(self, name: str, data: bytes | Path, media_type: str) -> ArtifactInfo:
+        size = data.stat().st_size if isinstance(data, Path) else len(data)
+        limit = self.settings.max_artifact_bytes
+        if size > limit:
+            raise ArtifactTooLarge(f"artifact {name} is {size} bytes, over the limit of {limit} "
+                                   "bytes (MODELPRESS_MAX_ARTIFACT_BYTES); nothing was stored")
+        return self._store_artifact(name, data, media_type)
+
+    def _store_artifact(self, name: str, data: bytes | Path, media_type: str,
+                        retry: bool = True) -> ArtifactInfo:
+        """The object first, then its record: a failed write leaves no artifact behind."""
         if "/" in name or name.startswith(".") or not name:
             raise ValueError(f"bad artifact name {name!r}")
         key = records.artifact_object(self._tenant, self.job_id, name)
         stored = (self._store.put_file(key, data) if isinstance(data, Path)
-                  else self._store.put_bytes(key, data))
+                  else self._store.put_bytes(key, data, retry))
         info = ArtifactInfo(name=name, size=stored.size, sha256=stored.sha256,
                             media_type=media_type, created_at=records.now())
         self.r.hset(records.artifacts_key(self.job_id), name, info.model_dump_json())
@@ -248,7 +262,7 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
             error = ErrorInfo(type="time_limit", message=f"the job ran past its time limit of "
                               f"{settings.task_time_limit_s} s and was stopped")
             ctx.log.error(error.message)
-        except UserError as exc:
+        except (UserError, StoreError) as exc:
             error = ErrorInfo(type=exc.type, message=str(exc))
             ctx.log.error("failed: %s", exc)
         except Exception as exc:
@@ -256,7 +270,8 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
             ctx.log.error("failed: %s\n%s", exc, traceback.format_exc())
         finally:
             engine_log.removeHandler(handler)
-        _save_log(ctx, handler.lines)
+        # no second wait on a store that just failed the job for not answering
+        _save_log(ctx, handler.lines, retry=not (error and error.type == StoreUnavailable.type))
         finished = r.eval(
             records.FINISH, 2, records.job_key(job_id), records.events_key(job_id), str(attempt),
             outcome, records.iso(), records.event_json(job_id, "state", state=outcome), maxlen,
@@ -292,11 +307,12 @@ def execute_item(job_id: str, attempt: int, item: dict[str, Any], worker: str) -
             log.warning("piece %s of %s failed: %s", item, job_id, exc, exc_info=True)
 
 
-def _save_log(ctx: WorkerContext, lines: list[str]) -> None:
-    """The attempt's log as an artifact, so it outlives Redis's capped list."""
+def _save_log(ctx: WorkerContext, lines: list[str], retry: bool = True) -> None:
+    """The attempt's log as an artifact, so it outlives Redis's capped list (the artifact size
+    limit does not apply: the log is capped by line count)."""
     data = ("\n".join(lines) + "\n").encode()
     try:
-        ctx.save_artifact(f"job-attempt{ctx.attempt}.log", data, "text/plain")
+        ctx._store_artifact(f"job-attempt{ctx.attempt}.log", data, "text/plain", retry)
     except Exception:
         log.warning("could not store the log of %s (sha %s)", ctx.job_id,
                     hashlib.sha256(data).hexdigest()[:12], exc_info=True)
