@@ -139,6 +139,24 @@ class SensitivitySpec(_Strict):
     eval_samples: int = Field(default=512, ge=8, le=100_000)
 
 
+class LoraRecovery(_Strict):
+    """Low-rank adapters trained on held-out training data to win back what quantization lost.
+
+    Each quantized layer gets W + B A / r, quantized as a whole (straight-through gradients)
+    and trained so the quantized model's outputs match the float model's; the update is merged
+    into the weight before quantization, so the deployed model has no extra ops. The search
+    then bisects again, on the recovered metric, beyond the plain search's boundary."""
+
+    rank: int = Field(default=8, ge=1, le=256)
+    steps: int = Field(default=100, ge=1, le=100_000, description="Adam steps per config.")
+    learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    samples: int = Field(default=512, ge=8, le=100_000, description="Training samples, from the "
+                         "end of the data (disjoint from the evaluation samples where it holds "
+                         "both; digits-cnn: its training split).")
+    seed: int = 0
+
+
 class MixedPrecisionSpec(_Strict):
     """Per-layer precisions inside an accuracy budget, chosen on measured latency."""
 
@@ -168,6 +186,9 @@ class MixedPrecisionSpec(_Strict):
     latency_gate: bool = Field(
         default=True, description="Offer a precision to an op type only where the backend runs "
         "it faster than fp32 (measured on this model first).")
+    lora: LoraRecovery | None = Field(
+        default=None, description="Train low-rank adapters per evaluated config to recover "
+        "accuracy, so the search can go further within the same budget (dynamic levels only).")
 
 
 # ---- loss benchmark
@@ -409,6 +430,31 @@ class SearchRun(BaseModel):
     seconds: float
 
 
+class LoraNorm(BaseModel):
+    """The quantities the LoRA-limits paper bounds: largest entries of a layer's inputs, frozen
+    weight and adapters."""
+
+    layer: str
+    input_max: float
+    weight_max: float
+    a_max: float
+    b_max: float
+    update_fro: float = Field(description="Frobenius norm of the learned update (alpha/r) B A.")
+
+
+class LoraRecoveryReport(BaseModel):
+    """What recovery bought: the recovered search next to the plain one, both deployed."""
+
+    options: LoraRecovery
+    plain: ConfigPoint = Field(description="The plain search's result (ours, no adapters).")
+    recovered: ConfigPoint = Field(description="The recovered search's result, adapters merged.")
+    trainings: int = Field(description="Adapter trainings run (one per config evaluated).")
+    train_seconds: float
+    loss_before: float = Field(description="Calibration loss of the recovered config, B = 0.")
+    loss_after: float
+    norms: list[LoraNorm] = Field(description="Per adapted layer of the recovered config.")
+
+
 class MixedPrecisionResult(BaseModel):
     kind: Literal["mixed_precision"] = "mixed_precision"
     model: str
@@ -431,6 +477,7 @@ class MixedPrecisionResult(BaseModel):
         "gated as a whole ('int8-static:all'): its gain comes from chains of static layers.")
     levels: list[str] = Field(default_factory=list, description="The precision levels used.")
     latency_reduction: float = Field(description="1 - chosen latency / fp32 latency (backend).")
+    lora: LoraRecoveryReport | None = None
     method: str
     environment: Environment
 
@@ -545,18 +592,6 @@ class QualityRow(BaseModel):
     frechet_distance: float = Field(description="In digits-cnn features, against digits test.")
     class_accuracy: float = Field(description="digits-cnn accuracy on the conditioning labels.")
     ms_per_sample: float | None
-
-
-class LoraNorm(BaseModel):
-    """The quantities the LoRA-limits paper bounds: largest entries of a layer's inputs, frozen
-    weight and adapters."""
-
-    layer: str
-    input_max: float
-    weight_max: float
-    a_max: float
-    b_max: float
-    update_fro: float = Field(description="Frobenius norm of the learned update (alpha/r) B A.")
 
 
 class StudentInfo(BaseModel):

@@ -123,6 +123,11 @@ def format_result(job: Job) -> str:
             f"  frontier      {sum(p.pareto for p in res.frontier)} Pareto points of "
             f"{len(res.frontier)} measured; {res.evaluations} simulated evaluations",
         ]
+        if res.lora is not None:
+            lp, lr = res.lora.plain, res.lora.recovered
+            lines.append(f"  lora          {len(lr.config)} layers quantized, {lr.latency_ms:.3f} ms "
+                         f"with adapters vs {len(lp.config)}, {lp.latency_ms:.3f} ms without "
+                         f"({res.lora.trainings} trainings)")
     elif res.kind == "sensitivity":
         for row in sorted(res.layers, key=lambda x: x.rank):
             lines.append(f"    {row.rank:>3} {row.name:<40} score {row.score:.4f}")

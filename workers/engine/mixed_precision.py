@@ -1,7 +1,8 @@
 """The ``mixed_precision`` and ``sensitivity`` jobs.
 
 Stages: load -> baseline -> sensitivity (Hessian trace x perturbation + inter-layer term) ->
-search (bisection along the augmented ordering, plus the baselines asked for) -> frontier
+search (bisection along the augmented ordering, plus the baselines asked for) -> recovery
+(optional: LoRA adapters trained per config, bisection on the recovered metric) -> frontier
 (realize each candidate on the backend's real kernels, time it, re-measure its metric on the
 deployed model) -> choose (fastest deployed point inside the budget) -> report + artifacts.
 """
@@ -21,6 +22,7 @@ import torch
 from app.schemas import (
     ConfigPoint,
     LayerSensitivity,
+    LoraRecoveryReport,
     MixedPrecisionResult,
     MixedPrecisionSpec,
     SearchRun,
@@ -30,7 +32,8 @@ from app.schemas import (
 )
 from workers.engine import env
 from workers.engine.backends import onnxruntime_cpu as ortb
-from workers.engine.context import JobContext
+from workers.engine.context import JobContext, UserError
+from workers.engine.quant import recovery as qrec
 from workers.engine.quant import search as qsearch
 from workers.engine.quant import sensitivity as qsens
 from workers.engine.quant.formats import LayerFormat, parse
@@ -41,6 +44,7 @@ from workers.engine.quant.task import (
     QuantTask,
     config_json,
     config_key,
+    quantizable_layers,
     threshold,
 )
 
@@ -116,7 +120,12 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     threads = spec.threads or torch.get_num_threads()
     ctx.progress("load", 0.01, f"loading {spec.model.label()}")
     loaded, task = build_task(spec.model, spec.dataset, spec.budget.metric, spec.eval_samples,
-                              spec.sensitivity.calibration_samples, ctx)
+                              spec.sensitivity.calibration_samples, ctx,
+                              train_samples=spec.lora.samples if spec.lora else 0)
+    if spec.lora and any(p == "int8-static" for p in spec.levels or default_levels(task)):
+        raise UserError("LoRA recovery needs dynamic levels (its adapters change the weights "
+                        "that static grids are calibrated on): give levels such as "
+                        '["int8", "int4"]')
     example = tuple(t[: spec.batch_size] for t in task.eval_inputs)
     ctx.progress("load", 0.04, "exporting to ONNX")
     exported = ortb.export(task.module, example, loaded.input_names, task.layers)
@@ -220,7 +229,25 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
                                                   max_evaluations=400))
     stage_done("search")
 
-    # Candidates for the frontier: every search result, uniform configs, a sweep of ours.
+    # Recovery: the same ordering, bisected again above our boundary on the metric each config
+    # reaches once its adapters are trained.
+    recovery: qrec.Recovery | None = None
+    recovered: qsearch.SearchOutcome | None = None
+    if spec.lora and levels_used:
+        assert task.train_inputs is not None
+        ctx.progress("recovery", 0.5, f"LoRA recovery: rank {spec.lora.rank}, "
+                     f"{spec.lora.steps} steps per config")
+        recovery = qrec.Recovery(task, spec.lora, task.train_inputs)
+        recovered = qsearch.bisection_search(
+            recovery.evaluate, limit, levels_for("augmented"), "augmented+lora",
+            floor=outcomes[0].boundaries.get(levels_used[0], 0))
+        ctx.log.info("recovered search: boundaries %s (plain %s), %d trainings, %.1f s",
+                     recovered.boundaries, outcomes[0].boundaries, recovery.trainings,
+                     recovery.seconds)
+    stage_done("recovery")
+
+    # Candidates for the frontier: every search result, uniform configs, a sweep of ours, and
+    # the recovered search's result (its own key: same layers, other weights).
     candidates: dict[str, tuple[str, Config]] = {}
 
     def add(label: str, cfg: Config) -> None:
@@ -237,6 +264,10 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     ours = outcomes[0]
     for cfg in qsearch.sweep(levels_for("augmented"), ours.boundaries, spec.frontier_points):
         add("sweep:augmented", cfg)
+    lora_key = ""
+    if recovered is not None and recovered.config:
+        lora_key = "lora:" + config_key(recovered.config)
+        candidates[lora_key] = ("search:augmented+lora", recovered.config)
 
     points: dict[str, ConfigPoint] = {}
     deployed_models: dict[str, onnx.ModelProto] = {}
@@ -244,12 +275,18 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     for i, (key, (label, cfg)) in enumerate(candidates.items()):
         ctx.progress("frontier", 0.55 + 0.3 * i / len(candidates),
                      f"realizing and evaluating {i + 1}/{len(candidates)} on {ortb.NAME}")
-        model = ortb.realize(exported, cfg)
+        if key == lora_key:
+            assert recovery is not None
+            model = _realize_recovered(task, recovery, cfg, example, loaded.input_names)
+            simulated = recovery.evaluate(cfg)
+        else:
+            model = ortb.realize(exported, cfg)
+            simulated = task.evaluate(cfg)
         sess = sessions[key] = ortb.Session(model, threads)
         outs = torch.from_numpy(_run_batched(sess, task.eval_inputs, task.batch_size))
         deployed = task.score(outs)
         points[key] = ConfigPoint(
-            label=label, config=config_json(cfg), simulated_metric=task.evaluate(cfg),
+            label=label, config=config_json(cfg), simulated_metric=simulated,
             deployed_metric=deployed, size_bytes=sess.size_bytes,
             # fp32 is the reference the budget is taken from; on the backend it differs from
             # torch only by float rounding, which must not put it "outside" a tight budget.
@@ -282,6 +319,19 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
                           else [], boundaries=o.boundaries,
                           result=points[config_key(o.config)], evaluations=o.evaluations,
                           seconds=round(o.seconds, 3)) for o in outcomes]
+    lora_report = None
+    if recovered is not None and recovery is not None:
+        point = points[lora_key] if lora_key else baseline
+        searches.append(SearchRun(ordering=recovered.ordering,
+                                  order=recovered.orders.get(levels_used[0], []),
+                                  boundaries=recovered.boundaries, result=point,
+                                  evaluations=recovered.evaluations,
+                                  seconds=round(recovered.seconds, 3)))
+        lora_report = _lora_report(task, recovery, recovered.config, points[config_key(ours.config)],
+                                   point)
+        if lora_key:
+            ctx.save_artifact("lora.safetensors", _adapters_bytes(
+                recovery.training(recovered.config).adapters), "application/octet-stream")
     for prec, cfg in uniform.items():
         searches.append(SearchRun(ordering=f"uniform:{prec}", order=list(cfg),
                                   boundaries={prec: len(cfg)}, result=points[config_key(cfg)],
@@ -292,7 +342,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         budget=spec.budget, threshold=limit.value, baseline=baseline, chosen=chosen, why=why,
         frontier=sorted(points.values(), key=lambda p: p.latency_ms or 0.0), searches=searches,
         sensitivity=sens, evaluations=task.evaluations, stage_seconds=stages, latency_gate=gate,
-        latency_reduction=reduction, levels=list(fmt_at),
+        latency_reduction=reduction, levels=list(fmt_at), lora=lora_report,
         method=(f"search in simulated quantization matching {ortb.NAME}'s arithmetic on "
                 f"{len(task.eval_inputs[0])} evaluation samples; every frontier point realized "
                 f"with ONNX Runtime's integer kernels, its metric re-measured on the deployed "
@@ -316,6 +366,38 @@ def default_levels(task: QuantTask) -> list[str]:
     keep transformers' activation outliers: static MiniLM measured cosine 0.94)."""
     conv = any(isinstance(m, torch.nn.Conv1d | torch.nn.Conv2d) for m in task.layers.values())
     return ["int8-static" if conv else "int8", "int4"]
+
+
+def _realize_recovered(task: QuantTask, recovery: qrec.Recovery, cfg: Config,
+                       example: tuple[torch.Tensor, ...], input_names: list[str]
+                       ) -> onnx.ModelProto:
+    """The recovered config deployed: the model with its adapters merged, exported again and
+    realized like any other config (same graph and kernels, other weights)."""
+    adapters = recovery.training(cfg).adapters
+    module = qrec.merged_copy(task.module, task.layers, adapters)
+    exported = ortb.export(module, example, input_names, quantizable_layers(module))
+    exported.set_calibration(task.calib_inputs)
+    return ortb.realize(exported, cfg)
+
+
+def _lora_report(task: QuantTask, recovery: qrec.Recovery, cfg: Config, plain: ConfigPoint,
+                 recovered: ConfigPoint) -> LoraRecoveryReport:
+    assert recovery.opts is not None
+    t = recovery.training(cfg) if cfg else None
+    return LoraRecoveryReport(
+        options=recovery.opts, plain=plain, recovered=recovered, trainings=recovery.trainings,
+        train_seconds=round(recovery.seconds, 3),
+        loss_before=t.loss_before if t else 0.0, loss_after=t.loss_after if t else 0.0,
+        norms=qrec.norms(task, cfg, t.adapters, recovery.inputs) if t else [])
+
+
+def _adapters_bytes(adapters: qrec.Adapters) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {f"{n}.lora_A": a.contiguous() for n, a in adapters.a.items()}
+    tensors |= {f"{n}.lora_B": b.contiguous() for n, b in adapters.b.items()}
+    return save(tensors, metadata={"rank": str(adapters.rank),
+                                   "update": "weight += lora_B @ lora_A / rank, reshaped"})
 
 
 def _run_batched(sess: ortb.Session, inputs: tuple[torch.Tensor, ...], batch: int

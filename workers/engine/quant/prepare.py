@@ -27,20 +27,29 @@ def _split(data: TensorData, names: list[str], n_eval: int, n_calib: int
 
 
 def build_task(model_ref: ModelRef, dataset_ref: DatasetRef | None, metric: str | None,
-               eval_samples: int, calib_samples: int, ctx: JobContext
+               eval_samples: int, calib_samples: int, ctx: JobContext, train_samples: int = 0
                ) -> tuple[models.LoadedModel, QuantTask]:
+    """With ``train_samples``, the task also holds training data for LoRA recovery, taken
+    from the end of the data like the calibration samples."""
     loaded = models.load_model(model_ref, ctx)
+    train_x: tuple[torch.Tensor, ...] | None = None
     if dataset_ref is not None:
         data = models.load_dataset(dataset_ref, ctx, loaded)
         ev_x, ev_y, cb_x, cb_y = _split(data, loaded.input_names, eval_samples, calib_samples)
+        if train_samples:
+            train_x = _split(data, loaded.input_names, 0, train_samples)[2]
     elif loaded.name == "digits-cnn":  # its own held-out splits, not slices of one set
         test = datasets.digits("test").take(eval_samples)
         calib = datasets.digits("calib").take(calib_samples)
         ev_x, ev_y = test.ordered(loaded.input_names), test.labels
         cb_x, cb_y = calib.ordered(loaded.input_names), calib.labels
+        if train_samples:
+            train_x = datasets.digits("train").take(train_samples).ordered(loaded.input_names)
     else:
         ev_x, ev_y, cb_x, cb_y = _split(loaded.default_data, loaded.input_names, eval_samples,
                                         calib_samples)
+        if train_samples:
+            train_x = _split(loaded.default_data, loaded.input_names, 0, train_samples)[2]
     if metric is None:
         labeled = ev_y is not None
         metric = ("accuracy" if labeled and loaded.task == "classification" else
@@ -50,5 +59,6 @@ def build_task(model_ref: ModelRef, dataset_ref: DatasetRef | None, metric: str 
     if not layers:
         raise UserError("the model has no Linear or Conv layers to quantize")
     batch = 64 if loaded.name == "digits-cnn" else 32
-    task = QuantTask(module, layers, ev_x, ev_y, cb_x, cb_y, metric, batch_size=batch, ctx=ctx)
+    task = QuantTask(module, layers, ev_x, ev_y, cb_x, cb_y, metric, batch_size=batch, ctx=ctx,
+                     train_inputs=train_x)
     return loaded, task

@@ -34,15 +34,18 @@ class SearchOutcome:
     seconds: float = 0.0
 
 
-def bisect_boundary(ok: Callable[[int], bool], n: int) -> int:
-    """Largest k in [0, n] with ok(k), given ok(0) and monotone ok (true then false)."""
+def bisect_boundary(ok: Callable[[int], bool], n: int, lo: int = 0) -> int:
+    """Largest k in [lo, n] with ok(k), given ok(lo) and monotone ok (true then false)."""
     if ok(n):
         return n
-    return first_true(lambda k: not ok(k), 0, n) - 1  # ok(0) holds, ok(n) does not
+    return first_true(lambda k: not ok(k), lo, n) - 1  # ok(lo) holds, ok(n) does not
 
 
 def bisection_search(evaluate: Callable[[Mapping[str, LayerFormat]], float], limit: Threshold,
-                     levels: Sequence[tuple[str, Level]], ordering: str) -> SearchOutcome:
+                     levels: Sequence[tuple[str, Level]], ordering: str, floor: int = 0
+                     ) -> SearchOutcome:
+    """``floor``: a boundary of the first level already known to hold (the bisection starts
+    there instead of at 0: a recovered search above the plain one's boundary)."""
     t0 = time.perf_counter()
     config: Config = {}
     metric = limit.baseline
@@ -57,21 +60,23 @@ def bisection_search(evaluate: Callable[[Mapping[str, LayerFormat]], float], lim
                    base: Config = config) -> Config:
             return {**base, **{n: level.fmt_of[n] for n in order[:k]}}
 
-        def ok(k: int, cache: dict[int, float] = cache, cfg_at: Callable[[int], Config] = cfg_at
-               ) -> bool:
+        known = min(floor, len(order)) if i == 0 else 0
+
+        def ok(k: int, cache: dict[int, float] = cache, cfg_at: Callable[[int], Config] = cfg_at,
+               known: int = known) -> bool:
             nonlocal evals
-            if k == 0:
+            if k <= known:
                 return True
             if k not in cache:
                 cache[k] = evaluate(cfg_at(k))
                 evals += 1
             return limit.ok(cache[k])
 
-        k = bisect_boundary(ok, len(order))
+        k = bisect_boundary(ok, len(order), known)
         boundaries[name] = k
         if k:
             config = cfg_at(k)
-            metric = cache[k]
+            metric = cache[k] if k in cache else evaluate(config)
     return SearchOutcome(ordering, config, metric, boundaries,
                          {name: lvl.order for name, lvl in levels}, evals,
                          time.perf_counter() - t0)

@@ -88,6 +88,8 @@ class QuantTask:
     metric: str
     batch_size: int = 64
     ctx: JobContext | None = None
+    # Training data for LoRA recovery (from the end of the data, disjoint from evaluation).
+    train_inputs: tuple[torch.Tensor, ...] | None = None
     evaluations: int = 0
     _ref_eval: torch.Tensor | None = field(default=None, repr=False)
     _ref_calib: torch.Tensor | None = field(default=None, repr=False)
@@ -131,7 +133,7 @@ class QuantTask:
                                                labels.reshape(-1))
         return (outputs - ref).pow(2).flatten(1).sum(1).mean()
 
-    def _memo(self, what: str, config: Mapping[str, LayerFormat]) -> str:
+    def memo_key(self, what: str, config: Mapping[str, LayerFormat]) -> str:
         cfg = sorted((n, f.label(), f.reduce_range, f.per_channel) for n, f in config.items()
                      if f.precision != "fp32")
         return "mp:" + memo_key(what, self.metric, cfg)
@@ -139,7 +141,7 @@ class QuantTask:
     def _memoized(self, what: str, config: Mapping[str, LayerFormat],
                    compute: Callable[[], float]) -> float:
         """``compute()`` under ``config``, memoized in the job (so a retried job resumes)."""
-        key = self._memo(what, config)
+        key = self.memo_key(what, config)
         if self.ctx is not None:
             hit = self.ctx.memo_get(key)
             if hit is not None:
