@@ -279,8 +279,14 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
         )
         _record_run(r, job_id, run.model_copy(update={"outcome": outcome,
                                                       "finished_at": records.now()}))
+        # The memo only serves re-runs of an unfinished job; kept a day after the end for
+        # inspection, then Redis drops it.
+        r.expire(records.memo_key(job_id), MEMO_KEEP_S)
         if not int(finished):
             log.warning("job %s attempt %d finished after it was closed elsewhere", job_id, attempt)
+
+
+MEMO_KEEP_S = 86_400
 
 
 def execute_item(job_id: str, attempt: int, item: dict[str, Any], worker: str) -> None:

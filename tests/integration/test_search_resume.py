@@ -135,6 +135,8 @@ def test_sigkill_mid_search_resumes_from_the_memo(resume_stack: Stack, tmp_path:
     recomputed = res.evaluations - new
     assert recomputed == 0, (res.evaluations, len(before), len(after))
     assert 0 < res.evaluations < len(after)
+    # The finished job's memo is not kept forever: Redis drops it a day after the end.
+    assert 0 < r.ttl(records.memo_key(job.id)) <= 86_400
     measured.append(
         f"search resume: SIGKILL {t_kill - t_search:.2f} s into the search with {len(before)} "
         f"evaluations memoized (>= {len(before) - (at_search or 0)} of them in the search); attempt 2 "
