@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger("modelpress.api")
 
@@ -58,13 +59,43 @@ def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
+MAX_HEADER_BYTES = 16 * 1024  # all header names and values together, as h11 allows by default
+MAX_HEADERS = 100  # as Apache's LimitRequestFields
+
+
+class HeaderLimit:
+    """Refuses a request with huge or very many headers (431) before any route sees it: uvicorn's
+    h11 parser lets through a header block that arrives in one read, however large."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            size = sum(len(k) + len(v) for k, v in headers)
+            if len(headers) > MAX_HEADERS or size > MAX_HEADER_BYTES:
+                message = (f"request headers too large: {len(headers)} headers of {size} bytes; "
+                           f"at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes")
+                response = JSONResponse(body(431, message, "headers_too_large"), 431)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def install(app: FastAPI) -> None:
+    app.add_middleware(HeaderLimit)
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(body(exc.status, exc.message, exc.type), exc.status, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if any(tuple(e.get("loc", ())) == ("body",) for e in exc.errors()) and ctype != "application/json":
+            # FastAPI reads a non-JSON body as bytes; say what to send, not "not a dictionary"
+            return JSONResponse(body(415, "send the body as a JSON object with Content-Type "
+                                     f"application/json (got {ctype or 'none'!r})"), 415)
         fields = [
             {"field": _field_path(e.get("loc", ())), "message": e.get("msg", ""), "type": e.get("type")}
             for e in exc.errors()

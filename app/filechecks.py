@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import struct
 import zipfile
@@ -20,8 +21,9 @@ from app.schemas import TensorInfo
 
 MAX_COMPRESSION_RATIO = 200  # a deflate ratio far beyond real weights: a zip bomb
 MAX_MEMBERS = 10_000
-SAFETENSORS_DTYPES = {
-    "F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2",
+SAFETENSORS_DTYPES = {  # bytes per element
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".h5", ".msgpack"}
 HF_ALLOWED_SUFFIXES = {".json", ".safetensors", ".txt", ".model", ".md", ".jinja"}
@@ -188,6 +190,10 @@ def _safetensors_header(fh: Any, size: int, name: str) -> dict[str, TensorInfo]:
             raise Rejected(f"{name!r}: tensor {key!r} points outside the file")
         if any(not isinstance(d, int) or d < 0 for d in shape):
             raise Rejected(f"{name!r}: tensor {key!r} has an invalid shape {shape}")
+        needed = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+        if needed != offsets[1] - offsets[0]:
+            raise Rejected(f"{name!r}: tensor {key!r} of shape {shape} needs {needed} bytes but "
+                           f"holds {offsets[1] - offsets[0]}")
         out[key] = TensorInfo(shape=shape, dtype=dtype.lower())
     return out
 
@@ -216,8 +222,13 @@ def check_npz(path: Path, max_unpacked: int) -> dict[str, TensorInfo]:
                     shape, _, dtype = read(fh)
                 except ValueError as exc:
                     raise Rejected(f"{info.filename!r} is not a valid .npy array: {exc}") from None
+                held = info.file_size - fh.tell()
             if dtype.hasobject:
                 raise Rejected(f"{info.filename!r} holds Python objects (pickle); not accepted")
+            needed = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+            if needed != held:
+                raise Rejected(f"{info.filename!r}: shape {list(shape)} of {dtype} needs {needed} "
+                               f"bytes but the array holds {held}")
             out[info.filename[: -len(".npy")]] = TensorInfo(shape=list(shape), dtype=str(dtype))
     if not out:
         raise Rejected("the .npz holds no arrays")
