@@ -105,7 +105,7 @@ class Budget(_Strict):
     metric: Metric | None = Field(
         default=None, description="Default: accuracy with labels, else cosine to the float model.")
     mode: Literal["relative", "absolute"] = "relative"
-    value: float = Field(default=0.999, ge=0)
+    value: float = Field(default=0.999, ge=0, allow_inf_nan=False)
     higher_is_better: bool | None = Field(default=None, description="Default: from the metric.")
 
     @model_validator(mode="after")

@@ -162,6 +162,7 @@ def test_specs_with_huge_numbers_are_refused(inputs_stack: Stack, store: Path) -
         (mp + '"budget": {"mode": "absolute", "value": NaN}}}', "budget.value"),
         (mp + '"budget": {"value": Infinity}}}', "budget"),
         (mp + '"budget": {"mode": "absolute", "value": -Infinity}}}', "budget.value"),
+        (mp + '"budget": {"mode": "absolute", "value": Infinity}}}', "budget.value"),
         ({"kind": "benchmark", "model": {"zoo": "digits-cnn"}, "input_shape": nested},
          "input_shape"),
         ({"kind": "benchmark", "model": {"zoo": "digits-cnn"}, "batch_size": 1e308}, "batch_size"),
