@@ -1,13 +1,15 @@
 """Few-step students from a teacher's PF-ODE: consistency distillation (CD) and SLAM.
 
 Both sample a data point x0 and a pair of times t > s that lie ``skip`` steps apart on an
-N-point grid, noise x0 to x_t, and take one teacher DDIM step to x_s. CD (Song et al., 2023;
-LCM's skipping-step form) asks the student at x_t for what the EMA target says at x_s.
-SLAM (Xu et al., 2024), as we implement it: the sub-path between x_s and x_t is replaced by its
-sub-path linear ODE x_gamma = (1 - gamma) (alpha_t / alpha_s) x_s + gamma x_t, gamma ~ U(0, 1),
-and the gamma-conditioned student is asked at every point of it for the same target: a
-continuum of problems from the easy end (gamma = 0, the teacher's own next point) to the
-consistency problem itself (gamma = 1, what sampling uses).
+N-point grid, noise x0 to x_t, and take the teacher's DDIM steps to x_s; the target is what the
+EMA target network (at gamma = 1) says at x_s, and the loss plain MSE on x0 estimates. CD
+(Song et al., 2023; LCM's skipping-step form) asks the student at x_t. SLAM (Xu et al., 2024),
+as the official code (MCG-NJU/SPLAM, train_splam_distill_sd_wds.py) does it: gamma ~ U[0, 1),
+the student sees the sub-path point x_gamma = gamma x_t + (1 - gamma) (alpha_t / alpha_s) x_s at
+time t with gamma as an extra condition, and its output is turned into x0 at the point's own
+noise level (``schedule.sl_origin``); at gamma = 1 that is x_t and the ordinary x0_hat, which is
+what sampling uses. The official LCM boundary scalings c_skip, c_out are not needed: the
+v-parameterized network already returns its input at t = 0.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from workers.engine.diffusion.nets import Denoiser, add_lora
-from workers.engine.diffusion.schedule import ddim_step, grid, noised, sl_point
+from workers.engine.diffusion.schedule import Denoise, ddim, grid, noised, sl_origin, sl_point
 
 Method = Literal["slam", "cd"]
 # x0_hat = teacher(x_t, t, y)
@@ -44,15 +46,10 @@ class DistillConfig:
     seed: int = 0
 
 
-def teacher_solve(teacher: Teacher, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-                  y: torch.Tensor, substeps: int) -> torch.Tensor:
-    """The teacher's PF-ODE from t to s in ``substeps`` equal DDIM steps."""
-    x = x_t
-    for i in range(substeps):
-        a = t + (s - t) * (i / substeps)
-        b = t + (s - t) * ((i + 1) / substeps)
-        x = ddim_step(teacher(x, a, y), x, a, b)
-    return x
+def labelled(teacher: Teacher, y: torch.Tensor) -> Denoise:
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return teacher(x, t, y)
+    return denoise
 
 
 def distill(student: Denoiser, teacher: Teacher, x0: torch.Tensor, y: torch.Tensor,
@@ -81,11 +78,12 @@ def distill(student: Denoiser, teacher: Teacher, x0: torch.Tensor, y: torch.Tens
         t, s = ts[n], ts[n + cfg.skip]
         x_t = noised(xb, torch.randn(xb.shape, generator=gen), t)
         with torch.no_grad():
-            x_s = teacher_solve(teacher, x_t, t, s, yb, cfg.teacher_substeps)
+            x_s = ddim(labelled(teacher, yb), x_t, t, s, cfg.teacher_substeps)
             want = target(x_s, s, yb)
         if cfg.method == "slam":
             gamma = torch.rand(cfg.batch_size, generator=gen)
-            got = student(sl_point(x_t, x_s, t, s, gamma), t, yb, gamma)
+            x_g = sl_point(x_t, x_s, t, s, gamma)
+            got = sl_origin(x_g, student.velocity(x_g, t, yb, gamma), t, s, gamma)
         else:
             got = student(x_t, t, yb)
         loss = nn.functional.mse_loss(got, want)

@@ -138,7 +138,9 @@ def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
                 f"{f', rank {spec.rank}' if spec.student == 'lora' else ''}), {spec.iterations} "
                 f"iterations, batch 256, Adam lr {learning_rate(spec):g}, EMA target 0.95, "
                 f"grid N={spec.grid_points}, "
-                f"skip {spec.skip}, teacher {spec.teacher_substeps} DDIM steps per hop; "
+                f"skip {spec.skip}, teacher {spec.teacher_substeps} DDIM steps per hop, MSE on x0; "
+                f"SLAM as the official SPLAM code: gamma ~ U[0, 1), x0 read at the sub-path "
+                f"point's noise level (v form), target and sampling at gamma = 1; "
                 f"{spec.samples_per_class} samples per class, noise seed "
                 f"{spec.seed}"),
         environment=env.environment(torch.device("cpu")))

@@ -1,10 +1,11 @@
 """The denoiser (teacher and students) and LoRA adapters.
 
 A class-conditional residual MLP on flattened images, conditioned on the time t and on SLAM's
-gamma (the teacher always sees gamma = 1; the gamma branch starts at zero so a student copied
-from the teacher computes exactly the teacher's function). It predicts v = alpha eps - sigma x0,
-so x0_hat = alpha x_t - sigma v: at t = 0 the output is the input, which is the consistency
-models' boundary condition, built in.
+gamma (the teacher always sees gamma = 1). The gamma branch starts at zero, where the official
+SLAM code starts its new gamma projection at random, so that a student copied from the teacher
+computes exactly the teacher's function and CD and SLAM start from the same point. It predicts
+v = alpha eps - sigma x0, so x0_hat = alpha x_t - sigma v: at t = 0 the output is the input,
+which is the consistency models' boundary condition, built in.
 """
 
 from __future__ import annotations
