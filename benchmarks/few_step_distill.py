@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     results: dict[str, FewStepDistillResult] = {}
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for student in ("full", "lora"):
             spec = FewStepDistillSpec(student=student, iterations=args.iterations)  # type: ignore[arg-type]
@@ -59,7 +61,9 @@ def main() -> None:
     lines = [f"# Few-step distillation on digits ({e.device_name}, {e.threads} threads, "
              f"{dt.date.today().isoformat()})", "",
              f"`python benchmarks/few_step_distill.py` (job defaults, {args.iterations} "
-             f"iterations per student). {full.method}. Reference: {full.reference}.", ""]
+             f"iterations per student). {full.method}. Reference: {full.reference}. "
+             f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
+             f"end (other processes shared the cores: timings are upper bounds).", ""]
     lines += table(results)
     lines += ["", "| student | method | trainable parameters | distillation seconds | final loss |",
               "| --- | --- | --- | --- | --- |"]
