@@ -272,16 +272,18 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
             engine_log.removeHandler(handler)
         # no second wait on a store that just failed the job for not answering
         _save_log(ctx, handler.lines, retry=not (error and error.type == StoreUnavailable.type))
-        finished = r.eval(
-            records.FINISH, 2, records.job_key(job_id), records.events_key(job_id), str(attempt),
-            outcome, records.iso(), records.event_json(job_id, "state", state=outcome), maxlen,
-            result or "", error.model_dump_json() if error else "",
-        )
+        # The run's outcome is written before the job's final state, so whoever sees the job
+        # final also sees how its run ended (written after, a reader could see 'running').
         _record_run(r, job_id, run.model_copy(update={"outcome": outcome,
                                                       "finished_at": records.now()}))
         # The memo only serves re-runs of an unfinished job; kept a day after the end for
         # inspection, then Redis drops it.
         r.expire(records.memo_key(job_id), MEMO_KEEP_S)
+        finished = r.eval(
+            records.FINISH, 2, records.job_key(job_id), records.events_key(job_id), str(attempt),
+            outcome, records.iso(), records.event_json(job_id, "state", state=outcome), maxlen,
+            result or "", error.model_dump_json() if error else "",
+        )
         if not int(finished):
             log.warning("job %s attempt %d finished after it was closed elsewhere", job_id, attempt)
 
