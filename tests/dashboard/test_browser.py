@@ -58,10 +58,13 @@ def test_submit_watch_plot_download(browser: object, stack: Stack, tmp_path: Pat
     widths: list[float] = []
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
+        # State first, then width: the page's state handler sets both at once, so a width read after
+        # seeing "succeeded" is the final one (read the other way round, the last width could be missed).
+        done = page.locator("#state").inner_text() == "succeeded"  # type: ignore[attr-defined]
         w = page.evaluate("parseFloat(document.getElementById('progress').style.width)")  # type: ignore[attr-defined]
         if not widths or w != widths[-1]:
             widths.append(w)
-        if page.locator("#state").inner_text() == "succeeded":  # type: ignore[attr-defined]
+        if done:
             break
         time.sleep(0.1)
     assert page.locator("#state").inner_text() == "succeeded"  # type: ignore[attr-defined]
