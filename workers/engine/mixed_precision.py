@@ -382,7 +382,6 @@ def _realize_recovered(task: QuantTask, recovery: qrec.Recovery, cfg: Config,
 
 def _lora_report(task: QuantTask, recovery: qrec.Recovery, cfg: Config, plain: ConfigPoint,
                  recovered: ConfigPoint) -> LoraRecoveryReport:
-    assert recovery.opts is not None
     t = recovery.training(cfg) if cfg else None
     return LoraRecoveryReport(
         options=recovery.opts, plain=plain, recovered=recovered, trainings=recovery.trainings,

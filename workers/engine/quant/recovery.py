@@ -211,15 +211,7 @@ class Recovery:
     def evaluate(self, config: Mapping[str, LayerFormat]) -> float:
         if not any(f.precision != "fp32" for f in config.values()):
             return self.task.evaluate(config)
-        key = self.task.memo_key(f"lora-metric:{self._opts_key}", config)
-        ctx = self.task.ctx
-        hit = ctx.memo_get(key) if ctx is not None else None
-        if hit is not None:
-            return float(hit)
-        t = self.training(config)
-        with merged(self.task.layers, t.adapters), simulate(self.task.layers, config):
-            value = self.task.score(self.task.forward(self.task.eval_inputs))
-        self.task.evaluations += 1
-        if ctx is not None:
-            ctx.memo_put(key, value)
-        return value
+        task = self.task
+        return task.memoized(f"lora-metric:{self._opts_key}", config,
+                             lambda: task.score(task.forward(task.eval_inputs)),
+                             around=lambda: merged(task.layers, self.training(config).adapters))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -138,16 +139,19 @@ class QuantTask:
                      if f.precision != "fp32")
         return "mp:" + memo_key(what, self.metric, cfg)
 
-    def _memoized(self, what: str, config: Mapping[str, LayerFormat],
-                   compute: Callable[[], float]) -> float:
-        """``compute()`` under ``config``, memoized in the job (so a retried job resumes)."""
+    def memoized(self, what: str, config: Mapping[str, LayerFormat],
+                 compute: Callable[[], float],
+                 around: Callable[[], AbstractContextManager[object]] | None = None) -> float:
+        """``compute()`` under ``config``, memoized in the job (so a retried job resumes).
+        ``around`` (entered outside the simulation, only on a miss) changes the model first:
+        LoRA recovery merges its adapters there, so a hit skips their training too."""
         key = self.memo_key(what, config)
         if self.ctx is not None:
             hit = self.ctx.memo_get(key)
             if hit is not None:
                 return float(hit)
             self.ctx.check_cancelled()
-        with simulate(self.layers, config):
+        with around() if around is not None else nullcontext(), simulate(self.layers, config):
             value = compute()
         self.evaluations += 1
         if self.ctx is not None:
@@ -156,12 +160,12 @@ class QuantTask:
 
     def evaluate(self, config: Mapping[str, LayerFormat]) -> float:
         """The metric of ``config`` in simulation, on the evaluation data."""
-        return self._memoized("metric", config,
+        return self.memoized("metric", config,
                               lambda: self.score(self.forward(self.eval_inputs)))
 
     def calib_loss(self, config: Mapping[str, LayerFormat]) -> float:
         """The smooth loss of ``config`` in simulation, on the calibration data."""
-        return self._memoized("loss", config,
+        return self.memoized("loss", config,
                               lambda: float(self.loss(self.forward(self.calib_inputs))))
 
 

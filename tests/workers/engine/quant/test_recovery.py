@@ -103,6 +103,26 @@ def test_recovered_model_deploys_as_simulated(task: QuantTask) -> None:
     assert rec.evaluate(config) == task.score(simulated)
 
 
+def test_recovered_metric_is_memoized_in_the_job(task: QuantTask, tmp_path: Path) -> None:
+    """A retried job (a new Recovery over the same job memo) reads the recovered metric back
+    instead of retraining for it; other LoRA options are other entries."""
+    import dataclasses
+
+    config = {"fc2": LayerFormat("int4", group_size=32)}
+    assert task.train_inputs is not None
+    ctx = LocalContext(tmp_path)
+    with_ctx = dataclasses.replace(task, ctx=ctx)
+    opts = LoraRecovery(rank=4, steps=20, learning_rate=3e-3)
+    first = qrec.Recovery(with_ctx, opts, task.train_inputs)
+    value = first.evaluate(config)
+    assert first.trainings == 1
+    again = qrec.Recovery(with_ctx, opts, task.train_inputs)
+    assert again.evaluate(config) == value and again.trainings == 0
+    other = qrec.Recovery(with_ctx, opts.model_copy(update={"steps": 21}), task.train_inputs)
+    other.evaluate(config)
+    assert other.trainings == 1
+
+
 def test_static_levels_are_refused_with_a_reason(tmp_path: Path, store: Path) -> None:
     from workers.engine.context import UserError
 
