@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from _common import write_out
 
 from app.schemas import FewStepDistillResult, FewStepDistillSpec
 from workers.engine import env
@@ -81,8 +82,7 @@ def main() -> None:
               f"{full.teacher_train_seconds} s."]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_out(args.out, text)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import write_out
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -87,9 +88,7 @@ def main() -> None:
             out.append(line)
     out += ["", "Projection step (one P x), median of 5:", "", *projection_times(), ""]
     print("\n".join(out[-8:]))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(out) + "\n")
+    write_out(args.out, out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from _common import write_out
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -219,8 +220,7 @@ def main() -> None:
               f"SSE streams received {int(sum(ev))} events in total."]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_out(args.out, text)
     if len(final) != len(ids) or once != len(ids):
         sys.exit(1)
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import layer_counts, quiet_logs, write_out
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,10 +43,7 @@ SETTINGS: dict[str, dict[str, object]] = {
 
 
 def _layers(p: ConfigPoint) -> str:
-    counts: dict[str, int] = {}
-    for prec in p.config.values():
-        counts[prec] = counts.get(prec, 0) + 1
-    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
+    return layer_counts(p.config)
 
 
 def main() -> None:
@@ -56,9 +53,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    for noisy in ("onnxruntime", "root", "onnxscript", "torch"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_logs()
     spec = MixedPrecisionSpec.model_validate({
         "model": {"zoo": args.model}, **SETTINGS[args.model], "baselines": ["uniform"],
         "lora": {"rank": args.rank, "steps": args.steps}})
@@ -113,9 +108,7 @@ def main() -> None:
               f"{max((n.b_max for n in lora.norms), default=0):.3g}; largest ||B A / r||_F "
               f"{max((n.update_fro for n in lora.norms), default=0):.3g}.", ""]
     print("\n".join(lines), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
+    write_out(args.out, lines)
 
 
 if __name__ == "__main__":

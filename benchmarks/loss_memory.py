@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from _common import write_out
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -96,9 +97,7 @@ def main() -> None:
         "materialized, inside one compiled graph (its fused Triton kernel needs CUDA).", "",
         *loss_bench.table(rows), ""]
     print("\n".join(lines))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines))
+    write_out(args.out, lines)
 
 
 if __name__ == "__main__":

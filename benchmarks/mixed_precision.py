@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
 import statistics
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import layer_counts, quiet_logs, write_out
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -87,10 +87,7 @@ def run_model(name: str, store_dir: Path, rounds: int) -> tuple[MixedPrecisionRe
         point, _ = configs[label]
         ms = statistics.median(samples[label])
         run = by_ordering.get(key) if key else None
-        counts: dict[str, int] = {}
-        for p in point.config.values():
-            counts[p] = counts.get(p, 0) + 1
-        quant = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
+        quant = layer_counts(point.config)
         lines.append(
             f"| {label} | {quant} | {point.deployed_metric:.6f} | "
             f"{'yes' if point.within_budget else 'no'} | {ms:.3f} | {ms / base_ms:.3f}x | "
@@ -110,9 +107,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    for noisy in ("onnxruntime", "root", "onnxscript", "torch"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_logs()
     store = Path(tempfile.mkdtemp(prefix="mp-bench-store-"))
     header = [f"# Mixed precision on onnxruntime-cpu — {env.device_name(torch.device('cpu'))}, "
               f"{dt.date.today().isoformat()}", "",
@@ -124,9 +119,7 @@ def main() -> None:
         _, lines = run_model(name, store, args.rounds)
         print("\n".join(lines), flush=True)
         out += lines
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(out) + "\n")
+    write_out(args.out, out)
 
 
 if __name__ == "__main__":

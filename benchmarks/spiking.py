@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import write_out
+
 from app.schemas import SpikingResult, SpikingSpec
 from workers.engine import env
 from workers.engine.context import LocalContext
@@ -82,8 +84,7 @@ def main() -> None:
                       "SpikeGPT:", "```", s.spiking, "```"]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_out(args.out, text)
 
 
 if __name__ == "__main__":
