@@ -6,51 +6,37 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import boto3
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 
 from app.schemas import BenchmarkSpec, ModelRef
 from modelpress import _stack
 from tests.conftest import Stack, make_stack, running
 from tests.helpers import export_tiny
+from tests.s3 import Moto, started
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "modelpress-artifacts"
-CREDS = {"aws_access_key_id": "AKIDTEST", "aws_secret_access_key": "secret-test"}
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    port = _stack.free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **CREDS).create_bucket(
-        Bucket=BUCKET)
-    yield endpoint
-    server.stop()
+def moto() -> Iterator[Moto]:
+    m = started(BUCKET)
+    yield m
+    m.stop()
 
 
 @pytest.fixture(scope="module")
 def s3_stack(tmp_path_factory: pytest.TempPathFactory, redis_server: _stack.EmbeddedRedis,
-             s3_endpoint: str) -> Iterator[Stack]:
-    yield from running(make_stack(tmp_path_factory.mktemp("s3stack"), redis_server, {
-        "MODELPRESS_STORE_URL": f"s3://{BUCKET}/prod",
-        "MODELPRESS_S3_ENDPOINT": s3_endpoint,
-        "MODELPRESS_S3_REGION": "us-east-1",
-        "MODELPRESS_S3_ACCESS_KEY_ID": CREDS["aws_access_key_id"],
-        "MODELPRESS_S3_SECRET_ACCESS_KEY": CREDS["aws_secret_access_key"],
-        "MODELPRESS_S3_ALLOW_HTTP": "true",
-    }))
+             moto: Moto) -> Iterator[Stack]:
+    yield from running(make_stack(tmp_path_factory.mktemp("s3stack"), redis_server,
+                                  moto.env(f"s3://{BUCKET}/prod")))
 
 
-def test_artifact_round_trip_through_s3(s3_stack: Stack, s3_endpoint: str, tmp_path: Path) -> None:
-    s3: Any = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **CREDS)
+def test_artifact_round_trip_through_s3(s3_stack: Stack, moto: Moto, tmp_path: Path) -> None:
+    s3 = moto.client()
     with s3_stack.client() as client:
         model = client.models.upload(export_tiny(tmp_path / "tiny.pt2"), name="tiny")
         job = client.jobs.create(BenchmarkSpec(model=ModelRef(id=model.id), batch_size=8,
@@ -70,14 +56,8 @@ def test_artifact_round_trip_through_s3(s3_stack: Stack, s3_endpoint: str, tmp_p
 
 
 def test_readyz_reports_a_missing_bucket(tmp_path: Path, redis_server: _stack.EmbeddedRedis,
-                                        s3_endpoint: str) -> None:
-    s = make_stack(tmp_path, redis_server, {
-        "MODELPRESS_STORE_URL": "s3://no-such-bucket",
-        "MODELPRESS_S3_ENDPOINT": s3_endpoint,
-        "MODELPRESS_S3_ACCESS_KEY_ID": CREDS["aws_access_key_id"],
-        "MODELPRESS_S3_SECRET_ACCESS_KEY": CREDS["aws_secret_access_key"],
-        "MODELPRESS_S3_ALLOW_HTTP": "true",
-    })
+                                        moto: Moto) -> None:
+    s = make_stack(tmp_path, redis_server, moto.env("s3://no-such-bucket"))
     s.start_api()
     try:
         deadline = time.monotonic() + 60

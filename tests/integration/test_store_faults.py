@@ -13,52 +13,25 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from app.schemas import BenchmarkSpec, ModelRef
 from modelpress import Client, _stack
 from tests.conftest import Stack, make_stack, running
 from tests.helpers import export_tiny, measured
 from tests.integration.test_service import wait_for
+from tests.s3 import Moto, started
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "modelpress-faults"
-CREDS = {"aws_access_key_id": "AKIDTEST", "aws_secret_access_key": "secret-test"}
 RETRY_S = 10  # the workers' MODELPRESS_STORE_RETRY_S here
-
-
-class Moto:
-    """moto's S3 server in this process: its buckets live in the process, so a server started
-    again on the same port serves the same objects, as a restarted S3 endpoint would."""
-
-    def __init__(self) -> None:
-        self.port = _stack.free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._server: ThreadedMotoServer | None = None
-
-    def start(self) -> None:
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    def client(self) -> Any:
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", **CREDS)
 
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[Moto]:
-    m = Moto()
-    m.start()
-    m.client().create_bucket(Bucket=BUCKET)
+    m = started(BUCKET)
     yield m
     m.stop()
 
@@ -66,14 +39,8 @@ def moto() -> Iterator[Moto]:
 @pytest.fixture(scope="module")
 def s3_stack(tmp_path_factory: pytest.TempPathFactory, redis_server: _stack.EmbeddedRedis,
              moto: Moto) -> Iterator[Stack]:
-    yield from running(make_stack(tmp_path_factory.mktemp("s3faults"), redis_server, {
-        "MODELPRESS_STORE_URL": f"s3://{BUCKET}/prod",
-        "MODELPRESS_S3_ENDPOINT": moto.endpoint,
-        "MODELPRESS_S3_ACCESS_KEY_ID": CREDS["aws_access_key_id"],
-        "MODELPRESS_S3_SECRET_ACCESS_KEY": CREDS["aws_secret_access_key"],
-        "MODELPRESS_S3_ALLOW_HTTP": "true",
-        "MODELPRESS_STORE_RETRY_S": str(RETRY_S),
-    }))
+    yield from running(make_stack(tmp_path_factory.mktemp("s3faults"), redis_server, moto.env(
+        f"s3://{BUCKET}/prod", MODELPRESS_STORE_RETRY_S=str(RETRY_S))))
 
 
 def _log_has(client: Client, job_id: str, text: str) -> bool:
