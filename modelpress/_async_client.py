@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import hashlib
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -26,7 +27,13 @@ from app.schemas import (
     ModelInfo,
 )
 from modelpress import _base
-from modelpress._errors import APIConnectionError, APITimeoutError, JobFailedError, status_error
+from modelpress._errors import (
+    APIConnectionError,
+    APITimeoutError,
+    IntegrityError,
+    JobFailedError,
+    status_error,
+)
 from modelpress._progress import ProgressPrinter
 
 T = TypeVar("T")
@@ -227,8 +234,13 @@ class AsyncJobs:
             if not resp.is_success:
                 await resp.aread()
                 raise status_error(resp)
+            expected, digest = _base.etag_sha256(resp), hashlib.sha256()
             async with await anyio.open_file(tmp, "wb") as fh:
                 async for chunk in resp.aiter_bytes():
+                    digest.update(chunk)
                     await fh.write(chunk)
+        if expected is not None and digest.hexdigest() != expected:
+            tmp.unlink()
+            raise IntegrityError(name, expected, digest.hexdigest())
         tmp.replace(dest)
         return dest

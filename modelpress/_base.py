@@ -35,6 +35,12 @@ DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
+def etag_sha256(response: httpx.Response) -> str | None:
+    """The artifact's sha256 from its ETag (the API sends the hex digest, quoted)."""
+    tag = response.headers.get("etag", "").strip('"')
+    return tag if len(tag) == 64 and all(c in "0123456789abcdef" for c in tag) else None
+
+
 def _model(cls: type[BaseModel]) -> Callable[[httpx.Response], Any]:
     return lambda r: cls.model_validate_json(r.content)
 

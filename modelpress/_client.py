@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import hashlib
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -27,6 +28,7 @@ from modelpress import _base
 from modelpress._errors import (
     APIConnectionError,
     APITimeoutError,
+    IntegrityError,
     JobFailedError,
     status_error,
 )
@@ -245,8 +247,13 @@ class Jobs:
             if not resp.is_success:
                 resp.read()
                 raise status_error(resp)
+            expected, digest = _base.etag_sha256(resp), hashlib.sha256()
             with tmp.open("wb") as fh:
                 for chunk in resp.iter_bytes():
+                    digest.update(chunk)
                     fh.write(chunk)
+        if expected is not None and digest.hexdigest() != expected:
+            tmp.unlink()
+            raise IntegrityError(name, expected, digest.hexdigest())
         tmp.replace(dest)
         return dest

@@ -88,6 +88,16 @@ class JobFailedError(ModelpressError):
         self.job = job
 
 
+class IntegrityError(ModelpressError):
+    """A download's bytes do not hash to the sha256 the server recorded for the artifact (its
+    ETag): damaged in the store or in transit. Nothing is left at the destination."""
+
+    def __init__(self, name: str, expected: str, actual: str) -> None:
+        super().__init__(f"artifact {name!r}: downloaded sha256 {actual} but the server recorded "
+                         f"{expected}; the file was not kept, download it again")
+        self.expected, self.actual = expected, actual
+
+
 _BY_STATUS: dict[int, type[APIStatusError]] = {
     400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError,
     404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError,

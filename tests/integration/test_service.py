@@ -5,6 +5,7 @@ Submit -> SSE progress -> result -> artifact; cancel; tenancy; bad input; idempo
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -16,9 +17,11 @@ import pytest
 
 from app.schemas import BenchmarkResult, BenchmarkSpec, ModelRef
 from modelpress import (
+    AsyncClient,
     AuthenticationError,
     BadRequestError,
     Client,
+    IntegrityError,
     JobFailedError,
     NotFoundError,
     PayloadTooLargeError,
@@ -100,6 +103,24 @@ def test_submit_progress_result_artifact(stack: Stack, shared_store: Path) -> No
         assert got == stored
         assert hashlib.sha256(got).hexdigest() == arts["benchmark.json"].sha256
         assert BenchmarkResult.model_validate_json(got) == result
+        # A stored object damaged after the job (same size, one byte changed): both clients
+        # refuse it by its recorded sha256 and leave nothing behind; mended, it downloads again.
+        obj = stored_object(shared_store, job.id, "benchmark.json")
+        obj.write_bytes(got[:10] + bytes([got[10] ^ 1]) + got[11:])
+        try:
+            with pytest.raises(IntegrityError, match="sha256"):
+                client.jobs.download(job.id, "benchmark.json", stack.root / "bad.json")
+
+            async def via_async() -> None:
+                async with AsyncClient(api_key=key, base_url=stack.base_url) as ac:
+                    await ac.jobs.download(job.id, "benchmark.json", stack.root / "bad.json")
+
+            with pytest.raises(IntegrityError, match="sha256"):
+                asyncio.run(via_async())
+            assert not list(stack.root.glob("bad.json*"))
+        finally:
+            obj.write_bytes(got)
+        assert client.jobs.download(job.id, "benchmark.json", stack.root / "ok.json").read_bytes() == got
 
         # Replaying from an event id gives only what came after it.
         mid = events[len(events) // 2]["id"]
