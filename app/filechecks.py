@@ -105,11 +105,50 @@ def check_pt2(path: Path, max_unpacked: int) -> dict[str, Any]:
                 ):
                     raise Rejected(f"constant {fqn!r} is not a plain tensor (script or opaque "
                                    "objects are pickled and not accepted)")
+                _check_stored_tensor(zf, names, f"{root}/data/{section}", section[:-1], fqn, meta)
             counts[section] = len(config)
         for name in names:
             if "/data/sample_inputs/" in name:
                 _load_weights_only(zf.read(name), name)
         return {"weights": counts["weights"], "constants": counts["constants"]}
+
+
+def _check_stored_tensor(zf: zipfile.ZipFile, names: list[str], folder: str, what: str, fqn: str,
+                         meta: dict[str, Any]) -> None:
+    """The tensor's data file exists and holds every byte its declared view reads: a truncated
+    or mismatched weight would otherwise fail, obscurely, only when a worker loads the model."""
+    member = f"{folder}/{meta.get('path_name')}"
+    if member not in names:
+        raise Rejected(f"{what} {fqn!r}: its data file {member.split('/', 1)[1]!r} is missing from "
+                       "the .pt2")
+    needed = _view_bytes(meta.get("tensor_meta"), f"{what} {fqn!r}")
+    held = zf.getinfo(member).file_size
+    if needed is not None and needed > held:
+        raise Rejected(f"{what} {fqn!r}: its declared shape and strides read {needed} bytes but "
+                       f"the archive holds {held}; re-export the model")
+
+
+def _view_bytes(meta: Any, what: str) -> int | None:
+    """Bytes of storage a serialized tensor view reads: (offset + the strided span) x element
+    size; None where a size is symbolic."""
+    from torch._export.serde.schema import ScalarType
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    try:
+        dtype = _SERIALIZE_TO_TORCH_DTYPE[ScalarType(meta["dtype"])]
+        dims = [(d.get("as_int"), s.get("as_int")) for d, s in zip(meta["sizes"], meta["strides"],
+                                                                   strict=True)]
+        offset = meta["storage_offset"].get("as_int")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise Rejected(f"{what} has unreadable tensor metadata in the .pt2") from None
+    if offset is None or any(n is None or st is None for n, st in dims):
+        return None
+    if any(not isinstance(v, int) or v < 0 for v in (offset, *(x for d in dims for x in d))):
+        raise Rejected(f"{what} has a negative or non-integer size, stride or offset")
+    if any(n == 0 for n, _ in dims):
+        return 0
+    span: int = offset + sum((n - 1) * st for n, st in dims) + 1
+    return span * int(dtype.itemsize)
 
 
 def _load_weights_only(data: bytes, name: str) -> None:

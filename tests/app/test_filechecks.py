@@ -66,6 +66,35 @@ def test_hostile_sample_inputs_are_rejected(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def _rewritten(src_path: Path, dst_path: Path, member_suffix: str, data: bytes | None) -> Path:
+    """A copy of a .pt2 with one member replaced by ``data`` (dropped when None)."""
+    with zipfile.ZipFile(src_path) as src, zipfile.ZipFile(dst_path, "w") as dst:
+        for info in src.infolist():
+            if info.filename.endswith(member_suffix):
+                if data is None:
+                    continue
+                dst.writestr(info.filename, data)
+            else:
+                dst.writestr(info.filename, src.read(info.filename))
+    return dst_path
+
+
+def test_truncated_or_missing_weight_data_is_rejected(tmp_path: Path) -> None:
+    tiny = export_tiny(tmp_path / "m.pt2")
+    with zipfile.ZipFile(tiny) as zf:
+        [w0] = [n for n in zf.namelist() if n.endswith("/data/weights/weight_0")]
+        data = zf.read(w0)
+    short = _rewritten(tiny, tmp_path / "short.pt2", "/data/weights/weight_0", data[:-4])
+    with pytest.raises(Rejected, match=rf"read {len(data)} bytes but the archive holds {len(data) - 4}"):
+        filechecks.check_pt2(short, LIMIT)
+    gone = _rewritten(tiny, tmp_path / "gone.pt2", "/data/weights/weight_0", None)
+    with pytest.raises(Rejected, match="'data/weights/weight_0' is missing"):
+        filechecks.check_pt2(gone, LIMIT)
+    # Longer storage than the view reads is legal (views of a shared storage).
+    longer = _rewritten(tiny, tmp_path / "long.pt2", "/data/weights/weight_0", data + bytes(8))
+    assert filechecks.check_pt2(longer, LIMIT)["weights"] == 4
+
+
 def test_path_traversal_and_zip_bomb(tmp_path: Path) -> None:
     trav = tmp_path / "t.zip"
     with zipfile.ZipFile(trav, "w") as zf:
