@@ -309,8 +309,11 @@ class FewStepDistillSpec(_Strict):
     lr: float | None = Field(default=None, gt=0, le=1,
                              description="Adam learning rate; default 2e-4 full, 1e-3 LoRA.")
     grid_points: int = Field(default=32, ge=2, le=1000, description="N of the time grid.")
-    skip: int = Field(default=4, ge=1, le=1000, description="Grid steps between t and s.")
-    teacher_substeps: int = Field(default=4, ge=1, le=100,
+    skip: int = Field(default=32, ge=1, le=1000, description=(
+        "Grid steps between t and s, s clamped at the grid's end. The default (= grid_points) "
+        "maps every t to the end: the long hops where SLAM beats CD "
+        "(benchmarks/results/few_step_ablation_cpu.md); short hops favour CD."))
+    teacher_substeps: int = Field(default=32, ge=1, le=100,
                                   description="Teacher DDIM steps from t to s (LCM uses 1).")
     samples_per_class: int = Field(default=100, ge=2, le=1000,
                                    description="Generated per digit class for the metrics.")

@@ -1,7 +1,8 @@
 """Few-step students from a teacher's PF-ODE: consistency distillation (CD) and SLAM.
 
 Both sample a data point x0 and a pair of times t > s that lie ``skip`` steps apart on an
-N-point grid, noise x0 to x_t, and take the teacher's DDIM steps to x_s; the target is what the
+N-point grid (s clamped at its end, as LCM does), noise x0 to x_t, and take the teacher's DDIM
+steps to x_s; the target is what the
 EMA target network (at gamma = 1) says at x_s, and the loss plain MSE on x0 estimates. CD
 (Song et al., 2023; LCM's skipping-step form) asks the student at x_t. SLAM (Xu et al., 2024),
 as the official code (MCG-NJU/SPLAM, train_splam_distill_sd_wds.py) does it: gamma ~ U[0, 1),
@@ -38,8 +39,8 @@ class DistillConfig:
     batch_size: int = 256
     lr: float = 2e-4
     grid_points: int = 32
-    skip: int = 4
-    teacher_substeps: int = 1  # DDIM steps of the teacher between t and s (LCM: 1)
+    skip: int = 32  # = grid_points: every t to the grid's end, the long hops where SLAM gains
+    teacher_substeps: int = 32  # DDIM steps of the teacher between t and s (LCM: 1)
     ema: float = 0.95
     student: Literal["full", "lora"] = "full"
     rank: int = 8
@@ -74,8 +75,10 @@ def distill(student: Denoiser, teacher: Teacher, x0: torch.Tensor, y: torch.Tens
             check(it)
         idx = torch.randint(0, len(x0), (cfg.batch_size,), generator=gen)
         xb, yb = x0[idx], y[idx]
-        n = torch.randint(0, cfg.grid_points - cfg.skip + 1, (cfg.batch_size,), generator=gen)
-        t, s = ts[n], ts[n + cfg.skip]
+        # As LCM's and the official SLAM code: t anywhere on the grid, s = skip steps later,
+        # clamped at the grid's end (so a long skip still trains the small t that sampling uses).
+        n = torch.randint(0, cfg.grid_points, (cfg.batch_size,), generator=gen)
+        t, s = ts[n], ts[(n + cfg.skip).clamp(max=cfg.grid_points)]
         x_t = noised(xb, torch.randn(xb.shape, generator=gen), t)
         with torch.no_grad():
             x_s = ddim(labelled(teacher, yb), x_t, t, s, cfg.teacher_substeps)
