@@ -30,7 +30,6 @@ from modelpress import _base
 from modelpress._errors import (
     APIConnectionError,
     APITimeoutError,
-    IntegrityError,
     JobFailedError,
     status_error,
 )
@@ -226,10 +225,7 @@ class AsyncJobs:
         return job
 
     async def download(self, job_id: str, name: str, dest: str | Path) -> Path:
-        dest = Path(dest)
-        if dest.is_dir():
-            dest = dest / name
-        tmp = dest.with_name(dest.name + ".part")
+        path, tmp = _base.download_paths(dest, name)
         async with self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
             if not resp.is_success:
                 await resp.aread()
@@ -239,8 +235,4 @@ class AsyncJobs:
                 async for chunk in resp.aiter_bytes():
                     digest.update(chunk)
                     await fh.write(chunk)
-        if expected is not None and digest.hexdigest() != expected:
-            tmp.unlink()
-            raise IntegrityError(name, expected, digest.hexdigest())
-        tmp.replace(dest)
-        return dest
+        return _base.finish_download(tmp, path, name, expected, digest.hexdigest())

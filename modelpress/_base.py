@@ -28,6 +28,7 @@ from app.schemas import (
     ModelInfo,
     ModelList,
 )
+from modelpress._errors import IntegrityError
 
 T = TypeVar("T")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -35,10 +36,29 @@ DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
+def download_paths(dest: str | Path, name: str) -> tuple[Path, Path]:
+    """Where a download goes (``dest``, or ``name`` inside it when it is a folder) and the
+    ``.part`` file it is streamed to first."""
+    path = Path(dest)
+    if path.is_dir():
+        path = path / name
+    return path, path.with_name(path.name + ".part")
+
+
 def etag_sha256(response: httpx.Response) -> str | None:
     """The artifact's sha256 from its ETag (the API sends the hex digest, quoted)."""
     tag = response.headers.get("etag", "").strip('"')
     return tag if len(tag) == 64 and all(c in "0123456789abcdef" for c in tag) else None
+
+
+def finish_download(tmp: Path, dest: Path, name: str, expected: str | None, actual: str) -> Path:
+    """Move a streamed ``.part`` into place, or delete it and raise IntegrityError when its
+    sha256 is not the one the server recorded."""
+    if expected is not None and actual != expected:
+        tmp.unlink()
+        raise IntegrityError(name, expected, actual)
+    tmp.replace(dest)
+    return dest
 
 
 def _model(cls: type[BaseModel]) -> Callable[[httpx.Response], Any]:

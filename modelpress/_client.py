@@ -28,7 +28,6 @@ from modelpress import _base
 from modelpress._errors import (
     APIConnectionError,
     APITimeoutError,
-    IntegrityError,
     JobFailedError,
     status_error,
 )
@@ -239,10 +238,7 @@ class Jobs:
 
     def download(self, job_id: str, name: str, dest: str | Path) -> Path:
         """Stream an artifact to ``dest`` (a file, or a folder to put ``name`` in)."""
-        dest = Path(dest)
-        if dest.is_dir():
-            dest = dest / name
-        tmp = dest.with_name(dest.name + ".part")
+        path, tmp = _base.download_paths(dest, name)
         with self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
             if not resp.is_success:
                 resp.read()
@@ -252,8 +248,4 @@ class Jobs:
                 for chunk in resp.iter_bytes():
                     digest.update(chunk)
                     fh.write(chunk)
-        if expected is not None and digest.hexdigest() != expected:
-            tmp.unlink()
-            raise IntegrityError(name, expected, digest.hexdigest())
-        tmp.replace(dest)
-        return dest
+        return _base.finish_download(tmp, path, name, expected, digest.hexdigest())
