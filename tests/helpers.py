@@ -6,6 +6,7 @@ import json
 import pathlib
 import pickle
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,21 +52,32 @@ def hostile_pickle(marker: Path) -> bytes:
     return pickle.dumps({"state_dict": _Touch(marker)})
 
 
+def rewrite_zip(src_path: Path, dst_path: Path, edit: Callable[[str, bytes], bytes | None]) -> Path:
+    """A copy of a zip (a .pt2) with each member's bytes passed through ``edit(name, data)``;
+    a member it returns None for is left out."""
+    with zipfile.ZipFile(src_path) as src, zipfile.ZipFile(dst_path, "w") as dst:
+        for info in src.infolist():
+            data = edit(info.filename, src.read(info.filename))
+            if data is not None:
+                dst.writestr(info.filename, data)
+    return dst_path
+
+
 def pt2_with_pickled_weights(path: Path, marker: Path, tiny: Path) -> Path:
     """A .pt2 whose layout is right but whose first weight is a hostile pickle flagged
     ``use_pickle`` (which torch.export.load would hand to the unpickler)."""
-    with zipfile.ZipFile(tiny) as src, zipfile.ZipFile(path, "w") as dst:
-        for info in src.infolist():
-            data = src.read(info.filename)
-            if info.filename.endswith("/data/weights/weight_0"):
-                data = hostile_pickle(marker)
-            elif info.filename.endswith("model_weights_config.json"):
-                cfg = json.loads(data)
-                first = next(iter(cfg["config"].values()))
-                first["use_pickle"] = True
-                data = json.dumps(cfg).encode()
-            dst.writestr(info.filename, data)
-    return path
+
+    def edit(name: str, data: bytes) -> bytes:
+        if name.endswith("/data/weights/weight_0"):
+            return hostile_pickle(marker)
+        if name.endswith("model_weights_config.json"):
+            cfg = json.loads(data)
+            first = next(iter(cfg["config"].values()))
+            first["use_pickle"] = True
+            return json.dumps(cfg).encode()
+        return data
+
+    return rewrite_zip(tiny, path, edit)
 
 
 def tiny_hf_folder(dest: Path) -> Path:

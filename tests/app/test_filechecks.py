@@ -12,7 +12,7 @@ import torch
 
 from app import filechecks
 from app.filechecks import Rejected
-from tests.helpers import _Touch, export_tiny, hostile_pickle, pt2_with_pickled_weights
+from tests.helpers import _Touch, export_tiny, hostile_pickle, pt2_with_pickled_weights, rewrite_zip
 
 LIMIT = 64 * 2**20
 
@@ -52,31 +52,19 @@ def test_pickled_weight_inside_pt2_is_rejected(tmp_path: Path) -> None:
 def test_hostile_sample_inputs_are_rejected(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     tiny = export_tiny(tmp_path / "m.pt2")
-    bad = tmp_path / "bad.pt2"
-    with zipfile.ZipFile(tiny) as src, zipfile.ZipFile(bad, "w") as dst:
-        for info in src.infolist():
-            data = src.read(info.filename)
-            if "sample_inputs" in info.filename:
-                buf = io.BytesIO()
-                torch.save({"inputs": _Touch(marker)}, buf)  # torch's format, hostile payload
-                data = buf.getvalue()
-            dst.writestr(info.filename, data)
+    buf = io.BytesIO()
+    torch.save({"inputs": _Touch(marker)}, buf)  # torch's format, hostile payload
+    bad = rewrite_zip(tiny, tmp_path / "bad.pt2",
+                      lambda name, data: buf.getvalue() if "sample_inputs" in name else data)
     with pytest.raises(Rejected, match="weights_only"):
         filechecks.check_pt2(bad, LIMIT)
     assert not marker.exists()
 
 
-def _rewritten(src_path: Path, dst_path: Path, member_suffix: str, data: bytes | None) -> Path:
-    """A copy of a .pt2 with one member replaced by ``data`` (dropped when None)."""
-    with zipfile.ZipFile(src_path) as src, zipfile.ZipFile(dst_path, "w") as dst:
-        for info in src.infolist():
-            if info.filename.endswith(member_suffix):
-                if data is None:
-                    continue
-                dst.writestr(info.filename, data)
-            else:
-                dst.writestr(info.filename, src.read(info.filename))
-    return dst_path
+def _with_weight_0(src_path: Path, dst_path: Path, data: bytes | None) -> Path:
+    """A copy of a .pt2 whose first weight's data file is ``data`` (dropped when None)."""
+    return rewrite_zip(src_path, dst_path,
+                       lambda name, old: data if name.endswith("/data/weights/weight_0") else old)
 
 
 def test_truncated_or_missing_weight_data_is_rejected(tmp_path: Path) -> None:
@@ -84,14 +72,14 @@ def test_truncated_or_missing_weight_data_is_rejected(tmp_path: Path) -> None:
     with zipfile.ZipFile(tiny) as zf:
         [w0] = [n for n in zf.namelist() if n.endswith("/data/weights/weight_0")]
         data = zf.read(w0)
-    short = _rewritten(tiny, tmp_path / "short.pt2", "/data/weights/weight_0", data[:-4])
+    short = _with_weight_0(tiny, tmp_path / "short.pt2", data[:-4])
     with pytest.raises(Rejected, match=rf"read {len(data)} bytes but the archive holds {len(data) - 4}"):
         filechecks.check_pt2(short, LIMIT)
-    gone = _rewritten(tiny, tmp_path / "gone.pt2", "/data/weights/weight_0", None)
+    gone = _with_weight_0(tiny, tmp_path / "gone.pt2", None)
     with pytest.raises(Rejected, match="'data/weights/weight_0' is missing"):
         filechecks.check_pt2(gone, LIMIT)
     # Longer storage than the view reads is legal (views of a shared storage).
-    longer = _rewritten(tiny, tmp_path / "long.pt2", "/data/weights/weight_0", data + bytes(8))
+    longer = _with_weight_0(tiny, tmp_path / "long.pt2", data + bytes(8))
     assert filechecks.check_pt2(longer, LIMIT)["weights"] == 4
 
 
