@@ -59,12 +59,12 @@ def main() -> None:
             results[student] = job.run(spec, LocalContext(Path(tmp) / student))
             print(f"{student}: {results[student].seconds:.0f} s", file=sys.stderr)
     e = env.environment(torch.device("cpu"))
-    full = next(iter(results.values()))
+    first = next(iter(results.values()))
     lines = [f"# Few-step distillation on digits ({e.device_name}, {e.threads} threads, "
              f"{dt.date.today().isoformat()})", "",
              f"`python benchmarks/few_step_distill.py --students {args.students}` (job defaults, "
              f"{args.iterations} "
-             f"iterations per student). {full.method}. Reference: {full.reference}. "
+             f"iterations per student). {first.method}. Reference: {first.reference}. "
              f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
              f"end (other processes shared the cores: timings are upper bounds).", ""]
     lines += table(results)
@@ -80,8 +80,8 @@ def main() -> None:
                   "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {n.layer} | {n.input_max:.2f} | {n.weight_max:.3f} | {n.a_max:.3f} | "
                   f"{n.b_max:.4f} | {n.update_fro:.4f} |" for n in lora]
-    lines += ["", f"Teacher: {full.teacher_parameters:,} parameters, trained in "
-              f"{full.teacher_train_seconds} s."]
+    lines += ["", f"Teacher: {first.teacher_parameters:,} parameters, trained in "
+              f"{first.teacher_train_seconds} s."]
     text = "\n".join(lines) + "\n"
     print(text)
     write_out(args.out, text)
