@@ -5,12 +5,27 @@ from __future__ import annotations
 import platform
 from functools import lru_cache
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
 from app.schemas import Environment
 
 _VERSIONED = ("modelpress", "torch", "onnxruntime", "onnx", "numpy", "transformers", "triton")
+
+
+@lru_cache(maxsize=1)
+def needs_reduce_range() -> bool:
+    """True on x86 CPUs without VNNI, where u8 x s8 int8 GEMMs (ORT's, oneDNN's) can saturate
+    (see quant.formats). Cached: asked for every layer and every realized config, and the CPU
+    does not change."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def resolve_device(requested: str) -> torch.device:

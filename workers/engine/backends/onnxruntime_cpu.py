@@ -15,7 +15,6 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,14 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from workers.engine.backends.base import interleaved_latency, run_batched
+from workers.engine.env import needs_reduce_range
 from workers.engine.quant.formats import Grid, LayerFormat, StaticGrids
 
 log = logging.getLogger("modelpress.backend.ort")
+
+__all__ = ["NAME", "Exported", "OrtBackend", "Session", "export", "interleaved_latency",
+           "native_format", "needs_reduce_range", "realize", "run_batched", "static_grids"]
 
 NAME = "onnxruntime-cpu"
 SUPPORTED: dict[str, set[str]] = {"MatMul": {"fp32", "int8", "int4"}, "Conv": {"fp32", "int8"}}
@@ -253,36 +257,6 @@ def static_grids(exported: Exported) -> dict[str, StaticGrids]:
     return grids
 
 
-def interleaved_latency(sessions: Mapping[str, Session], inputs: Sequence[torch.Tensor],
-                        warmup: int, repeats: int, rounds: int = 5) -> dict[str, list[float]]:
-    """Time several sessions round-robin: ``rounds`` passes, each running every session
-    ``repeats / rounds`` times. On a machine whose load drifts (other jobs, other tenants),
-    drift then hits every configuration alike instead of whichever was timed last."""
-    for sess in sessions.values():
-        sess.latency_ms(inputs, warmup, 0)
-    per_round = max(1, -(-repeats // rounds))
-    samples: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for key, sess in sessions.items():
-            samples[key] += sess.latency_ms(inputs, 0, per_round)
-    return samples
-
-
-@lru_cache(maxsize=1)
-def needs_reduce_range() -> bool:
-    """True on x86 CPUs without VNNI, where ORT's u8s8 int8 GEMM can saturate (see formats).
-    Cached: asked for every layer and every realized config, and the CPU does not change."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
 def native_format(exported: Exported, layer: str, fmt: LayerFormat) -> LayerFormat:
     """``fmt`` with the arithmetic this backend really uses for ``layer``'s node: 7-bit weights
     without VNNI, one weight scale per tensor for ConvInteger (ORT's dynamic Conv), and for
@@ -318,7 +292,11 @@ class Session:
                                          providers=["CPUExecutionProvider"],
                                          disabled_optimizers=["MatMulAddFusion"] if static else None)
         self.input_names = [i.name for i in self.sess.get_inputs()]
+        self.model = model
         self.size_bytes = model.ByteSize()
+
+    def artifact(self) -> tuple[str, bytes]:
+        return "model.onnx", self.model.SerializeToString()
 
     def run(self, inputs: Sequence[torch.Tensor]) -> np.ndarray:
         feed = {n: t.numpy() for n, t in zip(self.input_names, inputs, strict=True)}
@@ -337,3 +315,51 @@ class Session:
             self.sess.run(None, feed)
             samples.append((time.perf_counter() - t0) * 1e3)
         return samples
+
+
+class OrtBackend:
+    """The :class:`~workers.engine.backends.base.Backend` over one exported model."""
+
+    name = NAME
+
+    def __init__(self, exported: Exported, example: Sequence[torch.Tensor],
+                 calibration: Sequence[torch.Tensor], threads: int) -> None:
+        self.exported = exported
+        self.example = tuple(example)
+        self.calibration = tuple(calibration)
+        self.threads = threads
+        self.op_of = exported.op_of
+
+    @classmethod
+    def open(cls, module: nn.Module, example: Sequence[torch.Tensor], input_names: list[str],
+             layers: Mapping[str, nn.Module], calibration: Sequence[torch.Tensor], threads: int
+             ) -> OrtBackend:
+        exported = export(module, example, input_names, layers)
+        exported.set_calibration(calibration)
+        return cls(exported, example, calibration, threads)
+
+    def supports(self, layer: str, fmt: LayerFormat) -> bool:
+        return self.exported.supports(layer, fmt)
+
+    def native_format(self, layer: str, fmt: LayerFormat) -> LayerFormat:
+        return native_format(self.exported, layer, fmt)
+
+    def realize(self, config: Mapping[str, LayerFormat]) -> Session:
+        return Session(realize(self.exported, config), self.threads)
+
+    def rebuilt(self, module: nn.Module) -> OrtBackend:
+        from workers.engine.quant.task import quantizable_layers
+
+        return OrtBackend.open(module, self.example, self.exported.input_names,
+                               quantizable_layers(module), self.calibration, self.threads)
+
+    def default_levels(self, has_conv: bool) -> list[str]:
+        """Static int8 where convolutions are (ORT's dynamic ConvInteger is slower than its
+        float convolution on AVX2; the static chain is faster), dynamic int8 elsewhere
+        (per-call ranges keep transformers' activation outliers: static MiniLM measured
+        cosine 0.94)."""
+        return ["int8-static" if has_conv else "int8", "int4"]
+
+    def describe(self) -> str:
+        return ("ONNX Runtime's integer kernels (MatMulInteger / ConvInteger, QLinearConv / "
+                "QLinearMatMul, MatMulNBits)")

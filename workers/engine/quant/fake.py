@@ -1,9 +1,12 @@
 """Simulated (fake) quantization in PyTorch, matching the backend's integer arithmetic.
 
 ``simulate(model, config)`` swaps each configured layer's weight for its quantize-dequantize
-image and, for int8 layers, quantizes the layer's input per call the way ORT's
-DynamicQuantizeLinear does; int8-static layers compute on the calibrated uint8 grids the
-backend chose (input, requantized product, quantized bias, output). It restores the float
+image and, for int8 dynamic layers, quantizes the layer's input per call the way the backend's
+kernel is fed (ORT's DynamicQuantizeLinear, or torch's symmetric int8 per token); fp8 layers
+scale their input per tensor into e4m3; layers computing in bf16/fp16 have their input and
+product rounded to that dtype (the bias is added after, in fp32); int8-static layers compute
+on the calibrated uint8 grids the backend chose (input, requantized product, quantized bias,
+output). It restores the float
 weights on exit, so one model serves every evaluation of a search.
 """
 
@@ -22,14 +25,23 @@ def _round(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x)  # round half to even, as ONNX QuantizeLinear
 
 
-def int8_weight(w: torch.Tensor, reduce_range: bool = False, per_channel: bool = True
-                ) -> torch.Tensor:
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def rounded(x: torch.Tensor, compute: str) -> torch.Tensor:
+    """``x`` as the product of a layer computing in ``compute`` sees (or returns) it."""
+    return x if compute == "fp32" else x.to(DTYPES[compute]).to(x.dtype)
+
+
+def int8_weight(w: torch.Tensor, reduce_range: bool = False, per_channel: bool = True,
+                scale_dtype: str = "fp32") -> torch.Tensor:
     """Symmetric int8 per output channel (dim 0 of a torch weight) or per tensor: range
-    [-127, 127], or [-64, 64] with ``reduce_range``."""
+    [-127, 127], or [-64, 64] with ``reduce_range``. ``scale_dtype``: kernels computing in
+    bf16 hold the scales in bf16 too."""
     qmax = 64.0 if reduce_range else 127.0
     flat = w.reshape(w.shape[0], -1)
     amax = flat.abs().amax(dim=1, keepdim=True) if per_channel else flat.abs().amax()
-    scale = amax.clamp(min=1e-12) / qmax
+    scale = rounded(amax.clamp(min=1e-12) / qmax, scale_dtype)
     q = _round(flat / scale).clamp(-qmax, qmax)
     return (q * scale).reshape(w.shape).to(w.dtype)
 
@@ -50,9 +62,23 @@ def uint8_grid(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     return ((q - grid.zero_point) * grid.scale).to(x.dtype)
 
 
-def int4_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 with a scale per row of features (the last dimension), range
+    [-127, 127]: the activations torch's int8 GEMM (``torch._int_mm``) multiplies."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0
+    return (_round(x / scale).clamp(-127, 127) * scale).to(x.dtype)
+
+
+def fp8_dynamic(x: torch.Tensor) -> torch.Tensor:
+    """e4m3 with one scale per tensor, computed per call: the activations of an fp8 GEMM."""
+    scale = x.abs().amax().clamp(min=1e-12) / 448.0
+    return (x / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+def int4_weight(w: torch.Tensor, group_size: int, scale_dtype: str = "fp32") -> torch.Tensor:
     """Symmetric int4 in blocks of ``group_size`` along the input dimension (MatMulNBits):
-    the element of largest magnitude maps to -8, so scale = that element / -8, range [-8, 7]."""
+    the element of largest magnitude maps to -8, so scale = that element / -8, range [-8, 7].
+    ``scale_dtype``: kernels computing in bf16 hold the scales in bf16 too."""
     out_f, in_f = w.shape[0], w.reshape(w.shape[0], -1).shape[1]
     flat = w.reshape(out_f, in_f)
     pad = (-in_f) % group_size
@@ -62,7 +88,7 @@ def int4_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
     idx = blocks.abs().argmax(dim=2, keepdim=True)
     extreme = torch.gather(blocks, 2, idx)
     scale = extreme / -8.0
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    scale = rounded(torch.where(scale == 0, torch.ones_like(scale), scale), scale_dtype)
     q = _round(blocks / scale).clamp(-8, 7)
     deq = (q * scale).reshape(out_f, -1)[:, :in_f]
     return deq.reshape(w.shape).to(w.dtype)
@@ -78,13 +104,12 @@ def quantize_weight(w: torch.Tensor, fmt: LayerFormat) -> torch.Tensor:
     if fmt.precision == "fp32":
         return w
     if fmt.precision == "int8":
-        return int8_weight(w, fmt.reduce_range, fmt.per_channel)
+        return int8_weight(w, fmt.reduce_range, fmt.per_channel, fmt.compute)
     if fmt.precision == "int4":
-        return int4_weight(w, fmt.group_size)
+        return int4_weight(w, fmt.group_size, fmt.compute)
     if fmt.precision == "fp8":
         return fp8_weight(w)
-    dtype = torch.float16 if fmt.precision == "fp16" else torch.bfloat16
-    return w.to(dtype).to(w.dtype)
+    return rounded(w, fmt.precision)
 
 
 def weight_perturbation(w: torch.Tensor, fmt: LayerFormat) -> float:
@@ -93,9 +118,32 @@ def weight_perturbation(w: torch.Tensor, fmt: LayerFormat) -> float:
         return float((quantize_weight(w, fmt) - w).double().pow(2).sum())
 
 
+def quantize_input(x: torch.Tensor, fmt: LayerFormat) -> torch.Tensor:
+    """A layer's input as its kernel multiplies it (dynamic formats and compute dtypes)."""
+    if fmt.precision == "fp8":
+        x = fp8_dynamic(x)
+    elif fmt.quantizes_activations:
+        x = uint8_dynamic(x) if fmt.activation_grid == "uint8-tensor" else int8_per_token(x)
+    return rounded(x, fmt.compute_dtype)
+
+
 def _quantize_input(fmt: LayerFormat):  # type: ignore[no-untyped-def]
     def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return (uint8_dynamic(args[0]), *args[1:])
+        return (quantize_input(args[0], fmt), *args[1:])
+
+    return hook
+
+
+def _round_output(fmt: LayerFormat, bias: torch.Tensor | None):  # type: ignore[no-untyped-def]
+    """The product comes out of the kernel in the compute dtype; the bias is added after, in
+    fp32 (the backends' layers do the same, so the two roundings agree)."""
+
+    def hook(mod: nn.Module, _args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        y = rounded(out, fmt.compute_dtype)
+        if bias is None:
+            return y
+        dim = -1 if isinstance(mod, nn.Linear) else 1
+        return y + bias.reshape([-1 if i == dim % y.dim() else 1 for i in range(y.dim())])
 
     return hook
 
@@ -142,6 +190,7 @@ def simulate(layers: Mapping[str, nn.Module], config: Mapping[str, LayerFormat]
              ) -> Iterator[None]:
     """Within the block, the layers named in ``config`` compute in their formats."""
     saved: dict[str, torch.Tensor] = {}
+    saved_bias: dict[str, torch.Tensor] = {}
     hooks = []
     try:
         with torch.no_grad():
@@ -153,9 +202,16 @@ def simulate(layers: Mapping[str, nn.Module], config: Mapping[str, LayerFormat]
                 assert isinstance(weight, torch.Tensor)
                 saved[name] = weight.detach().clone()
                 weight.copy_(quantize_weight(weight, fmt))
-                if fmt.quantizes_activations:
+                if fmt.quantizes_activations or fmt.compute_dtype != "fp32":
                     hooks.append(mod.register_forward_pre_hook(_quantize_input(fmt)))
-                elif fmt.is_static:
+                if fmt.compute_dtype != "fp32":
+                    bias = mod.bias if isinstance(mod.bias, torch.Tensor) else None
+                    if bias is not None:  # zeroed for the product, added back by the hook
+                        saved_bias[name] = bias.detach().clone()
+                        bias.zero_()
+                    hooks.append(mod.register_forward_hook(
+                        _round_output(fmt, saved_bias.get(name))))
+                if fmt.is_static:
                     if fmt.grids is None:
                         raise ValueError(f"{name}: int8-static needs the backend's calibrated "
                                          "grids (backend.native_format)")
@@ -168,3 +224,5 @@ def simulate(layers: Mapping[str, nn.Module], config: Mapping[str, LayerFormat]
         with torch.no_grad():
             for name, w in saved.items():
                 layers[name].weight.copy_(w)  # type: ignore[union-attr, operator]
+            for name, b in saved_bias.items():
+                layers[name].bias.copy_(b)  # type: ignore[union-attr, operator]

@@ -6,8 +6,11 @@ int8 = ORT dynamic quantization (uint8 asymmetric per-tensor activations compute
 symmetric per-output-channel weights); int8-static = ORT's QOperator static quantization
 (uint8 activations on grids calibrated once, kept in uint8 from one quantized layer to the
 next through ReLU / pooling / reshapes, so no per-call quantization); int4 = ORT MatMulNBits
-(weight-only, symmetric, blocks of ``group_size`` along the input dimension); fp8/fp16/bf16 =
-round trips through those dtypes.
+(weight-only, symmetric, blocks of ``group_size`` along the input dimension).
+The torch backends (``torch-cpu``, ``torch-cuda``) ask for their own variants through
+``native_format``: int8 with symmetric int8 activations per token (``torch._int_mm``),
+int8 weight-only, int4 computing in bf16, fp8 e4m3 weights and activations with a scale per
+tensor (``torch._scaled_mm``), and bf16/fp16 layers that compute in that dtype.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ class LayerFormat:
     reduce_range: bool = False
     per_channel: bool = True  # int8 weights: a scale per output channel, else one per tensor
     grids: StaticGrids | None = None  # int8 static: filled in by the backend's calibration
+    # int8 dynamic: ORT's uint8 per tensor over [min, 0, max], or symmetric int8 per token
+    # (row of the layer's input), as torch's int8 GEMM is fed.
+    activation_grid: Literal["uint8-tensor", "int8-token"] = "uint8-tensor"
+    # The dtype the layer's product runs in: its input, output (and int4 scales) are rounded
+    # to it. bf16 / fp16 layers always compute in their own dtype.
+    compute: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     @property
     def bits(self) -> int:
@@ -57,7 +66,12 @@ class LayerFormat:
 
     @property
     def quantizes_activations(self) -> bool:
-        return self.precision == "int8" and self.activations == "dynamic"
+        """Inputs quantized per call: int8 dynamic, and fp8 (scaled per tensor per call)."""
+        return (self.precision == "int8" and self.activations == "dynamic") or self.precision == "fp8"
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.precision if self.precision in ("bf16", "fp16") else self.compute
 
     @property
     def is_static(self) -> bool:
@@ -66,6 +80,8 @@ class LayerFormat:
     def label(self) -> str:
         if self.precision == "int4":
             return f"int4-g{self.group_size}"
+        if self.precision == "int8" and self.activations == "none":
+            return "int8-weight"
         return "int8-static" if self.is_static else self.precision
 
 
@@ -73,11 +89,14 @@ FP32 = LayerFormat("fp32")
 
 
 def parse(name: str, group_size: int = 32) -> LayerFormat:
-    """'int8', 'int8-static', 'int4', 'int4-g64', 'fp16', ... -> a format."""
+    """'int8', 'int8-static', 'int8-weight', 'int4', 'int4-g64', 'fp16', ... -> a format."""
     if name == "int8-static":
         return LayerFormat("int8", activations="static")
+    if name == "int8-weight":
+        return LayerFormat("int8", activations="none")
     if name.startswith("int4-g"):
         return LayerFormat("int4", group_size=int(name.removeprefix("int4-g")))
     if name not in BITS:
-        raise ValueError(f"unknown precision {name!r}; one of {sorted(BITS)} or int8-static")
+        raise ValueError(f"unknown precision {name!r}; one of {sorted(BITS)}, int8-static "
+                         "or int8-weight")
     return LayerFormat(name, group_size=group_size)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ from torch import nn
 
 from app.schemas import LoraNorm, LoraRecovery
 from workers.engine.context import memo_key
-from workers.engine.quant.fake import quantize_weight, simulate, uint8_dynamic
+from workers.engine.quant.fake import quantize_input, quantize_weight, simulate
 from workers.engine.quant.formats import LayerFormat
 from workers.engine.quant.task import QuantTask, config_key
 
@@ -98,10 +98,13 @@ def train(task: QuantTask, config: Mapping[str, LayerFormat], opts: LoraRecovery
             out[f"{n}.weight"] = _ste(w, quantize_weight(w.detach(), config[n]))
         return out
 
-    def quantize_input(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return (_ste(args[0], uint8_dynamic(args[0].detach())), *args[1:])
+    def input_hook(fmt: LayerFormat):  # type: ignore[no-untyped-def]
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return (_ste(args[0], quantize_input(args[0].detach(), fmt)), *args[1:])
 
-    hooks = [task.layers[n].register_forward_pre_hook(quantize_input) for n in names
+        return hook
+
+    hooks = [task.layers[n].register_forward_pre_hook(input_hook(config[n])) for n in names
              if config[n].quantizes_activations]
     module = task.module
     grads = {p: p.requires_grad for p in module.parameters()}

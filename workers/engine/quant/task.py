@@ -135,8 +135,8 @@ class QuantTask:
         return (outputs - ref).pow(2).flatten(1).sum(1).mean()
 
     def memo_key(self, what: str, config: Mapping[str, LayerFormat]) -> str:
-        cfg = sorted((n, f.label(), f.reduce_range, f.per_channel) for n, f in config.items()
-                     if f.precision != "fp32")
+        cfg = sorted((n, f.label(), f.reduce_range, f.per_channel, f.activation_grid, f.compute)
+                     for n, f in config.items() if f.precision != "fp32")
         return "mp:" + memo_key(what, self.metric, cfg)
 
     def memoized(self, what: str, config: Mapping[str, LayerFormat],

@@ -1,0 +1,83 @@
+"""What the mixed-precision search asks of a backend, and the timing every backend shares.
+
+A backend wraps one float model: it says which op each quantizable layer became, which formats
+it runs for a layer (and in which exact arithmetic, for the simulation), and realizes a per-layer
+config as a :class:`Deployed` model built on its real kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from workers.engine.quant.formats import LayerFormat
+
+
+class Deployed(Protocol):
+    """A realized config: run it, time it, ship it."""
+
+    @property
+    def size_bytes(self) -> int: ...
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> np.ndarray: ...
+
+    def latency_ms(self, inputs: Sequence[torch.Tensor], warmup: int, repeats: int
+                   ) -> list[float]: ...
+
+    def artifact(self) -> tuple[str, bytes]:
+        """(file name, bytes) of the deployable model."""
+        ...
+
+
+class Backend(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def op_of(self) -> Mapping[str, str]:
+        """Quantizable layer -> the op type it runs as on this backend."""
+        ...
+
+    def supports(self, layer: str, fmt: LayerFormat) -> bool: ...
+
+    def native_format(self, layer: str, fmt: LayerFormat) -> LayerFormat:
+        """``fmt`` with the arithmetic this backend really uses for ``layer``."""
+        ...
+
+    def realize(self, config: Mapping[str, LayerFormat]) -> Deployed: ...
+
+    def rebuilt(self, module: nn.Module) -> Backend:
+        """The same backend over another module of the same architecture (merged adapters)."""
+        ...
+
+    def default_levels(self, has_conv: bool) -> list[str]:
+        """The precisions to descend through when the spec names none."""
+        ...
+
+    def describe(self) -> str:
+        """The kernels behind each precision, for the report's method line."""
+        ...
+
+
+def interleaved_latency(deployed: Mapping[str, Deployed], inputs: Sequence[torch.Tensor],
+                        warmup: int, repeats: int, rounds: int = 5) -> dict[str, list[float]]:
+    """Time several models round-robin: ``rounds`` passes, each running every model
+    ``repeats / rounds`` times. On a machine whose load drifts (other jobs, other tenants),
+    drift then hits every configuration alike instead of whichever was timed last."""
+    for d in deployed.values():
+        d.latency_ms(inputs, warmup, 0)
+    per_round = max(1, -(-repeats // rounds))
+    samples: dict[str, list[float]] = {k: [] for k in deployed}
+    for _ in range(rounds):
+        for key, d in deployed.items():
+            samples[key] += d.latency_ms(inputs, 0, per_round)
+    return samples
+
+
+def run_batched(model: Deployed, inputs: Sequence[torch.Tensor], batch: int) -> np.ndarray:
+    outs = [model.run(tuple(t[i:i + batch] for t in inputs)) for i in range(0, len(inputs[0]), batch)]
+    return np.concatenate(outs).astype("float32")
