@@ -34,7 +34,8 @@ TASK_NAME = "modelpress.run_job"
 
 
 def queue_for(svc: Services, spec: BaseModel) -> str:
-    return "gpu" if getattr(spec, "device", "auto") == "cuda" else svc.settings.default_queue
+    gpu = getattr(spec, "device", "auto") == "cuda" or getattr(spec, "backend", "") == "torch-cuda"
+    return "gpu" if gpu else svc.settings.default_queue
 
 
 async def _check_refs(svc: Services, tenant: str, spec: BaseModel) -> None:

@@ -92,7 +92,7 @@ class BenchmarkSpec(_Strict):
 
 Metric = Literal["accuracy", "cosine", "mse", "perplexity"]
 # int8: dynamic activations (quantized per call); int8-static: activations on calibrated grids.
-Precision = Literal["fp32", "int8", "int8-static", "int4"]
+Precision = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int8-static", "int8-weight", "int4"]
 Ordering = Literal["augmented", "hessian", "random", "greedy", "uniform"]
 
 
@@ -168,11 +168,16 @@ class MixedPrecisionSpec(_Strict):
     levels: list[Precision] | None = Field(
         default=None, min_length=1, max_length=3,
         description="Precisions to descend through, most precise first (fp32 is the start). "
-        "Default: int8-static then int4 for models with convolutions (calibrated activations "
-        "that stay uint8 from layer to layer), else int8 (activations quantized per call, "
-        "which suits transformers) then int4.")
+        "Default on onnxruntime-cpu: int8-static then int4 for models with convolutions "
+        "(calibrated activations that stay uint8 from layer to layer), else int8 (activations "
+        "quantized per call, which suits transformers) then int4. Default on torch-cpu / "
+        "torch-cuda: bf16 then int8 (fp8 on GPUs with fp8 tensor cores).")
     int4_group_size: int = Field(default=32, ge=16, le=256, multiple_of=16)
-    backend: Literal["onnxruntime-cpu"] = "onnxruntime-cpu"
+    backend: Literal["onnxruntime-cpu", "torch-cpu", "torch-cuda"] = Field(
+        default="onnxruntime-cpu",
+        description="Where the frontier is realized and timed: ONNX Runtime's CPU kernels "
+        "(artifact model.onnx), or PyTorch's kernels on the CPU or on a GPU worker (artifact "
+        "model.safetensors with quantized tensors).")
     baselines: list[Ordering] = Field(
         default=["uniform", "hessian", "random"],
         description="Other searches run in the same job for comparison (greedy: small models).")
@@ -185,7 +190,8 @@ class MixedPrecisionSpec(_Strict):
     frontier_points: int = Field(default=6, ge=2, le=64, description="Sweep points per level.")
     latency_gate: bool = Field(
         default=True, description="Offer a precision to an op type only where the backend runs "
-        "it faster than fp32 (measured on this model first).")
+        "it faster than the level it replaces (fp32 for the first; measured on this model "
+        "first).")
     lora: LoraRecovery | None = Field(
         default=None, description="Train low-rank adapters per evaluated config to recover "
         "accuracy, so the search can go further within the same budget (dynamic levels only).")
@@ -476,8 +482,9 @@ class MixedPrecisionResult(BaseModel):
     stage_seconds: dict[str, float]
     latency_gate: dict[str, float] = Field(
         default_factory=dict, description="'precision:op' -> latency with all such layers "
-        "converted / fp32 latency; >= 1 means not offered to the search. int8-static is "
-        "gated as a whole ('int8-static:all'): its gain comes from chains of static layers.")
+        "moved down to it / latency at the level above (fp32 for the first level, else every "
+        "layer at the deepest level kept so far); >= 1 means not offered to the search. "
+        "int8-static is gated as a whole ('int8-static:all'): its gain comes from chains.")
     levels: list[str] = Field(default_factory=list, description="The precision levels used.")
     latency_reduction: float = Field(description="1 - chosen latency / fp32 latency (backend).")
     lora: LoraRecoveryReport | None = None

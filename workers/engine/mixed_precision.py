@@ -15,9 +15,8 @@ import statistics
 import time
 from collections.abc import Mapping
 
-import numpy as np
-import onnx
 import torch
+from torch import nn
 
 from app.schemas import (
     ConfigPoint,
@@ -32,6 +31,8 @@ from app.schemas import (
 )
 from workers.engine import env
 from workers.engine.backends import onnxruntime_cpu as ortb
+from workers.engine.backends import torch_runtime
+from workers.engine.backends.base import Backend, Deployed, interleaved_latency, run_batched
 from workers.engine.context import JobContext, UserError
 from workers.engine.quant import recovery as qrec
 from workers.engine.quant import search as qsearch
@@ -44,7 +45,6 @@ from workers.engine.quant.task import (
     QuantTask,
     config_json,
     config_key,
-    quantizable_layers,
     threshold,
 )
 
@@ -122,14 +122,15 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     loaded, task = build_task(spec.model, spec.dataset, spec.budget.metric, spec.eval_samples,
                               spec.sensitivity.calibration_samples, ctx,
                               train_samples=spec.lora.samples if spec.lora else 0)
-    if spec.lora and any(p == "int8-static" for p in spec.levels or default_levels(task)):
+    example = tuple(t[: spec.batch_size] for t in task.eval_inputs)
+    ctx.progress("load", 0.04, "exporting to ONNX" if spec.backend == ortb.NAME
+                 else f"preparing {spec.backend}")
+    backend = open_backend(spec.backend, task, example, loaded.input_names, threads)
+    requested = spec.levels or backend.default_levels(_has_conv(task))
+    if spec.lora and "int8-static" in requested:
         raise UserError("LoRA recovery needs dynamic levels (its adapters change the weights "
                         "that static grids are calibrated on): give levels such as "
                         '["int8", "int4"]')
-    example = tuple(t[: spec.batch_size] for t in task.eval_inputs)
-    ctx.progress("load", 0.04, "exporting to ONNX")
-    exported = ortb.export(task.module, example, loaded.input_names, task.layers)
-    exported.set_calibration(task.calib_inputs)
     stage_done("load")
 
     # Baseline: the float model in simulation and on the backend.
@@ -144,50 +145,23 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     # Levels: which layers each precision may take on this backend, in its real arithmetic.
     fmt_at: dict[str, dict[str, LayerFormat]] = {}
     prec: str
-    for prec in spec.levels or default_levels(task):
+    for prec in requested:
         if prec == "fp32":
             continue
         fmt_at[prec] = {}
         for name in task.layers:
-            op = exported.op_of.get(name)
             fmt = parse(prec, spec.int4_group_size)
-            if op is not None and exported.supports(name, fmt):
-                native = ortb.native_format(exported, name, fmt)
+            if backend.supports(name, fmt):
+                native = backend.native_format(name, fmt)
                 if not native.is_static or native.grids is not None:
                     fmt_at[prec][name] = native
-    # Latency gate: a precision is offered to an op type only if the backend, measured with
-    # every such layer converted, runs faster than fp32 (ORT's ConvInteger, for one, is slower
-    # than its float convolution on AVX2). Accuracy search alone would happily pick slower
-    # configs; this keeps the search inside what the real kernels reward.
+        if not fmt_at[prec]:
+            raise UserError(f"backend {backend.name} runs {prec} on none of this model's "
+                            f"layers; choose other levels (see the spec's `levels`)")
     ungated = {p: dict(f) for p, f in fmt_at.items()}
     ctx.progress("baseline", 0.045, "measuring which precisions the backend speeds up")
-    groups: dict[str, dict[str, LayerFormat]] = {}
-    for prec in fmt_at:
-        if prec == "int8-static":
-            # Static layers pay off in chains (uint8 from one layer to the next, no Q/DQ in
-            # between): gated as a whole, since one op type alone measures its seams only.
-            if fmt_at[prec]:
-                groups[f"{prec}:all"] = dict(fmt_at[prec])
-            continue
-        for op in sorted({exported.op_of[n] for n in fmt_at[prec]}):
-            groups[f"{prec}:{op}"] = {n: f for n, f in fmt_at[prec].items()
-                                      if exported.op_of[n] == op}
-    gate_sessions = {k: ortb.Session(ortb.realize(exported, cfg), threads)
-                     for k, cfg in {"fp32": {}, **groups}.items()}
-    gate_ms = {k: statistics.median(v) for k, v in ortb.interleaved_latency(
-        gate_sessions, example, spec.warmup, spec.repeats).items()}
-    del gate_sessions
-    fp32_ms = gate_ms["fp32"]
-    gate: dict[str, float] = {}
-    for gkey, group in groups.items():
-        prec, op = gkey.split(":")
-        ms = gate_ms[gkey]
-        gate[gkey] = round(ms / fp32_ms, 4)
-        if ms >= fp32_ms and spec.latency_gate:
-            ctx.log.info("%s on %s layers measured %.3f ms vs fp32 %.3f ms: not offered",
-                         prec, op, ms, fp32_ms)
-            for n in group:
-                del fmt_at[prec][n]
+    gate = _latency_gate(backend, fmt_at, example, spec.warmup, spec.repeats,
+                         spec.latency_gate, ctx)
     levels_used = [p for p in fmt_at if fmt_at[p]]
     stage_done("latency_gate")
 
@@ -270,33 +244,32 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         candidates[lora_key] = ("search:augmented+lora", recovered.config)
 
     points: dict[str, ConfigPoint] = {}
-    deployed_models: dict[str, onnx.ModelProto] = {}
-    sessions: dict[str, ortb.Session] = {}
+    models: dict[str, Deployed] = {}
     for i, (key, (label, cfg)) in enumerate(candidates.items()):
         ctx.progress("frontier", 0.55 + 0.3 * i / len(candidates),
-                     f"realizing and evaluating {i + 1}/{len(candidates)} on {ortb.NAME}")
+                     f"realizing and evaluating {i + 1}/{len(candidates)} on {backend.name}")
         if key == lora_key:
             assert recovery is not None
-            model = _realize_recovered(task, recovery, cfg, example, loaded.input_names)
+            # Same graph and kernels, other weights: the model with its adapters merged.
+            merged = qrec.merged_copy(task.module, task.layers,
+                                      recovery.training(cfg).adapters)
+            model = models[key] = backend.rebuilt(merged).realize(cfg)
             simulated = recovery.evaluate(cfg)
         else:
-            model = ortb.realize(exported, cfg)
+            model = models[key] = backend.realize(cfg)
             simulated = task.evaluate(cfg)
-        sess = sessions[key] = ortb.Session(model, threads)
-        outs = torch.from_numpy(_run_batched(sess, task.eval_inputs, task.batch_size))
+        outs = torch.from_numpy(run_batched(model, task.eval_inputs, task.batch_size))
         deployed = task.score(outs)
         points[key] = ConfigPoint(
             label=label, config=config_json(cfg), simulated_metric=simulated,
-            deployed_metric=deployed, size_bytes=sess.size_bytes,
+            deployed_metric=deployed, size_bytes=model.size_bytes,
             # fp32 is the reference the budget is taken from; on the backend it differs from
             # torch only by float rounding, which must not put it "outside" a tight budget.
             within_budget=limit.ok(deployed) or not cfg)
-        deployed_models[key] = model
-    ctx.progress("frontier", 0.86, f"timing {len(sessions)} configurations, interleaved")
-    for key, lat in ortb.interleaved_latency(sessions, example, spec.warmup, spec.repeats).items():
+    ctx.progress("frontier", 0.86, f"timing {len(models)} configurations, interleaved")
+    for key, lat in interleaved_latency(models, example, spec.warmup, spec.repeats).items():
         points[key].latency_ms = statistics.median(lat)
         points[key].latency_p90_ms = statistics.quantiles(lat, n=10)[-1] if len(lat) > 1 else lat[0]
-    del sessions
     stage_done("frontier")
 
     _mark_pareto(list(points.values()), higher)
@@ -338,20 +311,21 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
                                   evaluations=1, seconds=0.0))
     sens = _to_schema(scores_at[levels_used[0]]) if levels_used else []
     result = MixedPrecisionResult(
-        model=loaded.name, backend=ortb.NAME, metric=task.metric, higher_is_better=higher,
+        model=loaded.name, backend=backend.name, metric=task.metric, higher_is_better=higher,
         budget=spec.budget, threshold=limit.value, baseline=baseline, chosen=chosen, why=why,
         frontier=sorted(points.values(), key=lambda p: p.latency_ms or 0.0), searches=searches,
         sensitivity=sens, evaluations=task.evaluations, stage_seconds=stages, latency_gate=gate,
         latency_reduction=reduction, levels=list(fmt_at), lora=lora_report,
-        method=(f"search in simulated quantization matching {ortb.NAME}'s arithmetic on "
+        method=(f"search in simulated quantization matching {backend.name}'s arithmetic on "
                 f"{len(task.eval_inputs[0])} evaluation samples; every frontier point realized "
-                f"with ONNX Runtime's integer kernels, its metric re-measured on the deployed "
+                f"with {backend.describe()}, its metric re-measured on the deployed "
                 f"model and its latency timed at batch {spec.batch_size} ({spec.warmup} warm-up, "
                 f"{spec.repeats} runs, median, {threads} threads)"),
-        environment=env.environment(torch.device("cpu")),
+        environment=env.environment(torch.device(
+            torch_runtime.NAMES.get(backend.name, "cpu"))),
     )
-    ctx.save_artifact("model.onnx", deployed_models[chosen_key].SerializeToString(),
-                      "application/octet-stream")
+    name, blob = models[chosen_key].artifact()
+    ctx.save_artifact(name, blob, "application/octet-stream")
     ctx.save_artifact("report.json", result.model_dump_json(indent=2).encode(), "application/json")
     ctx.save_artifact("config.json", json.dumps(chosen.config, indent=2).encode(),
                       "application/json")
@@ -360,24 +334,63 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     return result
 
 
-def default_levels(task: QuantTask) -> list[str]:
-    """Static int8 where convolutions are (ORT's dynamic ConvInteger is slower than its float
-    convolution on AVX2; the static chain is faster), dynamic int8 elsewhere (per-call ranges
-    keep transformers' activation outliers: static MiniLM measured cosine 0.94)."""
-    conv = any(isinstance(m, torch.nn.Conv1d | torch.nn.Conv2d) for m in task.layers.values())
-    return ["int8-static" if conv else "int8", "int4"]
+def _latency_gate(backend: Backend, fmt_at: dict[str, dict[str, LayerFormat]],
+                  example: tuple[torch.Tensor, ...], warmup: int, repeats: int, enforce: bool,
+                  ctx: JobContext) -> dict[str, float]:
+    """A precision is offered to an op type only if the backend, measured with every such
+    layer moved down to it from the level it would replace (fp32 for the first level), runs
+    faster (ORT's ConvInteger, for one, is slower than its float convolution on AVX2; torch's
+    int8 GEMM with its per-call quantization slower than its bf16 GEMM on AMX). Accuracy search
+    alone would happily pick slower configs; this keeps it inside what the real kernels reward.
+    Levels are gated in order: a layer can descend only from the level above it, so a level's
+    layers are those the previous kept level holds. Removes what is not offered from
+    ``fmt_at``; returns each group's latency relative to its reference."""
+    kept: dict[str, LayerFormat] = {}  # each layer at the deepest level kept so far
+    gate: dict[str, float] = {}
+    for prec, fmts in fmt_at.items():
+        if kept:
+            for n in [n for n in fmts if n not in kept]:
+                del fmts[n]
+        groups: dict[str, dict[str, LayerFormat]] = {}
+        if prec == "int8-static" and fmts:
+            # Static layers pay off in chains (uint8 from one layer to the next, no Q/DQ in
+            # between): gated as a whole, since one op type alone measures its seams only.
+            groups[f"{prec}:all"] = dict(fmts)
+        elif prec != "int8-static":
+            for op in sorted({backend.op_of[n] for n in fmts}):
+                groups[f"{prec}:{op}"] = {n: f for n, f in fmts.items() if backend.op_of[n] == op}
+        if not groups:
+            continue
+        models = {"reference": backend.realize(kept)}
+        models |= {k: backend.realize({**kept, **g}) for k, g in groups.items()}
+        ms = {k: statistics.median(v)
+              for k, v in interleaved_latency(models, example, warmup, repeats).items()}
+        del models
+        ref = ms["reference"]
+        for gkey, group in groups.items():
+            gate[gkey] = round(ms[gkey] / ref, 4)
+            if ms[gkey] >= ref and enforce:
+                ctx.log.info("%s measured %.3f ms vs %.3f ms at the level above: not offered",
+                             gkey, ms[gkey], ref)
+                for n in group:
+                    del fmts[n]
+        kept |= fmts
+    return gate
 
 
-def _realize_recovered(task: QuantTask, recovery: qrec.Recovery, cfg: Config,
-                       example: tuple[torch.Tensor, ...], input_names: list[str]
-                       ) -> onnx.ModelProto:
-    """The recovered config deployed: the model with its adapters merged, exported again and
-    realized like any other config (same graph and kernels, other weights)."""
-    adapters = recovery.training(cfg).adapters
-    module = qrec.merged_copy(task.module, task.layers, adapters)
-    exported = ortb.export(module, example, input_names, quantizable_layers(module))
-    exported.set_calibration(task.calib_inputs)
-    return ortb.realize(exported, cfg)
+def open_backend(name: str, task: QuantTask, example: tuple[torch.Tensor, ...],
+                 input_names: list[str], threads: int) -> Backend:
+    if name == ortb.NAME:
+        return ortb.OrtBackend.open(task.module, example, input_names, task.layers,
+                                    task.calib_inputs, threads)
+    if name == "torch-cuda" and not torch.cuda.is_available():
+        raise UserError("backend torch-cuda needs a worker with a GPU; this one has none "
+                        "(use torch-cpu or onnxruntime-cpu)")
+    return torch_runtime.TorchBackend(name, task.module, task.layers)
+
+
+def _has_conv(task: QuantTask) -> bool:
+    return any(isinstance(m, nn.Conv1d | nn.Conv2d) for m in task.layers.values())
 
 
 def _lora_report(task: QuantTask, recovery: qrec.Recovery, cfg: Config, plain: ConfigPoint,
@@ -397,12 +410,6 @@ def _adapters_bytes(adapters: qrec.Adapters) -> bytes:
     tensors |= {f"{n}.lora_B": b.contiguous() for n, b in adapters.b.items()}
     return save(tensors, metadata={"rank": str(adapters.rank),
                                    "update": "weight += lora_B @ lora_A / rank, reshaped"})
-
-
-def _run_batched(sess: ortb.Session, inputs: tuple[torch.Tensor, ...], batch: int
-                 ) -> np.ndarray:
-    outs = [sess.run(tuple(t[i:i + batch] for t in inputs)) for i in range(0, len(inputs[0]), batch)]
-    return np.concatenate(outs).astype("float32")
 
 
 def _mark_pareto(points: list[ConfigPoint], higher: bool) -> None:
