@@ -157,6 +157,15 @@ class LoraRecovery(_Strict):
     seed: int = 0
 
 
+# What each backend has kernels for (a model's layers may still rule some out: Conv layers
+# take only fp32 / bf16 / fp16 on the torch backends, fp8 needs a GPU with fp8 tensor cores).
+BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "onnxruntime-cpu": ("fp32", "int8", "int8-static", "int4"),
+    "torch-cpu": ("fp32", "bf16", "fp16", "int8", "int8-weight", "int4"),
+    "torch-cuda": ("fp32", "bf16", "fp16", "fp8", "int8", "int8-weight", "int4"),
+}
+
+
 class MixedPrecisionSpec(_Strict):
     """Per-layer precisions inside an accuracy budget, chosen on measured latency."""
 
@@ -195,6 +204,15 @@ class MixedPrecisionSpec(_Strict):
     lora: LoraRecovery | None = Field(
         default=None, description="Train low-rank adapters per evaluated config to recover "
         "accuracy, so the search can go further within the same budget (dynamic levels only).")
+
+    @model_validator(mode="after")
+    def _levels_run_on_backend(self) -> MixedPrecisionSpec:
+        runs = BACKEND_PRECISIONS[self.backend]
+        wrong = [p for p in self.levels or [] if p not in runs]
+        if wrong:
+            raise ValueError(f"backend {self.backend} does not run {', '.join(wrong)}; its "
+                             f"precisions are {', '.join(runs)}")
+        return self
 
 
 # ---- loss benchmark
