@@ -3,10 +3,11 @@ from one run.
 
 Rows: fp32 baseline, uniform int8, ours (augmented Hessian + bisection), Hessian-only ordering,
 random ordering. Each search runs inside the same job (same data, same budget); afterwards the
-five configurations are re-timed on ONNX Runtime *interleaved* (round-robin, same process, same
+configurations are re-timed on the backend *interleaved* (round-robin, same process, same
 threads) so drift on a busy machine hits them alike.
 
-    python benchmarks/mixed_precision.py [--models digits-cnn,minilm-l6] [--out FILE.md]
+    python benchmarks/mixed_precision.py [--models digits-cnn,minilm-l6]
+        [--backend onnxruntime-cpu|torch-cpu|torch-cuda] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from app.config import Settings  # noqa: E402
 from app.schemas import MixedPrecisionResult, MixedPrecisionSpec  # noqa: E402
 from app.storage import open_store  # noqa: E402
 from workers.engine import env, mixed_precision  # noqa: E402
-from workers.engine.backends import onnxruntime_cpu as ortb  # noqa: E402
+from workers.engine.backends.base import interleaved_latency  # noqa: E402
 from workers.engine.context import LocalContext  # noqa: E402
 from workers.engine.quant.formats import parse  # noqa: E402
 from workers.engine.quant.prepare import build_task  # noqa: E402
@@ -47,8 +48,10 @@ ORDERINGS = [("ours (augmented)", "augmented"), ("Hessian-only", "hessian"),
              ("random order", "random")]
 
 
-def run_model(name: str, store_dir: Path, rounds: int) -> tuple[MixedPrecisionResult, list[str]]:
+def run_model(name: str, store_dir: Path, rounds: int, backend_name: str
+              ) -> tuple[MixedPrecisionResult, list[str]]:
     spec = MixedPrecisionSpec.model_validate({"model": {"zoo": name}, **SETTINGS[name],
+                                              "backend": backend_name,
                                               "baselines": ["uniform", "hessian", "random"]})
     with tempfile.TemporaryDirectory() as tmp:
         ctx = LocalContext(Path(tmp), store=open_store(Settings(store_url=store_dir.as_uri())))
@@ -58,8 +61,8 @@ def run_model(name: str, store_dir: Path, rounds: int) -> tuple[MixedPrecisionRe
         loaded, task = build_task(spec.model, spec.dataset, res.metric, spec.eval_samples,
                                   spec.sensitivity.calibration_samples, ctx)
     example = tuple(t[: spec.batch_size] for t in task.eval_inputs)
-    exported = ortb.export(task.module, example, loaded.input_names, task.layers)
-    exported.set_calibration(task.calib_inputs)
+    backend = mixed_precision.open_backend(spec.backend, task, example, loaded.input_names,
+                                           torch.get_num_threads())
     by_ordering = {s.ordering: s for s in res.searches}
     rows: list[tuple[str, str | None]] = [("fp32", None)]
     rows += [(f"uniform {o.removeprefix('uniform:')}", o) for o in by_ordering
@@ -68,18 +71,18 @@ def run_model(name: str, store_dir: Path, rounds: int) -> tuple[MixedPrecisionRe
     configs = {}
     for label, key in rows:
         point = res.baseline if key is None else by_ordering[key].result
-        cfg = {n: ortb.native_format(exported, n, parse(p, spec.int4_group_size))
+        cfg = {n: backend.native_format(n, parse(p, spec.int4_group_size))
                for n, p in point.config.items()}
-        configs[label] = (point, ortb.Session(ortb.realize(exported, cfg), torch.get_num_threads()))
-    # Re-timed interleaved, all five together, with the job's own round-robin timer.
-    samples = ortb.interleaved_latency({k: s for k, (_, s) in configs.items()}, example, 2,
-                                       max(3, spec.repeats // rounds) * rounds, rounds)
+        configs[label] = (point, backend.realize(cfg))
+    # Re-timed interleaved, all together, with the job's own round-robin timer.
+    samples = interleaved_latency({k: s for k, (_, s) in configs.items()}, example, 2,
+                                  max(3, spec.repeats // rounds) * rounds, rounds)
     base_ms = statistics.median(samples["fp32"])
     lines = [
         f"### {name} — budget {res.budget.value:g} relative on {res.metric} "
         f"(threshold {res.threshold:.6f}), batch {spec.batch_size}, {torch.get_num_threads()} threads",
         "",
-        "| config | layers quantized | " + res.metric + " (ONNX Runtime) | within budget | "
+        f"| config | layers quantized | {res.metric} ({spec.backend}) | within budget | "
         "latency median ms | vs fp32 | size MB | evaluations | search s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -94,7 +97,7 @@ def run_model(name: str, store_dir: Path, rounds: int) -> tuple[MixedPrecisionRe
             f"{(point.size_bytes or 0) / 1e6:.2f} | {run.evaluations if run else 0} | "
             f"{run.seconds if run else 0:.1f} |")
     lines += ["", f"Job chose **{res.chosen.label}** ({res.why}); latency reduction reported by the "
-              f"job {res.latency_reduction:.1%}. Latency gate (x fp32): "
+              f"job {res.latency_reduction:.1%}. Latency gate (x the level above): "
               + ", ".join(f"{k} {v:.2f}" for k, v in res.latency_gate.items())
               + f". Stage seconds: {res.stage_seconds}; job wall time {wall:.0f} s; "
               f"{res.evaluations} simulated evaluations in all.", ""]
@@ -105,18 +108,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default="digits-cnn,minilm-l6")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--backend", default="onnxruntime-cpu",
+                    choices=["onnxruntime-cpu", "torch-cpu", "torch-cuda"])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     quiet_logs()
     store = Path(tempfile.mkdtemp(prefix="mp-bench-store-"))
-    header = [f"# Mixed precision on onnxruntime-cpu — {env.device_name(torch.device('cpu'))}, "
+    device = torch.device("cuda" if args.backend == "torch-cuda" else "cpu")
+    header = [f"# Mixed precision on {args.backend} — {env.device_name(device)}, "
               f"{dt.date.today().isoformat()}", "",
-              f"Command: `python benchmarks/mixed_precision.py --models {args.models}`; "
+              f"Command: `python benchmarks/mixed_precision.py --models {args.models} "
+              f"--backend {args.backend}`; "
               f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}.",
               ""]
     out = header
     for name in args.models.split(","):
-        _, lines = run_model(name, store, args.rounds)
+        _, lines = run_model(name, store, args.rounds, args.backend)
         print("\n".join(lines), flush=True)
         out += lines
     write_out(args.out, out)
