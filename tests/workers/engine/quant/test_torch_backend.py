@@ -76,9 +76,21 @@ def test_torch_cpu_matches_simulation(shared_store: Path) -> None:
     _check_matches_simulation("torch-cpu", shared_store)
 
 
+@pytest.fixture(scope="module")
+def digits_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's shared store, or (under ``--noconftest``, as scripts/gpu_check.sh runs on
+    a GPU machine without Redis) a store with only digits-cnn trained into it."""
+    try:
+        return Path(request.getfixturevalue("shared_store"))
+    except pytest.FixtureLookupError:
+        root = tmp_path_factory.mktemp("store")
+        zoo.digits_cnn(open_store(Settings(store_url=root.as_uri())))
+        return root
+
+
 @pytest.mark.gpu
-def test_torch_cuda_matches_simulation(shared_store: Path) -> None:
-    _check_matches_simulation("torch-cuda", shared_store)
+def test_torch_cuda_matches_simulation(digits_store: Path) -> None:
+    _check_matches_simulation("torch-cuda", digits_store)
 
 
 def test_supports_follows_the_kernels() -> None:

@@ -1,0 +1,129 @@
+"""Weight-only quantized matmul: our Triton kernel (``gpu_kernels.qmatmul``) vs PyTorch's own
+weight-only kernels vs dense fp32 / bf16 GEMMs, one table from one run.
+
+Decides which kernel the ``torch-cuda`` backend's int8-weight / int4 layers should call (issue:
+use a maintained library kernel where it is as fast). Rows per shape (M tokens, K in, N out):
+time (median of CUDA-event-free wall time with synchronization, after warm-up), ratio to the
+bf16 GEMM, and the max error against the dequantized fp32 reference. On a CPU the Triton rows
+are left out (the interpreter is for correctness, not speed).
+
+    python benchmarks/qmatmul.py [--shapes 1x4096x4096,16x4096x4096,2048x4096x4096] [--out F.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from _common import write_out
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gpu_kernels.qmatmul import dequantize, qmatmul, quantize_weight, unpack_int4  # noqa: E402
+from workers.engine import env  # noqa: E402
+
+
+def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def _candidates(x: torch.Tensor, w: torch.Tensor, group: int
+                ) -> dict[str, tuple[Callable[[], torch.Tensor], torch.Tensor | None]]:
+    """name -> (call, the fp32 product it should equal, or None for the dense rows)."""
+    cuda = x.is_cuda
+    xb = x.bfloat16()
+    wb = w.bfloat16()
+    q8, s8, _ = quantize_weight(w.cpu(), 8)
+    q4, s4, _ = quantize_weight(w.cpu(), 4, group)
+    q8, s8, q4, s4 = (t.to(x.device) for t in (q8, s8, q4, s4))
+    ref8 = x @ dequantize(q8, s8, None, 8).T
+    ref4 = x @ dequantize(q4, s4, None, 4, group).T
+    out: dict[str, tuple[Callable[[], torch.Tensor], torch.Tensor | None]] = {
+        "fp32 GEMM": (lambda: x @ w.T, None),
+        "bf16 GEMM": (lambda: xb @ wb.T, None),
+    }
+    if cuda:
+        out["ours int8 (Triton, fp32 x)"] = (
+            lambda: qmatmul(x, q8, s8, None, 8, impl="triton"), ref8)
+        out["ours int8 (Triton, bf16 x)"] = (
+            lambda: qmatmul(xb, q8, s8, None, 8, impl="triton"), ref8)
+        out[f"ours int4 g{group} (Triton, bf16 x)"] = (
+            lambda: qmatmul(xb, q4, s4, None, 4, group, impl="triton"), ref4)
+    s8b = s8.bfloat16()
+    out["torch._weight_int8pack_mm (bf16 x)"] = (
+        lambda: torch._weight_int8pack_mm(xb, q8, s8b), ref8)
+    # int4: tinygemm's layout, w = (q - 8) * scale + zero with zero = 0 (symmetric).
+    sz = torch.stack([s4, torch.zeros_like(s4)], -1).transpose(0, 1).contiguous().bfloat16()
+    q4i = unpack_int4(q4).to(torch.int32)
+    if cuda:
+        packed = torch._convert_weight_to_int4pack(
+            (q4i[:, ::2] << 4 | q4i[:, 1::2]).to(torch.uint8), 8)
+        out[f"torch._weight_int4pack_mm g{group} (bf16 x)"] = (
+            lambda: torch._weight_int4pack_mm(xb, packed, group, sz), ref4)
+    else:
+        packed = torch._convert_weight_to_int4pack_for_cpu(q4i, 1)
+        out[f"torch._weight_int4pack_mm_for_cpu g{group} (bf16 x)"] = (
+            lambda: torch._weight_int4pack_mm_for_cpu(xb, packed, group, sz), ref4)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shapes", default="1x4096x4096,16x4096x4096,256x4096x4096,2048x4096x4096",
+                    help="MxKxN, comma-separated")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lines = [f"# Weight-only quantized matmul — {env.device_name(device)}, "
+             f"{dt.date.today().isoformat()}", "",
+             f"Command: `python benchmarks/qmatmul.py --shapes {args.shapes} --group {args.group}`;"
+             f" torch {torch.__version__}; median of {args.repeats} synchronized runs after 3 "
+             "warm-ups; error = max |out - x @ dequantized(W).T| / max |x @ dequantized(W).T|.",
+             "", "| M x K x N | kernel | ms | vs bf16 GEMM | rel. error |",
+             "| --- | --- | --- | --- | --- |"]
+    print("\n".join(lines), flush=True)
+    gen = torch.Generator().manual_seed(0)
+    for shape in args.shapes.split(","):
+        m, k, n = (int(v) for v in shape.split("x"))
+        x = torch.randn(m, k, generator=gen).to(device)
+        w = (torch.randn(n, k, generator=gen) / k**0.5).to(device)
+        rows: list[tuple[str, float, float | None]] = []
+        for name, (fn, ref) in _candidates(x, w, args.group).items():
+            try:
+                ms = _time(fn, device, args.repeats)
+                err = (None if ref is None else
+                       float((fn().float() - ref).abs().max() / ref.abs().max()))
+            except (RuntimeError, NotImplementedError) as exc:  # a kernel this build lacks
+                print(f"{shape} {name}: {str(exc).splitlines()[0][:120]}", flush=True)
+                continue
+            rows.append((name, ms, err))
+        bf16 = next(ms for name, ms, _ in rows if name == "bf16 GEMM")
+        for name, ms, err in rows:
+            line = (f"| {shape} | {name} | {ms:.4f} | {ms / bf16:.2f}x | "
+                    f"{'-' if err is None else f'{err:.1e}'} |")
+            lines.append(line)
+            print(line, flush=True)
+    write_out(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
