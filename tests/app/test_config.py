@@ -32,3 +32,19 @@ def test_store_url_default_and_worker_queues(tmp_path: object) -> None:
     assert s.queues_for_worker(has_cuda=False) == ["cpu"]
     assert s.queues_for_worker(has_cuda=True) == ["cpu", "gpu"]
     assert Settings(worker_queues="gpu").queues_for_worker(has_cuda=True) == ["gpu"]
+
+
+def test_jobs_that_need_a_gpu_go_to_the_gpu_queue() -> None:
+    from types import SimpleNamespace
+    from typing import cast
+
+    from app.deps import Services
+    from app.jobs import queue_for
+    from app.schemas import LossBenchmarkSpec, MixedPrecisionSpec, ModelRef
+
+    svc = cast(Services, SimpleNamespace(settings=Settings()))
+    digits = ModelRef(zoo="digits-cnn")
+    assert queue_for(svc, MixedPrecisionSpec(model=digits, backend="torch-cuda")) == "gpu"
+    assert queue_for(svc, MixedPrecisionSpec(model=digits, backend="torch-cpu")) == "cpu"
+    assert queue_for(svc, MixedPrecisionSpec(model=digits)) == "cpu"
+    assert queue_for(svc, LossBenchmarkSpec(device="cuda")) == "gpu"
