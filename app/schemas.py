@@ -212,6 +212,9 @@ class MixedPrecisionSpec(_Strict):
         if wrong:
             raise ValueError(f"backend {self.backend} does not run {', '.join(wrong)}; its "
                              f"precisions are {', '.join(runs)}")
+        if (self.backend == "torch-cpu" and "int4" in (self.levels or [])
+                and self.int4_group_size not in (32, 64, 128, 256)):
+            raise ValueError("torch-cpu's int4 kernel takes int4_group_size 32, 64, 128 or 256")
         return self
 
 

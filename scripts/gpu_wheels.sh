@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch, here (where PyPI answers), the wheels a GPU machine's image lacks for the GPU checks:
 # its python3 (3.12) has torch, triton, onnx, onnxruntime, safetensors, transformers, numpy, psutil,
-# pytest; modelpress's engine also needs these. They land in .whl/ (git-ignored), which
+# scikit-learn, pytest and pytest-timeout (device KINDS.md, 2026-11-17); the engine also needs these. They land in .whl/ (git-ignored), which
 # scripts/gpu_check.sh installs from. The versions are the ones this project's venv resolved.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -155,7 +155,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
                 native = backend.native_format(name, fmt)
                 if not native.is_static or native.grids is not None:
                     fmt_at[prec][name] = native
-        if not fmt_at[prec]:
+        if not fmt_at[prec] and spec.levels:  # a default level that fits nothing just drops
             raise UserError(f"backend {backend.name} runs {prec} on none of this model's "
                             f"layers; choose other levels (see the spec's `levels`)")
     ungated = {p: dict(f) for p, f in fmt_at.items()}
@@ -342,15 +342,12 @@ def _latency_gate(backend: Backend, fmt_at: dict[str, dict[str, LayerFormat]],
     faster (ORT's ConvInteger, for one, is slower than its float convolution on AVX2; torch's
     int8 GEMM with its per-call quantization slower than its bf16 GEMM on AMX). Accuracy search
     alone would happily pick slower configs; this keeps it inside what the real kernels reward.
-    Levels are gated in order: a layer can descend only from the level above it, so a level's
-    layers are those the previous kept level holds. Removes what is not offered from
-    ``fmt_at``; returns each group's latency relative to its reference."""
+    Levels are gated in order, each against the model with every layer at the deepest level
+    kept for it so far (fp32 where none is; the search descends the same way). Removes what is
+    not offered from ``fmt_at``; returns each group's latency relative to its reference."""
     kept: dict[str, LayerFormat] = {}  # each layer at the deepest level kept so far
     gate: dict[str, float] = {}
     for prec, fmts in fmt_at.items():
-        if kept:
-            for n in [n for n in fmts if n not in kept]:
-                del fmts[n]
         groups: dict[str, dict[str, LayerFormat]] = {}
         if prec == "int8-static" and fmts:
             # Static layers pay off in chains (uint8 from one layer to the next, no Q/DQ in

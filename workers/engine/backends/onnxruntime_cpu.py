@@ -62,7 +62,8 @@ class Exported:
 
     def supports(self, layer: str, fmt: LayerFormat) -> bool:
         op = self.op_of.get(layer)
-        return op is not None and fmt.precision in SUPPORTED[op]
+        weight_only_int8 = fmt.precision == "int8" and fmt.activations == "none"
+        return op is not None and fmt.precision in SUPPORTED[op] and not weight_only_int8
 
 
 def export(module: nn.Module, example: Sequence[torch.Tensor], input_names: list[str],

@@ -201,7 +201,7 @@ class _Fp8(_Quantized):
         s = x2.abs().amax().clamp(min=1e-12) / 448.0
         q = (x2 / s).to(torch.float8_e4m3fn)
         rows = q.shape[0]
-        if rows % 16:  # fp8 GEMMs want row counts in multiples of 16
+        if rows % 16:  # padded rows cost little and spare a shape rule we could not check
             q = nn.functional.pad(q.view(torch.uint8), (0, 0, 0, 16 - rows % 16)).view(q.dtype)
         y = torch._scaled_mm(q, self.qweight.t(), scale_a=s, scale_b=self.scale,
                              out_dtype=torch.float32)[:rows]
@@ -261,7 +261,9 @@ class TorchModel:
     def artifact(self) -> tuple[str, bytes]:
         from safetensors.torch import save
 
-        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        # Cloned: tied parameters share storage, which safetensors refuses.
+        state = {k: v.detach().cpu().clone().contiguous()
+                 for k, v in self.module.state_dict().items()}
         config = {n: f.label() for n, f in self.config.items() if f.precision != "fp32"}
         meta = {"backend": self.backend, "config": json.dumps(config, sort_keys=True),
                 "formats": json.dumps({n: _format_json(f) for n, f in self.config.items()
@@ -309,7 +311,7 @@ class TorchBackend:
                 fmt.group_size in (32, 64, 128, 256) and n % 16 == 0))
         if fmt.precision == "fp8":
             return k % 16 == 0 and n % 16 == 0
-        if fmt.precision == "int8" and self.device.type == "cuda":
+        if fmt.quantizes_activations and self.device.type == "cuda":  # torch._int_mm's shapes
             return k % 8 == 0 and n % 8 == 0
         return True
 
@@ -363,6 +365,9 @@ def load(module: nn.Module, data: bytes) -> nn.Module:
     from workers.engine.quant.task import quantizable_layers
 
     meta = _metadata(data)
+    if meta["backend"] == "torch-cuda" and not torch.cuda.is_available():
+        raise ValueError("this artifact was realized for torch-cuda (GPU kernels); load it on a "
+                         "machine with a CUDA GPU")
     backend = TorchBackend(meta["backend"], module, quantizable_layers(module))
     formats = {n: _parse_format(f) for n, f in json.loads(meta["formats"]).items()}
     realized = backend.realize(formats).module
@@ -370,7 +375,10 @@ def load(module: nn.Module, data: bytes) -> nn.Module:
     for m in realized.modules():
         if isinstance(m, _Quantized):
             m.refresh()
-    return realized
+    try:
+        return realized.eval()
+    except NotImplementedError:  # an exported program's module has no train/eval modes
+        return realized
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Search inside a budget: bisection along a sensitivity ordering, one precision level at a time.
 
 At each level (e.g. fp32 -> int8, then int8 -> int4) the layers eligible for the lower precision
-are ordered least-sensitive first, and bisection finds the largest k such that moving the first k
+(those at the level above, or at fp32 where no level above is offered to them) are ordered
+least-sensitive first, and bisection finds the largest k such that moving the first k
 of them keeps the metric within the budget. Assuming the metric falls monotonically with k, this
 costs about log2(n) evaluations per level. Greedy one-by-one is the quadratic baseline.
 """
@@ -21,6 +22,15 @@ from workers.engine.quant.task import Config, Threshold
 class Level:
     fmt_of: dict[str, LayerFormat]  # eligible layer -> its format at this level
     order: list[str]  # eligible layers, least sensitive first
+
+
+def _movable(levels: Sequence[tuple[str, Level]], i: int, config: Mapping[str, LayerFormat]
+             ) -> list[str]:
+    """Level i's layers that may move down to it: those the search already moved to an earlier
+    level, and those no earlier level offers (fp32 is their deepest: a latency gate or a missing
+    kernel took the level above away from them)."""
+    earlier = {n for _, lvl in levels[:i] for n in lvl.fmt_of}
+    return [n for n in levels[i][1].order if n in config or n not in earlier]
 
 
 @dataclass
@@ -52,8 +62,7 @@ def bisection_search(evaluate: Callable[[Mapping[str, LayerFormat]], float], lim
     boundaries: dict[str, int] = {}
     evals = 0
     for i, (name, level) in enumerate(levels):
-        # Only layers already at the previous level (or float, for the first) may descend.
-        order = [n for n in level.order if i == 0 or n in config]
+        order = _movable(levels, i, config)
         cache: dict[int, float] = {}
 
         def cfg_at(k: int, order: list[str] = order, level: Level = level,
@@ -92,7 +101,7 @@ def greedy_search(evaluate: Callable[[Mapping[str, LayerFormat]], float], limit:
     boundaries: dict[str, int] = {}
     orders: dict[str, list[str]] = {}
     for i, (name, level) in enumerate(levels):
-        remaining = [n for n in level.order if i == 0 or n in config]
+        remaining = _movable(levels, i, config)
         taken: list[str] = []
         while remaining and evals < max_evaluations:
             trials = []
@@ -122,7 +131,7 @@ def sweep(levels: Sequence[tuple[str, Level]], boundaries: Mapping[str, int], po
     out: list[Config] = []
     base: Config = {}
     for j, (name, level) in enumerate(levels):
-        order = [n for n in level.order if j == 0 or n in base]
+        order = _movable(levels, j, base)
         ks = sorted({round(i * len(order) / (points - 1)) for i in range(points)})
         for k in ks:
             out.append({**base, **{m: level.fmt_of[m] for m in order[:k]}})

@@ -63,6 +63,32 @@ def test_bisection_search_over_levels_descends_only_from_the_previous_level() ->
     assert out.metric == 86.0
 
 
+def test_a_layer_no_earlier_level_offers_descends_from_fp32() -> None:
+    """bf16 gated out for l2 and l3 (say): int8 may still take them, straight from fp32;
+    l0 and l1, offered bf16 but left fp32 by the bisection, may not skip it."""
+    names = ["l0", "l1", "l2", "l3"]
+    bf16 = {n: LayerFormat("bf16") for n in names[:2]}
+    int8 = {n: LayerFormat("int8") for n in names}
+    cost = {"bf16": 1.0, "int8": 2.0}
+
+    def evaluate(cfg: object) -> float:  # metric falls by a fixed amount per layer and format
+        assert isinstance(cfg, dict)
+        return 100.0 - sum(cost[f.precision] for f in cfg.values())
+
+    levels = [("bf16", qsearch.Level(bf16, names[:2])), ("int8", qsearch.Level(int8, names))]
+
+    def search(budget: float) -> dict[str, str]:
+        out = qsearch.bisection_search(evaluate, threshold(100.0, "absolute", budget, True),
+                                       levels, "test")
+        return {n: f.precision for n, f in out.config.items()}
+
+    assert search(1.0) == {"l0": "bf16"}  # l1 stays fp32 and may not jump to int8
+    assert search(6.0) == {"l0": "int8", "l1": "int8", "l2": "int8"}  # l2 from fp32
+    assert search(99.0) == dict.fromkeys(names, "int8")
+    sweep = qsearch.sweep(levels, {"bf16": 2, "int8": 4}, 2)
+    assert {n: f.precision for n, f in sweep[-1].items()} == dict.fromkeys(names, "int8")
+
+
 def test_thresholds() -> None:
     assert threshold(0.9, "relative", 0.999, True).value == pytest.approx(0.8991)
     assert threshold(2.0, "relative", 0.99, False).value == pytest.approx(2.02)

@@ -105,6 +105,18 @@ def test_supports_follows_the_kernels() -> None:
     assert native.activation_grid == "int8-token" and native.per_channel
 
 
+def test_tied_weights_do_not_stop_the_artifact() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                                torch.nn.Linear(16, 16))
+    model[2].weight = model[0].weight  # tied, as a language model's head and embedding are
+    backend = torch_runtime.TorchBackend("torch-cpu", model, quantizable_layers(model))
+    deployed = backend.realize({"3": backend.native_format("3", parse("int8"))})
+    rebuilt = torch_runtime.load(model, deployed.artifact()[1])
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        assert np.array_equal(rebuilt(x).numpy(), deployed.run((x,)))
+
+
 def test_artifact_rebuilds_the_deployed_model(shared_store: Path) -> None:
     model, _ = zoo.digits_cnn(open_store(Settings(store_url=shared_store.as_uri())))
     layers = quantizable_layers(model)
@@ -164,14 +176,29 @@ def test_a_level_the_backend_has_no_kernel_for_is_refused_in_the_spec(backend: s
                        "precisions are"):
         MixedPrecisionSpec.model_validate({"model": {"zoo": "digits-cnn"}, "backend": backend,
                                            "levels": [level]})
+    with pytest.raises(ValidationError, match="int4_group_size 32, 64, 128 or 256"):
+        MixedPrecisionSpec.model_validate({"model": {"zoo": "digits-cnn"}, "backend": "torch-cpu",
+                                           "levels": ["int4"], "int4_group_size": 48})
 
 
 def test_a_level_no_layer_of_the_model_can_take_is_a_user_error(tmp_path: Path,
                                                                  shared_store: Path) -> None:
-    """int4 in groups of 48: the CPU kernel takes 32/64/128/256 only."""
+    """What only the model decides is the engine's to refuse: int4 in groups of 32 fits no
+    layer of an uploaded MLP whose layers have 16 and 32 inputs (K % 32 and the CPU kernel's
+    16-row tiles: fc1 has K = 16, fc2 has 4 outputs)."""
+    from tests.helpers import export_tiny
+
     ctx = LocalContext(tmp_path, store=open_store(Settings(store_url=shared_store.as_uri())))
-    spec = MixedPrecisionSpec.model_validate({"model": {"zoo": "digits-cnn"}, **FAST,
-                                              "backend": "torch-cpu", "levels": ["int4"],
-                                              "int4_group_size": 48})
+    ctx.store.put_file(f"tenants/local/models/mdl_{'a' * 32}/model.pt2",
+                       export_tiny(tmp_path / "tiny.pt2"))
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((64, 16)).astype("float32"))
+    ctx.store.put_file(f"tenants/local/datasets/dst_{'b' * 32}/data.npz", data)
+    spec = MixedPrecisionSpec.model_validate({"model": {"id": "mdl_" + "a" * 32},
+                                              "dataset": {"id": "dst_" + "b" * 32}, **FAST,
+                                              "backend": "torch-cpu", "levels": ["int4"]})
     with pytest.raises(UserError, match="torch-cpu runs int4 on none of this model's layers"):
         mixed_precision.run(spec, ctx)
+    # The same model with the default levels (bf16 -> int8) runs.
+    res = mixed_precision.run(spec.model_copy(update={"levels": None}), ctx)
+    assert res.levels == ["bf16", "int8"] and res.chosen.within_budget
