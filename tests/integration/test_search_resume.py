@@ -101,7 +101,8 @@ def test_sigkill_mid_search_resumes_from_the_memo(resume_stack: Stack, tmp_path:
             assert time.monotonic() < deadline, "the search never got under way"
             st, n = stage(r, job.id), len(evaluations(r, job.id))
             assert st in ("queued", "load", "baseline", "sensitivity", "search"), (
-                f"missed the search (at {st}, {n} in memo)")
+                f"missed the search (at {st}, {n} in memo; job error: "
+                f"{r.hget(records.job_key(job.id), 'error')})")
             if st == "search" and at_search is None:
                 at_search, t_search = n, time.monotonic()
             if at_search is not None and n >= at_search + 3:
