@@ -46,10 +46,12 @@ def resume_stack(tmp_path: Path, redis_server: _stack.EmbeddedRedis) -> Iterator
     finally:
         torch.set_num_threads(threads)
     # The time limit bounds one attempt; redelivery waits for the visibility timeout after it.
+    # 40 s: the job needs ~15 s on a quiet 2-core machine; at 25 s one CI run (2026-11-30, a
+    # slow moment of the VM) failed the first attempt before its search had begun.
     yield from running(make_stack(tmp_path, redis_server, {
         "MODELPRESS_STORE_URL": store.as_uri(),
-        "MODELPRESS_TASK_TIME_LIMIT_S": "25",
-        "MODELPRESS_VISIBILITY_TIMEOUT_S": "26",
+        "MODELPRESS_TASK_TIME_LIMIT_S": "40",
+        "MODELPRESS_VISIBILITY_TIMEOUT_S": "41",
     }))
 
 
