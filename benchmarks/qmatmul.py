@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,21 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpu_kernels.qmatmul import dequantize, qmatmul, quantize_weight, unpack_int4  # noqa: E402
-from workers.engine import env  # noqa: E402
-
-
-def _time(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        fn()
-    sync()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+from workers.engine import env, timing  # noqa: E402
 
 
 def _candidates(x: torch.Tensor, w: torch.Tensor, group: int
@@ -109,7 +93,8 @@ def main() -> None:
         rows: list[tuple[str, float, float | None]] = []
         for name, (fn, ref) in _candidates(x, w, args.group).items():
             try:
-                ms = _time(fn, device, args.repeats)
+                ms = timing.measure(fn, warmup=3, repeats=args.repeats, device=device
+                                    ).stats().median_ms
                 err = (None if ref is None else
                        float((fn().float() - ref).abs().max() / ref.abs().max()))
             except (RuntimeError, NotImplementedError) as exc:  # a kernel this build lacks

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
@@ -31,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from workers.engine import timing
 from workers.engine.env import needs_reduce_range
-from workers.engine.quant.fake import rounded
+from workers.engine.quant.fake import int4_codes, int8_codes
 from workers.engine.quant.formats import LayerFormat, parse
 
 NAMES = {"torch-cpu": "cpu", "torch-cuda": "cuda"}
@@ -93,18 +93,17 @@ class _Quantized(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _int8_grid(w: torch.Tensor, qmax: float, compute: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The arithmetic of ``fake.int8_weight`` (per channel), kept as integers and scales."""
-    scale = rounded(w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / qmax, compute)
-    q = torch.round(w / scale).clamp(-qmax, qmax).to(torch.int8)
-    return q, scale[:, 0]
+def _int8_grid(w: torch.Tensor, reduce_range: bool, compute: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The simulation's int8 codes (per channel) as the kernels store them."""
+    q, scale = int8_codes(w, reduce_range, True, compute)
+    return q.to(torch.int8), scale[:, 0]
 
 
 class _Int8Dynamic(_Quantized):
     def __init__(self, layer: nn.Linear, fmt: LayerFormat, cpu: bool) -> None:
         super().__init__(layer, fmt, cpu)
-        q, scale = _int8_grid(layer.weight.detach().float(), 64.0 if fmt.reduce_range else 127.0,
-                              "fp32")
+        q, scale = _int8_grid(layer.weight.detach().float(), fmt.reduce_range, "fp32")
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
 
@@ -125,7 +124,7 @@ class _Int8Dynamic(_Quantized):
 class _Int8Weight(_Quantized):
     def __init__(self, layer: nn.Linear, fmt: LayerFormat, cpu: bool) -> None:
         super().__init__(layer, fmt, cpu)
-        q, scale = _int8_grid(layer.weight.detach().float(), 127.0, fmt.compute)
+        q, scale = _int8_grid(layer.weight.detach().float(), False, fmt.compute)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
 
@@ -148,13 +147,9 @@ class _Int4Weight(_Quantized):
 
     def __init__(self, layer: nn.Linear, fmt: LayerFormat, cpu: bool) -> None:
         super().__init__(layer, fmt, cpu)
-        w = layer.weight.detach().float()
-        gs = fmt.group_size
-        blocks = w.reshape(self.out_features, -1, gs)
-        extreme = torch.gather(blocks, 2, blocks.abs().argmax(dim=2, keepdim=True))
-        scale = extreme / -8.0
-        scale = rounded(torch.where(scale == 0, torch.ones_like(scale), scale), fmt.compute)
-        q = (torch.round(blocks / scale).clamp(-8, 7) + 8).to(torch.uint8).reshape(w.shape)
+        w = layer.weight.detach().float()  # in_features is a whole number of groups (supports)
+        codes, scale = int4_codes(w, fmt.group_size, fmt.compute)
+        q = (codes + 8).to(torch.uint8).reshape(w.shape)
         self.register_buffer("qweight", q[:, 0::2] | (q[:, 1::2] << 4))  # gpu_kernels' layout
         self.register_buffer("scale", scale[..., 0])  # (out, in / group_size)
         self.refresh()
@@ -245,18 +240,9 @@ class TorchModel:
     def latency_ms(self, inputs: Sequence[torch.Tensor], warmup: int, repeats: int
                    ) -> list[float]:
         args = self._inputs(inputs)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        samples: list[float] = []
         with torch.inference_mode():
-            for _ in range(warmup):
-                self.module(*args)
-            sync()
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                self.module(*args)
-                sync()
-                samples.append((time.perf_counter() - t0) * 1e3)
-        return samples
+            return timing.measure(lambda: self.module(*args), warmup=warmup, repeats=repeats,
+                                  device=self.device).samples_ms
 
     def artifact(self) -> tuple[str, bytes]:
         from safetensors.torch import save

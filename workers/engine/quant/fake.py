@@ -33,16 +33,23 @@ def rounded(x: torch.Tensor, compute: str) -> torch.Tensor:
     return x if compute == "fp32" else x.to(DTYPES[compute]).to(x.dtype)
 
 
-def int8_weight(w: torch.Tensor, reduce_range: bool = False, per_channel: bool = True,
-                scale_dtype: str = "fp32") -> torch.Tensor:
+def int8_codes(w: torch.Tensor, reduce_range: bool = False, per_channel: bool = True,
+               scale_dtype: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel (dim 0 of a torch weight) or per tensor: range
     [-127, 127], or [-64, 64] with ``reduce_range``. ``scale_dtype``: kernels computing in
-    bf16 hold the scales in bf16 too."""
+    bf16 hold the scales in bf16 too. Returns the integers (out, in), float-valued, and the
+    scales, (out, 1) or a scalar; the backends store exactly these."""
     qmax = 64.0 if reduce_range else 127.0
     flat = w.reshape(w.shape[0], -1)
     amax = flat.abs().amax(dim=1, keepdim=True) if per_channel else flat.abs().amax()
     scale = rounded(amax.clamp(min=1e-12) / qmax, scale_dtype)
-    q = _round(flat / scale).clamp(-qmax, qmax)
+    return _round(flat / scale).clamp(-qmax, qmax), scale
+
+
+def int8_weight(w: torch.Tensor, reduce_range: bool = False, per_channel: bool = True,
+                scale_dtype: str = "fp32") -> torch.Tensor:
+    """The weight ``int8_codes`` stands for."""
+    q, scale = int8_codes(w, reduce_range, per_channel, scale_dtype)
     return (q * scale).reshape(w.shape).to(w.dtype)
 
 
@@ -75,10 +82,13 @@ def fp8_dynamic(x: torch.Tensor) -> torch.Tensor:
     return (x / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale
 
 
-def int4_weight(w: torch.Tensor, group_size: int, scale_dtype: str = "fp32") -> torch.Tensor:
+def int4_codes(w: torch.Tensor, group_size: int, scale_dtype: str = "fp32"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int4 in blocks of ``group_size`` along the input dimension (MatMulNBits):
     the element of largest magnitude maps to -8, so scale = that element / -8, range [-8, 7].
-    ``scale_dtype``: kernels computing in bf16 hold the scales in bf16 too."""
+    ``scale_dtype``: kernels computing in bf16 hold the scales in bf16 too. Returns the
+    integers (out, blocks, group_size), float-valued, zero-padded to whole blocks, and the
+    scales (out, blocks, 1)."""
     out_f, in_f = w.shape[0], w.reshape(w.shape[0], -1).shape[1]
     flat = w.reshape(out_f, in_f)
     pad = (-in_f) % group_size
@@ -89,7 +99,13 @@ def int4_weight(w: torch.Tensor, group_size: int, scale_dtype: str = "fp32") -> 
     extreme = torch.gather(blocks, 2, idx)
     scale = extreme / -8.0
     scale = rounded(torch.where(scale == 0, torch.ones_like(scale), scale), scale_dtype)
-    q = _round(blocks / scale).clamp(-8, 7)
+    return _round(blocks / scale).clamp(-8, 7), scale
+
+
+def int4_weight(w: torch.Tensor, group_size: int, scale_dtype: str = "fp32") -> torch.Tensor:
+    """The weight ``int4_codes`` stands for."""
+    out_f, in_f = w.shape[0], w.reshape(w.shape[0], -1).shape[1]
+    q, scale = int4_codes(w, group_size, scale_dtype)
     deq = (q * scale).reshape(out_f, -1)[:, :in_f]
     return deq.reshape(w.shape).to(w.dtype)
 
