@@ -321,8 +321,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
                 f"with {backend.describe()}, its metric re-measured on the deployed "
                 f"model and its latency timed at batch {spec.batch_size} ({spec.warmup} warm-up, "
                 f"{spec.repeats} runs, median, {threads} threads)"),
-        environment=env.environment(torch.device(
-            torch_runtime.NAMES.get(backend.name, "cpu"))),
+        environment=env.environment(backend.device),
     )
     name, blob = models[chosen_key].artifact()
     ctx.save_artifact(name, blob, "application/octet-stream")
@@ -348,14 +347,7 @@ def _latency_gate(backend: Backend, fmt_at: dict[str, dict[str, LayerFormat]],
     kept: dict[str, LayerFormat] = {}  # each layer at the deepest level kept so far
     gate: dict[str, float] = {}
     for prec, fmts in fmt_at.items():
-        groups: dict[str, dict[str, LayerFormat]] = {}
-        if prec == "int8-static" and fmts:
-            # Static layers pay off in chains (uint8 from one layer to the next, no Q/DQ in
-            # between): gated as a whole, since one op type alone measures its seams only.
-            groups[f"{prec}:all"] = dict(fmts)
-        elif prec != "int8-static":
-            for op in sorted({backend.op_of[n] for n in fmts}):
-                groups[f"{prec}:{op}"] = {n: f for n, f in fmts.items() if backend.op_of[n] == op}
+        groups = _gate_groups(prec, fmts, backend.op_of)
         if not groups:
             continue
         models = {"reference": backend.realize(kept)}
@@ -373,6 +365,17 @@ def _latency_gate(backend: Backend, fmt_at: dict[str, dict[str, LayerFormat]],
                     del fmts[n]
         kept |= fmts
     return gate
+
+
+def _gate_groups(prec: str, fmts: Mapping[str, LayerFormat], op_of: Mapping[str, str]
+                 ) -> dict[str, dict[str, LayerFormat]]:
+    """The layers timed together: one group per op type, except that static int8 layers pay
+    off in chains (uint8 from one layer to the next, no Q/DQ between) and are timed as one
+    group, since one op type alone would measure only its seams."""
+    if prec == "int8-static":
+        return {f"{prec}:all": dict(fmts)} if fmts else {}
+    return {f"{prec}:{op}": {n: f for n, f in fmts.items() if op_of[n] == op}
+            for op in sorted({op_of[n] for n in fmts})}
 
 
 def open_backend(name: str, task: QuantTask, example: tuple[torch.Tensor, ...],

@@ -38,6 +38,11 @@ class Backend(Protocol):
     def name(self) -> str: ...
 
     @property
+    def device(self) -> torch.device:
+        """Where the realized models run (the report's environment describes it)."""
+        ...
+
+    @property
     def op_of(self) -> Mapping[str, str]:
         """Quantizable layer -> the op type it runs as on this backend."""
         ...

@@ -322,6 +322,7 @@ class OrtBackend:
     """The :class:`~workers.engine.backends.base.Backend` over one exported model."""
 
     name = NAME
+    device = torch.device("cpu")
 
     def __init__(self, exported: Exported, example: Sequence[torch.Tensor],
                  calibration: Sequence[torch.Tensor], threads: int) -> None:
