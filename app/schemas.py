@@ -375,6 +375,7 @@ class Environment(BaseModel):
     threads: int
     versions: dict[str, str]
     host: str
+    allocator: str = "default"  # CPU memory allocator settings the timings ran under
 
 
 class LatencyStats(BaseModel):

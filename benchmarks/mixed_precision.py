@@ -113,14 +113,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     quiet_logs()
+    allocator = env.tune_allocator()  # as the workers run
     store = Path(tempfile.mkdtemp(prefix="mp-bench-store-"))
     device = torch.device("cuda" if args.backend == "torch-cuda" else "cpu")
     header = [f"# Mixed precision on {args.backend} — {env.device_name(device)}, "
               f"{dt.date.today().isoformat()}", "",
               f"Command: `python benchmarks/mixed_precision.py --models {args.models} "
               f"--backend {args.backend}`; "
-              f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}.",
-              ""]
+              f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}; "
+              f"allocator: {allocator}.", ""]
     out = header
     for name in args.models.split(","):
         _, lines = run_model(name, store, args.rounds, args.backend)

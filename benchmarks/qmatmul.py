@@ -76,12 +76,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    allocator = env.tune_allocator()  # as the workers run
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lines = [f"# Weight-only quantized matmul — {env.device_name(device)}, "
              f"{dt.date.today().isoformat()}", "",
              f"Command: `python benchmarks/qmatmul.py --shapes {args.shapes} --group {args.group}`;"
              f" torch {torch.__version__}; median of {args.repeats} synchronized runs after 3 "
-             "warm-ups; error = max |out - x @ dequantized(W).T| / max |x @ dequantized(W).T|.",
+             "warm-ups; error = max |out - x @ dequantized(W).T| / max |x @ dequantized(W).T|; "
+             f"allocator: {allocator}.",
              "", "| M x K x N | kernel | ms | vs bf16 GEMM | rel. error |",
              "| --- | --- | --- | --- | --- |"]
     print("\n".join(lines), flush=True)

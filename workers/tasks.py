@@ -13,10 +13,14 @@ heartbeat.connect_signals()
 
 
 @worker_process_init.connect(weak=False)
-def _import_engine(**_: Any) -> None:
+def _start_pool_process(**_: Any) -> None:
     """Import the engine when a pool process starts, not inside the first job's time limit
-    (a redelivered job on a fresh worker would otherwise spend ~4 s of it importing)."""
+    (a redelivered job on a fresh worker would otherwise spend ~4 s of it importing), and set
+    the allocator up before anything is timed (see ``env.tune_allocator``)."""
     import workers.engine.registry  # noqa: F401
+    from workers.engine import env
+
+    env.tune_allocator()
 
 
 @shared_task(name="modelpress.run_job", bind=True)

