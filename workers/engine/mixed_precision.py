@@ -56,19 +56,30 @@ def _to_schema(scores: list[qsens.LayerScore]) -> list[LayerSensitivity]:
     return [LayerSensitivity(**vars(s)) for s in scores]
 
 
-def _sensitivity(task: QuantTask, names: list[str], fmt_of: Mapping[str, LayerFormat],
-                 opts: SensitivityOptions, ctx: JobContext, lo: float, hi: float
-                 ) -> tuple[list[qsens.LayerScore], dict[str, float] | None]:
-    span = hi - lo
-    scores = qsens.hessian_terms(
-        task, names, fmt_of, opts.probes, opts.calibration_samples, opts.seed,
-        on_probe=lambda k: ctx.progress("sensitivity", lo + span * 0.5 * k / opts.probes,
+def _traces(task: QuantTask, names: list[str], opts: SensitivityOptions, ctx: JobContext,
+            lo: float, hi: float) -> dict[str, float]:
+    return qsens.hessian_traces(
+        task, names, opts.probes, opts.calibration_samples, opts.seed,
+        on_probe=lambda k: ctx.progress("sensitivity", lo + (hi - lo) * k / opts.probes,
                                         f"Hutchinson probe {k}/{opts.probes}"))
+
+
+def _sensitivity(task: QuantTask, names: list[str], fmt_of: Mapping[str, LayerFormat],
+                 opts: SensitivityOptions, ctx: JobContext, lo: float, hi: float,
+                 traces: Mapping[str, float] | None = None
+                 ) -> tuple[list[qsens.LayerScore], dict[str, float] | None]:
+    """Every term per layer. ``traces`` (Tr(H), shared by all levels) are computed here in the
+    first half of [lo, hi] when not given; the inter-layer terms take the rest."""
+    if traces is None:
+        traces = _traces(task, names, opts, ctx, lo, (lo + hi) / 2)
+        lo = (lo + hi) / 2
+    span = hi - lo
+    scores = qsens.hessian_terms(task, names, fmt_of, traces)
     deps = None
     if opts.dependency != "none":
         deps = qsens.dependency_terms(
             task, names, fmt_of,
-            on_step=lambda i: ctx.progress("sensitivity", lo + span * (0.5 + 0.5 * i / len(names)),
+            on_step=lambda i: ctx.progress("sensitivity", lo + span * i / len(names),
                                            f"inter-layer term {i}/{len(names)}"))
     pairwise = None
     if opts.dependency == "pairwise":
@@ -165,13 +176,16 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     levels_used = [p for p in fmt_at if fmt_at[p]]
     stage_done("latency_gate")
 
-    # Sensitivity per level (each level's own perturbation).
+    # Sensitivity per level (each level's own perturbation and inter-layer terms), on Hessian
+    # traces computed once for every layer any level offers.
     scores_at: dict[str, list[qsens.LayerScore]] = {}
-    span = 0.35 / max(1, len(levels_used))
+    offered = list(dict.fromkeys(n for p in levels_used for n in fmt_at[p]))
+    traces = _traces(task, offered, spec.sensitivity, ctx, 0.05, 0.2) if offered else {}
+    span = 0.2 / max(1, len(levels_used))
     for i, prec in enumerate(levels_used):
         names = list(fmt_at[prec])
         scores_at[prec], _ = _sensitivity(task, names, fmt_at[prec], spec.sensitivity, ctx,
-                                          0.05 + i * span, 0.05 + (i + 1) * span)
+                                          0.2 + i * span, 0.2 + (i + 1) * span, traces)
     stage_done("sensitivity")
 
     def levels_for(ordering: str) -> list[tuple[str, qsearch.Level]]:

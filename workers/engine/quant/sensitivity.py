@@ -40,18 +40,21 @@ def hutchinson_traces(loss_fn: Callable[[], torch.Tensor], params: Sequence[torc
                       probes: int, seed: int,
                       on_probe: Callable[[int], None] | None = None) -> list[float]:
     """Tr(H) of ``loss_fn()`` w.r.t. each tensor in ``params`` (its diagonal block of the
-    Hessian), one Hessian-vector product per probe for all tensors at once."""
+    Hessian), one Hessian-vector product per probe for all tensors at once. The loss and its
+    gradient graph are built once and kept for every probe: each probe costs one double
+    backward, not a forward, a backward and a double backward."""
     gen = torch.Generator().manual_seed(seed)
     totals = [0.0] * len(params)
+    loss = loss_fn()
+    # allow_unused: a layer the output never reaches (e.g. an unused pooler) has Tr(H) = 0.
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     for k in range(probes):
-        loss = loss_fn()
-        # allow_unused: a layer the output never reaches (e.g. an unused pooler) has Tr(H) = 0.
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype).mul_(2).sub_(1) for p in params]
         if used:
             hvs = torch.autograd.grad([grads[i] for i in used], [params[i] for i in used],
-                                      grad_outputs=[vs[i] for i in used], allow_unused=True)
+                                      grad_outputs=[vs[i] for i in used], allow_unused=True,
+                                      retain_graph=k < probes - 1)
             for i, hv in zip(used, hvs, strict=True):
                 if hv is not None:
                     totals[i] += float((hv * vs[i]).sum())
@@ -70,9 +73,10 @@ def exact_trace(loss_fn: Callable[[], torch.Tensor], param: torch.Tensor) -> flo
     return total
 
 
-def hessian_terms(task: QuantTask, layers: Sequence[str], fmt_of: Mapping[str, LayerFormat],
-                  probes: int, samples: int, seed: int,
-                  on_probe: Callable[[int], None] | None = None) -> list[LayerScore]:
+def hessian_traces(task: QuantTask, layers: Sequence[str], probes: int, samples: int, seed: int,
+                   on_probe: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Tr(H) of the calibration loss w.r.t. each layer's float weight. It does not depend on
+    the precision a layer goes to, so a search over several levels computes it once."""
     mods = [task.layers[n] for n in layers]
     params: list[torch.Tensor] = [m.weight for m in mods]  # type: ignore[misc]
     inputs = tuple(t[:samples] for t in task.calib_inputs)
@@ -96,10 +100,18 @@ def hessian_terms(task: QuantTask, layers: Sequence[str], fmt_of: Mapping[str, L
     finally:
         for param, s in zip(task.module.parameters(), saved, strict=True):
             param.requires_grad_(s)
+    return dict(zip(layers, traces, strict=True))
+
+
+def hessian_terms(task: QuantTask, layers: Sequence[str], fmt_of: Mapping[str, LayerFormat],
+                  traces: Mapping[str, float]) -> list[LayerScore]:
+    """Per layer: Tr(H) / #weights x ||Q(W) - W||^2 for the layer's format."""
     out = []
-    for name, mod, tr in zip(layers, mods, traces, strict=True):
-        w = mod.weight  # type: ignore[union-attr]
+    for name in layers:
+        mod = task.layers[name]
+        w = mod.weight
         assert isinstance(w, torch.Tensor)
+        tr = traces[name]
         pert = weight_perturbation(w, fmt_of[name])
         out.append(LayerScore(name, type(mod).__name__, w.numel(), tr, pert, tr / w.numel() * pert))
     return out
