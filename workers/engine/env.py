@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 from functools import lru_cache
 from importlib import metadata
@@ -90,16 +91,22 @@ def tune_allocator() -> str:
     global _allocator
     if _allocator != "default":
         return _allocator
+    preloaded = [lib for lib in ("jemalloc", "tcmalloc", "mimalloc")
+                 if lib in os.environ.get("LD_PRELOAD", "")]
+    if preloaded:  # glibc's mallopt would succeed and change nothing
+        _allocator = f"{preloaded[0]} (LD_PRELOAD)"
+        return _allocator
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version.restype = ctypes.c_char_p
         version = libc.gnu_get_libc_version().decode()
-    except (OSError, AttributeError):  # musl, macOS, Windows: leave their allocator alone
+    except (OSError, AttributeError, TypeError):  # musl, macOS, Windows: leave them alone
         return _allocator
-    if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(
-            _M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1:
-        _allocator = (f"glibc {version} mallopt: mmap_threshold {MMAP_THRESHOLD >> 20} MiB, "
-                      f"trim_threshold {TRIM_THRESHOLD >> 20} MiB")
+    done = [f"{name} {value >> 20} MiB" for name, param, value in (
+        ("mmap_threshold", _M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        ("trim_threshold", _M_TRIM_THRESHOLD, TRIM_THRESHOLD)) if libc.mallopt(param, value) == 1]
+    if done:
+        _allocator = f"glibc {version} mallopt: " + ", ".join(done)
     return _allocator
 
 

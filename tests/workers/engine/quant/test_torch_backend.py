@@ -43,6 +43,11 @@ def _cases(device: str) -> dict[str, tuple[dict[str, str], float]]:
     return cases
 
 
+def _bits(state: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    return {k: bytes(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            for k, v in state.items()}
+
+
 def _check_matches_simulation(backend_name: str, shared_store: Path) -> None:
     """Tolerances. Layers computing in bf16 / fp16 round their product once, as the
     simulation does, but the kernels sum in another order, so a rounding can flip: the
@@ -60,7 +65,14 @@ def _check_matches_simulation(backend_name: str, shared_store: Path) -> None:
     for label, (labels, bound) in _cases(backend.device.type).items():
         cfg = {n: backend.native_format(n, parse(p)) for n, p in labels.items()}
         assert all(backend.supports(n, f) for n, f in cfg.items()), label
-        deployed = backend.realize(cfg).run((x,))
+        realized = backend.realize(cfg)
+        x_before, state = x.clone(), _bits(realized.module.state_dict())
+        deployed = realized.run((x,))
+        # The layers work in place on their kernels' fresh outputs: never on the input, the
+        # weights, or anything the next call reads.
+        if not (np.array_equal(realized.run((x,)), deployed) and torch.equal(x, x_before)
+                and _bits(realized.module.state_dict()) == state):
+            failed.append(f"{label}: a run changed its input, its weights or the next output")
         with simulate(layers, cfg), torch.inference_mode():
             simulated = model(x).numpy()
         quant = np.linalg.norm(deployed - flt)
