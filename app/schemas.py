@@ -118,6 +118,12 @@ class Budget(_Strict):
 class SensitivityOptions(_Strict):
     probes: int = Field(default=16, ge=1, le=1024, description="Hutchinson probes per layer.")
     calibration_samples: int = Field(default=128, ge=1, le=100_000)
+    hessian: Literal["double-backward", "gauss-newton"] = Field(
+        default="double-backward",
+        description="How each probe multiplies by the Hessian: a Hessian-vector product by "
+        "double backward, or, for the squared error to the float model's outputs (no labels), "
+        "where the residual is zero and the Hessian equals 2/N J^T J, one backward of a random "
+        "output-space vector (same trace, about a third of the time).")
     dependency: Literal["none", "leave_one_out", "pairwise"] = Field(
         default="leave_one_out",
         description="Inter-layer term: loss change of restoring each layer in the fully quantized "

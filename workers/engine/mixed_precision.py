@@ -61,7 +61,8 @@ def _traces(task: QuantTask, names: list[str], opts: SensitivityOptions, ctx: Jo
     return qsens.hessian_traces(
         task, names, opts.probes, opts.calibration_samples, opts.seed,
         on_probe=lambda k: ctx.progress("sensitivity", lo + (hi - lo) * k / opts.probes,
-                                        f"Hutchinson probe {k}/{opts.probes}"))
+                                        f"Hutchinson probe {k}/{opts.probes}"),
+        method=opts.hessian)
 
 
 def _sensitivity(task: QuantTask, names: list[str], fmt_of: Mapping[str, LayerFormat],

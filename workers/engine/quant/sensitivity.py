@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from workers.engine.context import UserError
 from workers.engine.quant.fake import weight_perturbation
 from workers.engine.quant.formats import FP32, LayerFormat
 from workers.engine.quant.task import QuantTask
@@ -63,6 +64,29 @@ def hutchinson_traces(loss_fn: Callable[[], torch.Tensor], params: Sequence[torc
     return [t / probes for t in totals]
 
 
+def gauss_newton_traces(outputs_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+                        probes: int, seed: int,
+                        on_probe: Callable[[int], None] | None = None) -> list[float]:
+    """Tr(H) w.r.t. each tensor in ``params`` of L = mean_n ||f_n(W) - f_n(W0)||^2 at W = W0,
+    where ``outputs_fn()`` returns f(W) (N samples first). The residual is zero there, so
+    H = 2/N J^T J exactly and Tr(H_i) = 2/N E_u ||J_i^T u||^2 over Rademacher vectors u in
+    the output space: one backward per probe instead of a double backward."""
+    gen = torch.Generator().manual_seed(seed)
+    totals = [0.0] * len(params)
+    out = outputs_fn()
+    n = out.shape[0]
+    for k in range(probes):
+        u = torch.randint(0, 2, out.shape, generator=gen).to(out.dtype).mul_(2).sub_(1)
+        grads = torch.autograd.grad(out, params, grad_outputs=u, allow_unused=True,
+                                    retain_graph=k < probes - 1)
+        for i, g in enumerate(grads):
+            if g is not None:
+                totals[i] += 2.0 / n * float(g.pow(2).sum())
+        if on_probe is not None:
+            on_probe(k + 1)
+    return [t / probes for t in totals]
+
+
 def exact_trace(loss_fn: Callable[[], torch.Tensor], param: torch.Tensor) -> float:
     """Tr(H) by building the Hessian column by column (tests; tiny tensors only)."""
     grad = torch.autograd.grad(loss_fn(), [param], create_graph=True)[0].reshape(-1)
@@ -74,9 +98,11 @@ def exact_trace(loss_fn: Callable[[], torch.Tensor], param: torch.Tensor) -> flo
 
 
 def hessian_traces(task: QuantTask, layers: Sequence[str], probes: int, samples: int, seed: int,
-                   on_probe: Callable[[int], None] | None = None) -> dict[str, float]:
+                   on_probe: Callable[[int], None] | None = None,
+                   method: str = "double-backward") -> dict[str, float]:
     """Tr(H) of the calibration loss w.r.t. each layer's float weight. It does not depend on
-    the precision a layer goes to, so a search over several levels computes it once."""
+    the precision a layer goes to, so a search over several levels computes it once.
+    ``method`` "gauss-newton" holds only for the squared error to the float outputs."""
     mods = [task.layers[n] for n in layers]
     params: list[torch.Tensor] = [m.weight for m in mods]  # type: ignore[misc]
     inputs = tuple(t[:samples] for t in task.calib_inputs)
@@ -95,8 +121,17 @@ def hessian_traces(task: QuantTask, layers: Sequence[str], probes: int, samples:
         sq: torch.Tensor = (out - ref).pow(2).flatten(1).sum(1).mean()
         return sq
 
+    labeled = task.metric == "accuracy" and labels is not None
+    if method == "gauss-newton" and labeled:
+        raise UserError("sensitivity.hessian `gauss-newton` equals the Hessian only for the "
+                        "squared error to the float model's outputs; this job's loss is the "
+                        "cross-entropy with its labels (use `double-backward`)")
     try:
-        traces = hutchinson_traces(loss_fn, params, probes, seed, on_probe)
+        if method == "gauss-newton":
+            traces = gauss_newton_traces(lambda: task.module(*inputs).float(), params, probes,
+                                         seed, on_probe)
+        else:
+            traces = hutchinson_traces(loss_fn, params, probes, seed, on_probe)
     finally:
         for param, s in zip(task.module.parameters(), saved, strict=True):
             param.requires_grad_(s)

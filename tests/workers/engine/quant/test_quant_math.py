@@ -9,7 +9,7 @@ from torch import nn
 from workers.engine.quant import fake
 from workers.engine.quant import search as qsearch
 from workers.engine.quant.formats import LayerFormat
-from workers.engine.quant.sensitivity import exact_trace, hutchinson_traces
+from workers.engine.quant.sensitivity import exact_trace, gauss_newton_traces, hutchinson_traces
 from workers.engine.quant.task import threshold
 
 
@@ -29,6 +29,26 @@ def test_hutchinson_matches_exact_hessian_trace() -> None:
     # Few probes are noisy but unbiased: the mean of many 1-probe estimates converges too.
     few = [hutchinson_traces(loss, params[:1], probes=1, seed=s)[0] for s in range(200)]
     assert sum(few) / len(few) == pytest.approx(exact[0], rel=0.15)
+
+
+def test_gauss_newton_matches_exact_hessian_trace_of_the_squared_error_to_float() -> None:
+    # The loss the engine uses without labels: squared error to the float model's own outputs,
+    # at the float weights (zero residual, so the Hessian is exactly 2/N J^T J).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x = torch.randn(32, 6)
+    with torch.no_grad():
+        ref = net(x)
+    params = [net[0].weight, net[2].weight]
+
+    def loss() -> torch.Tensor:
+        return (net(x) - ref).pow(2).sum(1).mean()
+
+    exact = [exact_trace(loss, p) for p in params]
+    est = gauss_newton_traces(lambda: net(x), params, probes=1000, seed=1)
+    hvp = hutchinson_traces(loss, params, probes=1000, seed=1)
+    for e, g, h in zip(exact, est, hvp, strict=True):
+        assert g == pytest.approx(e, rel=0.05) and h == pytest.approx(e, rel=0.08), (e, g, h)
 
 
 def test_bisection_finds_the_boundary_of_a_monotone_case() -> None:
