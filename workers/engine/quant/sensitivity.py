@@ -107,6 +107,10 @@ def hessian_traces(task: QuantTask, layers: Sequence[str], probes: int, samples:
     params: list[torch.Tensor] = [m.weight for m in mods]  # type: ignore[misc]
     inputs = tuple(t[:samples] for t in task.calib_inputs)
     labels = task.calib_labels[:samples] if task.calib_labels is not None else None
+    if method == "gauss-newton" and task.metric == "accuracy" and labels is not None:
+        raise UserError("sensitivity.hessian `gauss-newton` equals the Hessian only for the "
+                        "squared error to the float model's outputs; this job's loss is the "
+                        "cross-entropy with its labels (use `double-backward`)")
     ref = task.forward(inputs)
     saved = [p.requires_grad for p in task.module.parameters()]
     for param in task.module.parameters():
@@ -121,11 +125,6 @@ def hessian_traces(task: QuantTask, layers: Sequence[str], probes: int, samples:
         sq: torch.Tensor = (out - ref).pow(2).flatten(1).sum(1).mean()
         return sq
 
-    labeled = task.metric == "accuracy" and labels is not None
-    if method == "gauss-newton" and labeled:
-        raise UserError("sensitivity.hessian `gauss-newton` equals the Hessian only for the "
-                        "squared error to the float model's outputs; this job's loss is the "
-                        "cross-entropy with its labels (use `double-backward`)")
     try:
         if method == "gauss-newton":
             traces = gauss_newton_traces(lambda: task.module(*inputs).float(), params, probes,
