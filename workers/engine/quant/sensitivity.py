@@ -107,11 +107,14 @@ def hessian_traces(task: QuantTask, layers: Sequence[str], probes: int, samples:
     params: list[torch.Tensor] = [m.weight for m in mods]  # type: ignore[misc]
     inputs = tuple(t[:samples] for t in task.calib_inputs)
     labels = task.calib_labels[:samples] if task.calib_labels is not None else None
-    if method == "gauss-newton" and task.metric == "accuracy" and labels is not None:
+    labeled = task.metric == "accuracy" and labels is not None  # cross-entropy, else squared error
+    if method == "gauss-newton" and labeled:
         raise UserError("sensitivity.hessian `gauss-newton` equals the Hessian only for the "
                         "squared error to the float model's outputs; this job's loss is the "
                         "cross-entropy with its labels (use `double-backward`)")
-    ref = task.forward(inputs)
+    # The float outputs the squared error compares with (gauss-newton needs none: at the float
+    # weights the residual is zero by construction).
+    ref = task.forward(inputs) if method != "gauss-newton" and not labeled else None
     saved = [p.requires_grad for p in task.module.parameters()]
     for param in task.module.parameters():
         param.requires_grad_(False)
@@ -120,7 +123,8 @@ def hessian_traces(task: QuantTask, layers: Sequence[str], probes: int, samples:
 
     def loss_fn() -> torch.Tensor:
         out: torch.Tensor = task.module(*inputs).float()
-        if task.metric == "accuracy" and labels is not None:
+        if ref is None:
+            assert labels is not None
             return nn.functional.cross_entropy(out, labels)
         sq: torch.Tensor = (out - ref).pow(2).flatten(1).sum(1).mean()
         return sq
