@@ -118,12 +118,13 @@ class Budget(_Strict):
 class SensitivityOptions(_Strict):
     probes: int = Field(default=16, ge=1, le=1024, description="Hutchinson probes per layer.")
     calibration_samples: int = Field(default=128, ge=1, le=100_000)
-    hessian: Literal["double-backward", "gauss-newton"] = Field(
-        default="double-backward",
+    hessian: Literal["auto", "double-backward", "gauss-newton"] = Field(
+        default="auto",
         description="How each probe multiplies by the Hessian: a Hessian-vector product by "
         "double backward, or, for the squared error to the float model's outputs (no labels), "
         "where the residual is zero and the Hessian equals 2/N J^T J, one backward of a random "
-        "output-space vector (same trace, about a third of the time).")
+        "output-space vector (same trace, about a quarter of the time). `auto`: gauss-newton "
+        "where it is exact (no labels), else double-backward.")
     dependency: Literal["none", "leave_one_out", "pairwise"] = Field(
         default="leave_one_out",
         description="Inter-layer term: loss change of restoring each layer in the fully quantized "
@@ -437,6 +438,8 @@ class SensitivityResult(BaseModel):
     precision: str
     metric: str
     loss: str
+    hessian: str = Field(default="double-backward",
+                         description="How Tr(H) was estimated: double-backward or gauss-newton.")
     layers: list[LayerSensitivity]
     pairwise: dict[str, float] | None = None
     evaluations: int
@@ -517,6 +520,8 @@ class MixedPrecisionResult(BaseModel):
     latency_reduction: float = Field(description="1 - chosen latency / fp32 latency (backend).")
     lora: LoraRecoveryReport | None = None
     method: str
+    hessian: str = Field(default="double-backward",
+                         description="How Tr(H) was estimated: double-backward or gauss-newton.")
     environment: Environment
 
 

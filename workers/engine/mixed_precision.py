@@ -109,6 +109,7 @@ def run_sensitivity(spec: SensitivitySpec, ctx: JobContext) -> SensitivityResult
     result = SensitivityResult(
         model=loaded.name, precision=fmt.label(), metric=task.metric,
         loss="cross-entropy" if task.metric in LABELED else "squared error to float outputs",
+        hessian=qsens.hessian_method(task, spec.options.hessian),
         layers=_to_schema(scores), pairwise=pairwise, evaluations=task.evaluations,
         seconds=time.perf_counter() - t0, environment=env.environment(torch.device("cpu")))
     ctx.save_artifact("sensitivity.json", result.model_dump_json(indent=2).encode(),
@@ -336,6 +337,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
                 f"with {backend.describe()}, its metric re-measured on the deployed "
                 f"model and its latency timed at batch {spec.batch_size} ({spec.warmup} warm-up, "
                 f"{spec.repeats} runs, median, {threads} threads)"),
+        hessian=qsens.hessian_method(task, spec.sensitivity.hessian),
         environment=env.environment(backend.device),
     )
     name, blob = models[chosen_key].artifact()

@@ -61,6 +61,9 @@ def test_mixed_precision_on_char_gpt_keeps_perplexity(tmp_path: Path, shared_sto
     ctx = LocalContext(tmp_path, store=open_store(Settings(store_url=shared_store.as_uri())))
     res = mixed_precision.run(spec, ctx)
     assert res.metric == "perplexity" and not res.higher_is_better
+    # Tr(H) of the next-token cross-entropy (labels): double backward, never Gauss-Newton.
+    assert res.hessian == "double-backward"
+    assert all(s.hessian_trace > 0 for s in res.sensitivity), res.sensitivity
     assert res.threshold == pytest.approx(res.baseline.deployed_metric * 1.001)
     assert res.levels == ["int8", "int4"]  # no convolutions: dynamic int8
     assert res.chosen.within_budget and res.chosen.deployed_metric is not None

@@ -21,7 +21,7 @@ from torch import nn
 from workers.engine.context import UserError
 from workers.engine.quant.fake import weight_perturbation
 from workers.engine.quant.formats import FP32, LayerFormat
-from workers.engine.quant.task import QuantTask
+from workers.engine.quant.task import LABELED, QuantTask
 
 
 @dataclass
@@ -97,24 +97,35 @@ def exact_trace(loss_fn: Callable[[], torch.Tensor], param: torch.Tensor) -> flo
     return total
 
 
+def hessian_method(task: QuantTask, method: str) -> str:
+    """The estimator a job runs. "gauss-newton" is exact only for the squared error to the
+    float outputs (zero residual); with labels the loss is the cross-entropy, whose Hessian
+    has a residual term, so "auto" picks double backward there and Gauss-Newton elsewhere."""
+    labeled = task.metric in LABELED and task.calib_labels is not None
+    if method == "auto":
+        return "double-backward" if labeled else "gauss-newton"
+    if method == "gauss-newton" and labeled:
+        raise UserError("sensitivity.hessian `gauss-newton` equals the Hessian only for the "
+                        "squared error to the float model's outputs; this job's loss is the "
+                        "cross-entropy with its labels (use `double-backward` or `auto`)")
+    return method
+
+
 def hessian_traces(task: QuantTask, layers: Sequence[str], probes: int, samples: int, seed: int,
                    on_probe: Callable[[int], None] | None = None,
-                   method: str = "double-backward") -> dict[str, float]:
+                   method: str = "auto") -> dict[str, float]:
     """Tr(H) of the calibration loss w.r.t. each layer's float weight. It does not depend on
     the precision a layer goes to, so a search over several levels computes it once.
-    ``method`` "gauss-newton" holds only for the squared error to the float outputs."""
+    ``method``: see ``hessian_method``."""
+    method = hessian_method(task, method)
     mods = [task.layers[n] for n in layers]
     params: list[torch.Tensor] = [m.weight for m in mods]  # type: ignore[misc]
     inputs = tuple(t[:samples] for t in task.calib_inputs)
     labels = task.calib_labels[:samples] if task.calib_labels is not None else None
-    labeled = task.metric == "accuracy" and labels is not None  # cross-entropy, else squared error
-    if method == "gauss-newton" and labeled:
-        raise UserError("sensitivity.hessian `gauss-newton` equals the Hessian only for the "
-                        "squared error to the float model's outputs; this job's loss is the "
-                        "cross-entropy with its labels (use `double-backward`)")
+    labeled = task.metric in LABELED and labels is not None  # as QuantTask.loss
     # The float outputs the squared error compares with (gauss-newton needs none: at the float
     # weights the residual is zero by construction).
-    ref = task.forward(inputs) if method != "gauss-newton" and not labeled else None
+    ref = task.forward(inputs) if method == "double-backward" and not labeled else None
     saved = [p.requires_grad for p in task.module.parameters()]
     for param in task.module.parameters():
         param.requires_grad_(False)
@@ -124,8 +135,8 @@ def hessian_traces(task: QuantTask, layers: Sequence[str], probes: int, samples:
     def loss_fn() -> torch.Tensor:
         out: torch.Tensor = task.module(*inputs).float()
         if ref is None:
-            assert labels is not None
-            return nn.functional.cross_entropy(out, labels)
+            assert labels is not None  # (N, V) or a language model's (N, T, V)
+            return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1))
         sq: torch.Tensor = (out - ref).pow(2).flatten(1).sum(1).mean()
         return sq
 

@@ -156,12 +156,14 @@ def test_gauss_newton_traces_agree_with_double_backward(tmp_path: Path, shared_s
     """Without labels (here: cosine to the float outputs) both estimate the same Tr(H); with
     labels the loss is cross-entropy and gauss-newton is refused, not silently wrong."""
     traces = {}
-    for method in ("double-backward", "gauss-newton"):
+    for method in ("double-backward", "auto"):
         res = mixed_precision.run_sensitivity(SensitivitySpec.model_validate({
             "model": {"zoo": "digits-cnn"}, "metric": "cosine", "options": {
                 "probes": 64, "calibration_samples": 64, "dependency": "none",
                 "hessian": method}}), ctx_for(tmp_path / method, shared_store))
-        traces[method] = {layer.name: layer.hessian_trace for layer in res.layers}
+        assert res.hessian == "double-backward" if method == "double-backward" else (
+            res.hessian == "gauss-newton")  # auto: exact here, so the cheaper estimator
+        traces[res.hessian] = {layer.name: layer.hessian_trace for layer in res.layers}
     # Per layer, 64 probes shared by all layers leave the double-backward estimates noisy
     # (conv2 off by 40% in one run; test_quant_math checks both against the exact trace), so
     # compare the totals, and every estimate is a positive trace.
@@ -172,6 +174,10 @@ def test_gauss_newton_traces_agree_with_double_backward(tmp_path: Path, shared_s
         mixed_precision.run_sensitivity(SensitivitySpec.model_validate({
             "model": {"zoo": "digits-cnn"}, "options": {"probes": 1, "hessian": "gauss-newton"}}),
             ctx_for(tmp_path / "labeled", shared_store))
+    labeled = mixed_precision.run_sensitivity(SensitivitySpec.model_validate({
+        "model": {"zoo": "digits-cnn"}, "options": {"probes": 1, "dependency": "none"}}),
+        ctx_for(tmp_path / "labeled-auto", shared_store))
+    assert labeled.loss == "cross-entropy" and labeled.hessian == "double-backward"
 
 
 def test_static_int8_job_deploys_integer_chain(tmp_path: Path, shared_store: Path) -> None:
