@@ -81,6 +81,10 @@ def test_submit_watch_plot_download(browser: object, stack: Stack, tmp_path: Pat
     n_front = page.evaluate("document.getElementById('pareto').data[1].x.length")  # type: ignore[attr-defined]
     assert n_front == sum(p.pareto for p in res.frontier)
     assert page.locator("#config tr").count() == len(res.sensitivity) + 1  # type: ignore[attr-defined]
+    # digits-cnn with labels: the cross-entropy's Tr(H) by double backward, and the page says so.
+    assert res.hessian == "double-backward"
+    sync_api.expect(page.locator("#result")).to_contain_text(  # type: ignore[attr-defined]
+        "Tr(H) by double-backward")
     page.wait_for_selector("#sensitivity .main-svg")  # type: ignore[attr-defined]
     SHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SHOTS / "dashboard-job-mixed-precision.png"), full_page=True)  # type: ignore[attr-defined]
