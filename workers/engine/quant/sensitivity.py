@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from workers.engine.context import UserError
 from workers.engine.quant.fake import weight_perturbation
 from workers.engine.quant.formats import FP32, LayerFormat
+from workers.engine.quant.prefix import PrefixReplay
 from workers.engine.quant.task import LABELED, QuantTask
 
 
@@ -167,14 +169,22 @@ def hessian_terms(task: QuantTask, layers: Sequence[str], fmt_of: Mapping[str, L
 
 
 def dependency_terms(task: QuantTask, layers: Sequence[str], fmt_of: Mapping[str, LayerFormat],
-                     on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+                     on_step: Callable[[int], None] | None = None,
+                     prefix_replay: bool = True) -> dict[str, float]:
     """Leave-one-out: how much the calibration loss of the fully quantized model drops when
-    each layer alone goes back to float."""
+    each layer alone goes back to float. Modules that finish before the restored layer's
+    first call replay their outputs from the fully quantized forward (``prefix``)."""
     full = {n: fmt_of[n] for n in layers}
-    all_q = task.calib_loss(full)
+    replay = PrefixReplay.plan(task, layers) if prefix_replay else None
+    if replay is not None:
+        outs = replay.record(task, full)
+        all_q = task.memoized("loss", full, lambda: float(task.loss(outs)))
+    else:
+        all_q = task.calib_loss(full)
     out = {}
     for i, name in enumerate(layers):
-        out[name] = all_q - task.calib_loss({**full, name: FP32})
+        with replay.replaying(name) if replay is not None else nullcontext():
+            out[name] = all_q - task.calib_loss({**full, name: FP32})
         if on_step is not None:
             on_step(i + 1)
     return out
