@@ -521,7 +521,8 @@ class MixedPrecisionResult(BaseModel):
     lora: LoraRecoveryReport | None = None
     method: str
     hessian: str = Field(default="double-backward",
-                         description="How Tr(H) was estimated: double-backward or gauss-newton.")
+                         description="How Tr(H) was estimated: double-backward or gauss-newton "
+                         "(none where the latency gate offered no layer).")
     environment: Environment
 
 

@@ -135,6 +135,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     loaded, task = build_task(spec.model, spec.dataset, spec.budget.metric, spec.eval_samples,
                               spec.sensitivity.calibration_samples, ctx,
                               train_samples=spec.lora.samples if spec.lora else 0)
+    hessian = qsens.hessian_method(task, spec.sensitivity.hessian)  # refuse before any work
     example = tuple(t[: spec.batch_size] for t in task.eval_inputs)
     ctx.progress("load", 0.04, "exporting to ONNX" if spec.backend == ortb.NAME
                  else f"preparing {spec.backend}")
@@ -337,7 +338,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
                 f"with {backend.describe()}, its metric re-measured on the deployed "
                 f"model and its latency timed at batch {spec.batch_size} ({spec.warmup} warm-up, "
                 f"{spec.repeats} runs, median, {threads} threads)"),
-        hessian=qsens.hessian_method(task, spec.sensitivity.hessian),
+        hessian=hessian if offered else "none (no layer offered)",
         environment=env.environment(backend.device),
     )
     name, blob = models[chosen_key].artifact()

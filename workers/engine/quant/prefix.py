@@ -13,6 +13,7 @@ cannot change the record. Python state a module sets as a side effect is not rep
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -72,6 +73,26 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
+_END = object()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter: unknown
+        return None
+
+
+def _ancestors(name: str) -> Iterator[str]:
+    while name:
+        name = name.rpartition(".")[0]
+        yield name
+
+
+def _storages(mod: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in itertools.chain(mod.parameters(), mod.buffers())}
+
+
 class PrefixReplay:
     """Which modules each restored layer can replay, and their recorded outputs."""
 
@@ -84,7 +105,7 @@ class PrefixReplay:
     @classmethod
     def plan(cls, task: QuantTask, layers: Sequence[str]) -> PrefixReplay | None:
         """Trace one calibration batch's calls; None where nothing can be replayed within
-        BUDGET_BYTES."""
+        BUDGET_BYTES. ``record`` checks the plan on every batch."""
         mods = dict(task.module.named_modules())
         names = {id(m): n for n, m in mods.items()}
         tick = 0
@@ -95,49 +116,57 @@ class PrefixReplay:
         began: dict[str, float] = {}
         seconds: dict[str, float] = {}
         plain: dict[str, bool] = {}
+        versions: dict[str, list[tuple[torch.Tensor, int | None]]] = {}
 
-        def pre(mod: nn.Module, args: Any) -> None:
+        def pre(mod: nn.Module, args: Any, kwargs: Any) -> None:
             nonlocal tick
             name = names[id(mod)]
             calls[name] += 1
             start.setdefault(name, tick)
             began.setdefault(name, time.perf_counter())
+            versions.setdefault(name, [(t, _version(t)) for t in _tensors((args, kwargs))])
             tick += 1
 
-        def post(mod: nn.Module, args: Any, out: Any) -> None:
+        def post(mod: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
             nonlocal tick
             name = names[id(mod)]
             end[name] = tick
             seconds.setdefault(name, time.perf_counter() - began[name])
             tick += 1
             size[name] = _nbytes(out)
-            # An output sharing memory with an input (an in-place op, an identity) may be
-            # used through that input, which a replay would not update.
-            ins = {t.untyped_storage().data_ptr() for t in _tensors(args)}
-            plain[name] = _plain(out) and not any(
-                t.untyped_storage().data_ptr() in ins for t in _tensors(out))
+            # A module that changed an input in place, or whose output shares memory with an
+            # input (an identity), may be used through that input, which a replay would skip.
+            ins = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+            plain[name] = (_plain(out)
+                           and all(v is not None and _version(t) == v for t, v in versions[name])
+                           and not any(t.untyped_storage().data_ptr() in ins
+                                       for t in _tensors(out)))
 
         quantized = set(task.layers)
         candidates = {n: m for n, m in mods.items() if n and n not in quantized
                       and not m._forward_hooks and not m._forward_pre_hooks
                       and "forward" not in vars(m)}
-        hooks = [m.register_forward_pre_hook(pre) for m in mods.values() if m is not task.module]
-        hooks += [m.register_forward_hook(post) for m in mods.values() if m is not task.module]
+        others = [m for m in mods.values() if m is not task.module]
+        hooks = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in others]
+        hooks += [m.register_forward_hook(post, with_kwargs=True) for m in others]
         try:
-            batch = tuple(t[:task.batch_size] for t in task.calib_inputs)
-            with torch.inference_mode():
-                task.module(*batch)
+            # no_grad, not inference_mode: in-place changes show in the version counters.
+            with torch.no_grad():
+                task.module(*(t[:task.batch_size].clone() for t in task.calib_inputs))
         finally:
             for h in hooks:
                 h.remove()
         ok = {n for n in candidates if calls[n] == 1 and plain.get(n, False)}
+        # A module sharing a weight with the restored layer (tied weights) would see it change.
+        shared = {n: _storages(mods[n]) for n in ok}
         skip: dict[str, list[str]] = {}
         for layer in layers:
             if layer not in start:
                 continue
-            done = {n for n in ok if end[n] < start[layer]}
-            # Outermost only: a parent that finished before the layer covers its children.
-            skip[layer] = sorted((n for n in done if n.rpartition(".")[0] not in done),
+            own = _storages(task.layers[layer])
+            done = {n for n in ok if end[n] < start[layer] and not shared[n] & own}
+            # Outermost only: an ancestor that finished before the layer covers the rest.
+            skip[layer] = sorted((n for n in done if not any(a in done for a in _ancestors(n))),
                                  key=lambda n: start[n])
         # Within the budget, keep the records that save the most time per byte: a module's
         # traced time x how many restored layers replay it, over its records' size.
@@ -155,21 +184,51 @@ class PrefixReplay:
 
     def record(self, task: QuantTask, config: Mapping[str, LayerFormat]) -> torch.Tensor:
         """The fully quantized forward over the calibration set (its outputs are returned),
-        keeping what the replays need."""
+        keeping what the replays need. The plan came from one batch; a module replayed for a
+        layer must also, in every batch, be called once and finish before the layer's first
+        call (data-dependent control flow could differ), else that pairing is dropped."""
         mods = dict(self.module.named_modules())
+        names = {id(m): n for n, m in mods.items()}
+        watched = set(self.skip) | set(self.records)
+        tick, batch = 0, -1
+        first: dict[tuple[int, str], int] = {}  # (batch, layer) -> first call
+        ends: dict[tuple[int, str], list[int]] = {}  # (batch, module) -> each call's end
 
-        def keep(name: str) -> Any:
-            def hook(mod: nn.Module, args: Any, out: Any) -> None:
+        def new_batch(mod: nn.Module, args: Any) -> None:
+            nonlocal batch
+            batch += 1
+
+        def pre(mod: nn.Module, args: Any) -> None:
+            nonlocal tick
+            first.setdefault((batch, names[id(mod)]), tick)
+            tick += 1
+
+        def post(mod: nn.Module, args: Any, out: Any) -> None:
+            nonlocal tick
+            name = names[id(mod)]
+            ends.setdefault((batch, name), []).append(tick)
+            tick += 1
+            if name in self.records:
                 self.records[name].append(_clone(out))
-            return hook
 
-        hooks = [mods[n].register_forward_hook(keep(n)) for n in self.records]
+        hooks = [self.module.register_forward_pre_hook(new_batch)]
+        hooks += [mods[n].register_forward_pre_hook(pre) for n in watched]
+        hooks += [mods[n].register_forward_hook(post) for n in watched]
         try:
             with simulate(task.layers, config):
-                return task.forward(task.calib_inputs)
+                outs = task.forward(task.calib_inputs)
         finally:
             for h in hooks:
                 h.remove()
+        for layer, ms in self.skip.items():
+            self.skip[layer] = [m for m in ms if all(
+                len(ends.get((b, m), [])) == 1
+                and ends[(b, m)][0] < first.get((b, layer), ends[(b, m)][0] + 1)
+                for b in range(batch + 1))]
+        self.skip = {k: v for k, v in self.skip.items() if v}
+        used = {m for ms in self.skip.values() for m in ms}
+        self.records = {m: r for m, r in self.records.items() if m in used}
+        return outs
 
     @contextmanager
     def replaying(self, layer: str) -> Iterator[None]:
@@ -178,11 +237,15 @@ class PrefixReplay:
         mods = dict(self.module.named_modules())
         patched = []
         for name in self.skip.get(layer, []):
-            mod, recs = mods[name], self.records[name]
-            it = iter(recs)
+            mod = mods[name]
 
-            def replay(*args: Any, _it: Iterator[Any] = it, **kwargs: Any) -> Any:
-                return _clone(next(_it))
+            def replay(*args: Any, _it: Iterator[Any] = iter(self.records[name]),
+                       _name: str = name, **kwargs: Any) -> Any:
+                rec = next(_it, _END)
+                if rec is _END:
+                    raise RuntimeError(f"prefix replay: {_name} was called more often than "
+                                       "in the recorded forward")
+                return _clone(rec)
 
             mod.forward = replay  # type: ignore[method-assign]
             patched.append(mod)

@@ -175,7 +175,11 @@ def dependency_terms(task: QuantTask, layers: Sequence[str], fmt_of: Mapping[str
     each layer alone goes back to float. Modules that finish before the restored layer's
     first call replay their outputs from the fully quantized forward (``prefix``)."""
     full = {n: fmt_of[n] for n in layers}
-    replay = PrefixReplay.plan(task, layers) if prefix_replay else None
+    ctx = task.ctx
+    memoized = ctx is not None and all(  # a resumed job: nothing left to compute or record
+        ctx.memo_get(task.memo_key("loss", c)) is not None
+        for c in [full, *({**full, n: FP32} for n in layers)])
+    replay = PrefixReplay.plan(task, layers) if prefix_replay and not memoized else None
     if replay is not None:
         outs = replay.record(task, full)
         all_q = task.memoized("loss", full, lambda: float(task.loss(outs)))

@@ -95,3 +95,69 @@ def test_budget_keeps_a_subset_and_the_same_terms(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(prefix, "BUDGET_BYTES", 1024)  # not even one record fits
     assert prefix.PrefixReplay.plan(task, layers) is None
     assert dependency_terms(task, layers, fmt_of) == pytest.approx(full, rel=1e-6, abs=1e-9)
+
+
+class Bump(nn.Module):
+    """Changes its (keyword) input in place and returns a fresh tensor."""
+
+    def forward(self, *, x: torch.Tensor) -> torch.Tensor:
+        x.add_(1.0)
+        return x * 0.5
+
+
+class TiedProbe(nn.Module):
+    """Reads the embedding layer's weight without being that layer (tied weights)."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+class Tricky(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.pre = nn.Tanh()
+        self.tied_probe = TiedProbe(nn.Parameter(torch.zeros(d, 8)))
+        self.embed = nn.Linear(8, d)
+        self.tied_probe.weight = self.embed.weight  # same Parameter
+        self.bump = Bump()
+        self.branch = nn.Sigmoid()  # called once, twice or not at all, by the data
+        self.block = Block(d)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tied_probe(self.pre(x))
+        h = self.embed(x) + t
+        h = self.bump(x=h) + h  # uses the bumped input
+        for _ in range(int(x[0, 0] > 0) + int(x[0, 1] > 0)):
+            h = h + self.branch(h)
+        h, _ = self.block(h)
+        out: torch.Tensor = self.head(h)
+        return out
+
+
+def test_unsafe_modules_are_not_replayed() -> None:
+    torch.manual_seed(1)
+    model = Tricky().eval()
+    x = torch.randn(92, 8)
+    x[32, :2] = torch.tensor([1.0, -1.0])  # first calibration batch: branch called once
+    x[48, :2] = torch.tensor([1.0, 1.0])  # second: twice
+    task = QuantTask(model, quantizable_layers(model), (x[:32],), torch.randint(0, 5, (32,)),
+                     (x[32:],), torch.randint(0, 5, (60,)), "accuracy", batch_size=16)
+    layers = list(task.layers)  # 60 samples: the last batch has 12
+    fmt_of = {n: parse("int8") for n in layers}
+    plan = prefix.PrefixReplay.plan(task, layers)
+    assert plan is not None
+    assert "tied_probe" not in plan.skip["embed"] and "pre" in plan.skip["embed"]
+    planned = {m for ms in plan.skip.values() for m in ms}
+    assert "bump" not in planned  # in place on its keyword input
+    assert "branch" in planned  # once in the traced batch...
+    plan.record(task, {n: fmt_of[n] for n in layers})
+    assert "branch" not in {m for ms in plan.skip.values() for m in ms}  # ...not in every batch
+    assert "block" in plan.skip["head"] and len(plan.records["block"]) == 4
+    full = dependency_terms(task, layers, fmt_of, prefix_replay=False)
+    replayed = dependency_terms(task, layers, fmt_of)
+    assert all(replayed[n] == pytest.approx(full[n], rel=1e-6, abs=1e-9) for n in layers)
