@@ -4,11 +4,12 @@ The inter-layer term restores one layer at a time in the fully quantized model. 
 layer is first called, the forward pass computes exactly what the fully quantized one did, so
 every module that finished before then can return its recorded output instead of computing
 it again: on a transformer, restoring a layer of block k skips blocks 0..k-1. A module is
-replayed only where that is safe: it is called once per forward, it is not a layer whose
-format the evaluation sets (the simulation hooks those), it carries no hooks of its own, its
-output shares no memory with its inputs (an in-place op), and the output is made of tensors
-(in tuples, lists or dicts), cloned on the way in and out so that in-place ops downstream
-cannot change the record. Python state a module sets as a side effect is not replayed.
+replayed only where that is safe: it is called once per forward in every batch, it is not
+a layer whose format the evaluation sets (the simulation hooks those), it carries no hooks of
+its own, it changes none of its inputs in place and its output shares no memory with them,
+it shares no weight with the restored layer, and its output is made of tensors (in tuples,
+lists or dicts), cloned on the way in and out so that in-place ops downstream cannot change
+the record. Python state a module sets as a side effect is not replayed.
 """
 
 from __future__ import annotations
@@ -64,13 +65,7 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, tuple | list):
-        return sum(_nbytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    return 0
+    return sum(t.numel() * t.element_size() for t in _tensors(value))
 
 
 _END = object()

@@ -23,7 +23,7 @@ from workers.engine.context import UserError
 from workers.engine.quant.fake import weight_perturbation
 from workers.engine.quant.formats import FP32, LayerFormat
 from workers.engine.quant.prefix import PrefixReplay
-from workers.engine.quant.task import LABELED, QuantTask
+from workers.engine.quant.task import QuantTask
 
 
 @dataclass
@@ -103,10 +103,9 @@ def hessian_method(task: QuantTask, method: str) -> str:
     """The estimator a job runs. "gauss-newton" is exact only for the squared error to the
     float outputs (zero residual); with labels the loss is the cross-entropy, whose Hessian
     has a residual term, so "auto" picks double backward there and Gauss-Newton elsewhere."""
-    labeled = task.metric in LABELED and task.calib_labels is not None
     if method == "auto":
-        return "double-backward" if labeled else "gauss-newton"
-    if method == "gauss-newton" and labeled:
+        return "double-backward" if task.labeled else "gauss-newton"
+    if method == "gauss-newton" and task.labeled:
         raise UserError("sensitivity.hessian `gauss-newton` equals the Hessian only for the "
                         "squared error to the float model's outputs; this job's loss is the "
                         "cross-entropy with its labels (use `double-backward` or `auto`)")
@@ -124,10 +123,9 @@ def hessian_traces(task: QuantTask, layers: Sequence[str], probes: int, samples:
     params: list[torch.Tensor] = [m.weight for m in mods]  # type: ignore[misc]
     inputs = tuple(t[:samples] for t in task.calib_inputs)
     labels = task.calib_labels[:samples] if task.calib_labels is not None else None
-    labeled = task.metric in LABELED and labels is not None  # as QuantTask.loss
     # The float outputs the squared error compares with (gauss-newton needs none: at the float
     # weights the residual is zero by construction).
-    ref = task.forward(inputs) if method == "double-backward" and not labeled else None
+    ref = task.forward(inputs) if method == "double-backward" and not task.labeled else None
     saved = [p.requires_grad for p in task.module.parameters()]
     for param in task.module.parameters():
         param.requires_grad_(False)

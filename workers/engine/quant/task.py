@@ -104,6 +104,12 @@ class QuantTask:
         self._ref_calib = self.forward(self.calib_inputs)
 
     @property
+    def labeled(self) -> bool:
+        """The calibration loss is the cross-entropy with labels (``loss``), not the squared
+        error to the float outputs."""
+        return self.metric in LABELED and self.calib_labels is not None
+
+    @property
     def higher_is_better(self) -> bool:
         return METRICS[self.metric][1]
 
