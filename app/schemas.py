@@ -144,6 +144,9 @@ class SensitivitySpec(_Strict):
     metric: Metric | None = None
     options: SensitivityOptions = Field(default_factory=SensitivityOptions)
     eval_samples: int = Field(default=512, ge=8, le=100_000)
+    fan_out: bool = Field(
+        default=True, description="Offer independent evaluations (the inter-layer terms, in "
+        "pieces of 8 layers) to idle workers; each is still computed once.")
 
 
 class LoraRecovery(_Strict):
@@ -211,6 +214,10 @@ class MixedPrecisionSpec(_Strict):
     lora: LoraRecovery | None = Field(
         default=None, description="Train low-rank adapters per evaluated config to recover "
         "accuracy, so the search can go further within the same budget (dynamic levels only).")
+    fan_out: bool = Field(
+        default=True, description="Offer independent evaluations (the inter-layer terms, in "
+        "pieces of 8 layers, and the baseline searches) to idle workers; each is still "
+        "computed once.")
 
     @model_validator(mode="after")
     def _levels_run_on_backend(self) -> MixedPrecisionSpec:
@@ -443,6 +450,9 @@ class SensitivityResult(BaseModel):
     layers: list[LayerSensitivity]
     pairwise: dict[str, float] | None = None
     evaluations: int
+    computed_by: dict[str, int] = Field(
+        default_factory=dict, description="Worker -> evaluations it computed for this run of "
+        "the job (the job's own worker and those that took its pieces).")
     seconds: float
     environment: Environment
 
@@ -510,6 +520,9 @@ class MixedPrecisionResult(BaseModel):
     searches: list[SearchRun]
     sensitivity: list[LayerSensitivity]
     evaluations: int
+    computed_by: dict[str, int] = Field(
+        default_factory=dict, description="Worker -> evaluations it computed for this run of "
+        "the job (the job's own worker and those that took its pieces).")
     stage_seconds: dict[str, float]
     latency_gate: dict[str, float] = Field(
         default_factory=dict, description="'precision:op' -> latency with all such layers "

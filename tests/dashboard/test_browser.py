@@ -85,6 +85,11 @@ def test_submit_watch_plot_download(browser: object, stack: Stack, tmp_path: Pat
     assert res.hessian == "double-backward"
     sync_api.expect(page.locator("#result")).to_contain_text(  # type: ignore[attr-defined]
         "Tr(H) by double-backward")
+    # Who computed the evaluations: one worker here, the job's own.
+    (who, n), = res.computed_by.items()
+    assert n == res.evaluations
+    sync_api.expect(page.locator("#computed-by")).to_have_text(  # type: ignore[attr-defined]
+        f"{res.evaluations} evaluations, computed by {who} {n}.")
     page.wait_for_selector("#sensitivity .main-svg")  # type: ignore[attr-defined]
     SHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SHOTS / "dashboard-job-mixed-precision.png"), full_page=True)  # type: ignore[attr-defined]

@@ -1,10 +1,13 @@
-"""Fan-out: a job's independent training runs computed by several real Celery workers, each
-exactly once, and a piece whose worker died is computed by the next to ask (claims expire)."""
+"""Fan-out: a job's independent pieces (intrinsic-dimension training runs, mixed-precision
+inter-layer terms and baseline searches) computed by several real Celery workers, each exactly
+once, and a piece whose worker died is computed by the next to ask (claims expire)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +16,19 @@ import redis
 
 from app import records
 from app.config import Settings
-from app.schemas import IntrinsicDimensionResult, IntrinsicDimensionSpec
+from app.schemas import (
+    IntrinsicDimensionResult,
+    IntrinsicDimensionSpec,
+    MixedPrecisionResult,
+    MixedPrecisionSpec,
+)
 from app.storage import open_store
 from modelpress import _stack
 from tests.conftest import Stack, make_stack, running
-from workers.engine.context import compute_once
+from workers.engine.context import LocalContext, compute_once
+from workers.engine.quant.formats import from_json
+from workers.engine.quant.prepare import build_task
+from workers.engine.quant.sensitivity import dependency_terms
 from workers.runner import WorkerContext
 
 pytestmark = pytest.mark.slow
@@ -48,6 +59,41 @@ def test_grid_points_are_shared_by_two_workers_each_once(two_workers: Stack) -> 
     runs = {k for k in memo if k.startswith("intrinsic:")}
     assert runs == {f"intrinsic:{sd}:{d}" for sd in seeds for d in grid}
     assert done.attempts == 1
+
+
+def test_mixed_precision_pieces_are_shared_by_two_workers_each_once(
+        two_workers: Stack, shared_store: Path, tmp_path: Path) -> None:
+    """The job offers its inter-layer terms (before its Hessian probes) and its baseline
+    searches (before its own search) to the idle worker: both compute evaluations, every
+    memoized value is one the job used, and the terms the other worker computed are the ones
+    the job's formats give."""
+    s = two_workers
+    spec = MixedPrecisionSpec.model_validate({
+        "model": {"zoo": "digits-cnn"}, "baselines": ["hessian", "random", "greedy"],
+        "sensitivity": {"probes": 128}, "repeats": 5, "warmup": 1, "frontier_points": 3})
+    with s.client() as client:
+        job = client.jobs.create(spec)
+        done = client.jobs.wait(job.id, timeout=300)
+    res = done.result
+    assert isinstance(res, MixedPrecisionResult), done.error
+    memo = s.redis.hgetall(records.memo_key(job.id))
+    values = {k: json.loads(v) for k, v in memo.items() if k.startswith("mp:")}
+    assert all(v["attempt"] == 1 for v in values.values())
+    assert res.evaluations == len(values) == sum(res.computed_by.values())
+    assert Counter(str(v["by"]) for v in values.values()) == res.computed_by
+    assert {w.split("@")[0] for w in res.computed_by} == {"w1", "w2"}, res.computed_by
+    # The plan the pieces read, and the terms recomputed here in one process from it.
+    levels = json.loads(memo["mp-levels:1"])
+    first = next(iter(levels))
+    fmt_of = {n: from_json(f) for n, f in levels[first].items()}
+    ctx = LocalContext(tmp_path / "local", store=open_store(Settings(store_url=shared_store.as_uri())))
+    _, task = build_task(spec.model, None, None, spec.eval_samples,
+                         spec.sensitivity.calibration_samples, ctx)
+    want = dependency_terms(task, list(fmt_of), fmt_of, prefix_replay=False)
+    got = {row.name: row.dependency_term for row in res.sensitivity}
+    assert got.keys() == want.keys()
+    for name, v in want.items():
+        assert got[name] == pytest.approx(v, rel=1e-4, abs=1e-6), name
 
 
 def test_a_dead_workers_claim_expires_and_the_piece_is_computed(

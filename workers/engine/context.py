@@ -29,6 +29,8 @@ class UserError(Exception):
 
 class JobContext(Protocol):
     job_id: str
+    attempt: int  # this run of the job (a worker that died mid-job starts the next)
+    who: str  # the worker process, as memoized values name who computed them
     log: logging.Logger
 
     @property
@@ -75,7 +77,7 @@ def compute_once(ctx: JobContext, key: str, compute: Callable[[], dict[str, Any]
                 hit = ctx.memo_get(key)  # finished between our read and our claim
                 if hit is not None:
                     return dict(hit)
-                value = {**compute(), "by": getattr(ctx, "who", "local")}
+                value = {**compute(), "by": ctx.who}
                 ctx.memo_put(key, value)
                 return value
         if not wait:
@@ -101,6 +103,8 @@ class LocalContext:
         cancel_after: int | None = None,
     ) -> None:
         self.job_id = job_id
+        self.attempt = 1
+        self.who = "local"
         self._tenant = tenant
         self._store = store
         self._workdir = workdir

@@ -14,6 +14,7 @@ import logging
 import statistics
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,11 +30,12 @@ from app.schemas import (
     SensitivityResult,
     SensitivitySpec,
 )
-from workers.engine import env
+from workers.engine import env, models
 from workers.engine.backends import onnxruntime_cpu as ortb
 from workers.engine.backends import torch_runtime
 from workers.engine.backends.base import Backend, Deployed, interleaved_latency, run_batched
 from workers.engine.context import JobContext, UserError
+from workers.engine.quant import fanout
 from workers.engine.quant import recovery as qrec
 from workers.engine.quant import search as qsearch
 from workers.engine.quant import sensitivity as qsens
@@ -50,6 +52,7 @@ from workers.engine.quant.task import (
 
 log = logging.getLogger("modelpress.engine.mixed_precision")
 TIE = 0.03  # relative latency difference treated as equal when choosing
+GREEDY_MAX = 400  # evaluations the greedy baseline may spend
 
 
 def _to_schema(scores: list[qsens.LayerScore]) -> list[LayerSensitivity]:
@@ -94,8 +97,7 @@ def _sensitivity(task: QuantTask, names: list[str], fmt_of: Mapping[str, LayerFo
 def run_sensitivity(spec: SensitivitySpec, ctx: JobContext) -> SensitivityResult:
     t0 = time.perf_counter()
     ctx.progress("load", 0.02, f"loading {spec.model.label()}")
-    loaded, task = build_task(spec.model, spec.dataset, spec.metric, spec.eval_samples,
-                              spec.options.calibration_samples, ctx)
+    loaded, task = _build(spec, ctx)
     fmt = parse(spec.precision)
     names = list(task.layers)
     fmt_of = {n: fmt for n in names}
@@ -105,12 +107,17 @@ def run_sensitivity(spec: SensitivitySpec, ctx: JobContext) -> SensitivityResult
         exported.set_calibration(task.calib_inputs)
         fmt_of = {n: ortb.native_format(exported, n, fmt) for n in names}
         names = [n for n in names if fmt_of[n].grids is not None]
+    if spec.fan_out and spec.options.dependency != "none" and names:
+        _offer_terms(ctx, {fmt.label(): {n: fmt_of[n] for n in names}})
     scores, pairwise = _sensitivity(task, names, fmt_of, spec.options, ctx, 0.05, 0.95)
+    if spec.fan_out:
+        fanout.set_phase(ctx, "done")
     result = SensitivityResult(
         model=loaded.name, precision=fmt.label(), metric=task.metric,
         loss="cross-entropy" if task.metric in LABELED else "squared error to float outputs",
         hessian=qsens.hessian_method(task, spec.options.hessian),
         layers=_to_schema(scores), pairwise=pairwise, evaluations=task.evaluations,
+        computed_by=task.computed_by(),
         seconds=time.perf_counter() - t0, environment=env.environment(torch.device("cpu")))
     ctx.save_artifact("sensitivity.json", result.model_dump_json(indent=2).encode(),
                       "application/json")
@@ -132,9 +139,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         torch.set_num_threads(spec.threads)
     threads = spec.threads or torch.get_num_threads()
     ctx.progress("load", 0.01, f"loading {spec.model.label()}")
-    loaded, task = build_task(spec.model, spec.dataset, spec.budget.metric, spec.eval_samples,
-                              spec.sensitivity.calibration_samples, ctx,
-                              train_samples=spec.lora.samples if spec.lora else 0)
+    loaded, task = _build(spec, ctx, train_samples=spec.lora.samples if spec.lora else 0)
     hessian = qsens.hessian_method(task, spec.sensitivity.hessian)  # refuse before any work
     example = tuple(t[: spec.batch_size] for t in task.eval_inputs)
     ctx.progress("load", 0.04, "exporting to ONNX" if spec.backend == ortb.NAME
@@ -183,12 +188,16 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     # traces computed once for every layer any level offers.
     scores_at: dict[str, list[qsens.LayerScore]] = {}
     offered = list(dict.fromkeys(n for p in levels_used for n in fmt_at[p]))
+    if spec.fan_out and spec.sensitivity.dependency != "none" and offered:
+        _offer_terms(ctx, {p: fmt_at[p] for p in levels_used})
     traces = _traces(task, offered, spec.sensitivity, ctx, 0.05, 0.2) if offered else {}
     span = 0.2 / max(1, len(levels_used))
     for i, prec in enumerate(levels_used):
         names = list(fmt_at[prec])
         scores_at[prec], _ = _sensitivity(task, names, fmt_at[prec], spec.sensitivity, ctx,
                                           0.2 + i * span, 0.2 + (i + 1) * span, traces)
+    if spec.fan_out:
+        fanout.set_phase(ctx, "done")
     stage_done("sensitivity")
 
     def levels_for(ordering: str) -> list[tuple[str, qsearch.Level]]:
@@ -206,7 +215,18 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
             out.append((prec, qsearch.Level(fmt_at[prec], order)))
         return out
 
-    # Search: ours first, then the baselines asked for.
+    # Search: ours first, then the baselines asked for (offered to idle workers meanwhile).
+    searched = [b for b in spec.baselines if b in ("hessian", "random", "greedy")]
+    if spec.fan_out and levels_used and searched:
+        orders: fanout.Orders = {
+            str(b): [(p, lvl.order) for p, lvl in levels_for("augmented" if b == "greedy" else b)]
+            for b in searched}
+        fanout.publish_levels(ctx, {p: fmt_at[p] for p in levels_used})
+        fanout.publish_searches(ctx, limit, orders)
+        fanout.set_phase(ctx, "search")
+        sent = ctx.fan_out([{"part": "search", "ordering": b} for b in searched[::-1]])
+        if sent:
+            ctx.log.info("offered %d baseline searches to idle workers", sent)
     ctx.progress("search", 0.42, "bisection along the augmented ordering")
     outcomes = [qsearch.bisection_search(task.evaluate, limit, levels_for("augmented"),
                                          "augmented")]
@@ -217,7 +237,9 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         elif b == "greedy":
             ctx.progress("search", 0.5, "baseline: greedy one-by-one")
             outcomes.append(qsearch.greedy_search(task.evaluate, limit, levels_for("augmented"),
-                                                  max_evaluations=400))
+                                                  max_evaluations=GREEDY_MAX))
+    if spec.fan_out:
+        fanout.set_phase(ctx, "done")  # pieces that arrive from now on return at once
     stage_done("search")
 
     # Recovery: the same ordering, bisected again above our boundary on the metric each config
@@ -331,7 +353,8 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         model=loaded.name, backend=backend.name, metric=task.metric, higher_is_better=higher,
         budget=spec.budget, threshold=limit.value, baseline=baseline, chosen=chosen, why=why,
         frontier=sorted(points.values(), key=lambda p: p.latency_ms or 0.0), searches=searches,
-        sensitivity=sens, evaluations=task.evaluations, stage_seconds=stages, latency_gate=gate,
+        sensitivity=sens, evaluations=task.evaluations, computed_by=task.computed_by(),
+        stage_seconds=stages, latency_gate=gate,
         latency_reduction=reduction, levels=list(fmt_at), lora=lora_report,
         method=(f"search in simulated quantization matching {backend.name}'s arithmetic on "
                 f"{len(task.eval_inputs[0])} evaluation samples; every frontier point realized "
@@ -349,6 +372,55 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     ctx.progress("done", 1.0, f"{chosen.label}: {task.metric} {chosen.deployed_metric:.4f}, "
                  f"{chosen.latency_ms:.3f} ms ({reduction:.1%} faster than fp32)")
     return result
+
+
+def _build(spec: MixedPrecisionSpec | SensitivitySpec, ctx: JobContext, train_samples: int = 0
+           ) -> tuple[models.LoadedModel, QuantTask]:
+    if isinstance(spec, SensitivitySpec):
+        return build_task(spec.model, spec.dataset, spec.metric, spec.eval_samples,
+                          spec.options.calibration_samples, ctx)
+    return build_task(spec.model, spec.dataset, spec.budget.metric, spec.eval_samples,
+                      spec.sensitivity.calibration_samples, ctx, train_samples=train_samples)
+
+
+def _offer_terms(ctx: JobContext, fmt_at: Mapping[str, Mapping[str, LayerFormat]]) -> None:
+    """Publish the levels and offer the inter-layer terms to idle workers (before the Hessian
+    traces, so the pieces run while this worker computes those)."""
+    fanout.publish_levels(ctx, fmt_at)
+    fanout.set_phase(ctx, "sensitivity")
+    sent = ctx.fan_out(fanout.term_items({p: list(f) for p, f in fmt_at.items()}))
+    if sent:
+        ctx.log.info("offered %d pieces of inter-layer terms to idle workers", sent)
+
+
+def run_item(spec: MixedPrecisionSpec | SensitivitySpec, ctx: JobContext, item: dict[str, Any]
+             ) -> None:
+    """A piece offered by :func:`run` or :func:`run_sensitivity`: some layers' inter-layer
+    terms, or one baseline search. Its values land in the job's memo (``fanout``)."""
+    part = str(item["part"])
+    wanted = "sensitivity" if part == "terms" else "search"
+    fmt_at = fanout.levels(ctx)
+    if fanout.phase(ctx) != wanted or fmt_at is None:
+        ctx.log.info("piece %s arrived after its stage; nothing to do", part)
+        return
+    if isinstance(spec, MixedPrecisionSpec) and spec.threads:
+        torch.set_num_threads(spec.threads)
+    _, task = _build(spec, ctx)
+    if fanout.phase(ctx) != wanted:  # the job moved on while the model loaded
+        return
+    if part == "terms":
+        fmt_of = fmt_at[str(item["level"])]
+        qsens.dependency_terms(task, list(fmt_of), fmt_of, restore=list(item["layers"]))
+        return
+    plan = fanout.searches(ctx)
+    assert plan is not None  # published before the phase
+    limit, orders = plan
+    ordering = str(item["ordering"])
+    levels = [(p, qsearch.Level(fmt_at[p], order)) for p, order in orders[ordering]]
+    if ordering == "greedy":
+        qsearch.greedy_search(task.evaluate, limit, levels, max_evaluations=GREEDY_MAX)
+    else:
+        qsearch.bisection_search(task.evaluate, limit, levels, ordering)
 
 
 def _latency_gate(backend: Backend, fmt_at: dict[str, dict[str, LayerFormat]],

@@ -28,6 +28,8 @@ ENGINES: dict[str, Callable[[Any, JobContext], BaseModel]] = {
 # Kinds whose jobs fan independent pieces out to other workers: the piece runner.
 ITEMS: dict[str, Callable[[Any, JobContext, dict[str, Any]], None]] = {
     "intrinsic_dimension": intrinsic_job.run_item,
+    "sensitivity": mixed_precision.run_item,
+    "mixed_precision": mixed_precision.run_item,
 }
 
 

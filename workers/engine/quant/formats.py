@@ -15,8 +15,8 @@ tensor (``torch._scaled_mm``), and bf16/fp16 layers that compute in that dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 Precision = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
 
@@ -100,3 +100,18 @@ def parse(name: str, group_size: int = 32) -> LayerFormat:
         raise ValueError(f"unknown precision {name!r}; one of {sorted(BITS)}, int8-static "
                          "or int8-weight")
     return LayerFormat(name, group_size=group_size)  # type: ignore[arg-type]
+
+
+def to_json(fmt: LayerFormat) -> dict[str, Any]:
+    """Every field, calibrated grids included: what a worker computing a piece of the same job
+    needs to simulate exactly the layer the job's own worker realized."""
+    return asdict(fmt)
+
+
+def from_json(d: dict[str, Any]) -> LayerFormat:
+    g = d.get("grids")
+    grids = None if g is None else StaticGrids(
+        input=Grid(**g["input"]), output=Grid(**g["output"]),
+        product=None if g.get("product") is None else Grid(**g["product"]),
+        bias=None if g.get("bias") is None else tuple(g["bias"]))
+    return LayerFormat(**{**d, "grids": grids})

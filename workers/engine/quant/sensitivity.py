@@ -168,15 +168,18 @@ def hessian_terms(task: QuantTask, layers: Sequence[str], fmt_of: Mapping[str, L
 
 def dependency_terms(task: QuantTask, layers: Sequence[str], fmt_of: Mapping[str, LayerFormat],
                      on_step: Callable[[int], None] | None = None,
-                     prefix_replay: bool = True) -> dict[str, float]:
-    """Leave-one-out: how much the calibration loss of the fully quantized model drops when
-    each layer alone goes back to float. Modules that finish before the restored layer's
-    first call replay their outputs from the fully quantized forward (``prefix``)."""
+                     prefix_replay: bool = True, restore: Sequence[str] | None = None
+                     ) -> dict[str, float]:
+    """Leave-one-out: how much the calibration loss of the fully quantized model (every layer
+    of ``layers``) drops when each layer of ``restore`` (default: all) alone goes back to
+    float. Modules that finish before the restored layer's first call replay their outputs
+    from the fully quantized forward (``prefix``)."""
     full = {n: fmt_of[n] for n in layers}
+    restore = list(layers) if restore is None else list(restore)
     ctx = task.ctx
     memoized = ctx is not None and all(  # a resumed job: nothing left to compute or record
         ctx.memo_get(task.memo_key("loss", c)) is not None
-        for c in [full, *({**full, n: FP32} for n in layers)])
+        for c in [full, *({**full, n: FP32} for n in restore)])
     replay = PrefixReplay.plan(task, layers) if prefix_replay and not memoized else None
     if replay is not None:
         outs = replay.record(task, full)
@@ -184,7 +187,7 @@ def dependency_terms(task: QuantTask, layers: Sequence[str], fmt_of: Mapping[str
     else:
         all_q = task.calib_loss(full)
     out = {}
-    for i, name in enumerate(layers):
+    for i, name in enumerate(restore):
         with replay.replaying(name) if replay is not None else nullcontext():
             out[name] = all_q - task.calib_loss({**full, name: FP32})
         if on_step is not None:

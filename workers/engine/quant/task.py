@@ -4,15 +4,17 @@ the metric and budget, and a memoized evaluation of any per-layer config in simu
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from workers.engine.char_lm import perplexity
-from workers.engine.context import JobContext, UserError, memo_key
+from workers.engine.context import JobContext, UserError, compute_once, memo_key
 from workers.engine.quant.fake import simulate
 from workers.engine.quant.formats import LayerFormat
 
@@ -91,7 +93,8 @@ class QuantTask:
     ctx: JobContext | None = None
     # Training data for LoRA recovery (from the end of the data, disjoint from evaluation).
     train_inputs: tuple[torch.Tensor, ...] | None = None
-    evaluations: int = 0
+    # memo key -> the worker that computed it, for values computed in this run of the job
+    computed: dict[str, str] = field(default_factory=dict)
     _ref_eval: torch.Tensor | None = field(default=None, repr=False)
     _ref_calib: torch.Tensor | None = field(default=None, repr=False)
 
@@ -148,21 +151,38 @@ class QuantTask:
     def memoized(self, what: str, config: Mapping[str, LayerFormat],
                  compute: Callable[[], float],
                  around: Callable[[], AbstractContextManager[object]] | None = None) -> float:
-        """``compute()`` under ``config``, memoized in the job (so a retried job resumes).
-        ``around`` (entered outside the simulation, only on a miss) changes the model first:
-        LoRA recovery merges its adapters there, so a hit skips their training too."""
+        """``compute()`` under ``config``, memoized in the job (so a retried job resumes) and
+        computed once across the job's workers (another worker's piece may hold it: then this
+        waits for its value). ``around`` (entered outside the simulation, only on a miss)
+        changes the model first: LoRA recovery merges its adapters there, so a hit skips their
+        training too."""
         key = self.memo_key(what, config)
-        if self.ctx is not None:
-            hit = self.ctx.memo_get(key)
-            if hit is not None:
-                return float(hit)
-            self.ctx.check_cancelled()
-        with around() if around is not None else nullcontext(), simulate(self.layers, config):
-            value = compute()
-        self.evaluations += 1
-        if self.ctx is not None:
-            self.ctx.memo_put(key, value)
-        return value
+        attempt = self.ctx.attempt if self.ctx is not None else 1
+
+        def run() -> dict[str, Any]:
+            if self.ctx is not None:
+                self.ctx.check_cancelled()
+            with around() if around is not None else nullcontext(), simulate(self.layers, config):
+                return {"v": compute(), "attempt": attempt}
+
+        if self.ctx is None:
+            value = run()["v"]
+            self.computed[key] = "local"
+            return float(value)
+        got = compute_once(self.ctx, key, run)
+        assert got is not None  # compute_once waits unless told not to
+        if got.get("attempt") == attempt:
+            self.computed[key] = str(got["by"])
+        return float(got["v"])
+
+    @property
+    def evaluations(self) -> int:
+        """Evaluations this run of the job computed (here or in its pieces on other workers)
+        among those it used; values memoized by an earlier run are not counted."""
+        return len(self.computed)
+
+    def computed_by(self) -> dict[str, int]:
+        return dict(Counter(self.computed.values()))
 
     def evaluate(self, config: Mapping[str, LayerFormat]) -> float:
         """The metric of ``config`` in simulation, on the evaluation data."""

@@ -3,6 +3,7 @@ agreement with the simulation the search relies on."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from workers.engine import datasets, mixed_precision, zoo
 from workers.engine.backends import onnxruntime_cpu as ortb
 from workers.engine.context import LocalContext, UserError
 from workers.engine.quant.fake import simulate
-from workers.engine.quant.formats import LayerFormat
+from workers.engine.quant.formats import LayerFormat, from_json, to_json
 from workers.engine.quant.task import quantizable_layers
 
 pytestmark = pytest.mark.slow
@@ -79,6 +80,8 @@ def test_deployed_onnx_matches_simulation(shared_store: Path) -> None:
     failed = []
     for label, (cfg, bound) in cases.items():
         native = {n: ortb.native_format(exported, n, f) for n, f in cfg.items()}
+        # A worker computing a piece of the job reads these from the job's plan (JSON in Redis).
+        assert all(from_json(json.loads(json.dumps(to_json(f)))) == f for f in native.values())
         deployed = ortb.Session(ortb.realize(exported, native), 1).run((x,))
         with simulate(layers, native), torch.inference_mode():
             simulated = model(x).numpy()
