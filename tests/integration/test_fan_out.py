@@ -21,6 +21,9 @@ from app.schemas import (
     IntrinsicDimensionSpec,
     MixedPrecisionResult,
     MixedPrecisionSpec,
+    SensitivityOptions,
+    SensitivityResult,
+    SensitivitySpec,
 )
 from app.storage import open_store
 from modelpress import _stack
@@ -94,6 +97,16 @@ def test_mixed_precision_pieces_are_shared_by_two_workers_each_once(
     assert got.keys() == want.keys()
     for name, v in want.items():
         assert got[name] == pytest.approx(v, rel=1e-4, abs=1e-6), name
+
+    # A sensitivity job offers its terms the same way, before its 256 Hessian probes.
+    with s.client() as client:
+        job = client.jobs.create(SensitivitySpec(model=spec.model, precision="int8",
+                                                 options=SensitivityOptions(probes=256)))
+        done = client.jobs.wait(job.id, timeout=300)
+    sens = done.result
+    assert isinstance(sens, SensitivityResult), done.error
+    others = set(sens.computed_by) - {done.runs[0].worker}
+    assert others and sens.evaluations == sum(sens.computed_by.values()) == 1 + len(sens.layers)
 
 
 def test_a_dead_workers_claim_expires_and_the_piece_is_computed(
