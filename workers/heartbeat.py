@@ -24,6 +24,12 @@ RELEASE_IF_HELD = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# Extends the key's TTL only if we still hold it: a holder whose key expired (a stalled
+# process) must not extend, or take over, the key of whoever holds it now.
+RENEW_IF_HELD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 
 
 class Beat:
@@ -72,7 +78,7 @@ class Lease:
         self._beat.start()
 
     def _refresh(self) -> None:
-        self._r.set(self.key, self.holder, xx=True, ex=self._ttl)
+        self._r.eval(RENEW_IF_HELD, 1, self.key, self.holder, self._ttl)
 
     def release(self) -> None:
         self._beat.stop()

@@ -30,7 +30,7 @@ from app.redis_client import sync_client
 from app.schemas import FINAL_STATES, ArtifactInfo, ErrorInfo, JobSpec, Progress, RunAttempt
 from app.storage import Store, StoreError, StoreUnavailable, open_store
 from workers.engine.context import JobCancelled, Throttle, UserError
-from workers.heartbeat import RELEASE_IF_HELD, Beat, Lease
+from workers.heartbeat import RELEASE_IF_HELD, RENEW_IF_HELD, Beat, Lease
 
 log = logging.getLogger("modelpress.worker")
 ITEM_TASK = "modelpress.run_item"
@@ -164,7 +164,7 @@ class WorkerContext:
         if not self.r.set(name, token, nx=True, ex=ttl):
             yield False
             return
-        beat = Beat(ttl / 3, lambda: self.r.expire(name, ttl)).start()
+        beat = Beat(ttl / 3, lambda: self.r.eval(RENEW_IF_HELD, 1, name, token, ttl)).start()
         try:
             yield True
         finally:

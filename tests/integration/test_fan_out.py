@@ -86,7 +86,7 @@ def test_mixed_precision_pieces_are_shared_by_two_workers_each_once(
     assert Counter(str(v["by"]) for v in values.values()) == res.computed_by
     assert {w.split("@")[0] for w in res.computed_by} == {"w1", "w2"}, res.computed_by
     # The plan the pieces read, and the terms recomputed here in one process from it.
-    levels = json.loads(memo["mp-levels:1"])
+    levels = json.loads(memo["mp-levels:1"])["levels"]
     first = next(iter(levels))
     fmt_of = {n: from_json(f) for n, f in levels[first].items()}
     ctx = LocalContext(tmp_path / "local", store=open_store(Settings(store_url=shared_store.as_uri())))
@@ -98,10 +98,10 @@ def test_mixed_precision_pieces_are_shared_by_two_workers_each_once(
     for name, v in want.items():
         assert got[name] == pytest.approx(v, rel=1e-4, abs=1e-6), name
 
-    # A sensitivity job offers its terms the same way, before its 256 Hessian probes.
+    # A sensitivity job offers its terms the same way, before its 512 Hessian probes.
     with s.client() as client:
         job = client.jobs.create(SensitivitySpec(model=spec.model, precision="int8",
-                                                 options=SensitivityOptions(probes=256)))
+                                                 options=SensitivityOptions(probes=512)))
         done = client.jobs.wait(job.id, timeout=300)
     sens = done.result
     assert isinstance(sens, SensitivityResult), done.error

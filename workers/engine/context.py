@@ -71,12 +71,12 @@ def compute_once(ctx: JobContext, key: str, compute: Callable[[], dict[str, Any]
     while True:
         hit = ctx.memo_get(key)
         if hit is not None:
-            return dict(hit)
+            return _as_dict(hit)
         with ctx.claim(key) as mine:
             if mine:
                 hit = ctx.memo_get(key)  # finished between our read and our claim
                 if hit is not None:
-                    return dict(hit)
+                    return _as_dict(hit)
                 value = {**compute(), "by": ctx.who}
                 ctx.memo_put(key, value)
                 return value
@@ -84,6 +84,12 @@ def compute_once(ctx: JobContext, key: str, compute: Callable[[], dict[str, Any]
             return None
         ctx.check_cancelled()
         time.sleep(poll_s)
+
+
+def _as_dict(hit: Any) -> dict[str, Any]:
+    """A memoized value; a bare number is one written before values named their worker (a job
+    retried across an upgrade), kept under ``v``."""
+    return dict(hit) if isinstance(hit, dict) else {"v": hit, "by": "earlier"}
 
 
 def memo_key(*parts: Any) -> str:

@@ -108,7 +108,7 @@ def run_sensitivity(spec: SensitivitySpec, ctx: JobContext) -> SensitivityResult
         fmt_of = {n: ortb.native_format(exported, n, fmt) for n in names}
         names = [n for n in names if fmt_of[n].grids is not None]
     if spec.fan_out and spec.options.dependency != "none" and names:
-        _offer_terms(ctx, {fmt.label(): {n: fmt_of[n] for n in names}})
+        _offer_terms(ctx, {fmt.label(): {n: fmt_of[n] for n in names}}, torch.get_num_threads())
     scores, pairwise = _sensitivity(task, names, fmt_of, spec.options, ctx, 0.05, 0.95)
     if spec.fan_out:
         fanout.set_phase(ctx, "done")
@@ -189,7 +189,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     scores_at: dict[str, list[qsens.LayerScore]] = {}
     offered = list(dict.fromkeys(n for p in levels_used for n in fmt_at[p]))
     if spec.fan_out and spec.sensitivity.dependency != "none" and offered:
-        _offer_terms(ctx, {p: fmt_at[p] for p in levels_used})
+        _offer_terms(ctx, {p: fmt_at[p] for p in levels_used}, threads)
     traces = _traces(task, offered, spec.sensitivity, ctx, 0.05, 0.2) if offered else {}
     span = 0.2 / max(1, len(levels_used))
     for i, prec in enumerate(levels_used):
@@ -221,7 +221,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         orders: fanout.Orders = {
             str(b): [(p, lvl.order) for p, lvl in levels_for("augmented" if b == "greedy" else b)]
             for b in searched}
-        fanout.publish_levels(ctx, {p: fmt_at[p] for p in levels_used})
+        fanout.publish_levels(ctx, {p: fmt_at[p] for p in levels_used}, threads)
         fanout.publish_searches(ctx, limit, orders)
         fanout.set_phase(ctx, "search")
         sent = ctx.fan_out([{"part": "search", "ordering": b} for b in searched[::-1]])
@@ -383,10 +383,11 @@ def _build(spec: MixedPrecisionSpec | SensitivitySpec, ctx: JobContext, train_sa
                       spec.sensitivity.calibration_samples, ctx, train_samples=train_samples)
 
 
-def _offer_terms(ctx: JobContext, fmt_at: Mapping[str, Mapping[str, LayerFormat]]) -> None:
+def _offer_terms(ctx: JobContext, fmt_at: Mapping[str, Mapping[str, LayerFormat]], threads: int
+                 ) -> None:
     """Publish the levels and offer the inter-layer terms to idle workers (before the Hessian
     traces, so the pieces run while this worker computes those)."""
-    fanout.publish_levels(ctx, fmt_at)
+    fanout.publish_levels(ctx, fmt_at, threads)
     fanout.set_phase(ctx, "sensitivity")
     sent = ctx.fan_out(fanout.term_items({p: list(f) for p, f in fmt_at.items()}))
     if sent:
@@ -399,22 +400,23 @@ def run_item(spec: MixedPrecisionSpec | SensitivitySpec, ctx: JobContext, item: 
     terms, or one baseline search. Its values land in the job's memo (``fanout``)."""
     part = str(item["part"])
     wanted = "sensitivity" if part == "terms" else "search"
-    fmt_at = fanout.levels(ctx)
-    if fanout.phase(ctx) != wanted or fmt_at is None:
+    plan = fanout.levels(ctx)
+    if fanout.phase(ctx) != wanted or plan is None:
         ctx.log.info("piece %s arrived after its stage; nothing to do", part)
         return
-    if isinstance(spec, MixedPrecisionSpec) and spec.threads:
-        torch.set_num_threads(spec.threads)
+    fmt_at, threads = plan
+    torch.set_num_threads(threads)
     _, task = _build(spec, ctx)
     if fanout.phase(ctx) != wanted:  # the job moved on while the model loaded
         return
     if part == "terms":
         fmt_of = fmt_at[str(item["level"])]
-        qsens.dependency_terms(task, list(fmt_of), fmt_of, restore=list(item["layers"]))
+        qsens.dependency_terms(task, list(fmt_of), fmt_of, restore=list(item["layers"]),
+                               wait=False)
         return
-    plan = fanout.searches(ctx)
-    assert plan is not None  # published before the phase
-    limit, orders = plan
+    searches = fanout.searches(ctx)
+    assert searches is not None  # published before the phase
+    limit, orders = searches
     ordering = str(item["ordering"])
     levels = [(p, qsearch.Level(fmt_at[p], order)) for p, order in orders[ordering]]
     if ordering == "greedy":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 from pydantic import BaseModel
 
 from app.schemas import AnySpec
@@ -33,9 +35,22 @@ ITEMS: dict[str, Callable[[Any, JobContext, dict[str, Any]], None]] = {
 }
 
 
+@contextmanager
+def _own_threads() -> Iterator[None]:
+    """A job or piece may set torch's thread count (a spec's ``threads``, a piece following its
+    job's); the worker process's next job starts from the process's own count again."""
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def run(spec: AnySpec, ctx: JobContext) -> BaseModel:
-    return ENGINES[spec.kind](spec, ctx)
+    with _own_threads():
+        return ENGINES[spec.kind](spec, ctx)
 
 
 def run_item(spec: AnySpec, ctx: JobContext, item: dict[str, Any]) -> None:
-    ITEMS[spec.kind](spec, ctx, item)
+    with _own_threads():
+        ITEMS[spec.kind](spec, ctx, item)

@@ -57,3 +57,17 @@ def test_minilm_benchmark_runs_offline(tmp_path: Path) -> None:
     res = benchmark.run(BenchmarkSpec(model=ModelRef(zoo="minilm-l6"), batch_size=2, repeats=3,
                                       warmup=1, per_layer=False), ctx)
     assert res.input_shapes[0][0] == 2 and res.parameters > 20_000_000
+
+
+def test_a_specs_thread_count_ends_with_its_job(tmp_path: Path, shared_store: Path) -> None:
+    """A worker process runs job after job: one job's ``threads`` must not become the next's."""
+    import torch
+
+    from workers.engine import registry
+
+    before = torch.get_num_threads()
+    spec = BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), batch_size=8, repeats=3, warmup=1,
+                         threads=before + 1, per_layer=False)
+    res = registry.run(spec, ctx_for(tmp_path, shared_store))
+    assert isinstance(res, BenchmarkResult) and res.environment.threads == before + 1
+    assert torch.get_num_threads() == before

@@ -31,16 +31,21 @@ def _key(ctx: JobContext, what: str) -> str:
     return f"mp-{what}:{ctx.attempt}"
 
 
-def publish_levels(ctx: JobContext, fmt_at: Mapping[str, Mapping[str, LayerFormat]]) -> None:
-    ctx.memo_put(_key(ctx, "levels"), {p: {n: to_json(f) for n, f in fmts.items()}
-                                       for p, fmts in fmt_at.items()})
+def publish_levels(ctx: JobContext, fmt_at: Mapping[str, Mapping[str, LayerFormat]],
+                   threads: int) -> None:
+    """Each level's per-layer formats, and the job's torch thread count: pieces compute with
+    the same one, so a term never subtracts losses summed in different orders."""
+    ctx.memo_put(_key(ctx, "levels"), {
+        "threads": threads,
+        "levels": {p: {n: to_json(f) for n, f in fmts.items()} for p, fmts in fmt_at.items()}})
 
 
-def levels(ctx: JobContext) -> dict[str, dict[str, LayerFormat]] | None:
+def levels(ctx: JobContext) -> tuple[dict[str, dict[str, LayerFormat]], int] | None:
     raw = ctx.memo_get(_key(ctx, "levels"))
     if raw is None:
         return None
-    return {p: {n: from_json(f) for n, f in fmts.items()} for p, fmts in raw.items()}
+    return ({p: {n: from_json(f) for n, f in fmts.items()} for p, fmts in raw["levels"].items()},
+            int(raw["threads"]))
 
 
 def publish_searches(ctx: JobContext, limit: Threshold, orders: Orders) -> None:

@@ -168,31 +168,44 @@ def hessian_terms(task: QuantTask, layers: Sequence[str], fmt_of: Mapping[str, L
 
 def dependency_terms(task: QuantTask, layers: Sequence[str], fmt_of: Mapping[str, LayerFormat],
                      on_step: Callable[[int], None] | None = None,
-                     prefix_replay: bool = True, restore: Sequence[str] | None = None
-                     ) -> dict[str, float]:
+                     prefix_replay: bool = True, restore: Sequence[str] | None = None,
+                     wait: bool = True) -> dict[str, float]:
     """Leave-one-out: how much the calibration loss of the fully quantized model (every layer
     of ``layers``) drops when each layer of ``restore`` (default: all) alone goes back to
     float. Modules that finish before the restored layer's first call replay their outputs
-    from the fully quantized forward (``prefix``)."""
+    from the fully quantized forward (``prefix``). Other workers may be computing some of the
+    same losses (pieces of the job): a first pass skips those, a second waits for them; with
+    ``wait`` off (a piece) there is no second pass and only the losses are memoized."""
     full = {n: fmt_of[n] for n in layers}
     restore = list(layers) if restore is None else list(restore)
     ctx = task.ctx
     memoized = ctx is not None and all(  # a resumed job: nothing left to compute or record
         ctx.memo_get(task.memo_key("loss", c)) is not None
         for c in [full, *({**full, n: FP32} for n in restore)])
-    replay = PrefixReplay.plan(task, layers) if prefix_replay and not memoized else None
+    replay = PrefixReplay.plan(task, restore) if prefix_replay and not memoized else None
     if replay is not None:
         outs = replay.record(task, full)
-        all_q = task.memoized("loss", full, lambda: float(task.loss(outs)))
+        all_q = task.memoized_unless_taken("loss", full, lambda: float(task.loss(outs)),
+                                           wait=wait)
     else:
-        all_q = task.calib_loss(full)
-    out = {}
-    for i, name in enumerate(restore):
+        all_q = task.calib_loss_unless_taken(full, wait)
+    losses: dict[str, float] = {}
+    for name in restore:
         with replay.replaying(name) if replay is not None else nullcontext():
-            out[name] = all_q - task.calib_loss({**full, name: FP32})
-        if on_step is not None:
-            on_step(i + 1)
-    return out
+            got = task.calib_loss_unless_taken({**full, name: FP32})
+        if got is not None:
+            losses[name] = got
+            if on_step is not None:
+                on_step(len(losses))
+    if not wait:
+        return {} if all_q is None else {n: all_q - v for n, v in losses.items()}
+    for name in restore:
+        if name not in losses:
+            losses[name] = task.calib_loss({**full, name: FP32})
+            if on_step is not None:
+                on_step(len(losses))
+    assert all_q is not None
+    return {name: all_q - losses[name] for name in restore}
 
 
 def pairwise_terms(task: QuantTask, layers: Sequence[str], fmt_of: Mapping[str, LayerFormat]

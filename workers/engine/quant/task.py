@@ -103,8 +103,8 @@ class QuantTask:
             raise UserError(f"unknown metric {self.metric!r}; one of {sorted(METRICS)}")
         if self.metric in LABELED and self.eval_labels is None:
             raise UserError(f"metric {self.metric!r} needs a labeled dataset (labels under `y`)")
-        self._ref_eval = self.forward(self.eval_inputs)
-        self._ref_calib = self.forward(self.calib_inputs)
+        # Float references on first use (a worker computing one piece of a job may need only
+        # the calibration one), always outside any simulation: see ``memoized_unless_taken``.
 
     @property
     def labeled(self) -> bool:
@@ -118,8 +118,17 @@ class QuantTask:
 
     @property
     def reference(self) -> torch.Tensor:
-        assert self._ref_eval is not None
+        """The float model's outputs on the evaluation data."""
+        if self._ref_eval is None:
+            self._ref_eval = self.forward(self.eval_inputs)
         return self._ref_eval
+
+    @property
+    def calib_reference(self) -> torch.Tensor:
+        """The float model's outputs on the calibration data."""
+        if self._ref_calib is None:
+            self._ref_calib = self.forward(self.calib_inputs)
+        return self._ref_calib
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         outs = []
@@ -136,11 +145,10 @@ class QuantTask:
         """The smooth objective behind the metric: cross-entropy with labels for classifiers,
         else squared error to the float model's outputs (summed over features)."""
         labels = self.calib_labels if calib else self.eval_labels
-        ref = self._ref_calib if calib else self._ref_eval
-        assert ref is not None
         if self.metric in LABELED and labels is not None:
             return nn.functional.cross_entropy(outputs.reshape(-1, outputs.shape[-1]),
                                                labels.reshape(-1))
+        ref = self.calib_reference if calib else self.reference
         return (outputs - ref).pow(2).flatten(1).sum(1).mean()
 
     def memo_key(self, what: str, config: Mapping[str, LayerFormat]) -> str:
@@ -156,12 +164,23 @@ class QuantTask:
         waits for its value). ``around`` (entered outside the simulation, only on a miss)
         changes the model first: LoRA recovery merges its adapters there, so a hit skips their
         training too."""
+        value = self.memoized_unless_taken(what, config, compute, around, wait=True)
+        assert value is not None  # waited for
+        return value
+
+    def memoized_unless_taken(
+            self, what: str, config: Mapping[str, LayerFormat], compute: Callable[[], float],
+            around: Callable[[], AbstractContextManager[object]] | None = None, wait: bool = False
+    ) -> float | None:
+        """As ``memoized``; None where another worker is computing it (unless ``wait``)."""
         key = self.memo_key(what, config)
         attempt = self.ctx.attempt if self.ctx is not None else 1
 
         def run() -> dict[str, Any]:
             if self.ctx is not None:
                 self.ctx.check_cancelled()
+            # The float references a computation compares with, before the simulation starts.
+            _ = self.calib_reference if what == "loss" else self.reference
             with around() if around is not None else nullcontext(), simulate(self.layers, config):
                 return {"v": compute(), "attempt": attempt}
 
@@ -169,8 +188,9 @@ class QuantTask:
             value = run()["v"]
             self.computed[key] = "local"
             return float(value)
-        got = compute_once(self.ctx, key, run)
-        assert got is not None  # compute_once waits unless told not to
+        got = compute_once(self.ctx, key, run, wait=wait)
+        if got is None:
+            return None
         if got.get("attempt") == attempt:
             self.computed[key] = str(got["by"])
         return float(got["v"])
@@ -191,8 +211,15 @@ class QuantTask:
 
     def calib_loss(self, config: Mapping[str, LayerFormat]) -> float:
         """The smooth loss of ``config`` in simulation, on the calibration data."""
-        return self.memoized("loss", config,
-                              lambda: float(self.loss(self.forward(self.calib_inputs))))
+        value = self.calib_loss_unless_taken(config, wait=True)
+        assert value is not None
+        return value
+
+    def calib_loss_unless_taken(self, config: Mapping[str, LayerFormat], wait: bool = False
+                                ) -> float | None:
+        """As ``calib_loss``; None where another worker is computing it (unless ``wait``)."""
+        return self.memoized_unless_taken(
+            "loss", config, lambda: float(self.loss(self.forward(self.calib_inputs))), wait=wait)
 
 
 def config_json(config: Mapping[str, LayerFormat]) -> dict[str, str]:
