@@ -103,8 +103,11 @@ class QuantTask:
             raise UserError(f"unknown metric {self.metric!r}; one of {sorted(METRICS)}")
         if self.metric in LABELED and self.eval_labels is None:
             raise UserError(f"metric {self.metric!r} needs a labeled dataset (labels under `y`)")
-        # Float references on first use (a worker computing one piece of a job may need only
-        # the calibration one), always outside any simulation: see ``memoized_unless_taken``.
+        # The calibration reference now: losses are computed inside prefix replays, where a
+        # forward would consume the records. The evaluation one (512 samples by default) on
+        # first use, outside any simulation (``memoized_unless_taken``): a worker computing
+        # inter-layer terms for the job never needs it.
+        self._ref_calib = self.forward(self.calib_inputs)
 
     @property
     def labeled(self) -> bool:
@@ -126,8 +129,7 @@ class QuantTask:
     @property
     def calib_reference(self) -> torch.Tensor:
         """The float model's outputs on the calibration data."""
-        if self._ref_calib is None:
-            self._ref_calib = self.forward(self.calib_inputs)
+        assert self._ref_calib is not None
         return self._ref_calib
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -179,8 +181,8 @@ class QuantTask:
         def run() -> dict[str, Any]:
             if self.ctx is not None:
                 self.ctx.check_cancelled()
-            # The float references a computation compares with, before the simulation starts.
-            _ = self.calib_reference if what == "loss" else self.reference
+            if what != "loss":  # the float reference a metric compares with, before simulating
+                _ = self.reference
             with around() if around is not None else nullcontext(), simulate(self.layers, config):
                 return {"v": compute(), "attempt": attempt}
 

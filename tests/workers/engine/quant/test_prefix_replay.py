@@ -3,12 +3,15 @@ replay skips what it may and nothing else."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from workers.engine.context import LocalContext
 from workers.engine.quant import prefix
-from workers.engine.quant.formats import parse
+from workers.engine.quant.formats import FP32, parse
 from workers.engine.quant.sensitivity import dependency_terms
 from workers.engine.quant.task import QuantTask, quantizable_layers
 
@@ -57,12 +60,34 @@ def test_replayed_terms_equal_full_computation(metric: str) -> None:
     task = _task(metric)
     layers = list(task.layers)
     fmt_of = {n: parse("int8") for n in layers}
-    full = dependency_terms(task, layers, fmt_of, prefix_replay=False)
+    # Replayed first, on a fresh task: nothing computed before may stand in for what the replay
+    # must not touch (the float references).
     replayed = dependency_terms(task, layers, fmt_of)
+    full = dependency_terms(_task(metric), layers, fmt_of, prefix_replay=False)
     assert replayed.keys() == full.keys()
     for name in layers:
         assert replayed[name] == pytest.approx(full[name], rel=1e-6, abs=1e-9), name
     assert any(abs(v) > 1e-6 for v in full.values()), full  # the terms are not all zero
+
+
+def test_replay_when_another_worker_computed_the_full_loss(tmp_path: Path) -> None:
+    """The fully quantized loss and the terms of the layers before the first replayed block
+    memoized by another worker (a piece of the job): the float references are then first
+    needed inside a replay, which must not compute them."""
+    ctx = LocalContext(tmp_path)
+    layers = list(_task("cosine").layers)
+    fmt_of = {n: parse("int8") for n in layers}
+    other = _task("cosine")
+    other.ctx = ctx
+    other.calib_loss(fmt_of)
+    for name in layers[:3]:  # embed, blocks.0.*: nothing runs before them to replay
+        other.calib_loss({**fmt_of, name: FP32})
+    task = _task("cosine")
+    task.ctx = ctx
+    replayed = dependency_terms(task, layers, fmt_of)
+    full = dependency_terms(_task("cosine"), layers, fmt_of, prefix_replay=False)
+    for name in layers:
+        assert replayed[name] == pytest.approx(full[name], rel=1e-6, abs=1e-9), name
 
 
 def test_plan_skips_finished_modules_only() -> None:
