@@ -108,7 +108,9 @@ def run_sensitivity(spec: SensitivitySpec, ctx: JobContext) -> SensitivityResult
         fmt_of = {n: ortb.native_format(exported, n, fmt) for n in names}
         names = [n for n in names if fmt_of[n].grids is not None]
     if spec.fan_out and spec.options.dependency != "none" and names:
-        _offer_terms(ctx, {fmt.label(): {n: fmt_of[n] for n in names}}, torch.get_num_threads())
+        level = {fmt.label(): {n: fmt_of[n] for n in names}}
+        fanout.publish_levels(ctx, level, torch.get_num_threads())
+        _offer_terms(ctx, level)
     scores, pairwise = _sensitivity(task, names, fmt_of, spec.options, ctx, 0.05, 0.95)
     if spec.fan_out:
         fanout.set_phase(ctx, "done")
@@ -188,8 +190,10 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     # traces computed once for every layer any level offers.
     scores_at: dict[str, list[qsens.LayerScore]] = {}
     offered = list(dict.fromkeys(n for p in levels_used for n in fmt_at[p]))
-    if spec.fan_out and spec.sensitivity.dependency != "none" and offered:
-        _offer_terms(ctx, {p: fmt_at[p] for p in levels_used}, threads)
+    if spec.fan_out and offered:  # what every piece reads: the levels, as gated here
+        fanout.publish_levels(ctx, {p: fmt_at[p] for p in levels_used}, threads)
+        if spec.sensitivity.dependency != "none":
+            _offer_terms(ctx, {p: fmt_at[p] for p in levels_used})
     traces = _traces(task, offered, spec.sensitivity, ctx, 0.05, 0.2) if offered else {}
     span = 0.2 / max(1, len(levels_used))
     for i, prec in enumerate(levels_used):
@@ -221,7 +225,6 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         orders: fanout.Orders = {
             str(b): [(p, lvl.order) for p, lvl in levels_for("augmented" if b == "greedy" else b)]
             for b in searched}
-        fanout.publish_levels(ctx, {p: fmt_at[p] for p in levels_used}, threads)
         fanout.publish_searches(ctx, limit, orders)
         fanout.set_phase(ctx, "search")
         sent = ctx.fan_out([{"part": "search", "ordering": b} for b in searched[::-1]])
@@ -383,11 +386,9 @@ def _build(spec: MixedPrecisionSpec | SensitivitySpec, ctx: JobContext, train_sa
                       spec.sensitivity.calibration_samples, ctx, train_samples=train_samples)
 
 
-def _offer_terms(ctx: JobContext, fmt_at: Mapping[str, Mapping[str, LayerFormat]], threads: int
-                 ) -> None:
-    """Publish the levels and offer the inter-layer terms to idle workers (before the Hessian
-    traces, so the pieces run while this worker computes those)."""
-    fanout.publish_levels(ctx, fmt_at, threads)
+def _offer_terms(ctx: JobContext, fmt_at: Mapping[str, Mapping[str, LayerFormat]]) -> None:
+    """Offer the inter-layer terms of the published levels to idle workers (before the
+    Hessian traces, so the pieces run while this worker computes those)."""
     fanout.set_phase(ctx, "sensitivity")
     sent = ctx.fan_out(fanout.term_items({p: list(f) for p, f in fmt_at.items()}))
     if sent:
