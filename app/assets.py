@@ -109,12 +109,15 @@ async def create_model(
 
 
 async def create_dataset(
-    svc: Services, tenant: str, request: Request, name: str, fmt: DatasetFormat, sha256: str | None
+    svc: Services, tenant: str, request: Request, name: str, fmt: DatasetFormat | None,
+    sha256: str | None
 ) -> DatasetInfo:
     _check_name(name)
     path, size, digest = await receive_upload(request, svc)
     try:
         _check_sha(sha256, digest)
+        if fmt is None:
+            fmt = filechecks.detect_dataset_format(path)
         try:
             if fmt == "npz":
                 tensors = await anyio.to_thread.run_sync(

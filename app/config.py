@@ -1,6 +1,7 @@
 """All settings in one place, read from the environment (prefix ``MODELPRESS_``) or a ``.env`` file.
 
-The README's settings table is generated from this class; keep the descriptions user-facing.
+The README's settings table shows this class row for row (``tests/test_readme.py`` renders
+each row from the fields and looks for it): keep the descriptions user-facing.
 """
 
 from __future__ import annotations
@@ -64,19 +65,22 @@ class Settings(BaseSettings):
         default=7 * 3600,
         gt=0,
         description="Seconds before an unacknowledged job is handed to another worker. Must exceed "
-        "the task time limit, or a long job would run twice.",
+        "the task time limit (checked at start-up), or a long job would run twice.",
     )
     worker_heartbeat_s: float = Field(
         default=5.0, gt=0, description="Worker heartbeat and job-lease refresh period (seconds)."
     )
     default_queue: str = Field(
-        default="cpu", description="Queue for jobs with device `auto`/`cpu` (`gpu` for `cuda`)."
+        default="cpu", description="Queue for jobs with device `auto`/`cpu` (`gpu` for device "
+        "`cuda` or backend `torch-cuda`)."
     )
     worker_queues: str = Field(
         default="", description="Queues a worker consumes; empty -> `cpu`, plus `gpu` with CUDA."
     )
     api_host: str = Field(default="127.0.0.1", description="Address the API binds to.")
-    api_port: int = Field(default=8000, description="Port the API binds to.")
+    api_port: int = Field(
+        default=8000, description="Port the API binds to (`serve` picks a free one if taken)."
+    )
     public_url: str | None = Field(
         default=None, description="URL users reach the API at (printed by `serve`)."
     )

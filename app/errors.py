@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, get_args
 
 import redis
 from fastapi import FastAPI, Request
@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.schemas import JobKind
 
 log = logging.getLogger("modelpress.api")
 
@@ -54,7 +56,7 @@ def body(status: int, message: str, type_: str | None = None, **extra: Any) -> d
 def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     # Drop the "body" root and pydantic's union tag (the job kind) so the path reads like the JSON.
     parts = [str(p) for p in loc if p != "body"]
-    if len(parts) >= 2 and parts[0] == "spec" and parts[1] in {"benchmark"}:
+    if len(parts) >= 2 and parts[0] == "spec" and parts[1] in get_args(JobKind):
         parts.pop(1)
     return ".".join(parts) or "body"
 

@@ -64,8 +64,13 @@ def check_archive(zf: zipfile.ZipFile, max_unpacked: int) -> list[zipfile.ZipInf
 
 def _open_zip(path: Path, what: str) -> zipfile.ZipFile:
     if not zipfile.is_zipfile(path):
-        head = path.read_bytes()[:2] if path.stat().st_size else b""
-        hint = " (it looks like a pickle, which is never loaded)" if head[:1] == b"\x80" else ""
+        with path.open("rb") as fh:
+            head = fh.read(9)
+        hint = ""
+        if head[:1] == b"\x80":
+            hint = " (it looks like a pickle, which is never loaded)"
+        elif head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+            hint = " (it looks like a .safetensors file: upload it with format=safetensors)"
         raise Rejected(f"{what} must be a zip archive{hint}")
     return zipfile.ZipFile(path)
 
@@ -272,6 +277,12 @@ def check_npz(path: Path, max_unpacked: int) -> dict[str, TensorInfo]:
     if not out:
         raise Rejected("the .npz holds no arrays")
     return out
+
+
+def detect_dataset_format(path: Path) -> Literal["npz", "safetensors"]:
+    """An ``.npz`` is a zip archive; anything else is read as ``.safetensors`` (whose own
+    check says what is wrong with it)."""
+    return "npz" if zipfile.is_zipfile(path) else "safetensors"
 
 
 def detect_model_format(path: Path) -> Literal["pt2", "hf"]:

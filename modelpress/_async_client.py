@@ -145,6 +145,9 @@ class AsyncDatasets:
     async def list(self) -> list[DatasetInfo]:
         return await self._c._call(_base.list_datasets())
 
+    async def get(self, dataset_id: str) -> DatasetInfo:
+        return await self._c._call(_base.get_dataset(dataset_id))
+
 
 class AsyncJobs:
     def __init__(self, client: AsyncClient) -> None:
@@ -160,6 +163,18 @@ class AsyncJobs:
     async def list(self, *, limit: int = 20, cursor: str | None = None, state: str | None = None,
                    kind: str | None = None) -> JobPage:
         return await self._c._call(_base.list_jobs(limit, cursor, state, kind))
+
+    async def iter(self, *, state: str | None = None, kind: str | None = None
+                   ) -> AsyncIterator[Job]:
+        """Every job, newest first, following the pages."""
+        cursor: str | None = None
+        while True:
+            page = await self.list(limit=100, cursor=cursor, state=state, kind=kind)
+            for job in page.items:
+                yield job
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     async def cancel(self, job_id: str, *, force: bool = False) -> Job:
         return await self._c._call(_base.cancel_job(job_id, force))

@@ -37,9 +37,12 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def download_paths(dest: str | Path, name: str) -> tuple[Path, Path]:
-    """Where a download goes (``dest``, or ``name`` inside it when it is a folder) and the
-    ``.part`` file it is streamed to first."""
+    """Where a download goes (``dest``, or ``name`` inside it when it is a folder: one that
+    exists, or one written with a trailing slash, created here) and the ``.part`` file it is
+    streamed to first."""
     path = Path(dest)
+    if str(dest).endswith(("/", os.sep)):
+        path.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         path = path / name
     return path, path.with_name(path.name + ".part")
@@ -175,14 +178,18 @@ def get_model(model_id: str) -> Call[ModelInfo]:
 
 
 def upload_dataset(path: Path, name: str | None, fmt: str | None) -> Call[DatasetInfo]:
-    fmt = fmt or ("safetensors" if path.suffix == ".safetensors" else "npz")
-    return Call("POST", "/v1/datasets", _model(DatasetInfo),
-                params={"name": name or path.stem, "format": fmt}, upload=path,
+    fmt = fmt or {".npz": "npz", ".safetensors": "safetensors"}.get(path.suffix)
+    params = {"name": name or path.stem, **({"format": fmt} if fmt else {})}  # else detected
+    return Call("POST", "/v1/datasets", _model(DatasetInfo), params=params, upload=path,
                 headers={"Content-Type": "application/octet-stream"})
 
 
 def list_datasets() -> Call[list[DatasetInfo]]:
     return Call("GET", "/v1/datasets", lambda r: DatasetList.model_validate_json(r.content).items)
+
+
+def get_dataset(dataset_id: str) -> Call[DatasetInfo]:
+    return Call("GET", f"/v1/datasets/{dataset_id}", _model(DatasetInfo))
 
 
 def create_job(spec: BaseModel | Mapping[str, Any], name: str | None,

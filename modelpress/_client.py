@@ -145,6 +145,9 @@ class Datasets:
     def list(self) -> list[DatasetInfo]:
         return self._c._call(_base.list_datasets())
 
+    def get(self, dataset_id: str) -> DatasetInfo:
+        return self._c._call(_base.get_dataset(dataset_id))
+
 
 class Jobs:
     def __init__(self, client: Client) -> None:

@@ -403,10 +403,10 @@ def jobs_cancel(ctx: click.Context, job_id: str, force: bool) -> None:
 @jobs.command("download")
 @click.argument("job_id")
 @click.argument("name")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("."),
-              show_default=True, help="File or folder to write to.")
+@click.option("-o", "--output", type=click.Path(), default=".", show_default=True,
+              help="File or folder to write to (a new folder: end it with /).")
 @click.pass_context
-def jobs_download(ctx: click.Context, job_id: str, name: str, output: Path) -> None:
+def jobs_download(ctx: click.Context, job_id: str, name: str, output: str) -> None:
     """Download artifact NAME of JOB_ID."""
     with _client(ctx) as c:
         click.echo(c.jobs.download(job_id, name, output))

@@ -55,7 +55,8 @@ async def upload_dataset(
     svc: ServicesDep,
     who: PrincipalDep,
     name: Annotated[str, Query(description="A name for the dataset.")],
-    format: Annotated[DatasetFormat, Query(description="npz or safetensors")] = "npz",
+    format: Annotated[DatasetFormat | None,
+                      Query(description="npz or safetensors; default: detected")] = None,
     sha256: Sha256Header = None,
 ) -> DatasetInfo:
     """Upload a dataset as the raw request body: `.npz` (no object arrays) or `.safetensors`,

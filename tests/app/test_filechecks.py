@@ -126,3 +126,13 @@ def test_npz_object_arrays_are_rejected(tmp_path: Path) -> None:
     np.savez(bad, x=np.array([{"a": 1}], dtype=object))
     with pytest.raises(Rejected, match="object"):
         filechecks.check_npz(bad, LIMIT)
+
+
+def test_safetensors_sent_as_npz_says_which_format_to_give(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    data = tmp_path / "rows.safetensors"
+    save_file({"x": np.zeros((4, 3), np.float32)}, str(data))
+    with pytest.raises(Rejected, match="format=safetensors"):
+        filechecks.check_npz(data, LIMIT)
+    assert set(filechecks.check_safetensors(data)) == {"x"}

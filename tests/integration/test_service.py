@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -124,6 +125,9 @@ def test_submit_progress_result_artifact(stack: Stack, shared_store: Path) -> No
         finally:
             obj.write_bytes(got)
         assert client.jobs.download(job.id, "benchmark.json", stack.root / "ok.json").read_bytes() == got
+        # A folder that does not exist yet, written with a trailing slash, is made (README).
+        into = client.jobs.download(job.id, "benchmark.json", f"{stack.root}/new-folder/")
+        assert into == stack.root / "new-folder" / "benchmark.json" and into.read_bytes() == got
 
         # Replaying from an event id gives only what came after it.
         mid = events[len(events) // 2]["id"]
@@ -192,13 +196,14 @@ def test_tenancy(stack: Stack, tmp_path: Path) -> None:
 
 def test_malformed_spec_names_the_field(stack: Stack) -> None:
     key = stack.key()
-    r = httpx.post(f"{stack.base_url}/v1/jobs", headers={"Authorization": f"Bearer {key}"},
-                   json={"spec": {"kind": "benchmark", "model": {"zoo": "digits-cnn"},
-                                  "batch_size": 0}})
-    assert r.status_code == 422
-    err = r.json()["error"]
-    assert "spec.benchmark.batch_size" in err["message"] or "spec.batch_size" in err["message"]
-    assert err["fields"]
+    for kind in ("benchmark", "mixed_precision"):  # the path reads like the JSON: no union tag
+        r = httpx.post(f"{stack.base_url}/v1/jobs", headers={"Authorization": f"Bearer {key}"},
+                       json={"spec": {"kind": kind, "model": {"zoo": "digits-cnn"},
+                                      "batch_size": 0}})
+        assert r.status_code == 422
+        err = r.json()["error"]
+        assert [f["field"] for f in err["fields"]] == ["spec.batch_size"], err
+        assert err["message"].startswith("spec.batch_size: ")
     with stack.client(key) as client:
         with pytest.raises(UnprocessableEntityError, match="kind"):
             client.jobs.create({"kind": "nope", "model": {"zoo": "digits-cnn"}})
@@ -306,6 +311,12 @@ def test_idempotent_create_and_paging(stack: Stack) -> None:
         assert [j.id for j in page2.items] == [a.id] and page2.next_cursor is None
         assert {j.id for j in client.jobs.iter(state="succeeded", kind="benchmark")} == {
             a.id, *(o.id for o in others)}
+
+        async def async_iter() -> list[str]:
+            async with AsyncClient(api_key=client.api_key, base_url=stack.base_url) as ac:
+                return [j.id async for j in ac.jobs.iter(kind="benchmark")]
+
+        assert asyncio.run(async_iter()) == [others[1].id, others[0].id, a.id]
         assert client.jobs.list(state="failed").items == []
 
 
@@ -336,6 +347,17 @@ def test_hf_folder_and_dataset_uploads_run(stack: Stack, tmp_path: Path) -> None
                  y=np.arange(64) % 4)
         ds = client.datasets.upload(data, name="rows")
         assert ds.tensors["x"].shape == [64, 16]
+        assert client.datasets.get(ds.id) == ds
+        # Over plain REST without `format`, the server tells the two dataset formats apart.
+        from safetensors.numpy import save_file
+
+        save_file({"x": np.zeros((8, 16), np.float32)}, str(tmp_path / "rows.safetensors"))
+        for file, fmt in ((data, "npz"), (tmp_path / "rows.safetensors", "safetensors")):
+            r = httpx.post(f"{stack.base_url}/v1/datasets", params={"name": file.name},
+                           content=file.read_bytes(),
+                           headers={"Authorization": f"Bearer {client.api_key}",
+                                    "Content-Type": "application/octet-stream"})
+            assert r.status_code == 201 and r.json()["format"] == fmt, r.text
         job = client.jobs.create(BenchmarkSpec(model=ModelRef(id=mlp.id), batch_size=32,
                                                repeats=5, dataset={"id": ds.id}))  # type: ignore[arg-type]
         res = client.jobs.wait(job.id, timeout=60).result
@@ -390,3 +412,26 @@ def test_intrinsic_dimension_job_through_the_api(stack: Stack, tmp_path: Path) -
     with _torch.no_grad():
         acc = evaluate(model, None, te.inputs["x"], te.labels)
     assert acc == pytest.approx(res.rebuilt_accuracy, abs=1e-9) and acc >= res.target
+
+
+def test_cli_submits_from_stdin_and_downloads_into_a_new_folder(stack: Stack, tmp_path: Path
+                                                                ) -> None:
+    """The README's CLI lines: a spec on stdin, `--wait`, then `download ... -o out/`."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MODELPRESS_BASE_URL": stack.base_url, "MODELPRESS_API_KEY": stack.key()}
+
+    def cli(*args: str, stdin: str | None = None) -> str:
+        proc = subprocess.run([sys.executable, "-m", "modelpress.cli", *args], input=stdin,
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    out = cli("jobs", "submit", "-", "--wait", stdin=json.dumps(
+        {"kind": "benchmark", "model": {"zoo": "digits-cnn"}, "repeats": 3, "per_layer": False}))
+    job_id = out.split()[0]
+    assert job_id.startswith("job_") and "succeeded" in out, out
+    got = tmp_path / cli("jobs", "download", job_id, "benchmark.json", "-o", "out/").strip()
+    assert got == tmp_path / "out" / "benchmark.json"
+    assert BenchmarkResult.model_validate_json(got.read_bytes()).latency.repeats >= 3
