@@ -1,6 +1,7 @@
 """Fan-out: a job's independent pieces (intrinsic-dimension training runs, mixed-precision
-inter-layer terms and baseline searches) computed by several real Celery workers, each exactly
-once, and a piece whose worker died is computed by the next to ask (claims expire)."""
+inter-layer terms, baseline searches and frontier re-measurements) computed by several real
+Celery workers, each exactly once, and a piece whose worker died is computed by the next to ask
+(claims expire)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,13 @@ def test_mixed_precision_pieces_are_shared_by_two_workers_each_once(
     assert res.evaluations == len(values) == sum(res.computed_by.values())
     assert Counter(str(v["by"]) for v in values.values()) == res.computed_by
     assert {w.split("@")[0] for w in res.computed_by} == {"w1", "w2"}, res.computed_by
+    # Every frontier point re-measured on ONNX Runtime once, in this run, by whichever worker
+    # took it; then the stage ended before the timing.
+    deployed = {k: json.loads(v) for k, v in memo.items() if k.startswith("mpd:")}
+    assert len(deployed) == len(res.frontier) and all(v["attempt"] == 1 for v in deployed.values())
+    assert sorted(v["v"] for v in deployed.values()) == sorted(
+        p.deployed_metric or 0.0 for p in res.frontier)
+    assert json.loads(memo["mp-phase:1"]) == "done"
     # The plan the pieces read, and the terms recomputed here in one process from it.
     levels = json.loads(memo["mp-levels:1"])["levels"]
     first = next(iter(levels))

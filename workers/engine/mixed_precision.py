@@ -34,7 +34,7 @@ from workers.engine import env, models
 from workers.engine.backends import onnxruntime_cpu as ortb
 from workers.engine.backends import torch_runtime
 from workers.engine.backends.base import Backend, Deployed, interleaved_latency, run_batched
-from workers.engine.context import JobContext, UserError
+from workers.engine.context import JobContext, UserError, compute_once, memo_key
 from workers.engine.quant import fanout
 from workers.engine.quant import recovery as qrec
 from workers.engine.quant import search as qsearch
@@ -53,6 +53,11 @@ from workers.engine.quant.task import (
 log = logging.getLogger("modelpress.engine.mixed_precision")
 TIE = 0.03  # relative latency difference treated as equal when choosing
 GREEDY_MAX = 400  # evaluations the greedy baseline may spend
+# The frontier is offered to idle workers from this many candidates on, as this many pieces
+# (each walks every candidate, so one idle worker takes all it can; more pieces let more
+# workers join, and a piece that finds the stage over returns without loading the model).
+FRONTIER_FAN_OUT_MIN = 3
+FRONTIER_PIECES = 2
 
 
 def _to_schema(scores: list[qsens.LayerScore]) -> list[LayerSensitivity]:
@@ -285,9 +290,20 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         lora_key = "lora:" + config_key(recovered.config)
         candidates[lora_key] = ("search:augmented+lora", recovered.config)
 
-    points: dict[str, ConfigPoint] = {}
+    # Each candidate is realized here (its latency is timed here, below); its re-measurement on
+    # the evaluation data, and its simulated metric where the search did not compute it, may
+    # come from idle workers: they take the candidates from the back, this worker from the
+    # front, each skipping what the other holds, then this worker waits for the rest.
+    plain = [k for k in candidates if k != lora_key]
+    if spec.fan_out and len(plain) >= FRONTIER_FAN_OUT_MIN:
+        fanout.publish_frontier(ctx, [candidates[k][1] for k in plain], threads)
+        fanout.set_phase(ctx, "frontier")
+        sent = ctx.fan_out([{"part": "frontier"} for _ in range(FRONTIER_PIECES)])
+        if sent:
+            ctx.log.info("offered the frontier's re-measurements to idle workers")
+    measured: dict[str, tuple[dict[str, Any], float]] = {}
     models: dict[str, Deployed] = {}
-    for i, (key, (label, cfg)) in enumerate(candidates.items()):
+    for i, (key, (_, cfg)) in enumerate(candidates.items()):
         ctx.progress("frontier", 0.55 + 0.3 * i / len(candidates),
                      f"realizing and evaluating {i + 1}/{len(candidates)} on {backend.name}")
         if key == lora_key:
@@ -296,18 +312,30 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
             merged = qrec.merged_copy(task.module, task.layers,
                                       recovery.training(cfg).adapters)
             model = models[key] = backend.rebuilt(merged).realize(cfg)
-            simulated = recovery.evaluate(cfg)
-        else:
-            model = models[key] = backend.realize(cfg)
-            simulated = task.evaluate(cfg)
-        outs = torch.from_numpy(run_batched(model, task.eval_inputs, task.batch_size))
-        deployed = task.score(outs)
+            measured[key] = (_measure(task, model), recovery.evaluate(cfg))
+            continue
+        model = models[key] = backend.realize(cfg)
+        deployed = _deployed_once(ctx, task, backend, cfg, model, wait=False)
+        simulated = task.evaluate_unless_taken(cfg)
+        if deployed is not None and simulated is not None:
+            measured[key] = (deployed, simulated)
+    for key in candidates:  # what idle workers were still computing
+        if key not in measured:
+            cfg, model = candidates[key][1], models[key]
+            deployed = _deployed_once(ctx, task, backend, cfg, model, wait=True)
+            assert deployed is not None
+            measured[key] = (deployed, task.evaluate(cfg))
+    if spec.fan_out:
+        fanout.set_phase(ctx, "done")  # nothing may take CPU from the timing below
+    points: dict[str, ConfigPoint] = {}
+    for key, (label, cfg) in candidates.items():
+        deployed, simulated = measured[key]
         points[key] = ConfigPoint(
             label=label, config=config_json(cfg), simulated_metric=simulated,
-            deployed_metric=deployed, size_bytes=model.size_bytes,
+            deployed_metric=deployed["v"], size_bytes=deployed["size"],
             # fp32 is the reference the budget is taken from; on the backend it differs from
             # torch only by float rounding, which must not put it "outside" a tight budget.
-            within_budget=limit.ok(deployed) or not cfg)
+            within_budget=limit.ok(deployed["v"]) or not cfg)
     ctx.progress("frontier", 0.86, f"timing {len(models)} configurations, interleaved")
     for key, lat in interleaved_latency(models, example, spec.warmup, spec.repeats).items():
         points[key].latency_ms = statistics.median(lat)
@@ -400,6 +428,10 @@ def run_item(spec: MixedPrecisionSpec | SensitivitySpec, ctx: JobContext, item: 
     """A piece offered by :func:`run` or :func:`run_sensitivity`: some layers' inter-layer
     terms, or one baseline search. Its values land in the job's memo (``fanout``)."""
     part = str(item["part"])
+    if part == "frontier":
+        assert isinstance(spec, MixedPrecisionSpec)
+        _frontier_piece(spec, ctx)
+        return
     wanted = "sensitivity" if part == "terms" else "search"
     plan = fanout.levels(ctx)
     if fanout.phase(ctx) != wanted or plan is None:
@@ -424,6 +456,50 @@ def run_item(spec: MixedPrecisionSpec | SensitivitySpec, ctx: JobContext, item: 
         qsearch.greedy_search(task.evaluate, limit, levels, max_evaluations=GREEDY_MAX)
     else:
         qsearch.bisection_search(task.evaluate, limit, levels, ordering)
+
+
+def _measure(task: QuantTask, model: Deployed) -> dict[str, Any]:
+    """A realized model's metric on the evaluation data, and its size."""
+    outs = torch.from_numpy(run_batched(model, task.eval_inputs, task.batch_size))
+    return {"v": task.score(outs), "size": model.size_bytes}
+
+
+def _deployed_once(ctx: JobContext, task: QuantTask, backend: Backend, cfg: Config,
+                   model: Deployed | None, wait: bool) -> dict[str, Any] | None:
+    """``cfg`` re-measured on the backend (``model``, or realized here when it is needed),
+    computed once across the job's workers (None where another one is measuring it, unless
+    ``wait``). Memoized apart from the simulated values (``mpd:``): they are not evaluations
+    of the search."""
+    key = "mpd:" + memo_key(backend.name, task.memo_key("deployed", cfg))
+
+    def measure() -> dict[str, Any]:
+        realized = model if model is not None else backend.realize(cfg)
+        return {**_measure(task, realized), "attempt": ctx.attempt}
+
+    return compute_once(ctx, key, measure, wait=wait)
+
+
+def _frontier_piece(spec: MixedPrecisionSpec, ctx: JobContext) -> None:
+    """Candidates of the frontier from the back: their re-measurement on the backend and their
+    simulated metric, each unless another worker holds it."""
+    plan = fanout.frontier(ctx)
+    if fanout.phase(ctx) != "frontier" or plan is None:
+        ctx.log.info("piece frontier arrived after its stage; nothing to do")
+        return
+    configs, threads = plan
+    torch.set_num_threads(threads)
+    loaded, task = _build(spec, ctx)
+    example = tuple(t[: spec.batch_size] for t in task.eval_inputs)
+    if fanout.phase(ctx) != "frontier":
+        return
+    backend = open_backend(spec.backend, task, example, loaded.input_names, threads)
+    for cfg in reversed(configs):
+        if fanout.phase(ctx) != "frontier":  # the job's worker times from now on: stop
+            return
+        _deployed_once(ctx, task, backend, cfg, None, wait=False)
+        if fanout.phase(ctx) != "frontier":
+            return
+        task.evaluate_unless_taken(cfg)
 
 
 def _latency_gate(backend: Backend, fmt_at: dict[str, dict[str, LayerFormat]],

@@ -1,5 +1,7 @@
 """The plan that lets other workers compute pieces of a ``mixed_precision`` or ``sensitivity``
-job: the inter-layer terms, in pieces of a few layers, and the baseline searches.
+job: the inter-layer terms, in pieces of a few layers, the baseline searches, and the frontier's
+re-measurements on the backend (each candidate realized and run on the evaluation data; its
+latency is still timed by the job's own worker, all candidates together, after the pieces).
 
 Only the job's own worker knows some inputs of those pieces: which layer takes which format at
 each level (its latency gate measured that, with calibrated grids for static levels), and,
@@ -23,7 +25,7 @@ from workers.engine.quant.formats import LayerFormat, from_json, to_json
 from workers.engine.quant.task import Threshold
 
 CHUNK = 8  # layers per inter-layer piece: each piece also pays a model load and one forward
-Phase = Literal["sensitivity", "search", "done"]
+Phase = Literal["sensitivity", "search", "frontier", "done"]
 Orders = dict[str, list[tuple[str, list[str]]]]  # ordering -> [(level, layers in order)]
 
 
@@ -58,6 +60,23 @@ def searches(ctx: JobContext) -> tuple[Threshold, Orders] | None:
         return None
     orders = {o: [(p, list(names)) for p, names in lv] for o, lv in raw["orders"].items()}
     return Threshold(**raw["limit"]), orders
+
+
+def publish_frontier(ctx: JobContext, configs: Sequence[Mapping[str, LayerFormat]],
+                     threads: int) -> None:
+    """The frontier's candidates (the job's worker takes them front to back, pieces from the
+    back) and the job's torch thread count."""
+    ctx.memo_put(_key(ctx, "frontier"), {
+        "threads": threads,
+        "configs": [{n: to_json(f) for n, f in cfg.items()} for cfg in configs]})
+
+
+def frontier(ctx: JobContext) -> tuple[list[dict[str, LayerFormat]], int] | None:
+    raw = ctx.memo_get(_key(ctx, "frontier"))
+    if raw is None:
+        return None
+    return ([{n: from_json(f) for n, f in cfg.items()} for cfg in raw["configs"]],
+            int(raw["threads"]))
 
 
 def set_phase(ctx: JobContext, phase: Phase) -> None:

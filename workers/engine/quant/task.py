@@ -208,8 +208,15 @@ class QuantTask:
 
     def evaluate(self, config: Mapping[str, LayerFormat]) -> float:
         """The metric of ``config`` in simulation, on the evaluation data."""
-        return self.memoized("metric", config,
-                              lambda: self.score(self.forward(self.eval_inputs)))
+        value = self.evaluate_unless_taken(config, wait=True)
+        assert value is not None
+        return value
+
+    def evaluate_unless_taken(self, config: Mapping[str, LayerFormat], wait: bool = False
+                              ) -> float | None:
+        """As ``evaluate``; None where another worker is computing it (unless ``wait``)."""
+        return self.memoized_unless_taken(
+            "metric", config, lambda: self.score(self.forward(self.eval_inputs)), wait=wait)
 
     def calib_loss(self, config: Mapping[str, LayerFormat]) -> float:
         """The smooth loss of ``config`` in simulation, on the calibration data."""

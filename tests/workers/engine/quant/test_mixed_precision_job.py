@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -223,3 +224,47 @@ def test_static_sensitivity_job(tmp_path: Path, shared_store: Path) -> None:
         options={"probes": 2, "calibration_samples": 64}), ctx_for(tmp_path, shared_store))  # type: ignore[arg-type]
     assert res.precision == "int8-static" and len(res.layers) == 5
     assert all(s.dependency_term is not None and s.perturbation > 0 for s in res.layers)
+
+
+class PiecesNow(LocalContext):
+    """Runs the frontier pieces a job offers at once, in this process, as an idle worker would
+    take them while the job's worker waits: same memo, their values named ``piece``."""
+
+    def __init__(self, workdir: Path, spec: MixedPrecisionSpec, **kw: Any) -> None:
+        super().__init__(workdir, **kw)
+        self.spec = spec
+        self.pieces = 0
+
+    def fan_out(self, items: list[dict[str, Any]]) -> int:
+        for item in items:
+            if item["part"] == "frontier":
+                self.who, self.pieces = "piece", self.pieces + 1
+                try:
+                    mixed_precision.run_item(self.spec, self, item)
+                finally:
+                    self.who = "local"
+        return len(items)
+
+
+def test_frontier_measured_by_pieces_equals_the_jobs_own(tmp_path: Path, shared_store: Path
+                                                         ) -> None:
+    spec = MixedPrecisionSpec.model_validate({"model": {"zoo": "digits-cnn"}, **FAST,
+                                              "latency_gate": False,
+                                              "baselines": ["uniform", "hessian"]})
+    alone = mixed_precision.run(spec.model_copy(update={"fan_out": False}),
+                                ctx_for(tmp_path / "alone", shared_store))
+    ctx = PiecesNow(tmp_path / "shared", spec,
+                    store=open_store(Settings(store_url=shared_store.as_uri())))
+    shared = mixed_precision.run(spec, ctx)
+    assert ctx.pieces == 2
+    deployed = {k: v for k, v in ctx._memo.items() if k.startswith("mpd:")}
+    assert len(deployed) == len(shared.frontier) >= 3
+    assert {v["by"] for v in deployed.values()} == {"piece"}  # the job only read them
+    assert shared.computed_by.get("piece", 0) >= 1  # sweep points simulated by the piece
+
+    def rows(res: MixedPrecisionResult) -> list[tuple[object, ...]]:  # frontier: by latency
+        return sorted(((p.label, p.config, p.simulated_metric, p.deployed_metric, p.size_bytes,
+                        p.within_budget) for p in res.frontier), key=repr)
+
+    assert rows(shared) == rows(alone)
+    assert all(p.latency_ms for p in shared.frontier)  # timed by the job, after the pieces
