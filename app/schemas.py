@@ -216,8 +216,9 @@ class MixedPrecisionSpec(_Strict):
         "accuracy, so the search can go further within the same budget (dynamic levels only).")
     fan_out: bool = Field(
         default=True, description="Offer independent evaluations (the inter-layer terms, in "
-        "pieces of 8 layers, and the baseline searches) to idle workers; each is still "
-        "computed once.")
+        "pieces of 8 layers, the baseline searches, and the frontier's re-measurements on the "
+        "backend) to idle workers; each is still computed once, and latency is always timed by "
+        "the job's own worker.")
 
     @model_validator(mode="after")
     def _levels_run_on_backend(self) -> MixedPrecisionSpec:

@@ -426,7 +426,8 @@ def _offer_terms(ctx: JobContext, fmt_at: Mapping[str, Mapping[str, LayerFormat]
 def run_item(spec: MixedPrecisionSpec | SensitivitySpec, ctx: JobContext, item: dict[str, Any]
              ) -> None:
     """A piece offered by :func:`run` or :func:`run_sensitivity`: some layers' inter-layer
-    terms, or one baseline search. Its values land in the job's memo (``fanout``)."""
+    terms, one baseline search, or the frontier's candidates from the back. Its values land in
+    the job's memo (``fanout``)."""
     part = str(item["part"])
     if part == "frontier":
         assert isinstance(spec, MixedPrecisionSpec)
