@@ -92,6 +92,8 @@ def test_mixed_precision_pieces_are_shared_by_two_workers_each_once(
     assert len(deployed) == len(res.frontier) and all(v["attempt"] == 1 for v in deployed.values())
     assert sorted(v["v"] for v in deployed.values()) == sorted(
         p.deployed_metric or 0.0 for p in res.frontier)
+    plan = json.loads(memo["mp-frontier:1"])  # offered to the idle worker, which took it
+    assert len(plan["configs"]) == len(res.frontier) and set(plan["keys"]) >= set(deployed)
     assert json.loads(memo["mp-phase:1"]) == "done"
     # The plan the pieces read, and the terms recomputed here in one process from it.
     levels = json.loads(memo["mp-levels:1"])["levels"]

@@ -296,7 +296,10 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     # front, each skipping what the other holds, then this worker waits for the rest.
     plain = [k for k in candidates if k != lora_key]
     if spec.fan_out and len(plain) >= FRONTIER_FAN_OUT_MIN:
-        fanout.publish_frontier(ctx, [candidates[k][1] for k in plain], threads)
+        configs = [candidates[k][1] for k in plain]
+        fanout.publish_frontier(ctx, configs, threads, [
+            key for cfg in configs
+            for key in (_deployed_key(task, backend, cfg), task.memo_key("metric", cfg))])
         fanout.set_phase(ctx, "frontier")
         sent = ctx.fan_out([{"part": "frontier"} for _ in range(FRONTIER_PIECES)])
         if sent:
@@ -319,7 +322,11 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         simulated = task.evaluate_unless_taken(cfg)
         if deployed is not None and simulated is not None:
             measured[key] = (deployed, simulated)
-    for key in candidates:  # what idle workers were still computing
+    pending = [k for k in candidates if k not in measured]
+    if pending:
+        ctx.progress("frontier", 0.85, f"waiting for {len(pending)} re-measurements on other "
+                     "workers")
+    for key in pending:  # what idle workers were still computing
         if key not in measured:
             cfg, model = candidates[key][1], models[key]
             deployed = _deployed_once(ctx, task, backend, cfg, model, wait=True)
@@ -465,15 +472,20 @@ def _measure(task: QuantTask, model: Deployed) -> dict[str, Any]:
     return {"v": task.score(outs), "size": model.size_bytes}
 
 
+def _deployed_key(task: QuantTask, backend: Backend, cfg: Config) -> str:
+    return "mpd:" + memo_key(backend.name, task.memo_key("deployed", cfg))
+
+
 def _deployed_once(ctx: JobContext, task: QuantTask, backend: Backend, cfg: Config,
                    model: Deployed | None, wait: bool) -> dict[str, Any] | None:
     """``cfg`` re-measured on the backend (``model``, or realized here when it is needed),
     computed once across the job's workers (None where another one is measuring it, unless
     ``wait``). Memoized apart from the simulated values (``mpd:``): they are not evaluations
     of the search."""
-    key = "mpd:" + memo_key(backend.name, task.memo_key("deployed", cfg))
+    key = _deployed_key(task, backend, cfg)
 
     def measure() -> dict[str, Any]:
+        ctx.check_cancelled()  # a piece of a cancelled or lost run stops here
         realized = model if model is not None else backend.realize(cfg)
         return {**_measure(task, realized), "attempt": ctx.attempt}
 
@@ -487,7 +499,9 @@ def _frontier_piece(spec: MixedPrecisionSpec, ctx: JobContext) -> None:
     if fanout.phase(ctx) != "frontier" or plan is None:
         ctx.log.info("piece frontier arrived after its stage; nothing to do")
         return
-    configs, threads = plan
+    configs, threads, keys = plan
+    if all(ctx.memo_get(k) is not None for k in keys):  # the job's worker got there first
+        return
     torch.set_num_threads(threads)
     loaded, task = _build(spec, ctx)
     example = tuple(t[: spec.batch_size] for t in task.eval_inputs)
@@ -495,6 +509,7 @@ def _frontier_piece(spec: MixedPrecisionSpec, ctx: JobContext) -> None:
         return
     backend = open_backend(spec.backend, task, example, loaded.input_names, threads)
     for cfg in reversed(configs):
+        ctx.check_cancelled()
         if fanout.phase(ctx) != "frontier":  # the job's worker times from now on: stop
             return
         _deployed_once(ctx, task, backend, cfg, None, wait=False)

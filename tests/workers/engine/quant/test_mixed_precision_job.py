@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +248,26 @@ class PiecesNow(LocalContext):
         return len(items)
 
 
+class HeldOnce(LocalContext):
+    """Every frontier re-measurement is held by "another worker" the first time the job asks,
+    as if a piece were measuring it: the job skips it, then comes back and computes it."""
+
+    def __init__(self, workdir: Path, **kw: Any) -> None:
+        super().__init__(workdir, **kw)
+        self.refused: set[str] = set()
+        self.computed: list[str] = []
+
+    @contextmanager
+    def claim(self, key: str) -> Iterator[bool]:
+        if key.startswith("mpd:") and key not in self.refused:
+            self.refused.add(key)
+            yield False
+            return
+        if key.startswith("mpd:"):
+            self.computed.append(key)
+        yield True
+
+
 def test_frontier_measured_by_pieces_equals_the_jobs_own(tmp_path: Path, shared_store: Path
                                                          ) -> None:
     spec = MixedPrecisionSpec.model_validate({"model": {"zoo": "digits-cnn"}, **FAST,
@@ -268,3 +290,10 @@ def test_frontier_measured_by_pieces_equals_the_jobs_own(tmp_path: Path, shared_
 
     assert rows(shared) == rows(alone)
     assert all(p.latency_ms for p in shared.frontier)  # timed by the job, after the pieces
+
+    # Held by others on the first pass: measured on the second, each once, same figures.
+    held = HeldOnce(tmp_path / "held", store=open_store(Settings(store_url=shared_store.as_uri())))
+    waited = mixed_precision.run(spec, held)
+    assert len(held.refused) == len(held.computed) == len(set(held.computed)) == len(alone.frontier)
+    assert any("waiting for" in message for _, _, message in held.events)
+    assert rows(waited) == rows(alone)
