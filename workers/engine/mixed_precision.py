@@ -299,7 +299,8 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         configs = [candidates[k][1] for k in plain]
         fanout.publish_frontier(ctx, configs, threads, [
             key for cfg in configs
-            for key in (_deployed_key(task, backend, cfg), task.memo_key("metric", cfg))])
+            for key in (_deployed_key(task, backend, cfg), task.memo_key("metric", cfg))],
+            _hardware(backend.name))
         fanout.set_phase(ctx, "frontier")
         sent = ctx.fan_out([{"part": "frontier"} for _ in range(FRONTIER_PIECES)])
         if sent:
@@ -472,8 +473,18 @@ def _measure(task: QuantTask, model: Deployed) -> dict[str, Any]:
     return {"v": task.score(outs), "size": model.size_bytes}
 
 
+def _hardware(backend: str) -> str:
+    """What a re-measurement on ``backend`` depends on besides the config: the device, and on
+    x86 whether int8 GEMMs need reduced ranges (no VNNI: another realized model)."""
+    device = torch.device("cuda" if backend.endswith("cuda") else "cpu")
+    return f"{env.device_name(device)}; reduce_range {env.needs_reduce_range()}"
+
+
 def _deployed_key(task: QuantTask, backend: Backend, cfg: Config) -> str:
-    return "mpd:" + memo_key(backend.name, task.memo_key("deployed", cfg))
+    """Keyed by hardware too: a worker of another kind in the queue measures under its own key,
+    which the job never reads, rather than handing the job another model's metric."""
+    return "mpd:" + memo_key(backend.name, _hardware(backend.name),
+                             task.memo_key("deployed", cfg))
 
 
 def _deployed_once(ctx: JobContext, task: QuantTask, backend: Backend, cfg: Config,
@@ -499,7 +510,11 @@ def _frontier_piece(spec: MixedPrecisionSpec, ctx: JobContext) -> None:
     if fanout.phase(ctx) != "frontier" or plan is None:
         ctx.log.info("piece frontier arrived after its stage; nothing to do")
         return
-    configs, threads, keys = plan
+    configs, threads, keys, hardware = plan
+    if hardware != _hardware(spec.backend):
+        ctx.log.info("piece frontier: this worker (%s) is not the job's hardware (%s); "
+                     "skipped", _hardware(spec.backend), hardware)
+        return
     if all(ctx.memo_get(k) is not None for k in keys):  # the job's worker got there first
         return
     torch.set_num_threads(threads)

@@ -63,21 +63,23 @@ def searches(ctx: JobContext) -> tuple[Threshold, Orders] | None:
 
 
 def publish_frontier(ctx: JobContext, configs: Sequence[Mapping[str, LayerFormat]],
-                     threads: int, keys: Sequence[str]) -> None:
+                     threads: int, keys: Sequence[str], hardware: str) -> None:
     """The frontier's candidates (the job's worker takes them front to back, pieces from the
-    back), the job's torch thread count, and the memo keys of the values a piece would
-    compute: one that finds them all there returns before loading the model."""
+    back), the job's torch thread count, the memo keys of the values a piece would compute
+    (one that finds them all there returns before loading the model), and the hardware the
+    re-measurements must come from."""
     ctx.memo_put(_key(ctx, "frontier"), {
-        "threads": threads, "keys": list(keys),
+        "threads": threads, "keys": list(keys), "hardware": hardware,
         "configs": [{n: to_json(f) for n, f in cfg.items()} for cfg in configs]})
 
 
-def frontier(ctx: JobContext) -> tuple[list[dict[str, LayerFormat]], int, list[str]] | None:
+def frontier(ctx: JobContext
+             ) -> tuple[list[dict[str, LayerFormat]], int, list[str], str] | None:
     raw = ctx.memo_get(_key(ctx, "frontier"))
     if raw is None:
         return None
     return ([{n: from_json(f) for n, f in cfg.items()} for cfg in raw["configs"]],
-            int(raw["threads"]), list(raw["keys"]))
+            int(raw["threads"]), list(raw["keys"]), str(raw["hardware"]))
 
 
 def set_phase(ctx: JobContext, phase: Phase) -> None:

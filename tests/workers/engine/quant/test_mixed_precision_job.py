@@ -297,3 +297,20 @@ def test_frontier_measured_by_pieces_equals_the_jobs_own(tmp_path: Path, shared_
     assert len(held.refused) == len(held.computed) == len(set(held.computed)) == len(alone.frontier)
     assert any("waiting for" in message for _, _, message in held.events)
     assert rows(waited) == rows(alone)
+
+
+def test_frontier_piece_on_other_hardware_measures_nothing(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    """A re-measurement stands for the job's hardware only: a worker of another kind in the
+    queue leaves the piece to the job (before loading anything)."""
+    from workers.engine.quant import fanout
+
+    ctx = LocalContext(tmp_path)
+    spec = MixedPrecisionSpec.model_validate({"model": {"zoo": "digits-cnn"}})
+    fanout.publish_frontier(ctx, [{}], 1, ["mpd:x"], "another CPU; reduce_range True")
+    fanout.set_phase(ctx, "frontier")
+    with caplog.at_level("INFO"):
+        mixed_precision.run_item(spec, ctx, {"part": "frontier"})
+    assert "not the job's hardware" in caplog.text
+    assert [k for k in ctx._memo if k.startswith("mpd:")] == []
