@@ -268,10 +268,11 @@ class HeldOnce(LocalContext):
         yield True
 
 
-def test_frontier_measured_by_pieces_equals_the_jobs_own(tmp_path: Path, shared_store: Path
-                                                         ) -> None:
+@pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch-cpu"])
+def test_frontier_measured_by_pieces_equals_the_jobs_own(tmp_path: Path, shared_store: Path,
+                                                         backend: str) -> None:
     spec = MixedPrecisionSpec.model_validate({"model": {"zoo": "digits-cnn"}, **FAST,
-                                              "latency_gate": False,
+                                              "backend": backend, "latency_gate": False,
                                               "baselines": ["uniform", "hessian"]})
     alone = mixed_precision.run(spec.model_copy(update={"fan_out": False}),
                                 ctx_for(tmp_path / "alone", shared_store))
