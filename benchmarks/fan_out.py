@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import redis
@@ -25,13 +27,16 @@ from _common import layer_counts, write_out
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app import records
 from app.auth import create_key
 from app.schemas import Job, MixedPrecisionResult, MixedPrecisionSpec
 from modelpress import Client, _stack
 
 
 def run_job(root: Path, red: _stack.EmbeddedRedis, db: int, workers: int,
-            spec: MixedPrecisionSpec) -> tuple[Job, float]:
+            spec: MixedPrecisionSpec) -> tuple[Job, float, dict[str, int]]:
+    """The finished job, its wall time, and how many frontier re-measurements each worker
+    made (the ``mpd:`` values in the job's memo name their worker)."""
     env = {"MODELPRESS_REDIS_URL": f"redis://127.0.0.1:{red.port}/{db}",
            "MODELPRESS_DATA_DIR": str(root / "data"), "MODELPRESS_RATE_LIMIT_PER_MINUTE": "0"}
     port = _stack.free_port()
@@ -43,12 +48,17 @@ def run_job(root: Path, red: _stack.EmbeddedRedis, db: int, workers: int,
     try:
         _stack.wait_ready(base, 180.0, procs, logs)
         time.sleep(5)  # every worker's pool process has imported the engine
-        key = create_key(redis.Redis.from_url(env["MODELPRESS_REDIS_URL"]), "bench", "fan-out")
+        r = redis.Redis.from_url(env["MODELPRESS_REDIS_URL"], decode_responses=True)
+        key = create_key(r, "bench", "fan-out")
         with Client(base, key) as client:
             t0 = time.monotonic()
             job = client.jobs.create(spec)
             done = client.jobs.wait(job.id, timeout=3600)
-            return done, time.monotonic() - t0
+            wall = time.monotonic() - t0
+        remeasured = Counter(str(json.loads(v)["by"]).split("@")[0]
+                             for k, v in r.hgetall(records.memo_key(job.id)).items()
+                             if k.startswith("mpd:"))
+        return done, wall, dict(remeasured)
     finally:
         for proc in procs.values():
             _stack.stop_process(proc)
@@ -81,11 +91,11 @@ def main() -> None:
         red = _stack.EmbeddedRedis(root / "redis").start()
         try:
             for db, n in enumerate(sorted({1, args.workers}), start=1):
-                done, wall = run_job(root, red, db, n, spec)
+                done, wall, remeasured = run_job(root, red, db, n, spec)
                 res = done.result
                 if not isinstance(res, MixedPrecisionResult):
                     sys.exit(f"the job on {n} worker(s) did not succeed: {done.error}")
-                rows.append((n, wall, res))
+                rows.append((n, wall, res, remeasured))
                 print(f"{n} worker(s): {wall:.1f} s", flush=True)
         finally:
             red.stop()
@@ -103,13 +113,16 @@ def main() -> None:
              "job process each; wall time from submission to the final state. Evaluations by "
              "worker: the job runs on one of them, the others compute the pieces it offers.", "",
              "| workers | wall s | " + " | ".join(f"{s} s" for s in stages)
-             + " | evaluations by worker | chosen | metric | vs fp32 |",
-             "| --- | --- | " + " | ".join("---" for _ in stages) + " | --- | --- | --- | --- |"]
-    for n, wall, res in rows:
+             + " | evaluations by worker | frontier re-measured by | chosen | metric | vs fp32 |",
+             "| --- | --- | " + " | ".join("---" for _ in stages)
+             + " | --- | --- | --- | --- | --- |"]
+    for n, wall, res, remeasured in rows:
         by = ", ".join(f"{w.split('@')[0]} {c}" for w, c in sorted(res.computed_by.items()))
         lines.append(f"| {n} | {wall:.1f} | "
                      + " | ".join(f"{res.stage_seconds.get(s, 0.0):.1f}" for s in stages)
-                     + f" | {by} | {layer_counts(res.chosen.config)} | "
+                     + f" | {by} | "
+                     + ", ".join(f"{w} {c}" for w, c in sorted(remeasured.items()))
+                     + f" | {layer_counts(res.chosen.config)} | "
                      f"{res.chosen.deployed_metric:.6f} | "
                      f"{(res.chosen.latency_ms or 0) / (res.baseline.latency_ms or 1):.3f}x |")
     if len(rows) == 2:
