@@ -58,6 +58,8 @@ GREEDY_MAX = 400  # evaluations the greedy baseline may spend
 # workers join, and a piece that finds the stage over returns without loading the model).
 FRONTIER_FAN_OUT_MIN = 3
 FRONTIER_PIECES = 2
+# The stage (fanout phase) during which each kind of piece is useful.
+_STAGE_OF = {"terms": "sensitivity", "search": "search", "frontier": "frontier"}
 
 
 def _to_schema(scores: list[qsens.LayerScore]) -> list[LayerSensitivity]:
@@ -328,11 +330,10 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         ctx.progress("frontier", 0.85, f"waiting for {len(pending)} re-measurements on other "
                      "workers")
     for key in pending:  # what idle workers were still computing
-        if key not in measured:
-            cfg, model = candidates[key][1], models[key]
-            deployed = _deployed_once(ctx, task, backend, cfg, model, wait=True)
-            assert deployed is not None
-            measured[key] = (deployed, task.evaluate(cfg))
+        cfg, model = candidates[key][1], models[key]
+        deployed = _deployed_once(ctx, task, backend, cfg, model, wait=True)
+        assert deployed is not None
+        measured[key] = (deployed, task.evaluate(cfg))
     if spec.fan_out:
         fanout.set_phase(ctx, "done")  # nothing may take CPU from the timing below
     points: dict[str, ConfigPoint] = {}
@@ -437,15 +438,16 @@ def run_item(spec: MixedPrecisionSpec | SensitivitySpec, ctx: JobContext, item: 
     terms, one baseline search, or the frontier's candidates from the back. Its values land in
     the job's memo (``fanout``)."""
     part = str(item["part"])
+    wanted = _STAGE_OF[part]
+    if fanout.phase(ctx) != wanted:
+        ctx.log.info("piece %s arrived after its stage; nothing to do", part)
+        return
     if part == "frontier":
         assert isinstance(spec, MixedPrecisionSpec)
         _frontier_piece(spec, ctx)
         return
-    wanted = "sensitivity" if part == "terms" else "search"
     plan = fanout.levels(ctx)
-    if fanout.phase(ctx) != wanted or plan is None:
-        ctx.log.info("piece %s arrived after its stage; nothing to do", part)
-        return
+    assert plan is not None  # published before any phase is set
     fmt_at, threads = plan
     torch.set_num_threads(threads)
     _, task = _build(spec, ctx)
@@ -507,13 +509,12 @@ def _frontier_piece(spec: MixedPrecisionSpec, ctx: JobContext) -> None:
     """Candidates of the frontier from the back: their re-measurement on the backend and their
     simulated metric, each unless another worker holds it."""
     plan = fanout.frontier(ctx)
-    if fanout.phase(ctx) != "frontier" or plan is None:
-        ctx.log.info("piece frontier arrived after its stage; nothing to do")
-        return
+    assert plan is not None  # published before the phase
     configs, threads, keys, hardware = plan
-    if hardware != _hardware(spec.backend):
+    here = _hardware(spec.backend)
+    if hardware != here:
         ctx.log.info("piece frontier: this worker (%s) is not the job's hardware (%s); "
-                     "skipped", _hardware(spec.backend), hardware)
+                     "skipped", here, hardware)
         return
     if all(ctx.memo_get(k) is not None for k in keys):  # the job's worker got there first
         return

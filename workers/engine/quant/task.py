@@ -206,29 +206,29 @@ class QuantTask:
     def computed_by(self) -> dict[str, int]:
         return dict(Counter(self.computed.values()))
 
+    def _metric_now(self) -> float:
+        return self.score(self.forward(self.eval_inputs))
+
+    def _loss_now(self) -> float:
+        return float(self.loss(self.forward(self.calib_inputs)))
+
     def evaluate(self, config: Mapping[str, LayerFormat]) -> float:
         """The metric of ``config`` in simulation, on the evaluation data."""
-        value = self.evaluate_unless_taken(config, wait=True)
-        assert value is not None
-        return value
+        return self.memoized("metric", config, self._metric_now)
 
     def evaluate_unless_taken(self, config: Mapping[str, LayerFormat], wait: bool = False
                               ) -> float | None:
         """As ``evaluate``; None where another worker is computing it (unless ``wait``)."""
-        return self.memoized_unless_taken(
-            "metric", config, lambda: self.score(self.forward(self.eval_inputs)), wait=wait)
+        return self.memoized_unless_taken("metric", config, self._metric_now, wait=wait)
 
     def calib_loss(self, config: Mapping[str, LayerFormat]) -> float:
         """The smooth loss of ``config`` in simulation, on the calibration data."""
-        value = self.calib_loss_unless_taken(config, wait=True)
-        assert value is not None
-        return value
+        return self.memoized("loss", config, self._loss_now)
 
     def calib_loss_unless_taken(self, config: Mapping[str, LayerFormat], wait: bool = False
                                 ) -> float | None:
         """As ``calib_loss``; None where another worker is computing it (unless ``wait``)."""
-        return self.memoized_unless_taken(
-            "loss", config, lambda: float(self.loss(self.forward(self.calib_inputs))), wait=wait)
+        return self.memoized_unless_taken("loss", config, self._loss_now, wait=wait)
 
 
 def config_json(config: Mapping[str, LayerFormat]) -> dict[str, str]:
