@@ -18,7 +18,8 @@ from pydantic import BaseModel
 from app import filechecks, records
 from app.deps import Services
 from app.errors import ApiError, not_found
-from app.schemas import DatasetFormat, DatasetInfo, ModelFormat, ModelInfo
+from app.schemas import FINAL_STATES, DatasetFormat, DatasetInfo, Deleted, ModelFormat, ModelInfo
+from app.storage import StoreError
 
 Collection = Literal["models", "datasets"]
 ACCEPTED_TYPES = {"application/octet-stream", "application/zip", "application/x-zip-compressed"}
@@ -162,3 +163,58 @@ async def list_assets(svc: Services, collection: Collection, tenant: str, model:
             data.pop("tenant")
             out.append(model.model_validate(data))
     return out
+
+
+async def delete_asset(svc: Services, collection: Collection, tenant: str, asset_id: str
+                       ) -> Deleted:
+    """An upload's file and record, unless a queued or running job still needs it (jobs that
+    finished keep their results; a re-run of one would report the input missing)."""
+    what = collection[:-1]
+    await get_asset(svc, collection, tenant, asset_id,
+                    ModelInfo if collection == "models" else DatasetInfo)
+    users = await _active_jobs_using(svc, tenant, asset_id)
+    if users:
+        listed = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+        raise ApiError(409, f"{what} {asset_id} is an input of {len(users)} queued or running "
+                            f"job(s): {listed}; cancel them or let them finish, then delete it")
+    removed = await delete_files(svc, f"tenants/{tenant}/{collection}/{asset_id}/",
+                                 f"{what} {asset_id}")
+    pipe = svc.redis.pipeline(transaction=True)
+    pipe.delete(records.asset_key(collection, asset_id))
+    pipe.zrem(records.tenant_assets_key(tenant, collection), asset_id)
+    await pipe.execute()
+    return Deleted(id=asset_id, object="model" if collection == "models" else "dataset",
+                   files_removed=removed)
+
+
+async def delete_files(svc: Services, prefix: str, what: str) -> int:
+    """Every stored object under ``prefix``; a store that does not answer is a 503 that keeps
+    the caller's records, so a repeated DELETE finishes the work."""
+    try:
+        return await svc.store.delete_prefix_async(prefix)
+    except StoreError as exc:
+        raise ApiError(503, f"could not delete the files of {what}: {exc}. Its record is kept; "
+                            "try again when the object store answers") from None
+
+
+async def _active_jobs_using(svc: Services, tenant: str, asset_id: str) -> list[str]:
+    """The tenant's queued or running jobs whose spec names ``asset_id`` (oldest first)."""
+    ids: list[str] = await svc.redis.zrange(records.tenant_jobs_key(tenant), 0, -1)
+    users = []
+    for i in range(0, len(ids), 500):
+        pipe = svc.redis.pipeline(transaction=False)
+        for job_id in ids[i:i + 500]:
+            pipe.hmget(records.job_key(job_id), ["state", "spec"])
+        for job_id, (state, spec) in zip(ids[i:i + 500], await pipe.execute(), strict=True):
+            if state and state not in FINAL_STATES and spec and _names(json.loads(spec), asset_id):
+                users.append(job_id)
+    return users
+
+
+def _names(value: Any, asset_id: str) -> bool:
+    """Whether a spec (as JSON) holds a reference ``{"id": asset_id, ...}`` anywhere."""
+    if isinstance(value, dict):
+        return value.get("id") == asset_id or any(_names(v, asset_id) for v in value.values())
+    if isinstance(value, list):
+        return any(_names(v, asset_id) for v in value)
+    return False

@@ -20,6 +20,7 @@ from app.schemas import (
     ArtifactInfo,
     DatasetInfo,
     DatasetRef,
+    Deleted,
     ErrorInfo,
     Job,
     JobCreate,
@@ -60,6 +61,7 @@ async def create_job(
     spec = body.spec
     await _check_refs(svc, tenant, spec)
     job_id = f"job_{uuid.uuid4().hex}"
+    idem = None
     if idempotency_key:
         idem = records.idempotency_key(tenant, idempotency_key)
         if not await svc.redis.set(idem, job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
@@ -73,7 +75,7 @@ async def create_job(
     )
     seq = int(await svc.redis.incr(records.tenant_seq_key(tenant)))
     pipe = svc.redis.pipeline(transaction=True)
-    pipe.hset(records.job_key(job_id), mapping=records.job_to_hash(job, tenant, seq))
+    pipe.hset(records.job_key(job_id), mapping=records.job_to_hash(job, tenant, seq, idem))
     pipe.zadd(records.tenant_jobs_key(tenant), {job_id: seq})
     pipe.xadd(records.events_key(job_id), {"data": records.event_json(job_id, "state", state="queued")},
               maxlen=svc.settings.event_stream_maxlen, approximate=True)
@@ -164,6 +166,29 @@ async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Jo
             err.model_dump_json(),
         )
     return await get_job(svc, tenant, job_id)
+
+
+async def delete_job(svc: Services, tenant: str, job_id: str) -> Deleted:
+    """A finished job's record, events, log, memo and every stored file (artifacts and attempt
+    logs). The files go first: if the store cannot be reached, the record stays whole enough to
+    find them and a repeated DELETE finishes the work."""
+    h = await _raw(svc, tenant, job_id)
+    if h.get("state") not in FINAL_STATES:
+        raise ApiError(409, f"job {job_id} is {h.get('state')}; cancel it first "
+                            f"(POST /v1/jobs/{job_id}/cancel), then delete it")
+    prefix = records.artifact_object(tenant, job_id, "")
+    removed = await assets.delete_files(svc, prefix, f"job {job_id}")
+    outcome = await svc.redis.eval(
+        records.DELETE_JOB, 2 + len(records.job_keys(job_id)),
+        # a job created without a key passes one no request can name (keys are 8+ characters)
+        records.tenant_jobs_key(tenant), h.get("idem") or records.idempotency_key(tenant, ""),
+        *records.job_keys(job_id), tenant, job_id,
+    )
+    if outcome == "missing":  # deleted by a concurrent call
+        raise not_found("job", job_id)
+    if outcome != "deleted":
+        raise ApiError(409, f"job {job_id} is {outcome}; cancel it first")
+    return Deleted(id=job_id, object="job", files_removed=removed)
 
 
 async def events(

@@ -56,6 +56,13 @@ def memo_key(job_id: str) -> str:
     return f"{P}:job:{job_id}:memo"
 
 
+def job_keys(job_id: str) -> list[str]:
+    """Every Redis key a job owns, but the memo's claims: each is released when its piece ends,
+    and one whose worker died expires within seconds (a TTL), so none is scanned for."""
+    return [job_key(job_id), events_key(job_id), log_key(job_id), artifacts_key(job_id),
+            runs_key(job_id), lease_key(job_id), memo_key(job_id)]
+
+
 def tenant_jobs_key(tenant: str) -> str:
     return f"{P}:tenant:{tenant}:jobs"
 
@@ -111,9 +118,15 @@ def artifact_object(tenant: str, job_id: str, name: str) -> str:
 _JSON_FIELDS = ("spec", "progress", "result", "error")
 
 
-def job_to_hash(job: Job, tenant: str, seq: int) -> dict[str, str]:
+_INTERNAL_FIELDS = ("tenant", "seq", "idem")  # kept in the hash, not part of the Job
+
+
+def job_to_hash(job: Job, tenant: str, seq: int, idem: str | None = None) -> dict[str, str]:
+    """``idem``: the Idempotency-Key's Redis key, so deleting the job also frees the key."""
     data = job.model_dump(mode="json", exclude={"artifacts", "runs"})
     out: dict[str, str] = {"tenant": tenant, "seq": str(seq)}
+    if idem:
+        out["idem"] = idem
     for k, v in data.items():
         if v is None:
             continue
@@ -131,7 +144,7 @@ def job_from_hash(
 ) -> Job:
     data: dict[str, Any] = {}
     for k, v in h.items():
-        if k in ("tenant", "seq"):
+        if k in _INTERNAL_FIELDS:
             continue
         if k in _JSON_FIELDS:
             data[k] = json.loads(v)
@@ -220,4 +233,18 @@ if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[7]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'data', ARGV[4])
 return 1
+"""
+
+# KEYS: tenant_jobs, idempotency key (or any unused key), job, its other keys...
+# ARGV: tenant, job_id
+# Deletes a finished job of the tenant with every key it owns, and its Idempotency-Key if that
+# still names it; returns 'deleted', 'missing' or the state that kept it (queued or running).
+DELETE_JOB = """
+local h = redis.call('HMGET', KEYS[3], 'tenant', 'state')
+if not h[1] or h[1] ~= ARGV[1] then return 'missing' end
+if h[2] == 'queued' or h[2] == 'running' then return h[2] end
+redis.call('DEL', unpack(KEYS, 3))
+redis.call('ZREM', KEYS[1], ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+return 'deleted'
 """

@@ -800,6 +800,16 @@ class DatasetList(BaseModel):
     items: list[DatasetInfo]
 
 
+class Deleted(BaseModel):
+    """The answer to a DELETE: what is gone, and how many stored files went with it."""
+
+    id: str
+    object: Literal["job", "model", "dataset"]
+    deleted: Literal[True] = True
+    files_removed: int = Field(description="Objects removed from the object store (a job's "
+                               "artifacts and logs; an upload's file).")
+
+
 # ---------------------------------------------------------------- service
 
 

@@ -154,6 +154,25 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             await obstore.delete_async(self._inner, key)
 
+    async def delete_prefix_async(self, prefix: str) -> int:
+        """Delete every object under ``prefix`` (a folder, ending with ``/``); the count.
+        Raises StoreUnavailable when the store cannot be reached: the caller keeps its records,
+        so a repeated call finishes the job."""
+        keys = []
+        try:
+            async for batch in obstore.list(self._inner, prefix=prefix):
+                keys += [meta["path"] for meta in batch]
+            for i in range(0, len(keys), 1000):
+                try:
+                    await obstore.delete_async(self._inner, keys[i:i + 1000])
+                except FileNotFoundError:  # a local file deleted meanwhile: one at a time
+                    for key in keys[i:i + 1000]:
+                        await self.delete_async(key)
+        except GenericError as exc:
+            raise StoreUnavailable(f"the object store {self.url} could not delete under "
+                                   f"{prefix}: {str(exc).splitlines()[0]}") from None
+        return len(keys)
+
     def list_keys(self, prefix: str) -> list[str]:
         def fetch() -> list[str]:
             return [meta["path"] for batch in obstore.list(self._inner, prefix=prefix)
@@ -175,7 +194,8 @@ def open_store(settings: Settings, retry: bool = False) -> Store:
     if parsed.scheme == "file":
         root = Path(parsed.path)
         root.mkdir(parents=True, exist_ok=True)
-        return Store(LocalStore(prefix=root, mkdir=True), url)
+        # automatic_cleanup: deleting a job's or an upload's files also removes its empty folders
+        return Store(LocalStore(prefix=root, mkdir=True, automatic_cleanup=True), url)
     if parsed.scheme == "s3":
         prefix = parsed.path.strip("/") or None
         secret = settings.s3_secret_access_key

@@ -20,6 +20,7 @@ from app.schemas import (
     FINAL_STATES,
     ArtifactInfo,
     DatasetInfo,
+    Deleted,
     Health,
     Job,
     JobEvent,
@@ -133,6 +134,10 @@ class AsyncModels:
     async def get(self, model_id: str) -> ModelInfo:
         return await self._c._call(_base.get_model(model_id))
 
+    async def delete(self, model_id: str) -> Deleted:
+        """Delete an uploaded model; a queued or running job that names it is a ConflictError."""
+        return await self._c._call(_base.delete_model(model_id))
+
 
 class AsyncDatasets:
     def __init__(self, client: AsyncClient) -> None:
@@ -147,6 +152,10 @@ class AsyncDatasets:
 
     async def get(self, dataset_id: str) -> DatasetInfo:
         return await self._c._call(_base.get_dataset(dataset_id))
+
+    async def delete(self, dataset_id: str) -> Deleted:
+        """Delete an uploaded dataset; a queued or running job that names it is a ConflictError."""
+        return await self._c._call(_base.delete_dataset(dataset_id))
 
 
 class AsyncJobs:
@@ -178,6 +187,11 @@ class AsyncJobs:
 
     async def cancel(self, job_id: str, *, force: bool = False) -> Job:
         return await self._c._call(_base.cancel_job(job_id, force))
+
+    async def delete(self, job_id: str) -> Deleted:
+        """Delete a finished job with its artifacts and logs; a queued or running one is a
+        ConflictError (cancel it first)."""
+        return await self._c._call(_base.delete_job(job_id))
 
     async def log(self, job_id: str, *, tail: int = 500) -> builtins.list[str]:
         return await self._c._call(_base.job_log(job_id, tail))

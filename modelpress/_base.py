@@ -20,6 +20,7 @@ from app.schemas import (
     ArtifactInfo,
     DatasetInfo,
     DatasetList,
+    Deleted,
     Health,
     Job,
     JobEvent,
@@ -177,6 +178,10 @@ def get_model(model_id: str) -> Call[ModelInfo]:
     return Call("GET", f"/v1/models/{model_id}", _model(ModelInfo))
 
 
+def delete_model(model_id: str) -> Call[Deleted]:
+    return Call("DELETE", f"/v1/models/{model_id}", _model(Deleted))
+
+
 def upload_dataset(path: Path, name: str | None, fmt: str | None) -> Call[DatasetInfo]:
     fmt = fmt or {".npz": "npz", ".safetensors": "safetensors"}.get(path.suffix)
     params = {"name": name or path.stem, **({"format": fmt} if fmt else {})}  # else detected
@@ -190,6 +195,10 @@ def list_datasets() -> Call[list[DatasetInfo]]:
 
 def get_dataset(dataset_id: str) -> Call[DatasetInfo]:
     return Call("GET", f"/v1/datasets/{dataset_id}", _model(DatasetInfo))
+
+
+def delete_dataset(dataset_id: str) -> Call[Deleted]:
+    return Call("DELETE", f"/v1/datasets/{dataset_id}", _model(Deleted))
 
 
 def create_job(spec: BaseModel | Mapping[str, Any], name: str | None,
@@ -216,6 +225,10 @@ def list_jobs(limit: int, cursor: str | None, state: str | None, kind: str | Non
 def cancel_job(job_id: str, force: bool) -> Call[Job]:
     return Call("POST", f"/v1/jobs/{job_id}/cancel", _model(Job),
                 params={"force": "true"} if force else None)
+
+
+def delete_job(job_id: str) -> Call[Deleted]:
+    return Call("DELETE", f"/v1/jobs/{job_id}", _model(Deleted))
 
 
 def job_log(job_id: str, tail: int) -> Call[list[str]]:

@@ -18,6 +18,7 @@ from app.schemas import (
     FINAL_STATES,
     ArtifactInfo,
     DatasetInfo,
+    Deleted,
     Health,
     Job,
     JobEvent,
@@ -132,6 +133,10 @@ class Models:
     def get(self, model_id: str) -> ModelInfo:
         return self._c._call(_base.get_model(model_id))
 
+    def delete(self, model_id: str) -> Deleted:
+        """Delete an uploaded model; a queued or running job that names it is a ConflictError."""
+        return self._c._call(_base.delete_model(model_id))
+
 
 class Datasets:
     def __init__(self, client: Client) -> None:
@@ -147,6 +152,10 @@ class Datasets:
 
     def get(self, dataset_id: str) -> DatasetInfo:
         return self._c._call(_base.get_dataset(dataset_id))
+
+    def delete(self, dataset_id: str) -> Deleted:
+        """Delete an uploaded dataset; a queued or running job that names it is a ConflictError."""
+        return self._c._call(_base.delete_dataset(dataset_id))
 
 
 class Jobs:
@@ -177,6 +186,11 @@ class Jobs:
 
     def cancel(self, job_id: str, *, force: bool = False) -> Job:
         return self._c._call(_base.cancel_job(job_id, force))
+
+    def delete(self, job_id: str) -> Deleted:
+        """Delete a finished job with its artifacts and logs; a queued or running one is a
+        ConflictError (cancel it first)."""
+        return self._c._call(_base.delete_job(job_id))
 
     def log(self, job_id: str, *, tail: int = 500) -> builtins.list[str]:
         return self._c._call(_base.job_log(job_id, tail))

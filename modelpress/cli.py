@@ -16,7 +16,7 @@ import redis
 from app.auth import TENANT_RE, create_key, hash_token
 from app.config import Settings
 from app.records import apikey_key
-from app.schemas import FINAL_STATES, Job, MixedPrecisionSpec, ModelRef
+from app.schemas import FINAL_STATES, Deleted, Job, MixedPrecisionSpec, ModelRef
 from modelpress import _stack
 from modelpress._client import Client
 from modelpress._errors import ModelpressError
@@ -277,7 +277,7 @@ def keys_create(tenant: str, name: str) -> None:
 
 @main.group()
 def models() -> None:
-    """Upload and list models."""
+    """Upload, list and delete models."""
 
 
 @models.command("upload")
@@ -298,9 +298,23 @@ def models_list(ctx: click.Context) -> None:
             click.echo(f"{m.id}  {m.format:<4} {m.size:>12,}  {m.name}")
 
 
+@models.command("delete")
+@click.argument("model_id")
+@click.pass_context
+def models_delete(ctx: click.Context, model_id: str) -> None:
+    """Delete an uploaded model (refused while a queued or running job names it)."""
+    with _client(ctx) as c:
+        _echo_deleted(c.models.delete(model_id))
+
+
+def _echo_deleted(d: Deleted) -> None:
+    click.echo(f"{d.id} deleted ({d.files_removed} stored file{'s' * (d.files_removed != 1)} "
+               "removed)")
+
+
 @main.group()
 def datasets() -> None:
-    """Upload and list datasets."""
+    """Upload, list and delete datasets."""
 
 
 @datasets.command("upload")
@@ -321,9 +335,18 @@ def datasets_list(ctx: click.Context) -> None:
             click.echo(f"{d.id}  {d.format:<11} {d.size:>12,}  {d.name}")
 
 
+@datasets.command("delete")
+@click.argument("dataset_id")
+@click.pass_context
+def datasets_delete(ctx: click.Context, dataset_id: str) -> None:
+    """Delete an uploaded dataset (refused while a queued or running job names it)."""
+    with _client(ctx) as c:
+        _echo_deleted(c.datasets.delete(dataset_id))
+
+
 @main.group()
 def jobs() -> None:
-    """Submit, list, follow, cancel jobs and download their artifacts."""
+    """Submit, list, follow, cancel and delete jobs and download their artifacts."""
 
 
 @jobs.command("submit")
@@ -398,6 +421,15 @@ def jobs_cancel(ctx: click.Context, job_id: str, force: bool) -> None:
     with _client(ctx) as c:
         job = c.jobs.cancel(job_id, force=force)
         click.echo(f"{job.id} {job.state}" + (" (cancel requested)" if job.cancel_requested else ""))
+
+
+@jobs.command("delete")
+@click.argument("job_id")
+@click.pass_context
+def jobs_delete(ctx: click.Context, job_id: str) -> None:
+    """Delete a finished job with its artifacts and logs (cancel a running one first)."""
+    with _client(ctx) as c:
+        _echo_deleted(c.jobs.delete(job_id))
 
 
 @jobs.command("download")

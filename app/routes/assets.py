@@ -6,7 +6,15 @@ from fastapi import APIRouter, Header, Query, Request
 
 from app import assets
 from app.deps import PrincipalDep, ServicesDep
-from app.schemas import DatasetFormat, DatasetInfo, DatasetList, ModelFormat, ModelInfo, ModelList
+from app.schemas import (
+    DatasetFormat,
+    DatasetInfo,
+    DatasetList,
+    Deleted,
+    ModelFormat,
+    ModelInfo,
+    ModelList,
+)
 
 router = APIRouter(prefix="/v1", tags=["models and datasets"])
 
@@ -49,6 +57,13 @@ async def get_model(model_id: str, svc: ServicesDep, who: PrincipalDep) -> Model
     return await assets.get_asset(svc, "models", who.tenant, model_id, ModelInfo)
 
 
+@router.delete("/models/{model_id}", response_model=Deleted)
+async def delete_model(model_id: str, svc: ServicesDep, who: PrincipalDep) -> Deleted:
+    """Delete an uploaded model and its file; refused (409) while a queued or running job
+    names it."""
+    return await assets.delete_asset(svc, "models", who.tenant, model_id)
+
+
 @router.post("/datasets", status_code=201, response_model=DatasetInfo, openapi_extra=_UPLOAD_BODY)
 async def upload_dataset(
     request: Request,
@@ -76,3 +91,10 @@ async def list_datasets(
 @router.get("/datasets/{dataset_id}", response_model=DatasetInfo)
 async def get_dataset(dataset_id: str, svc: ServicesDep, who: PrincipalDep) -> DatasetInfo:
     return await assets.get_asset(svc, "datasets", who.tenant, dataset_id, DatasetInfo)
+
+
+@router.delete("/datasets/{dataset_id}", response_model=Deleted)
+async def delete_dataset(dataset_id: str, svc: ServicesDep, who: PrincipalDep) -> Deleted:
+    """Delete an uploaded dataset and its file; refused (409) while a queued or running job
+    names it."""
+    return await assets.delete_asset(svc, "datasets", who.tenant, dataset_id)

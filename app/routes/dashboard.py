@@ -4,6 +4,7 @@ SameSite=Strict cookie after the login form."""
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -126,6 +127,7 @@ async def jobs_page(
     state: Annotated[str | None, Query()] = None,
     kind: Annotated[str | None, Query()] = None,
     again: Annotated[str | None, Query(alias="from")] = None,
+    deleted: Annotated[str | None, Query(pattern=r"^job_[0-9a-f]{32}$")] = None,
     error: str = "",
 ) -> HTMLResponse:
     who = await _who(request, svc)
@@ -137,7 +139,8 @@ async def jobs_page(
         prefill = json.dumps(src.spec.model_dump(mode="json", exclude_none=True), indent=2)
     return _page(request, "jobs.html", jobs=page.items, state=state or "", kind=kind or "",
                  kinds=KINDS, states=STATES, zoo=ZOO, builtin=BUILTIN_DATA, models=models,
-                 datasets=data, prefill=prefill, error=error, summary=_summary, tenant=who.tenant)
+                 datasets=data, prefill=prefill, error=error, summary=_summary, tenant=who.tenant,
+                 deleted=deleted)
 
 
 @router.post("/ui/jobs")
@@ -209,6 +212,20 @@ async def cancel(request: Request, job_id: str, svc: ServicesDep) -> HTMLRespons
     msg = ("Cancelled." if job.state == "cancelled" else
            "Cancel requested: the job stops at its next step.")
     return HTMLResponse(f'<span id="cancel-status">{msg}</span>')
+
+
+@router.post("/ui/jobs/{job_id}/delete")
+async def delete(request: Request, job_id: str, svc: ServicesDep) -> Response:
+    who = await _who(request, svc)
+    try:
+        await jobs.delete_job(svc, who.tenant, job_id)
+    except ApiError as exc:  # shown where the button was (409: still running; 503: store down)
+        if exc.status == 404:
+            raise
+        return HTMLResponse(f'<span id="delete-status" class="error">{html.escape(exc.message)}'
+                            "</span>")
+    # htmx follows HX-Redirect with a full page load
+    return Response(status_code=204, headers={"HX-Redirect": f"/ui/jobs?deleted={job_id}"})
 
 
 def install(app: Any) -> None:

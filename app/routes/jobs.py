@@ -9,7 +9,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app import jobs, records
 from app.deps import PrincipalDep, ServicesDep
-from app.schemas import ArtifactInfo, Job, JobCreate, JobKind, JobLog, JobPage, JobState
+from app.schemas import ArtifactInfo, Deleted, Job, JobCreate, JobKind, JobLog, JobPage, JobState
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -50,6 +50,13 @@ async def list_jobs(
 @router.get("/{job_id}", response_model=Job)
 async def get_job(job_id: str, svc: ServicesDep, who: PrincipalDep) -> Job:
     return await jobs.get_job(svc, who.tenant, job_id)
+
+
+@router.delete("/{job_id}", response_model=Deleted)
+async def delete_job(job_id: str, svc: ServicesDep, who: PrincipalDep) -> Deleted:
+    """Delete a finished job: its record, events, log and every stored artifact. A queued or
+    running job is refused (409): cancel it first."""
+    return await jobs.delete_job(svc, who.tenant, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=Job)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.schemas import BenchmarkSpec, MixedPrecisionResult, ModelRef, SpikingResult
+from modelpress import NotFoundError
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.slow
@@ -138,6 +139,13 @@ def test_cancel_from_the_page(browser: object, stack: Stack) -> None:
     page.click("#cancel")  # type: ignore[attr-defined]
     sync_api.expect(page.locator("#state")).to_have_text("cancelled", timeout=30_000)  # type: ignore[attr-defined]
     sync_api.expect(page.locator("#cancelled")).to_be_visible(timeout=10_000)  # type: ignore[attr-defined]
+    # Finished, it can be deleted from the same page (the button appears without a reload).
+    page.click("#delete")  # type: ignore[attr-defined]
+    page.wait_for_url(f"**/ui/jobs?deleted={job.id}")  # type: ignore[attr-defined]
+    sync_api.expect(page.locator("#deleted-notice")).to_contain_text(job.id)  # type: ignore[attr-defined]
+    assert f'href="/ui/jobs/{job.id}"' not in page.content()  # type: ignore[attr-defined]
+    with stack.client(key) as client, pytest.raises(NotFoundError):
+        client.jobs.get(job.id)
 
 
 def test_other_tenants_job_is_a_404_page(browser: object, stack: Stack) -> None:

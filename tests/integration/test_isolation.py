@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 # Dashboard pages are outside the OpenAPI schema (include_in_schema=False): listed here.
 UI_ROUTES = [("GET", "/ui/jobs/{job_id}"), ("GET", "/ui/jobs/{job_id}/result"),
-             ("GET", "/ui/jobs/{job_id}/log"), ("POST", "/ui/jobs/{job_id}/cancel")]
+             ("GET", "/ui/jobs/{job_id}/log"), ("POST", "/ui/jobs/{job_id}/cancel"),
+             ("POST", "/ui/jobs/{job_id}/delete")]
 
 
 def unname(text: str, ids: dict[str, str]) -> str:
@@ -75,3 +76,4 @@ def test_every_route_hides_another_tenants_resources(stack: Stack, tmp_path: Pat
         assert own.get(f"/v1/jobs/{job.id}").status_code == 200
         assert own.get(f"/v1/models/{mdl.id}").status_code == 200
         assert own.get(f"/v1/jobs/{job.id}/artifacts/{ids['name']}").status_code == 200
+        assert own.get(f"/v1/datasets/{dst.id}").status_code == 200

@@ -45,14 +45,21 @@ def test_artifact_round_trip_through_s3(s3_stack: Stack, moto: Moto, tmp_path: P
         assert done.state == "succeeded"
         got = client.jobs.download(job.id, "benchmark.json", tmp_path).read_bytes()
 
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="prod/")["Contents"]]
-    [model_key] = [k for k in keys if model.id in k]
-    [art_key] = [k for k in keys if job.id in k and k.endswith("/benchmark.json")]
-    assert s3.get_object(Bucket=BUCKET, Key=art_key)["Body"].read() == got
-    uploaded = s3.get_object(Bucket=BUCKET, Key=model_key)["Body"].read()
-    assert uploaded == (tmp_path / "tiny.pt2").read_bytes()
-    # Nothing went to a local store folder instead.
-    assert not (s3_stack.root / "store").exists()
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="prod/")["Contents"]]
+        [model_key] = [k for k in keys if model.id in k]
+        [art_key] = [k for k in keys if job.id in k and k.endswith("/benchmark.json")]
+        assert s3.get_object(Bucket=BUCKET, Key=art_key)["Body"].read() == got
+        uploaded = s3.get_object(Bucket=BUCKET, Key=model_key)["Body"].read()
+        assert uploaded == (tmp_path / "tiny.pt2").read_bytes()
+        # Nothing went to a local store folder instead.
+        assert not (s3_stack.root / "store").exists()
+
+        # Deleting removes the objects from the bucket (one DeleteObjects call per 1000 keys).
+        job_keys = [k for k in keys if job.id in k]
+        assert client.jobs.delete(job.id).files_removed == len(job_keys) >= 2
+        assert client.models.delete(model.id).files_removed == 1
+    left = s3.list_objects_v2(Bucket=BUCKET, Prefix="prod/").get("Contents", [])
+    assert not [o["Key"] for o in left if job.id in o["Key"] or model.id in o["Key"]]
 
 
 def test_readyz_reports_a_missing_bucket(tmp_path: Path, redis_server: _stack.EmbeddedRedis,

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
-from app.schemas import BenchmarkResult, BenchmarkSpec, ModelRef
+from app.schemas import BenchmarkResult, BenchmarkSpec, DatasetRef, Deleted, ModelRef
 from modelpress import (
     AsyncClient,
     AuthenticationError,
     BadRequestError,
     Client,
+    ConflictError,
     IntegrityError,
     JobFailedError,
     NotFoundError,
@@ -320,6 +322,86 @@ def test_idempotent_create_and_paging(stack: Stack) -> None:
         assert client.jobs.list(state="failed").items == []
 
 
+def _owned_files(store: Path, resource_id: str) -> list[Path]:
+    return [p for p in store.rglob("*") if resource_id in p.parts]
+
+
+def test_delete_a_finished_job_with_its_files_never_a_live_one(stack: Stack,
+                                                             shared_store: Path) -> None:
+    spec = BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3, per_layer=False)
+    with stack.client() as client:
+        done = client.jobs.wait(client.jobs.create(spec, idempotency_key="delete-key-0001").id,
+                                timeout=60)
+        files = [p for p in _owned_files(shared_store, done.id) if p.is_file()]
+        assert sorted(p.name for p in files) == sorted(a.name for a in done.artifacts)
+        assert len(files) >= 2 and stack.redis.keys(f"mp:job:{done.id}*")
+
+        live = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
+                                                min_time_s=120, per_layer=False))
+        wait_for(lambda: client.jobs.get(live.id).progress.stage == "measure", 60,
+                 "the job to start measuring")
+        with pytest.raises(ConflictError, match="cancel it first"):
+            client.jobs.delete(live.id)
+        assert client.jobs.get(live.id).state == "running"  # untouched by the refusal
+
+        assert client.jobs.delete(done.id) == Deleted(id=done.id, object="job",
+                                                      files_removed=len(files))
+        assert _owned_files(shared_store, done.id) == []  # its folders too
+        assert stack.redis.keys(f"mp:job:{done.id}*") == []
+        with pytest.raises(NotFoundError):
+            client.jobs.get(done.id)
+        with pytest.raises(NotFoundError):
+            client.jobs.delete(done.id)
+        assert done.id not in {j.id for j in client.jobs.iter()}
+        # The deleted job's Idempotency-Key is free again: the same key makes a new job.
+        again = client.jobs.create(spec, idempotency_key="delete-key-0001")
+        assert again.id != done.id
+
+        client.jobs.cancel(live.id)
+        assert client.jobs.wait(live.id, timeout=30, raise_on_failure=False).state == "cancelled"
+
+        async def delete_async() -> Deleted:
+            async with AsyncClient(api_key=client.api_key, base_url=stack.base_url) as ac:
+                return await ac.jobs.delete(live.id)
+
+        assert asyncio.run(delete_async()).files_removed == 1  # the cancelled attempt's log
+        assert client.jobs.wait(again.id, timeout=60).state == "succeeded"
+
+
+def test_delete_uploads_unless_a_live_job_names_them(stack: Stack, tmp_path: Path,
+                                                    shared_store: Path) -> None:
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((8, 16), dtype=np.float32))
+    with stack.client() as client:
+        model = client.models.upload(export_tiny(tmp_path / "tiny.pt2"), name="tiny")
+        data = client.datasets.upload(tmp_path / "d.npz")
+        running = client.jobs.create(BenchmarkSpec(model=ModelRef(id=model.id), repeats=10,
+                                                   min_time_s=120, per_layer=False))
+        queued = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"),
+                                                  dataset=DatasetRef(id=data.id)))
+        wait_for(lambda: client.jobs.get(running.id).state == "running", 60, "the job to start")
+        with pytest.raises(ConflictError, match=running.id):
+            client.models.delete(model.id)
+        with pytest.raises(ConflictError, match=queued.id):
+            client.datasets.delete(data.id)
+        assert client.models.get(model.id) == model and client.datasets.get(data.id) == data
+
+        client.jobs.cancel(queued.id)
+        assert client.datasets.delete(data.id) == Deleted(id=data.id, object="dataset",
+                                                          files_removed=1)
+        client.jobs.cancel(running.id)
+        client.jobs.wait(running.id, timeout=30, raise_on_failure=False)
+        assert client.models.delete(model.id).files_removed == 1
+        assert _owned_files(shared_store, model.id) == _owned_files(shared_store, data.id) == []
+        assert client.models.list() == [] and client.datasets.list() == []
+        for missing in (lambda: client.models.get(model.id), lambda: client.datasets.get(data.id),
+                        lambda: client.models.delete(model.id),
+                        lambda: client.jobs.create(BenchmarkSpec(model=ModelRef(id=model.id)))):
+            with pytest.raises(NotFoundError):
+                missing()
+        # The finished job that used the model keeps its record and its log.
+        assert client.jobs.get(running.id).state == "cancelled"
+
+
 def test_readyz_and_docs(stack: Stack) -> None:
     r = httpx.get(f"{stack.base_url}/readyz")
     assert r.status_code == 200
@@ -414,9 +496,9 @@ def test_intrinsic_dimension_job_through_the_api(stack: Stack, tmp_path: Path) -
     assert acc == pytest.approx(res.rebuilt_accuracy, abs=1e-9) and acc >= res.target
 
 
-def test_cli_submits_from_stdin_and_downloads_into_a_new_folder(stack: Stack, tmp_path: Path
+def test_cli_submits_from_stdin_downloads_into_a_new_folder_and_deletes(stack: Stack, tmp_path: Path
                                                                 ) -> None:
-    """The README's CLI lines: a spec on stdin, `--wait`, then `download ... -o out/`."""
+    """The README's CLI lines: a spec on stdin, `--wait`, `download ... -o out/`, `delete`."""
     import subprocess
     import sys
 
@@ -435,3 +517,7 @@ def test_cli_submits_from_stdin_and_downloads_into_a_new_folder(stack: Stack, tm
     got = tmp_path / cli("jobs", "download", job_id, "benchmark.json", "-o", "out/").strip()
     assert got == tmp_path / "out" / "benchmark.json"
     assert BenchmarkResult.model_validate_json(got.read_bytes()).latency.repeats >= 3
+    assert cli("jobs", "delete", job_id).strip() == f"{job_id} deleted (2 stored files removed)"
+    again = subprocess.run([sys.executable, "-m", "modelpress.cli", "jobs", "delete", job_id],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and f"job '{job_id}' not found" in again.stderr, again.stderr

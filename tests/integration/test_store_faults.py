@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from app.schemas import BenchmarkSpec, ModelRef
-from modelpress import Client, _stack
+from modelpress import Client, InternalServerError, _stack
 from tests.conftest import Stack, make_stack, running
 from tests.helpers import export_tiny, measured
 from tests.integration.test_service import wait_for
@@ -113,6 +113,34 @@ def test_s3_down_longer_than_the_retries_fails_the_job_clearly(
     assert not [k for k in keys if job.id in k]
     measured.append(f"s3 down > {RETRY_S} s of retries: job failed store_unavailable after "
                     f"{took:.0f} s, attempts {again.attempts}, no artifact, input kept")
+
+
+def test_deleting_while_s3_is_down_keeps_the_job_and_a_repeat_finishes(
+        s3_stack: Stack, moto: Moto, tmp_path: Path) -> None:
+    with s3_stack.client(max_retries=0) as client:  # the 503 itself, not the SDK's retries
+        model = client.models.upload(export_tiny(tmp_path / "tiny.pt2"), name="tiny")
+        job = client.jobs.wait(client.jobs.create(BenchmarkSpec(
+            model=ModelRef(id=model.id), batch_size=8, repeats=3, per_layer=False)).id,
+            timeout=60)
+        moto.stop()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(InternalServerError) as info:
+                client.jobs.delete(job.id)
+            took = time.monotonic() - t0
+        finally:
+            moto.start()
+        assert info.value.status_code == 503
+        assert "Its record is kept; try again" in str(info.value)
+        assert took < 30  # the API answers instead of hanging on the store
+        assert client.jobs.get(job.id).artifacts == job.artifacts
+        assert client.jobs.delete(job.id).files_removed == len(job.artifacts)
+        assert client.models.delete(model.id).files_removed == 1
+    keys = [o["Key"] for o in moto.client().list_objects_v2(
+        Bucket=BUCKET, Prefix="prod/").get("Contents", [])]
+    assert not [k for k in keys if job.id in k or model.id in k]
+    measured.append(f"delete with s3 down: 503 after {took:.1f} s, job kept; the repeat "
+                    f"removed {len(job.artifacts)} files")
 
 
 # ---------------------------------------------------------------- a full disk

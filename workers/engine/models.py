@@ -78,7 +78,8 @@ def _fetch(ctx: JobContext, prefix: str, what: str) -> Path:
         raise UserError(f"{what} uploads need an object store")
     keys = ctx.store.list_keys(prefix)
     if not keys:
-        raise UserError(f"{what} {prefix.rstrip('/').rsplit('/', 1)[-1]} is missing from the store")
+        raise UserError(f"{what} {prefix.rstrip('/').rsplit('/', 1)[-1]} is missing from the store "
+                        "(deleted after the job was submitted?); upload it again")
     key = sorted(keys)[0]
     return ctx.store.download(key, ctx.workdir / "inputs" / key.replace("/", "_"))
 
