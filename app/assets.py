@@ -19,7 +19,7 @@ from app import filechecks, records
 from app.deps import Services
 from app.errors import ApiError, not_found
 from app.schemas import FINAL_STATES, DatasetFormat, DatasetInfo, Deleted, ModelFormat, ModelInfo
-from app.storage import StoreError
+from app.storage import StoreError, StoreUnavailable
 
 Collection = Literal["models", "datasets"]
 ACCEPTED_TYPES = {"application/octet-stream", "application/zip", "application/x-zip-compressed"}
@@ -168,21 +168,36 @@ async def list_assets(svc: Services, collection: Collection, tenant: str, model:
 async def delete_asset(svc: Services, collection: Collection, tenant: str, asset_id: str
                        ) -> Deleted:
     """An upload's file and record, unless a queued or running job still needs it (jobs that
-    finished keep their results; a re-run of one would report the input missing)."""
+    finished keep their results; a re-run of one would report the input missing).
+
+    The record goes first, so a job submitted from then on is refused (404) instead of failing
+    later for a missing file; it comes back if the upload turns out to be in use (409) or its
+    file cannot be deleted (5xx), so a repeated DELETE can finish the work."""
     what = collection[:-1]
     await get_asset(svc, collection, tenant, asset_id,
                     ModelInfo if collection == "models" else DatasetInfo)
-    users = await _active_jobs_using(svc, tenant, asset_id)
-    if users:
-        listed = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
-        raise ApiError(409, f"{what} {asset_id} is an input of {len(users)} queued or running "
-                            f"job(s): {listed}; cancel them or let them finish, then delete it")
-    removed = await delete_files(svc, f"tenants/{tenant}/{collection}/{asset_id}/",
-                                 f"{what} {asset_id}")
+    key, index = records.asset_key(collection, asset_id), records.tenant_assets_key(tenant, collection)
     pipe = svc.redis.pipeline(transaction=True)
-    pipe.delete(records.asset_key(collection, asset_id))
-    pipe.zrem(records.tenant_assets_key(tenant, collection), asset_id)
-    await pipe.execute()
+    pipe.getdel(key)
+    pipe.zscore(index, asset_id)
+    pipe.zrem(index, asset_id)
+    raw, score, _ = await pipe.execute()
+    if raw is None:  # deleted by a concurrent call
+        raise not_found(what, asset_id)
+    try:
+        users = await _active_jobs_using(svc, tenant, asset_id)
+        if users:
+            listed = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+            raise ApiError(409, f"{what} {asset_id} is an input of {len(users)} queued or running "
+                                f"job(s): {listed}; cancel them or let them finish, then delete it")
+        removed = await delete_files(svc, f"tenants/{tenant}/{collection}/{asset_id}/",
+                                     f"{what} {asset_id}")
+    except BaseException:
+        restore = svc.redis.pipeline(transaction=True)
+        restore.set(key, raw)
+        restore.zadd(index, {asset_id: float(score or time.time())})
+        await restore.execute()
+        raise
     return Deleted(id=asset_id, object="model" if collection == "models" else "dataset",
                    files_removed=removed)
 
@@ -192,9 +207,13 @@ async def delete_files(svc: Services, prefix: str, what: str) -> int:
     the caller's records, so a repeated DELETE finishes the work."""
     try:
         return await svc.store.delete_prefix_async(prefix)
-    except StoreError as exc:
+    except StoreUnavailable as exc:
         raise ApiError(503, f"could not delete the files of {what}: {exc}. Its record is kept; "
                             "try again when the object store answers") from None
+    except StoreError as exc:
+        raise ApiError(502, f"the object store refused to delete the files of {what}: {exc}. "
+                            "Its record is kept; check the store's permissions (the service "
+                            "needs to list and delete objects)", "store_refused") from None
 
 
 async def _active_jobs_using(svc: Services, tenant: str, asset_id: str) -> list[str]:

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         description="Seconds before an unacknowledged job is handed to another worker. Must exceed "
         "the task time limit (checked at start-up), or a long job would run twice.",
     )
+    job_retention_days: float = Field(
+        default=0.0, ge=0,
+        description="Finished jobs older than this many days are deleted with their artifacts "
+        "and logs by the API (0: kept until deleted). Uploads are never deleted by it.",
+    )
     worker_heartbeat_s: float = Field(
         default=5.0, gt=0, description="Worker heartbeat and job-lease refresh period (seconds)."
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -64,9 +65,19 @@ async def create_job(
     idem = None
     if idempotency_key:
         idem = records.idempotency_key(tenant, idempotency_key)
-        if not await svc.redis.set(idem, job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
+        # a key freed between the two calls (its job deleted) is taken again
+        while not await svc.redis.set(idem, job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
             existing = await svc.redis.get(idem)
-            return await get_job(svc, tenant, str(existing)), False
+            if existing is None:
+                continue
+            try:
+                return await get_job(svc, tenant, str(existing)), False
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                # the first request with this key has not written its job yet
+                raise ApiError(409, "a request with this Idempotency-Key is still being "
+                                    "processed; retry it in a moment") from None
     queue = queue_for(svc, spec)
     job = Job(
         id=job_id, kind=spec.kind, name=body.name, state="queued", spec=spec, queue=queue,
@@ -89,6 +100,7 @@ async def create_job(
         err = ErrorInfo(type="enqueue_failed", message=f"could not reach the queue: {exc}")
         await svc.redis.hset(records.job_key(job_id), mapping={
             "state": "failed", "finished_at": records.iso(), "error": err.model_dump_json()})
+        await svc.redis.zadd(records.FINISHED_KEY, {job_id: time.time()})
         raise ApiError(503, "the job queue is unavailable; try again shortly") from exc
     return job, True
 
@@ -147,8 +159,8 @@ async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Jo
     maxlen = svc.settings.event_stream_maxlen
     event = records.event_json(job_id, "state", state="cancelled")
     outcome = await svc.redis.eval(
-        records.CANCEL, 2, records.job_key(job_id), records.events_key(job_id),
-        records.iso(), event, maxlen,
+        records.CANCEL, 3, records.job_key(job_id), records.events_key(job_id),
+        records.FINISHED_KEY, records.iso(), event, maxlen, job_id, time.time(),
     )
     if outcome in FINAL_STATES and outcome != "cancelled":
         raise ApiError(409, f"job {job_id} already {outcome}; nothing to cancel")
@@ -161,9 +173,9 @@ async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Jo
     if terminate:
         err = ErrorInfo(type="cancelled", message="cancelled by force; the worker was stopped")
         await svc.redis.eval(
-            records.FINISH, 2, records.job_key(job_id), records.events_key(job_id),
-            h.get("attempts", "0"), "cancelled", records.iso(), event, maxlen, "",
-            err.model_dump_json(),
+            records.FINISH, 3, records.job_key(job_id), records.events_key(job_id),
+            records.FINISHED_KEY, h.get("attempts", "0"), "cancelled", records.iso(), event,
+            maxlen, "", err.model_dump_json(), job_id, time.time(),
         )
     return await get_job(svc, tenant, job_id)
 
@@ -179,10 +191,10 @@ async def delete_job(svc: Services, tenant: str, job_id: str) -> Deleted:
     prefix = records.artifact_object(tenant, job_id, "")
     removed = await assets.delete_files(svc, prefix, f"job {job_id}")
     outcome = await svc.redis.eval(
-        records.DELETE_JOB, 2 + len(records.job_keys(job_id)),
+        records.DELETE_JOB, 3 + len(records.job_keys(job_id)),
         # a job created without a key passes one no request can name (keys are 8+ characters)
         records.tenant_jobs_key(tenant), h.get("idem") or records.idempotency_key(tenant, ""),
-        *records.job_keys(job_id), tenant, job_id,
+        records.FINISHED_KEY, *records.job_keys(job_id), tenant, job_id,
     )
     if outcome == "missing":  # deleted by a concurrent call
         raise not_found("job", job_id)

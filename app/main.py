@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import errors
+from app import errors, retention
 from app.config import Settings, get_settings
 from app.deps import Services
 from app.redis_client import async_client
@@ -16,8 +19,20 @@ from app.storage import open_store
 from workers.celery_app import create_celery
 
 
+def _log_to_stderr() -> None:
+    """The API's own log lines (retention sweeps, enqueue failures) at INFO beside uvicorn's;
+    left alone when the host application configured logging itself."""
+    logger = logging.getLogger("modelpress")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    _log_to_stderr()
     if not settings.redis_url:
         raise RuntimeError("MODELPRESS_REDIS_URL (or REDIS_URL) is not set; `modelpress serve` "
                            "starts an embedded Redis for local use")
@@ -25,10 +40,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         r = async_client(settings, health_check_interval=30, socket_timeout=60)
-        app.state.services = Services(settings, r, open_store(settings), create_celery(settings))
+        svc = Services(settings, r, open_store(settings), create_celery(settings))
+        app.state.services = svc
+        sweeper = (asyncio.create_task(retention.run(svc)) if settings.job_retention_days > 0
+                   else None)
         try:
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
             await r.aclose()
 
     app = FastAPI(

@@ -63,6 +63,9 @@ def job_keys(job_id: str) -> list[str]:
             runs_key(job_id), lease_key(job_id), memo_key(job_id)]
 
 
+FINISHED_KEY = f"{P}:finished"  # every finished job, scored by when it finished (for retention)
+
+
 def tenant_jobs_key(tenant: str) -> str:
     return f"{P}:tenant:{tenant}:jobs"
 
@@ -179,13 +182,14 @@ def event_from_stream(entry_id: str, fields: dict[str, str]) -> JobEvent:
 
 # ---------------------------------------------------------------- atomic transitions (Lua)
 
-# KEYS: job, events   ARGV: now, event_json, maxlen
+# KEYS: job, events, finished   ARGV: now, event_json, maxlen, job_id, now (epoch seconds)
 # queued -> cancelled at once; running -> flag for the worker; final -> unchanged.
 CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if state == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1], 'cancel_requested', '1')
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2])
   return 'cancelled'
 end
@@ -223,28 +227,55 @@ if c == '1' then return {1, 1} end
 return {1, 0}
 """
 
-# KEYS: job, events   ARGV: attempt, state, now, event_json, maxlen, result_json, error_json
+# KEYS: job, events, finished
+# ARGV: attempt, state, now, event_json, maxlen, result_json, error_json, job_id, now (epoch s)
 # Only the attempt that holds the job may finish it, and only once.
 FINISH = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_at', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[9], ARGV[8])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[6]) end
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[7]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'data', ARGV[4])
 return 1
 """
 
-# KEYS: tenant_jobs, idempotency key (or any unused key), job, its other keys...
+# KEYS: tenant_jobs, idempotency key (or any unused key), finished, job, its other keys...
 # ARGV: tenant, job_id
 # Deletes a finished job of the tenant with every key it owns, and its Idempotency-Key if that
 # still names it; returns 'deleted', 'missing' or the state that kept it (queued or running).
 DELETE_JOB = """
-local h = redis.call('HMGET', KEYS[3], 'tenant', 'state')
+local h = redis.call('HMGET', KEYS[4], 'tenant', 'state')
 if not h[1] or h[1] ~= ARGV[1] then return 'missing' end
 if h[2] == 'queued' or h[2] == 'running' then return h[2] end
-redis.call('DEL', unpack(KEYS, 3))
+redis.call('DEL', unpack(KEYS, 4))
 redis.call('ZREM', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
 if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
 return 'deleted'
 """
+
+# KEYS: job, a hash of the job   ARGV: field, value
+# A worker's write into one of the job's hashes (memo, artifacts, runs), made only while the job
+# exists: a piece or an attempt that finishes after the job was deleted does not bring its keys
+# back (they would have no owner and no TTL). Returns 1 if written.
+HSET_IF_JOB = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: job, log, events   ARGV: line, lines kept, event_json, maxlen
+LOG_IF_JOB = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[3])
+return 1
+"""
+
+
+def hset_if_job(r: Any, job_id: str, hash_key: str, field: str, value: str) -> bool:
+    """HSET_IF_JOB with a synchronous client (the workers')."""
+    return bool(r.eval(HSET_IF_JOB, 2, job_key(job_id), hash_key, field, value))

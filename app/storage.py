@@ -24,7 +24,7 @@ from typing import TypeVar
 from urllib.parse import urlparse
 
 import obstore
-from obstore.exceptions import GenericError
+from obstore.exceptions import BaseError, GenericError
 from obstore.store import LocalStore, ObjectStore, S3Store
 
 from app.config import Settings
@@ -168,9 +168,13 @@ class Store:
                 except FileNotFoundError:  # a local file deleted meanwhile: one at a time
                     for key in keys[i:i + 1000]:
                         await self.delete_async(key)
-        except GenericError as exc:
-            raise StoreUnavailable(f"the object store {self.url} could not delete under "
-                                   f"{prefix}: {str(exc).splitlines()[0]}") from None
+        except BaseError as exc:
+            reason = str(exc).split("\n", 1)[0]
+            # no answer or a 5xx may pass; a refusal (403, a bad path) will not on its own
+            cls = (StoreUnavailable if isinstance(exc, GenericError) and "Client error" not in reason
+                   else StoreError)
+            raise cls(f"the object store {self.url} could not delete under {prefix}: "
+                      f"{reason}") from None
         return len(keys)
 
     def list_keys(self, prefix: str) -> list[str]:

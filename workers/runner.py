@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -117,14 +118,11 @@ class WorkerContext:
             raise JobCancelled()
 
     def append_log(self, line: str) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        key = records.log_key(self.job_id)
-        pipe.rpush(key, line)
-        pipe.ltrim(key, -self.settings.log_lines_kept, -1)
-        pipe.xadd(records.events_key(self.job_id),
-                  {"data": records.event_json(self.job_id, "log", message=line)},
-                  maxlen=self.settings.event_stream_maxlen, approximate=True)
-        pipe.execute()
+        self.r.eval(records.LOG_IF_JOB, 3, records.job_key(self.job_id),
+                    records.log_key(self.job_id), records.events_key(self.job_id), line,
+                    self.settings.log_lines_kept,
+                    records.event_json(self.job_id, "log", message=line),
+                    self.settings.event_stream_maxlen)
 
     def save_artifact(self, name: str, data: bytes | Path, media_type: str) -> ArtifactInfo:
         size = data.stat().st_size if isinstance(data, Path) else len(data)
@@ -136,7 +134,8 @@ class WorkerContext:
 
     def _store_artifact(self, name: str, data: bytes | Path, media_type: str,
                         retry: bool = True) -> ArtifactInfo:
-        """The object first, then its record: a failed write leaves no artifact behind."""
+        """The object first, then its record: a failed write leaves no artifact behind, and
+        neither does one that finds the job deleted meanwhile."""
         if "/" in name or name.startswith(".") or not name:
             raise ValueError(f"bad artifact name {name!r}")
         key = records.artifact_object(self._tenant, self.job_id, name)
@@ -144,7 +143,10 @@ class WorkerContext:
                   else self._store.put_bytes(key, data, retry))
         info = ArtifactInfo(name=name, size=stored.size, sha256=stored.sha256,
                             media_type=media_type, created_at=records.now())
-        self.r.hset(records.artifacts_key(self.job_id), name, info.model_dump_json())
+        if not records.hset_if_job(self.r, self.job_id, records.artifacts_key(self.job_id), name,
+                                   info.model_dump_json()):
+            self._store.delete(key)
+            raise JobCancelled()  # deleted: nobody is left to read what this attempt makes
         return info
 
     def memo_get(self, key: str) -> Any | None:
@@ -152,7 +154,9 @@ class WorkerContext:
         return None if raw is None else json.loads(raw)
 
     def memo_put(self, key: str, value: Any) -> None:
-        self.r.hset(records.memo_key(self.job_id), key, json.dumps(value))
+        if not records.hset_if_job(self.r, self.job_id, records.memo_key(self.job_id), key,
+                                   json.dumps(value)):
+            raise JobCancelled()
 
     @contextmanager
     def claim(self, key: str) -> Iterator[bool]:
@@ -186,7 +190,8 @@ class WorkerContext:
 
 
 def _record_run(r: redis.Redis, job_id: str, run: RunAttempt) -> None:
-    r.hset(records.runs_key(job_id), str(run.attempt), run.model_dump_json())
+    records.hset_if_job(r, job_id, records.runs_key(job_id), str(run.attempt),
+                        run.model_dump_json())
 
 
 def _mark_lost_runs(r: redis.Redis, job_id: str, attempt: int) -> None:
@@ -280,9 +285,10 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
         # inspection, then Redis drops it.
         r.expire(records.memo_key(job_id), MEMO_KEEP_S)
         finished = r.eval(
-            records.FINISH, 2, records.job_key(job_id), records.events_key(job_id), str(attempt),
-            outcome, records.iso(), records.event_json(job_id, "state", state=outcome), maxlen,
-            result or "", error.model_dump_json() if error else "",
+            records.FINISH, 3, records.job_key(job_id), records.events_key(job_id),
+            records.FINISHED_KEY, str(attempt), outcome, records.iso(),
+            records.event_json(job_id, "state", state=outcome), maxlen, result or "",
+            error.model_dump_json() if error else "", job_id, time.time(),
         )
         if not int(finished):
             log.warning("job %s attempt %d finished after it was closed elsewhere", job_id, attempt)
@@ -321,6 +327,8 @@ def _save_log(ctx: WorkerContext, lines: list[str], retry: bool = True) -> None:
     data = ("\n".join(lines) + "\n").encode()
     try:
         ctx._store_artifact(f"job-attempt{ctx.attempt}.log", data, "text/plain", retry)
+    except JobCancelled:
+        log.info("job %s was deleted before its log was stored", ctx.job_id)
     except Exception:
         log.warning("could not store the log of %s (sha %s)", ctx.job_id,
                     hashlib.sha256(data).hexdigest()[:12], exc_info=True)

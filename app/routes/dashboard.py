@@ -219,11 +219,12 @@ async def delete(request: Request, job_id: str, svc: ServicesDep) -> Response:
     who = await _who(request, svc)
     try:
         await jobs.delete_job(svc, who.tenant, job_id)
-    except ApiError as exc:  # shown where the button was (409: still running; 503: store down)
-        if exc.status == 404:
-            raise
-        return HTMLResponse(f'<span id="delete-status" class="error">{html.escape(exc.message)}'
-                            "</span>")
+    except ApiError as exc:
+        if exc.status == 404:  # gone already (another tab), or never this tenant's: the list
+            return HTMLResponse(html.escape(exc.message), status_code=404,
+                                headers={"HX-Redirect": "/ui/jobs"})
+        # 409 (not finished), 5xx (the store): shown beside the button, which stays for a retry
+        return HTMLResponse(html.escape(exc.message))
     # htmx follows HX-Redirect with a full page load
     return Response(status_code=204, headers={"HX-Redirect": f"/ui/jobs?deleted={job_id}"})
 

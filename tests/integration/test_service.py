@@ -17,8 +17,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import redis
 
-from app.schemas import BenchmarkResult, BenchmarkSpec, DatasetRef, Deleted, ModelRef
+from app import records
+from app.config import Settings
+from app.schemas import BenchmarkResult, BenchmarkSpec, DatasetRef, Deleted, ModelRef, RunAttempt
+from app.storage import open_store
 from modelpress import (
     AsyncClient,
     AuthenticationError,
@@ -30,9 +34,13 @@ from modelpress import (
     NotFoundError,
     PayloadTooLargeError,
     UnprocessableEntityError,
+    _stack,
 )
 from tests.conftest import Stack
 from tests.helpers import export_tiny, hostile_pickle, pt2_with_pickled_weights, tiny_hf_folder
+from workers import runner
+from workers.engine.context import JobCancelled
+from workers.runner import WorkerContext
 
 pytestmark = pytest.mark.slow
 
@@ -335,6 +343,7 @@ def test_delete_a_finished_job_with_its_files_never_a_live_one(stack: Stack,
         files = [p for p in _owned_files(shared_store, done.id) if p.is_file()]
         assert sorted(p.name for p in files) == sorted(a.name for a in done.artifacts)
         assert len(files) >= 2 and stack.redis.keys(f"mp:job:{done.id}*")
+        stack.redis.hset(records.memo_key(done.id), "value", "{}")  # as a search leaves it
 
         live = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
                                                 min_time_s=120, per_layer=False))
@@ -400,6 +409,42 @@ def test_delete_uploads_unless_a_live_job_names_them(stack: Stack, tmp_path: Pat
                 missing()
         # The finished job that used the model keeps its record and its log.
         assert client.jobs.get(running.id).state == "cancelled"
+
+
+def test_a_worker_that_finishes_after_the_delete_brings_nothing_back(
+        tmp_path: Path, redis_server: _stack.EmbeddedRedis) -> None:
+    """A fan-out piece (or a stale attempt) still computing when its job is cancelled and
+    deleted: its memo values, log lines, run record and artifacts are not written."""
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/14",
+                        store_url=(tmp_path / "store").as_uri())
+    r = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    r.flushdb()
+    job = "job_" + "1" * 32
+    r.hset(records.job_key(job), mapping={"state": "cancelled", "attempts": "1", "tenant": "t"})
+    store = open_store(settings)
+    ctx = WorkerContext(job, "t", 1, settings, r, store, tmp_path / "work", who="w9")
+    ctx.memo_put("value", {"v": 1})
+    ctx.append_log("a line")
+    ctx.save_artifact("a.json", b"{}", "application/json")
+    assert r.hget(records.memo_key(job), "value") and r.llen(records.log_key(job)) == 1
+    assert (tmp_path / "store" / records.artifact_object("t", job, "a.json")).is_file()
+
+    # what DELETE /v1/jobs/{id} does: the files, then the keys
+    for key in store.list_keys(records.artifact_object("t", job, "")):
+        store.delete(key)
+    assert r.eval(records.DELETE_JOB, 3 + len(records.job_keys(job)), records.tenant_jobs_key("t"),
+                  records.idempotency_key("t", ""), records.FINISHED_KEY,
+                  *records.job_keys(job), "t", job) == "deleted"
+
+    with pytest.raises(JobCancelled):
+        ctx.memo_put("late", {"v": 2})
+    ctx.append_log("a late line")
+    with pytest.raises(JobCancelled):
+        ctx.save_artifact("late.json", b"{}", "application/json")
+    runner._record_run(r, job, RunAttempt(attempt=1, worker="w9", started_at=records.now(),
+                                          outcome="cancelled"))
+    assert r.keys(f"mp:job:{job}*") == []
+    assert not [p for p in (tmp_path / "store").rglob("*") if job in p.parts]
 
 
 def test_readyz_and_docs(stack: Stack) -> None:
