@@ -217,15 +217,24 @@ async def delete_files(svc: Services, prefix: str, what: str) -> int:
 
 
 async def _active_jobs_using(svc: Services, tenant: str, asset_id: str) -> list[str]:
-    """The tenant's queued or running jobs whose spec names ``asset_id`` (oldest first)."""
+    """The tenant's queued or running jobs whose spec names ``asset_id`` (oldest first). Reads
+    every job's state (a few bytes each) and only the live ones' specs."""
     ids: list[str] = await svc.redis.zrange(records.tenant_jobs_key(tenant), 0, -1)
     users = []
-    for i in range(0, len(ids), 500):
+    for i in range(0, len(ids), 1000):
+        batch = ids[i:i + 1000]
         pipe = svc.redis.pipeline(transaction=False)
-        for job_id in ids[i:i + 500]:
-            pipe.hmget(records.job_key(job_id), ["state", "spec"])
-        for job_id, (state, spec) in zip(ids[i:i + 500], await pipe.execute(), strict=True):
-            if state and state not in FINAL_STATES and spec and _names(json.loads(spec), asset_id):
+        for job_id in batch:
+            pipe.hget(records.job_key(job_id), "state")
+        live = [j for j, st in zip(batch, await pipe.execute(), strict=True)
+                if st is not None and st not in FINAL_STATES]
+        if not live:
+            continue
+        pipe = svc.redis.pipeline(transaction=False)
+        for job_id in live:
+            pipe.hget(records.job_key(job_id), "spec")
+        for job_id, spec in zip(live, await pipe.execute(), strict=True):
+            if spec and _names(json.loads(spec), asset_id):
                 users.append(job_id)
     return users
 
