@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from app import assets, auth, jobs
 from app.deps import ServicesDep
 from app.errors import ApiError
-from app.schemas import DatasetInfo, Job, JobCreate, ModelInfo
+from app.schemas import DatasetInfo, Job, JobCreate, ModelInfo, ModelRef
 
 COOKIE = "modelpress_key"
 HERE = Path(__file__).resolve().parents[1]
@@ -99,6 +99,15 @@ async def _assets(svc: ServicesDep, tenant: str) -> tuple[list[ModelInfo], list[
     return models, data
 
 
+def _model_label(job: Job) -> str:
+    """The Model column: the spec's model, or what a kind without one works on."""
+    model = getattr(job.spec, "model", None)
+    if model is None:
+        return {"few_step_distill": "digits diffusion teacher",
+                "loss_benchmark": "linear head + cross-entropy"}.get(job.kind, "")
+    return model.label() if isinstance(model, ModelRef) else str(model)
+
+
 def _summary(job: Job) -> str:
     res = job.result
     if res is None:
@@ -139,7 +148,8 @@ async def jobs_page(
         prefill = json.dumps(src.spec.model_dump(mode="json", exclude_none=True), indent=2)
     return _page(request, "jobs.html", jobs=page.items, state=state or "", kind=kind or "",
                  kinds=KINDS, states=STATES, zoo=ZOO, builtin=BUILTIN_DATA, models=models,
-                 datasets=data, prefill=prefill, error=error, summary=_summary, tenant=who.tenant,
+                 datasets=data, prefill=prefill, error=error, summary=_summary, model_label=_model_label,
+                 tenant=who.tenant,
                  deleted=deleted)
 
 

@@ -1,0 +1,58 @@
+"""The dashboard's pages render for a job of every kind (the browser test covers a few kinds
+end to end; a kind whose spec has no model once broke the whole jobs list)."""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+import pytest
+from starlette.requests import Request
+
+from app import records
+from app.routes import dashboard
+from app.schemas import ErrorInfo, Job, JobCreate, JobKind, Progress
+
+KINDS = list(get_args(JobKind))
+
+
+def _job(kind: str, state: str) -> Job:
+    spec: dict[str, Any] = {"kind": kind}
+    if kind in ("benchmark", "sensitivity", "mixed_precision"):
+        spec["model"] = {"zoo": "digits-cnn"}
+    now = records.now()
+    return Job(id="job_" + f"{KINDS.index(kind):032x}", kind=kind, state=state,  # type: ignore[arg-type]
+               spec=JobCreate.model_validate({"spec": spec}).spec, queue="cpu", created_at=now,
+               started_at=now if state != "queued" else None,
+               finished_at=now if state == "failed" else None,
+               progress=Progress(stage="queued", message="waiting", updated_at=now),
+               error=ErrorInfo(type="x", message="it failed") if state == "failed" else None)
+
+
+def _render(name: str, **ctx: Any) -> str:
+    request = Request({"type": "http", "method": "GET", "path": "/ui/jobs", "headers": [],
+                       "query_string": b""})
+    return bytes(dashboard._page(request, name, **ctx).body).decode()
+
+
+def test_dashboard_knows_every_kind() -> None:
+    assert sorted(dashboard.KINDS) == sorted(KINDS)
+
+
+@pytest.mark.parametrize("state", ["queued", "running", "failed"])
+def test_the_jobs_list_renders_every_kind(state: str) -> None:
+    jobs = [_job(k, state) for k in KINDS]
+    page = _render("jobs.html", jobs=jobs, state="", kind="", kinds=dashboard.KINDS,
+                   states=dashboard.STATES, zoo=dashboard.ZOO, builtin=dashboard.BUILTIN_DATA,
+                   models=[], datasets=[], prefill="", error="", summary=dashboard._summary,
+                   model_label=dashboard._model_label, tenant="t", deleted=None)
+    for job in jobs:
+        assert f'href="/ui/jobs/{job.id}"' in page
+    assert "zoo:digits-cnn" in page and "digits diffusion teacher" in page
+    assert "linear head + cross-entropy" in page and "char-gpt" in page
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_job_page_renders_for_every_kind(kind: str) -> None:
+    for state in ("queued", "failed"):
+        page = _render("job.html", job=_job(kind, state), tenant="t")
+        assert kind in page and 'id="state"' in page
