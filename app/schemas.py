@@ -249,7 +249,8 @@ class LossBenchmarkSpec(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     impls: list[LossImpl] | None = Field(
         default=None, description="Default: torch, chunked, cce_torch_compile on CPU; adds "
-        "triton, cce_triton and liger on a GPU.")
+        "triton, cce_triton and liger on a GPU; the peers only where installed (`pip install -e "
+        "'.[bench]'`).")
     device: Device = "auto"
     repeats: int = Field(default=3, ge=1, le=100)
 

@@ -17,6 +17,7 @@ Time: median over ``repeats`` forward + backward runs after one warm-up run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -36,6 +37,22 @@ OURS = ["torch", "chunked", "triton"]
 PEERS_CPU = ["torch", "chunked", "cce_torch_compile"]
 PEERS_GPU = ["torch", "triton", "chunked", "cce_triton", "cce_torch_compile", "liger"]
 ALL_IMPLS = [*OURS, "cce_triton", "cce_torch_compile", "liger"]
+_PEER_MODULES = {"cce_triton": "cut_cross_entropy", "cce_torch_compile": "cut_cross_entropy",
+                 "liger": "liger_kernel"}
+
+
+def missing_peer(impl: str) -> str | None:
+    """Why a peer cannot run here (its package is not installed), else None."""
+    module = _PEER_MODULES.get(impl)
+    if module is not None and importlib.util.find_spec(module) is None:
+        return (f"{module} is not installed here (the peers come with "
+                "`pip install -e '.[bench]'`)")
+    return None
+
+
+def default_impls(device: str) -> list[str]:
+    """Ours and every peer installed here, for ``device``."""
+    return [i for i in (PEERS_GPU if device == "cuda" else PEERS_CPU) if missing_peer(i) is None]
 
 Progress = Callable[[float, str], None]
 
@@ -206,7 +223,11 @@ def run_case(impl: str, n: int, d: int, v: int, dtype: str = "float32", device: 
 def measure_case(impl: str, n: int, d: int, v: int, dtype: str = "float32", device: str = "cpu",
                  repeats: int = 3, check_grads: bool = True, timeout_s: float = 1800) -> Row:
     """Run one case in a fresh Python process. A case whose materialized buffers would not fit
-    in the free memory is not run; failures come back as a row with ``error``."""
+    in the free memory is not run, nor a peer that is not installed; failures come back as a row
+    with ``error``."""
+    missing = missing_peer(impl)
+    if missing is not None:
+        return Row(impl, n, d, v, dtype, device, error=f"not run: {missing}")
     need = materialized_bytes(impl, n, v)
     free = available_bytes(device)
     if need > 0.8 * free:

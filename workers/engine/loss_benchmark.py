@@ -29,14 +29,15 @@ def measure(n: int, d: int, vocab_sizes: Sequence[int], dtype: str = "float32",
     (vocabulary size, implementation), ``e (n, d)``, ``c (V, d)``.
 
     ``impls``: any of ``loss_bench.ALL_IMPLS`` (default: torch, chunked, cce_torch_compile on
-    the CPU; adds triton, cce_triton, liger on CUDA). Returns one dict per case with the keys
-    of ``loss_bench.ROW_FIELDS``: impl, n, d, v, dtype, device, time_ms (median), peak_extra_bytes,
-    loss, max_abs_grad_diff (None for ``torch`` and where the reference does not fit), error
-    (None, or why the case has no figures: not run for lack of memory, a peer that failed to
-    import or run, a timeout). ``on_progress(fraction, message)`` is called before each case.
+    the CPU; adds triton, cce_triton, liger on CUDA; peers only where installed). Returns one
+    dict per case with the keys of ``loss_bench.ROW_FIELDS``: impl, n, d, v, dtype, device,
+    time_ms (median), peak_extra_bytes, loss, max_abs_grad_diff (None for ``torch`` and where
+    the reference does not fit), error (None, or why the case has no figures: not run for lack
+    of memory or a peer not installed, a peer that failed to import or run, a timeout).
+    ``on_progress(fraction, message)`` is called before each case.
     """
     if impls is None:
-        impls = loss_bench.PEERS_GPU if device == "cuda" else loss_bench.PEERS_CPU
+        impls = loss_bench.default_impls(device)
     rows = loss_bench.measure_all(n, d, vocab_sizes, dtype, impls, repeats, device, check_grads,
                                   on_progress)
     return loss_bench.row_dicts(rows)
@@ -44,8 +45,11 @@ def measure(n: int, d: int, vocab_sizes: Sequence[int], dtype: str = "float32",
 
 def run(spec: LossBenchmarkSpec, ctx: JobContext) -> LossBenchmarkResult:
     device = env.resolve_device(spec.device)
-    impls = list(spec.impls or (loss_bench.PEERS_GPU if device.type == "cuda"
-                                else loss_bench.PEERS_CPU))
+    impls = list(spec.impls or loss_bench.default_impls(device.type))
+    if not spec.impls:
+        for peer in (loss_bench.PEERS_GPU if device.type == "cuda" else loss_bench.PEERS_CPU):
+            if peer not in impls:
+                ctx.log.info("peer %s left out: %s", peer, loss_bench.missing_peer(peer))
     if "triton" in impls and device.type != "cuda":
         raise UserError("impl 'triton' needs a CUDA worker (set device 'cuda'); on the CPU the "
                         "chunked path is the fused implementation")

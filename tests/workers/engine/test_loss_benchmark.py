@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from app.schemas import LossBenchmarkResult, LossBenchmarkSpec
+from gpu_kernels import loss_bench
 from workers.engine import loss_benchmark
 from workers.engine.context import LocalContext, UserError
 
@@ -29,3 +31,20 @@ def test_oversized_materialized_baseline_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="CUDA"):
         loss_benchmark.run(LossBenchmarkSpec(impls=["triton"], device="cpu"),
                            LocalContext(tmp_path))
+
+
+def test_a_peer_that_is_not_installed_is_left_out_or_marked_not_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # the test extras install both peers: every default is there
+    assert loss_bench.default_impls("cpu") == loss_bench.PEERS_CPU
+    assert loss_bench.default_impls("cuda") == loss_bench.PEERS_GPU
+    monkeypatch.setitem(loss_bench._PEER_MODULES, "cce_torch_compile", "no_such_package_here")
+    assert loss_bench.default_impls("cpu") == ["torch", "chunked"]
+    row = loss_bench.measure_case("cce_torch_compile", 8, 4, 16)
+    assert row.time_ms is None and row.error is not None
+    assert row.error.startswith("not run: no_such_package_here is not installed here")
+    with caplog.at_level(logging.INFO, logger="modelpress"):
+        res = loss_benchmark.run(LossBenchmarkSpec(n=16, d=8, vocab_sizes=[32], repeats=1),
+                                 LocalContext(tmp_path))
+    assert [r.impl for r in res.rows] == ["torch", "chunked"]
+    assert "peer cce_torch_compile left out: no_such_package_here is not installed" in caplog.text
