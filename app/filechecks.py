@@ -80,6 +80,8 @@ def check_pt2(path: Path, max_unpacked: int) -> dict[str, Any]:
     with _open_zip(path, "a .pt2 model (torch.export.save)") as zf:
         infos = check_archive(zf, max_unpacked)
         names = [i.filename for i in infos if not i.is_dir()]
+        if _is_torch_save(names):
+            raise Rejected(TORCH_SAVE_HINT)
         for name in names:
             if not _PT2_MEMBER.match(name):
                 raise Rejected(
@@ -192,6 +194,9 @@ def check_hf_zip(path: Path, max_unpacked: int) -> dict[str, Any]:
             raise Rejected("config.json has no model_type")
         if "auto_map" in config:
             raise Rejected("config.json asks for remote code (auto_map); not accepted")
+        if "tokenizer.json" not in rel and "vocab.txt" not in rel:
+            raise Rejected("the model folder has no tokenizer (tokenizer.json or vocab.txt): "
+                           "save it beside the model, tokenizer.save_pretrained(folder)")
         for name in rel:
             if name.endswith(".safetensors"):
                 with zf.open(prefix + name) as fh:
@@ -199,7 +204,7 @@ def check_hf_zip(path: Path, max_unpacked: int) -> dict[str, Any]:
         return {
             "model_type": config["model_type"],
             "architectures": config.get("architectures") or [],
-            "has_tokenizer": "tokenizer.json" in rel or "vocab.txt" in rel,
+            "max_position_embeddings": config.get("max_position_embeddings"),
         }
 
 
@@ -295,4 +300,17 @@ def detect_model_format(path: Path) -> Literal["pt2", "hf"]:
         return "pt2"
     if any(n == "config.json" or n.endswith("/config.json") for n in names):
         return "hf"
+    if _is_torch_save(names):
+        raise Rejected(TORCH_SAVE_HINT)
     raise Rejected("zip is neither a torch.export .pt2 nor a Hugging Face folder (no config.json)")
+
+
+TORCH_SAVE_HINT = ("this is a torch.save checkpoint (a pickle), and pickles are never accepted: "
+                   "upload torch.export.save(torch.export.export(model, example_inputs), "
+                   "'model.pt2') instead, or a Hugging Face folder with safetensors weights")
+
+
+def _is_torch_save(names: list[str]) -> bool:
+    """torch.save's zip: <name>/data.pkl beside <name>/data/<n> storages."""
+    return any(n.endswith("/data.pkl") for n in names) and not any(
+        n.endswith("/models/model.json") for n in names)

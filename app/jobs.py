@@ -29,6 +29,7 @@ from app.schemas import (
     ModelInfo,
     ModelRef,
     Progress,
+    RunAttempt,
 )
 
 log = logging.getLogger("modelpress.api")
@@ -177,6 +178,15 @@ async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Jo
             records.FINISHED_KEY, h.get("attempts", "0"), "cancelled", records.iso(), event,
             maxlen, "", err.model_dump_json(), job_id, time.time(),
         )
+        # the killed attempt cannot record how its run ended: the API does
+        attempt = h.get("attempts", "0")
+        raw = await svc.redis.hget(records.runs_key(job_id), attempt)
+        if raw is not None:
+            run = RunAttempt.model_validate_json(raw)
+            if run.outcome == "running":
+                await svc.redis.hset(records.runs_key(job_id), attempt, run.model_copy(
+                    update={"outcome": "cancelled", "finished_at": records.now()}
+                ).model_dump_json())
     return await get_job(svc, tenant, job_id)
 
 
@@ -186,8 +196,9 @@ async def delete_job(svc: Services, tenant: str, job_id: str) -> Deleted:
     find them and a repeated DELETE finishes the work."""
     h = await _raw(svc, tenant, job_id)
     if h.get("state") not in FINAL_STATES:
-        raise ApiError(409, f"job {job_id} is {h.get('state')}; cancel it first "
-                            f"(POST /v1/jobs/{job_id}/cancel), then delete it")
+        raise ApiError(409, f"job {job_id} is {h.get('state')}; cancel it first (POST "
+                            f"/v1/jobs/{job_id}/cancel, or `modelpress jobs cancel {job_id}`), "
+                            "then delete it")
     prefix = records.artifact_object(tenant, job_id, "")
     removed = await assets.delete_files(svc, prefix, f"job {job_id}")
     outcome = await svc.redis.eval(

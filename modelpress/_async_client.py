@@ -50,6 +50,7 @@ class AsyncClient:
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
         self.base_url, self.api_key = _base.resolve_auth(api_key, base_url)
+        self._url_hint = _base.default_url_hint(base_url)
         self.max_retries = max_retries
         self._http = http_client or httpx.AsyncClient(timeout=timeout)
         self._http.base_url = httpx.URL(self.base_url)
@@ -97,7 +98,7 @@ class AsyncClient:
                 await asyncio.sleep(_base.backoff_seconds(attempt, None))
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:
-                    raise APIConnectionError(f"could not reach {self.base_url}: {exc}",
+                    raise APIConnectionError(f"could not reach {self.base_url}{self._url_hint}: {exc}",
                                              request=exc.request) from exc
                 await asyncio.sleep(_base.backoff_seconds(attempt, None))
             else:
@@ -255,13 +256,14 @@ class AsyncJobs:
 
     async def download(self, job_id: str, name: str, dest: str | Path) -> Path:
         path, tmp = _base.download_paths(dest, name)
-        async with self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
-            if not resp.is_success:
-                await resp.aread()
-                raise status_error(resp)
-            expected, digest = _base.etag_sha256(resp), hashlib.sha256()
-            async with await anyio.open_file(tmp, "wb") as fh:
-                async for chunk in resp.aiter_bytes():
-                    digest.update(chunk)
-                    await fh.write(chunk)
+        with _base.cleaned_up(tmp, name):
+            async with self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
+                if not resp.is_success:
+                    await resp.aread()
+                    raise status_error(resp)
+                expected, digest = _base.etag_sha256(resp), hashlib.sha256()
+                async with await anyio.open_file(tmp, "wb") as fh:
+                    async for chunk in resp.aiter_bytes():
+                        digest.update(chunk)
+                        await fh.write(chunk)
         return _base.finish_download(tmp, path, name, expected, digest.hexdigest())

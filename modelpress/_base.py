@@ -7,7 +7,8 @@ import os
 import random
 import uuid
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -29,7 +30,7 @@ from app.schemas import (
     ModelInfo,
     ModelList,
 )
-from modelpress._errors import IntegrityError
+from modelpress._errors import APIConnectionError, IntegrityError
 
 T = TypeVar("T")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -53,6 +54,20 @@ def etag_sha256(response: httpx.Response) -> str | None:
     """The artifact's sha256 from its ETag (the API sends the hex digest, quoted)."""
     tag = response.headers.get("etag", "").strip('"')
     return tag if len(tag) == 64 and all(c in "0123456789abcdef" for c in tag) else None
+
+
+@contextmanager
+def cleaned_up(tmp: Path, name: str) -> Iterator[None]:
+    """A download that fails leaves no ``.part`` behind; one cut off mid-stream (the connection
+    dropped, or more or fewer bytes than the server declared) is an APIConnectionError."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        tmp.unlink(missing_ok=True)
+        raise APIConnectionError(f"the download of {name} broke off: {exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def finish_download(tmp: Path, dest: Path, name: str, expected: str | None, actual: str) -> Path:
@@ -94,6 +109,15 @@ def resolve_auth(api_key: str | None, base_url: str | None) -> tuple[str, str | 
     if key is None and (data_dir / "api-key").exists():
         key = (data_dir / "api-key").read_text().strip()
     return (url or DEFAULT_BASE_URL).rstrip("/"), key
+
+
+def default_url_hint(base_url: str | None) -> str:
+    """Said when the default address does not answer and nothing chose it."""
+    data_dir = Path(os.environ.get("MODELPRESS_DATA_DIR", ".modelpress"))
+    if base_url or os.environ.get("MODELPRESS_BASE_URL") or (data_dir / "url").exists():
+        return ""
+    return (f" (the default address: no base_url, no MODELPRESS_BASE_URL and no {data_dir}/url "
+            "here, which `modelpress serve` writes in the folder it runs from)")
 
 
 def backoff_seconds(attempt: int, response: httpx.Response | None) -> float:

@@ -55,6 +55,7 @@ class Client:
         http_client: httpx.Client | None = None,
     ) -> None:
         self.base_url, self.api_key = _base.resolve_auth(api_key, base_url)
+        self._url_hint = _base.default_url_hint(base_url)
         self.max_retries = max_retries
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._http = http_client or httpx.Client(timeout=timeout)
@@ -101,7 +102,7 @@ class Client:
                 time.sleep(_base.backoff_seconds(attempt, None))
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:
-                    raise APIConnectionError(f"could not reach {self.base_url}: {exc}",
+                    raise APIConnectionError(f"could not reach {self.base_url}{self._url_hint}: {exc}",
                                              request=exc.request) from exc
                 time.sleep(_base.backoff_seconds(attempt, None))
             else:
@@ -256,7 +257,8 @@ class Jobs:
     def download(self, job_id: str, name: str, dest: str | Path) -> Path:
         """Stream an artifact to ``dest`` (a file, or a folder to put ``name`` in)."""
         path, tmp = _base.download_paths(dest, name)
-        with self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
+        with _base.cleaned_up(tmp, name), \
+                self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
             if not resp.is_success:
                 resp.read()
                 raise status_error(resp)

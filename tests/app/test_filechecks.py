@@ -37,8 +37,10 @@ def test_raw_pickle_is_rejected_without_loading(tmp_path: Path) -> None:
 def test_torch_save_checkpoint_is_rejected(tmp_path: Path) -> None:
     p = tmp_path / "ckpt.pt2"
     torch.save({"w": torch.zeros(2)}, p)  # a zip of pickles, not an exported program
-    with pytest.raises(Rejected):
+    with pytest.raises(Rejected, match=r"torch\.save checkpoint .* torch\.export\.save"):
         filechecks.check_pt2(p, LIMIT)
+    with pytest.raises(Rejected, match=r"torch\.save checkpoint .* torch\.export\.save"):
+        filechecks.detect_model_format(p)
 
 
 def test_pickled_weight_inside_pt2_is_rejected(tmp_path: Path) -> None:
@@ -109,8 +111,12 @@ def test_hf_folder_rules(tmp_path: Path) -> None:
     from safetensors.torch import save
 
     st = save({"w": torch.zeros(3, 2)})
-    ok = make({"config.json": b'{"model_type": "bert"}', "model.safetensors": st})
+    ok = make({"config.json": b'{"model_type": "bert"}', "model.safetensors": st,
+               "vocab.txt": b"[PAD]\n"})
     assert filechecks.check_hf_zip(ok, LIMIT)
+    with pytest.raises(Rejected, match="no tokenizer"):  # the job could not feed it text
+        filechecks.check_hf_zip(make({"config.json": b'{"model_type": "bert"}',
+                                      "model.safetensors": st}), LIMIT)
     with pytest.raises(Rejected, match="safetensors"):
         filechecks.check_hf_zip(make({"config.json": b"{}", "pytorch_model.bin": b"x"}), LIMIT)
     with pytest.raises(Rejected, match="own code"):

@@ -24,6 +24,7 @@ from app.config import Settings
 from app.schemas import BenchmarkResult, BenchmarkSpec, DatasetRef, Deleted, ModelRef, RunAttempt
 from app.storage import open_store
 from modelpress import (
+    APIConnectionError,
     AsyncClient,
     AuthenticationError,
     BadRequestError,
@@ -132,6 +133,14 @@ def test_submit_progress_result_artifact(stack: Stack, shared_store: Path) -> No
             with pytest.raises(IntegrityError, match="sha256"):
                 asyncio.run(via_async())
             assert not list(stack.root.glob("bad.json*"))
+            # One byte longer than recorded: the server sends the declared length and stops;
+            # the stream breaks off, a typed error, and again nothing is left behind.
+            obj.write_bytes(got + b" ")
+            with pytest.raises(APIConnectionError, match=r"download of benchmark\.json broke off"):
+                client.jobs.download(job.id, "benchmark.json", stack.root / "bad.json")
+            with pytest.raises(APIConnectionError, match="broke off"):
+                asyncio.run(via_async())
+            assert not list(stack.root.glob("bad.json*"))
         finally:
             obj.write_bytes(got)
         assert client.jobs.download(job.id, "benchmark.json", stack.root / "ok.json").read_bytes() == got
@@ -164,6 +173,23 @@ def test_cancel_running_job_frees_worker(stack: Stack) -> None:
         nxt = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=5,
                                                per_layer=False))
         assert client.jobs.wait(nxt.id, timeout=60).state == "succeeded"
+
+
+def test_force_cancel_closes_the_job_and_its_run(stack: Stack) -> None:
+    with stack.client() as client:
+        long = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
+                                                min_time_s=120, per_layer=False))
+        wait_for(lambda: client.jobs.get(long.id).progress.stage == "measure", 60,
+                 "the job to start measuring")
+        job = client.jobs.cancel(long.id, force=True)
+        assert job.state == "cancelled" and job.error is not None and job.finished_at
+        [run] = job.runs  # the killed attempt could not say how it ended; the API did
+        assert run.outcome == "cancelled" and run.finished_at is not None
+        # The worker's pool replaced the killed process: the next job runs.
+        nxt = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3,
+                                               per_layer=False))
+        assert client.jobs.wait(nxt.id, timeout=120).state == "succeeded"
+        assert client.jobs.get(long.id).runs == [run]  # nothing wrote to it since
 
 
 def test_cancel_queued_job_is_immediate(stack: Stack) -> None:

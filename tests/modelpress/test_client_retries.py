@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from modelpress import (
     InternalServerError,
     NotFoundError,
     RateLimitError,
+    _base,
 )
 from modelpress._stack import free_port
 
@@ -86,6 +88,22 @@ def test_connection_refused_is_a_connection_error() -> None:
     with Client(base_url=f"http://127.0.0.1:{free_port()}", api_key="k", max_retries=1) as c, \
             pytest.raises(APIConnectionError, match="could not reach"):
         c.models.list()
+
+
+def test_an_unreachable_default_address_says_where_it_came_from(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MODELPRESS_BASE_URL", raising=False)
+    monkeypatch.setenv("MODELPRESS_DATA_DIR", str(tmp_path / ".modelpress"))  # no url file
+    monkeypatch.setattr(_base, "DEFAULT_BASE_URL", f"http://127.0.0.1:{free_port()}")
+    with Client(api_key="k", max_retries=0) as c, \
+            pytest.raises(APIConnectionError, match=r"the default address: no base_url, no "
+                          r"MODELPRESS_BASE_URL and no .*/url here"):
+        c.models.list()
+    # an address that was chosen gets no such hint
+    with Client(base_url=_base.DEFAULT_BASE_URL, api_key="k", max_retries=0) as c, \
+            pytest.raises(APIConnectionError) as info:
+        c.models.list()
+    assert "default address" not in str(info.value)
 
 
 def test_async_client_retries(server: tuple[str, Script]) -> None:

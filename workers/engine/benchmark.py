@@ -39,7 +39,9 @@ def run(spec: BenchmarkSpec, ctx: JobContext) -> BenchmarkResult:
 
     def on_step(done: int, elapsed: float) -> None:
         frac = max(done / total, elapsed / spec.min_time_s if spec.min_time_s else 0.0)
-        ctx.progress("measure", 0.05 + 0.8 * min(frac, 1.0), f"{done} timed runs")
+        ctx.progress("measure", 0.05 + 0.8 * min(frac, 1.0),
+                     f"{done} of {total} timed runs" if not spec.min_time_s else
+                     f"{done} timed runs, {elapsed:.0f} of {spec.min_time_s:g} s")
 
     # The memory window opens before the first inference, so it sees activations and
     # workspaces being allocated (later runs reuse them and would show no increase).

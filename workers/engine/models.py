@@ -6,6 +6,7 @@ folder. Uploaded files are re-checked here before loading; nothing is ever unpic
 
 from __future__ import annotations
 
+import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,10 +128,13 @@ def _load_hf_zip(model_id: str, path: Path, dest: Path) -> LoadedModel:
     module, tok = zoo.load_hf_encoder(dest)
     if tok is None:
         raise UserError("the model folder has no tokenizer (tokenizer.json or vocab.txt)")
-    data = TensorData(zoo.tokenize(tok, datasets.sentences()))
+    # 64 tokens, or fewer for a model whose position table is shorter
+    limit = json.loads((dest / "config.json").read_text()).get("max_position_embeddings")
+    length = min(64, limit) if isinstance(limit, int) and limit > 0 else 64
+    data = TensorData(zoo.tokenize(tok, datasets.sentences(), max_length=length))
     task: Task = "classification" if isinstance(module, zoo._LogitsOnly) else "embedding"
     return LoadedModel(model_id, module, ["input_ids", "attention_mask"], task, data,
-                       source="hf", tokenizer=tok)
+                       source="hf", tokenizer=tok, info={"max_length": length})
 
 
 def load_dataset(ref: DatasetRef, ctx: JobContext, model: LoadedModel | None) -> TensorData:
@@ -139,7 +143,8 @@ def load_dataset(ref: DatasetRef, ctx: JobContext, model: LoadedModel | None) ->
     if ref.builtin == "sentences":
         if model is None or model.tokenizer is None:
             raise UserError("the `sentences` dataset needs a text model with a tokenizer")
-        return TensorData(zoo.tokenize(model.tokenizer, datasets.sentences()))
+        return TensorData(zoo.tokenize(model.tokenizer, datasets.sentences(),
+                                       max_length=model.info.get("max_length", 64)))
     assert ref.id is not None
     path = _fetch(ctx, f"tenants/{ctx.tenant}/datasets/{ref.id}/", "dataset")
     return datasets.load_uploaded(path, path.suffix.lstrip("."))

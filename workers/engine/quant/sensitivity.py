@@ -106,9 +106,10 @@ def hessian_method(task: QuantTask, method: str) -> str:
     if method == "auto":
         return "double-backward" if task.labeled else "gauss-newton"
     if method == "gauss-newton" and task.labeled:
-        raise UserError("sensitivity.hessian `gauss-newton` equals the Hessian only for the "
-                        "squared error to the float model's outputs; this job's loss is the "
-                        "cross-entropy with its labels (use `double-backward` or `auto`)")
+        raise UserError("hessian `gauss-newton` (spec.sensitivity.hessian of a mixed_precision "
+                        "job, spec.options.hessian of a sensitivity job) equals the Hessian only "
+                        "for the squared error to the float model's outputs; this job's loss is "
+                        "the cross-entropy with its labels (use `double-backward` or `auto`)")
     return method
 
 
