@@ -194,13 +194,13 @@ def check_hf_zip(path: Path, max_unpacked: int) -> dict[str, Any]:
             raise Rejected("config.json has no model_type")
         if "auto_map" in config:
             raise Rejected("config.json asks for remote code (auto_map); not accepted")
-        if "tokenizer.json" not in rel and "vocab.txt" not in rel:
-            raise Rejected("the model folder has no tokenizer (tokenizer.json or vocab.txt): "
-                           "save it beside the model, tokenizer.save_pretrained(folder)")
         for name in rel:
             if name.endswith(".safetensors"):
                 with zf.open(prefix + name) as fh:
                     _safetensors_header(fh, zf.getinfo(prefix + name).file_size, name)
+        if "tokenizer.json" not in rel and "vocab.txt" not in rel:
+            raise Rejected("the model folder has no tokenizer (tokenizer.json or vocab.txt): "
+                           "save it beside the model, tokenizer.save_pretrained(folder)")
         return {
             "model_type": config["model_type"],
             "architectures": config.get("architectures") or [],
