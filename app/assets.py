@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -21,6 +22,7 @@ from app.errors import ApiError, not_found
 from app.schemas import FINAL_STATES, DatasetFormat, DatasetInfo, Deleted, ModelFormat, ModelInfo
 from app.storage import StoreError, StoreUnavailable
 
+log = logging.getLogger("modelpress.api")
 Collection = Literal["models", "datasets"]
 ACCEPTED_TYPES = {"application/octet-stream", "application/zip", "application/x-zip-compressed"}
 NAME_RE = re.compile(r"^[\w][\w .@+-]{0,127}$")
@@ -193,10 +195,13 @@ async def delete_asset(svc: Services, collection: Collection, tenant: str, asset
         removed = await delete_files(svc, f"tenants/{tenant}/{collection}/{asset_id}/",
                                      f"{what} {asset_id}")
     except BaseException:
-        restore = svc.redis.pipeline(transaction=True)
-        restore.set(key, raw)
-        restore.zadd(index, {asset_id: float(score or time.time())})
-        await restore.execute()
+        try:
+            restore = svc.redis.pipeline(transaction=True)
+            restore.set(key, raw)
+            restore.zadd(index, {asset_id: float(score or time.time())})
+            await restore.execute()
+        except Exception:  # Redis gone too: the record is lost, the first error still wins
+            log.exception("could not restore the record of %s %s: %s", what, asset_id, raw)
         raise
     return Deleted(id=asset_id, object="model" if collection == "models" else "dataset",
                    files_removed=removed)

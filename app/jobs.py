@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -69,6 +70,8 @@ async def create_job(
         # a key freed between the two calls (its job deleted) is taken again
         while not await svc.redis.set(idem, job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
             existing = await svc.redis.get(idem)
+            if existing == job_id:  # our own SET, retried by the client after a lost reply
+                break
             if existing is None:
                 continue
             try:
@@ -85,13 +88,20 @@ async def create_job(
         created_at=records.now(),
         progress=Progress(stage="queued", message="waiting for a worker", updated_at=records.now()),
     )
-    seq = int(await svc.redis.incr(records.tenant_seq_key(tenant)))
-    pipe = svc.redis.pipeline(transaction=True)
-    pipe.hset(records.job_key(job_id), mapping=records.job_to_hash(job, tenant, seq, idem))
-    pipe.zadd(records.tenant_jobs_key(tenant), {job_id: seq})
-    pipe.xadd(records.events_key(job_id), {"data": records.event_json(job_id, "state", state="queued")},
-              maxlen=svc.settings.event_stream_maxlen, approximate=True)
-    await pipe.execute()
+    try:
+        seq = int(await svc.redis.incr(records.tenant_seq_key(tenant)))
+        pipe = svc.redis.pipeline(transaction=True)
+        pipe.hset(records.job_key(job_id), mapping=records.job_to_hash(job, tenant, seq, idem))
+        pipe.zadd(records.tenant_jobs_key(tenant), {job_id: seq})
+        pipe.xadd(records.events_key(job_id),
+                  {"data": records.event_json(job_id, "state", state="queued")},
+                  maxlen=svc.settings.event_stream_maxlen, approximate=True)
+        await pipe.execute()
+    except BaseException:
+        if idem is not None:  # no job was written: the key must not name one for 24 h
+            with contextlib.suppress(Exception):
+                await svc.redis.eval(records.DEL_IF_EQUALS, 1, idem, job_id)
+        raise
     try:
         await anyio.to_thread.run_sync(
             lambda: svc.celery.send_task(TASK_NAME, args=[job_id], queue=queue, task_id=job_id)
@@ -99,9 +109,13 @@ async def create_job(
     except Exception as exc:  # the record stays, failed with the reason, so nothing is silently lost
         log.exception("could not enqueue %s", job_id)
         err = ErrorInfo(type="enqueue_failed", message=f"could not reach the queue: {exc}")
-        await svc.redis.hset(records.job_key(job_id), mapping={
+        pipe = svc.redis.pipeline(transaction=True)
+        pipe.hset(records.job_key(job_id), mapping={
             "state": "failed", "finished_at": records.iso(), "error": err.model_dump_json()})
-        await svc.redis.zadd(records.FINISHED_KEY, {job_id: time.time()})
+        pipe.zadd(records.FINISHED_KEY, {job_id: time.time()})
+        await pipe.execute()
+        if idem is not None:  # a retry with the same key makes a new job, not this failed one
+            await svc.redis.eval(records.DEL_IF_EQUALS, 1, idem, job_id)
         raise ApiError(503, "the job queue is unavailable; try again shortly") from exc
     return job, True
 
@@ -173,18 +187,19 @@ async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Jo
     )
     if terminate:
         err = ErrorInfo(type="cancelled", message="cancelled by force; the worker was stopped")
-        await svc.redis.eval(
+        closed = await svc.redis.eval(
             records.FINISH, 3, records.job_key(job_id), records.events_key(job_id),
             records.FINISHED_KEY, h.get("attempts", "0"), "cancelled", records.iso(), event,
             maxlen, "", err.model_dump_json(), job_id, time.time(),
         )
-        # the killed attempt cannot record how its run ended: the API does
+        # the killed attempt cannot record how its run ended: the API does (if it closed it)
         attempt = h.get("attempts", "0")
-        raw = await svc.redis.hget(records.runs_key(job_id), attempt)
+        raw = await svc.redis.hget(records.runs_key(job_id), attempt) if int(closed) else None
         if raw is not None:
             run = RunAttempt.model_validate_json(raw)
             if run.outcome == "running":
-                await svc.redis.hset(records.runs_key(job_id), attempt, run.model_copy(
+                await svc.redis.eval(records.HSET_IF_JOB, 2, records.job_key(job_id),
+                                     records.runs_key(job_id), attempt, run.model_copy(
                     update={"outcome": "cancelled", "finished_at": records.now()}
                 ).model_dump_json())
     return await get_job(svc, tenant, job_id)

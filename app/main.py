@@ -23,7 +23,7 @@ def _log_to_stderr() -> None:
     """The API's own log lines (retention sweeps, enqueue failures) at INFO beside uvicorn's;
     left alone when the host application configured logging itself."""
     logger = logging.getLogger("modelpress")
-    if not logger.handlers:
+    if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
         logger.addHandler(handler)

@@ -256,6 +256,12 @@ if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
 return 'deleted'
 """
 
+# KEYS: key   ARGV: value
+DEL_IF_EQUALS = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # KEYS: job, a hash of the job   ARGV: field, value
 # A worker's write into one of the job's hashes (memo, artifacts, runs), made only while the job
 # exists: a piece or an attempt that finishes after the job was deleted does not bring its keys

@@ -46,10 +46,10 @@ async def sweep(svc: Services, now: float | None = None) -> int:
                 await jobs.delete_job(svc, tenant, job_id)
                 deleted += 1
             except ApiError as exc:
-                if exc.status == 503:  # the store: keep the rest for the next sweep
+                if exc.status >= 500:  # the store (down, or refusing): kept for the next sweep
                     log.warning("retention sweep stopped at %s: %s", job_id, exc.message)
                     return deleted
-                # gone already, or not final (an index entry from an earlier run of the job)
+                # 404: gone already; 409: not final (an entry from an earlier run of the job)
                 await svc.redis.zrem(records.FINISHED_KEY, job_id)
 
 

@@ -30,7 +30,7 @@ from app.schemas import (
     ModelInfo,
     ModelList,
 )
-from modelpress._errors import APIConnectionError, IntegrityError
+from modelpress._errors import APIConnectionError, APITimeoutError, IntegrityError
 
 T = TypeVar("T")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -58,13 +58,17 @@ def etag_sha256(response: httpx.Response) -> str | None:
 
 @contextmanager
 def cleaned_up(tmp: Path, name: str) -> Iterator[None]:
-    """A download that fails leaves no ``.part`` behind; one cut off mid-stream (the connection
-    dropped, or more or fewer bytes than the server declared) is an APIConnectionError."""
+    """A download that fails leaves no ``.part`` behind; one that times out is an
+    APITimeoutError, one that cannot connect or is cut off mid-stream (the connection dropped, or
+    more or fewer bytes than the server declared) an APIConnectionError."""
     try:
         yield
+    except httpx.TimeoutException as exc:
+        tmp.unlink(missing_ok=True)
+        raise APITimeoutError(f"the download of {name} timed out: {exc}") from exc
     except httpx.TransportError as exc:
         tmp.unlink(missing_ok=True)
-        raise APIConnectionError(f"the download of {name} broke off: {exc}") from exc
+        raise APIConnectionError(f"the download of {name} failed: {exc}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
