@@ -187,13 +187,13 @@ async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Jo
     )
     if terminate:
         err = ErrorInfo(type="cancelled", message="cancelled by force; the worker was stopped")
+        attempt = h.get("attempts", "0")
         closed = await svc.redis.eval(
             records.FINISH, 3, records.job_key(job_id), records.events_key(job_id),
-            records.FINISHED_KEY, h.get("attempts", "0"), "cancelled", records.iso(), event,
+            records.FINISHED_KEY, attempt, "cancelled", records.iso(), event,
             maxlen, "", err.model_dump_json(), job_id, time.time(),
         )
         # the killed attempt cannot record how its run ended: the API does (if it closed it)
-        attempt = h.get("attempts", "0")
         raw = await svc.redis.hget(records.runs_key(job_id), attempt) if int(closed) else None
         if raw is not None:
             run = RunAttempt.model_validate_json(raw)

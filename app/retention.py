@@ -27,10 +27,10 @@ def interval_s(retention_days: float) -> float:
     return min(3600.0, max(1.0, retention_days * 86_400 / 4))
 
 
-async def sweep(svc: Services, now: float | None = None) -> int:
-    """Delete every job that finished more than the retention period before ``now``; returns
-    how many were deleted."""
-    cutoff = (now or time.time()) - svc.settings.job_retention_days * 86_400
+async def sweep(svc: Services) -> int:
+    """Delete every job that finished more than the retention period ago; returns how many
+    were deleted."""
+    cutoff = time.time() - svc.settings.job_retention_days * 86_400
     deleted = 0
     while True:
         due: list[str] = await svc.redis.zrangebyscore(records.FINISHED_KEY, "-inf", cutoff,

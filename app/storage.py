@@ -63,6 +63,12 @@ class Store:
         self.url = url
         self.retry_s = retry_s  # only the synchronous calls (the workers') retry
 
+    def _may_pass(self, exc: BaseError) -> bool:
+        """Whether a failed call may succeed if repeated: S3 gave no answer or a 5xx. A 4xx
+        answer, another kind of obstore error or a local file system error will not change."""
+        return (isinstance(exc, GenericError) and isinstance(self._inner, S3Store)
+                and "Client error" not in str(exc).split("\n", 1)[0])
+
     def _call(self, what: str, key: str, fn: Callable[[], T], retry: bool = True) -> T:
         start, delay, tries = time.monotonic(), 0.5, 0
         while True:
@@ -74,8 +80,7 @@ class Store:
                 if "os error 28" in str(exc):  # ENOSPC
                     raise StoreFull(f"the object store {self.url} is full: could not {what} "
                                     f"{key}: {reason}") from None
-                # a 4xx answer will not change on retry; no answer or a 5xx may
-                if not isinstance(self._inner, S3Store) or "Client error" in reason:
+                if not self._may_pass(exc):
                     raise StoreError(f"the object store {self.url} could not {what} {key}: "
                                      f"{reason}") from None
                 waited = time.monotonic() - start
@@ -156,8 +161,8 @@ class Store:
 
     async def delete_prefix_async(self, prefix: str) -> int:
         """Delete every object under ``prefix`` (a folder, ending with ``/``); the count.
-        Raises StoreUnavailable when the store cannot be reached: the caller keeps its records,
-        so a repeated call finishes the job."""
+        Raises StoreUnavailable when the store cannot be reached (the caller keeps its records,
+        so a repeated call finishes the job), StoreError when it refuses."""
         keys = []
         try:
             async for batch in obstore.list(self._inner, prefix=prefix):
@@ -169,12 +174,9 @@ class Store:
                     for key in keys[i:i + 1000]:
                         await self.delete_async(key)
         except BaseError as exc:
-            reason = str(exc).split("\n", 1)[0]
-            # no answer or a 5xx may pass; a refusal (403, a bad path) will not on its own
-            cls = (StoreUnavailable if isinstance(exc, GenericError) and "Client error" not in reason
-                   else StoreError)
+            cls = StoreUnavailable if self._may_pass(exc) else StoreError
             raise cls(f"the object store {self.url} could not delete under {prefix}: "
-                      f"{reason}") from None
+                      f"{str(exc).splitlines()[0]}") from None
         return len(keys)
 
     def list_keys(self, prefix: str) -> list[str]:

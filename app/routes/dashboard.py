@@ -148,9 +148,8 @@ async def jobs_page(
         prefill = json.dumps(src.spec.model_dump(mode="json", exclude_none=True), indent=2)
     return _page(request, "jobs.html", jobs=page.items, state=state or "", kind=kind or "",
                  kinds=KINDS, states=STATES, zoo=ZOO, builtin=BUILTIN_DATA, models=models,
-                 datasets=data, prefill=prefill, error=error, summary=_summary, model_label=_model_label,
-                 tenant=who.tenant,
-                 deleted=deleted)
+                 datasets=data, prefill=prefill, error=error, summary=_summary,
+                 model_label=_model_label, tenant=who.tenant, deleted=deleted)
 
 
 @router.post("/ui/jobs")

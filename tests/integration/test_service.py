@@ -31,6 +31,7 @@ from modelpress import (
     Client,
     ConflictError,
     IntegrityError,
+    Job,
     JobFailedError,
     NotFoundError,
     PayloadTooLargeError,
@@ -155,12 +156,18 @@ def test_submit_progress_result_artifact(stack: Stack, shared_store: Path) -> No
         assert any("succeeded" in line for line in client.jobs.log(job.id))
 
 
+def _measuring_for_minutes(client: Client) -> Job:
+    """A digits-cnn benchmark that keeps measuring for two minutes, once it has started."""
+    job = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
+                                           min_time_s=120, per_layer=False))
+    wait_for(lambda: client.jobs.get(job.id).progress.stage == "measure", 60,
+             "the job to start measuring")
+    return job
+
+
 def test_cancel_running_job_frees_worker(stack: Stack) -> None:
     with stack.client() as client:
-        long = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
-                                                min_time_s=120, per_layer=False))
-        wait_for(lambda: client.jobs.get(long.id).progress.stage == "measure", 60,
-                 "the job to start measuring")
+        long = _measuring_for_minutes(client)
         t0 = time.monotonic()
         client.jobs.cancel(long.id)
         job = client.jobs.wait(long.id, timeout=30, raise_on_failure=False)
@@ -177,10 +184,7 @@ def test_cancel_running_job_frees_worker(stack: Stack) -> None:
 
 def test_force_cancel_closes_the_job_and_its_run(stack: Stack) -> None:
     with stack.client() as client:
-        long = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
-                                                min_time_s=120, per_layer=False))
-        wait_for(lambda: client.jobs.get(long.id).progress.stage == "measure", 60,
-                 "the job to start measuring")
+        long = _measuring_for_minutes(client)
         job = client.jobs.cancel(long.id, force=True)
         assert job.state == "cancelled" and job.error is not None and job.finished_at
         [run] = job.runs  # the killed attempt could not say how it ended; the API did
@@ -371,10 +375,7 @@ def test_delete_a_finished_job_with_its_files_never_a_live_one(stack: Stack,
         assert len(files) >= 2 and stack.redis.keys(f"mp:job:{done.id}*")
         stack.redis.hset(records.memo_key(done.id), "value", "{}")  # as a search leaves it
 
-        live = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
-                                                min_time_s=120, per_layer=False))
-        wait_for(lambda: client.jobs.get(live.id).progress.stage == "measure", 60,
-                 "the job to start measuring")
+        live = _measuring_for_minutes(client)
         with pytest.raises(ConflictError, match="cancel it first"):
             client.jobs.delete(live.id)
         assert client.jobs.get(live.id).state == "running"  # untouched by the refusal
