@@ -116,6 +116,23 @@ def _load_pt2(model_id: str, path: Path) -> LoadedModel:
                        info={"inputs": {n: list(t.shape) for n, t in data.inputs.items()}})
 
 
+# Model types whose position ids start after the padding index (fairseq's convention), so
+# that pad_token_id + 1 rows of the position table are never a real token's position.
+_POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+                            "longformer", "mpnet", "ibert"}
+
+
+def max_tokens(config: dict[str, Any], default: int = 64) -> int:
+    """Tokens per input: ``default``, or fewer where the model's position table is shorter."""
+    limit = config.get("max_position_embeddings")
+    if not isinstance(limit, int) or limit <= 0:
+        return default
+    if config.get("model_type") in _POSITIONS_AFTER_PADDING:
+        pad = config.get("pad_token_id")
+        limit -= (pad if isinstance(pad, int) and pad >= 0 else 1) + 1
+    return max(1, min(default, limit))
+
+
 def _load_hf_zip(model_id: str, path: Path, dest: Path) -> LoadedModel:
     with zipfile.ZipFile(path) as zf:
         files = [i.filename for i in zf.infolist() if not i.is_dir()]
@@ -128,9 +145,7 @@ def _load_hf_zip(model_id: str, path: Path, dest: Path) -> LoadedModel:
     module, tok = zoo.load_hf_encoder(dest)
     if tok is None:
         raise UserError("the model folder has no tokenizer (tokenizer.json or vocab.txt)")
-    # 64 tokens, or fewer for a model whose position table is shorter
-    limit = json.loads((dest / "config.json").read_text()).get("max_position_embeddings")
-    length = min(64, limit) if isinstance(limit, int) and limit > 0 else 64
+    length = max_tokens(json.loads((dest / "config.json").read_text()))
     data = TensorData(zoo.tokenize(tok, datasets.sentences(), max_length=length))
     task: Task = "classification" if isinstance(module, zoo._LogitsOnly) else "embedding"
     return LoadedModel(model_id, module, ["input_ids", "attention_mask"], task, data,

@@ -1,0 +1,52 @@
+"""Inputs from an uploaded Hugging Face folder fit the model's position table, including the
+RoBERTa family's, whose positions start after the padding index."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers.engine import models, zoo
+
+
+def zipped_folder(model: torch.nn.Module, folder: Path) -> Path:
+    model.save_pretrained(folder, safe_serialization=True)  # type: ignore[operator]
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(zoo.minilm_dir() / name, folder / name)
+    path = folder.with_suffix(".zip")
+    with zipfile.ZipFile(path, "w") as zf:
+        for f in folder.iterdir():
+            zf.write(f, f"{folder.name}/{f.name}")
+    return path
+
+
+@pytest.mark.parametrize(("kind", "positions", "expected"), [
+    ("bert", 40, 40),      # positions 0..39
+    ("roberta", 40, 38),   # pad_token_id 1: positions 2..39
+    ("bert", 512, 64),     # the default length where the table is long enough
+])
+def test_inputs_fit_the_position_table(tmp_path: Path, kind: str, positions: int, expected: int) -> None:
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    shape = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": positions}
+    model = BertModel(BertConfig(**shape)) if kind == "bert" else RobertaModel(RobertaConfig(**shape))
+    loaded = models._load_hf_zip("m", zipped_folder(model, tmp_path / kind), tmp_path / "unpacked")
+    assert loaded.info["max_length"] == expected
+    inputs = loaded.default_data.inputs
+    assert inputs["input_ids"].shape[1] == expected  # the sentences are longer: all padded to it
+    with torch.no_grad():
+        out = loaded.module(inputs["input_ids"][:4], inputs["attention_mask"][:4])
+    assert torch.isfinite(out).all()
+
+
+def test_max_tokens_without_a_usable_limit() -> None:
+    assert models.max_tokens({}) == 64
+    assert models.max_tokens({"model_type": "xlm-roberta", "max_position_embeddings": 514,
+                              "pad_token_id": 1}) == 64
+    assert models.max_tokens({"model_type": "roberta", "max_position_embeddings": 3}) == 1
