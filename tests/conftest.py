@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,7 +42,16 @@ FAST_LIMITS = {
 }
 
 
+def _needs_zoo(item: pytest.Item) -> bool:
+    return "shared_store" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Modules whose tests need the zoo run after the others (each module kept whole and in
+    # order), so the zoo trains in the background while the others run (see _zoo_training).
+    late = {getattr(item, "module", None) for item in items if _needs_zoo(item)}
+    items.sort(key=lambda item: getattr(item, "module", None) in late)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -66,19 +76,58 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_stack.Em
     server.stop()
 
 
+@dataclass
+class ZooTraining:
+    root: Path
+    procs: list[tuple[subprocess.Popen[bytes], Path]]  # and their logs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _zoo_training(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[ZooTraining | None]:
+    """Start training the zoo (one thread: digits-cnn ~14 s, char-gpt ~70 s, the digits
+    diffusion teacher ~150 s) at the session's start, in two processes at the lowest priority,
+    where the session has a test that needs it. They use the CPU the first modules leave idle
+    (those wait on processes and sockets much of the time); ``shared_store`` waits for them."""
+    if not any(_needs_zoo(item) for item in request.session.items):
+        yield None
+        return
+    root = tmp_path_factory.mktemp("store")
+    logs = tmp_path_factory.mktemp("zoo-logs")
+    procs = []
+    for names in ("teacher", "digits-cnn,char-gpt"):  # about the same time each
+        log = logs / f"{names.replace(',', '+')}.log"
+        with log.open("wb") as out:
+            # a session of its own: see _zoo_train on autogroup
+            procs.append((subprocess.Popen([sys.executable, "-m", "tests._zoo_train", str(root), names],
+                                           stdout=out, stderr=subprocess.STDOUT,
+                                           start_new_session=True), log))
+    yield ZooTraining(root, procs)
+    for proc, _ in procs:
+        if proc.poll() is None:  # the session ended before a test needed the zoo
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(scope="session")
-def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def shared_store(_zoo_training: ZooTraining | None) -> Path:
     """One local object store for the session, with the zoo models that train on first use
-    (digits-cnn ~10 s, char-gpt ~50 s, the digits diffusion teacher ~65 s) trained into it once
-    here, so jobs with short time limits do not pay for training."""
+    trained into it once, so jobs with short time limits do not pay for training."""
+    assert _zoo_training is not None  # started for every session with a test that asks for this
+    for proc, log in _zoo_training.procs:
+        if proc.wait() != 0:
+            pytest.fail(f"training the zoo failed (exit {proc.returncode}):\n"
+                        f"{log.read_text(errors='replace')[-4000:]}")
+    # This process may have trained its own copies (tests with their own store): use the store's,
+    # which the workers load, so in-process results and the workers' agree to the bit.
+    zoo._memory_cache.clear()
     from workers.engine.diffusion.teacher import teacher
 
-    root = tmp_path_factory.mktemp("store")
-    store = open_store(Settings(store_url=root.as_uri()))
+    store = open_store(Settings(store_url=_zoo_training.root.as_uri()))
     zoo.digits_cnn(store)
     zoo.char_gpt(store)
     teacher(store)
-    return root
+    return _zoo_training.root
 
 
 @dataclass

@@ -95,17 +95,22 @@ def cached_training(key: str, train: Callable[[], tuple[nn.Module, dict[str, Any
                     store: Store | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A zoo model's trained weights, from this process, the object store, or trained now
     (then cached in both)."""
-    if key not in _memory_cache and store is not None and store.exists(f"{key}/model.safetensors"):
+    in_store = store is not None and store.exists(f"{key}/model.safetensors")
+    if key not in _memory_cache and in_store:
+        assert store is not None
         _memory_cache[key] = (store.get_bytes(f"{key}/model.safetensors"),
                               json.loads(store.get_bytes(f"{key}/meta.json")))
     if key not in _memory_cache:
         log.info("training %s (first use; cached afterwards)", key)
         model, meta = train()
         blob = save_st_bytes({k: v.contiguous() for k, v in model.state_dict().items()})
-        if store is not None:
-            store.put_bytes(f"{key}/model.safetensors", blob)
-            store.put_bytes(f"{key}/meta.json", json.dumps(meta).encode())
         _memory_cache[key] = (blob, meta)
+    if store is not None and not in_store:
+        # also when this process trained it for another store: the store's readers are other
+        # processes. meta.json first, so a reader that sees the weights finds the meta too.
+        blob, meta = _memory_cache[key]
+        store.put_bytes(f"{key}/meta.json", json.dumps(meta).encode())
+        store.put_bytes(f"{key}/model.safetensors", blob)
     blob, meta = _memory_cache[key]
     return load_st_bytes(blob), dict(meta)
 

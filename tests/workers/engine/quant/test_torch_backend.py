@@ -29,8 +29,10 @@ def _cases(device: str) -> dict[str, tuple[dict[str, str], float]]:
     cases = {
         "bf16 everywhere": (dict.fromkeys(("conv1", "conv2", "fc1", "fc2", "fc3"), "bf16"), 0.05),
         # The CPU kernels sum K = 1024 (fc1) in blocks, rounding between them: fc1 alone
-        # leaves 5.6% (fp16) and 2.3% (int8-weight) of its error unexplained (Xeon, AMX).
-        "fp16 everywhere": (dict.fromkeys(("conv1", "conv2", "fc1", "fc2", "fc3"), "fp16"), 0.15),
+        # leaves 5.6% (fp16) and 2.3% (int8-weight) of its error unexplained (Xeon, AMX). The
+        # share depends on the weights' last bits: on a 2-core EPYC (2026-12-01) fp16 everywhere
+        # left 11.0% with digits-cnn trained on two threads, 17.6% with it trained on one.
+        "fp16 everywhere": (dict.fromkeys(("conv1", "conv2", "fc1", "fc2", "fc3"), "fp16"), 0.25),
         "int8 fc2 alone": ({"fc2": "int8"}, 0.05),
         "int8 Linears": (dict.fromkeys(("fc1", "fc2", "fc3"), "int8"), 0.05),
         "int8-weight Linears": (dict.fromkeys(("fc1", "fc2", "fc3"), "int8-weight"), 0.1),
