@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,16 @@ TRAIN: dict[str, Callable[[Store], Any]] = {
 }
 
 
+def _exit_with(parent: int) -> None:
+    """In its own session this process gets no Ctrl-C: it ends when pytest does, however."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
 def main(argv: list[str]) -> None:
     root, names = Path(argv[0]), argv[1].split(",")
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     # The tests in the foreground come first; this takes what they leave. Where the kernel groups
     # CPU time by session (autogroup), a process's nice value only ranks it within its session,
     # so conftest starts this in a session of its own and the session's weight is lowered too.
