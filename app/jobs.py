@@ -170,7 +170,7 @@ async def list_jobs(
 
 
 async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Job:
-    h = await _raw(svc, tenant, job_id)
+    await _raw(svc, tenant, job_id)  # 404 unless it is the caller's
     maxlen = svc.settings.event_stream_maxlen
     event = records.event_json(job_id, "state", state="cancelled")
     outcome = await svc.redis.eval(
@@ -187,7 +187,9 @@ async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Jo
     )
     if terminate:
         err = ErrorInfo(type="cancelled", message="cancelled by force; the worker was stopped")
-        attempt = h.get("attempts", "0")
+        # read now, not before CANCEL: FINISH closes only for the current attempt. One that
+        # starts after this read cancels itself at its first progress (cancel_requested is set).
+        attempt = await svc.redis.hget(records.job_key(job_id), "attempts") or "0"
         closed = await svc.redis.eval(
             records.FINISH, 3, records.job_key(job_id), records.events_key(job_id),
             records.FINISHED_KEY, attempt, "cancelled", records.iso(), event,
