@@ -82,16 +82,11 @@ class ZooTraining:
     procs: list[tuple[subprocess.Popen[bytes], Path]]  # and their logs
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _zoo_training(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[ZooTraining | None]:
-    """Start training the zoo (one thread: digits-cnn ~14 s, char-gpt ~70 s, the digits
-    diffusion teacher ~150 s) at the session's start, in two processes at the lowest priority,
-    where the session has a test that needs it. They use the CPU the first modules leave idle
-    (those wait on processes and sockets much of the time); ``shared_store`` waits for them."""
-    if not any(_needs_zoo(item) for item in request.session.items):
-        yield None
-        return
+ROOT = Path(__file__).resolve().parents[1]
+ZOO_TRAINING_LIMIT_S = 900  # about 150 s on two idle cores
+
+
+def _start_zoo_training(tmp_path_factory: pytest.TempPathFactory) -> ZooTraining:
     root = tmp_path_factory.mktemp("store")
     logs = tmp_path_factory.mktemp("zoo-logs")
     procs = []
@@ -99,35 +94,60 @@ def _zoo_training(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
         log = logs / f"{names.replace(',', '+')}.log"
         with log.open("wb") as out:
             # a session of its own: see _zoo_train on autogroup
-            procs.append((subprocess.Popen([sys.executable, "-m", "tests._zoo_train", str(root), names],
-                                           stdout=out, stderr=subprocess.STDOUT,
-                                           start_new_session=True), log))
-    yield ZooTraining(root, procs)
-    for proc, _ in procs:
+            procs.append((subprocess.Popen(
+                [sys.executable, "-m", "tests._zoo_train", str(os.getpid()), str(root), names],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True), log))
+    return ZooTraining(root, procs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _zoo_training(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[ZooTraining | None]:
+    """Start training the zoo (one thread: digits-cnn ~14 s, char-gpt ~70 s, the digits
+    diffusion teacher ~150 s) at the session's start, in two processes at the lowest priority,
+    where the session has a test that needs it. They use the CPU the first modules leave idle
+    (those wait on processes and sockets much of the time); ``shared_store`` waits for them."""
+    training = (_start_zoo_training(tmp_path_factory)
+                if any(_needs_zoo(item) for item in request.session.items) else None)
+    yield training
+    for proc, _ in training.procs if training else []:
         if proc.poll() is None:  # the session ended before a test needed the zoo
             proc.kill()
             proc.wait()
 
 
 @pytest.fixture(scope="session")
-def shared_store(_zoo_training: ZooTraining | None) -> Path:
+def shared_store(_zoo_training: ZooTraining | None, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Path]:
     """One local object store for the session, with the zoo models that train on first use
     trained into it once, so jobs with short time limits do not pay for training."""
-    assert _zoo_training is not None  # started for every session with a test that asks for this
-    for proc, log in _zoo_training.procs:
-        if proc.wait() != 0:
-            pytest.fail(f"training the zoo failed (exit {proc.returncode}):\n"
-                        f"{log.read_text(errors='replace')[-4000:]}")
-    # This process may have trained its own copies (tests with their own store): use the store's,
-    # which the workers load, so in-process results and the workers' agree to the bit.
-    zoo._memory_cache.clear()
-    from workers.engine.diffusion.teacher import teacher
+    # Not started at the session's start where no collected test names this fixture (one that
+    # asks for it at run time, through request.getfixturevalue): start it now.
+    training = _zoo_training or _start_zoo_training(tmp_path_factory)
+    try:
+        for proc, log in training.procs:
+            try:
+                rc = proc.wait(timeout=ZOO_TRAINING_LIMIT_S)
+            except subprocess.TimeoutExpired:
+                rc = None
+            if rc != 0:
+                pytest.fail(f"training the zoo failed (exit {rc}, limit {ZOO_TRAINING_LIMIT_S} s):\n"
+                            f"{log.read_text(errors='replace')[-4000:]}")
+        # This process may have trained its own copies (tests with their own store): use the
+        # store's, which the workers load, so in-process results and the workers' agree to the bit.
+        zoo._memory_cache.clear()
+        from workers.engine.diffusion.teacher import teacher
 
-    store = open_store(Settings(store_url=_zoo_training.root.as_uri()))
-    zoo.digits_cnn(store)
-    zoo.char_gpt(store)
-    teacher(store)
-    return _zoo_training.root
+        store = open_store(Settings(store_url=training.root.as_uri()))
+        zoo.digits_cnn(store)
+        zoo.char_gpt(store)
+        teacher(store)
+        yield training.root
+    finally:
+        for proc, _ in training.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @dataclass

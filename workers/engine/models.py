@@ -116,21 +116,21 @@ def _load_pt2(model_id: str, path: Path) -> LoadedModel:
                        info={"inputs": {n: list(t.shape) for n, t in data.inputs.items()}})
 
 
-# Model types whose position ids start after the padding index (fairseq's convention), so
-# that pad_token_id + 1 rows of the position table are never a real token's position.
-_POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
-                            "longformer", "mpnet", "ibert"}
-
-
-def max_tokens(config: dict[str, Any], default: int = 64) -> int:
-    """Tokens per input: ``default``, or fewer where the model's position table is shorter."""
+def max_tokens(config: dict[str, Any], module: nn.Module, default: int = 64) -> int:
+    """Tokens per input: ``default``, or fewer where the model's position table is shorter.
+    The RoBERTa family numbers positions after the padding index (its position table has a
+    ``padding_idx``), so padding_idx + 1 of the table's rows are never a token's position."""
     limit = config.get("max_position_embeddings")
-    if not isinstance(limit, int) or limit <= 0:
-        return default
-    if config.get("model_type") in _POSITIONS_AFTER_PADDING:
-        pad = config.get("pad_token_id")
-        limit -= (pad if isinstance(pad, int) and pad >= 0 else 1) + 1
-    return max(1, min(default, limit))
+    usable = limit if isinstance(limit, int) and limit > 0 else default
+    for name, m in module.named_modules():
+        if name.endswith("position_embeddings") and isinstance(m, nn.Embedding):
+            offset = m.padding_idx + 1 if m.padding_idx is not None else 0
+            usable = min(usable, m.num_embeddings - offset)
+            break
+    if usable < 1:
+        raise UserError("the model's position table has no room for a token "
+                        f"(max_position_embeddings {limit})")
+    return min(default, usable)
 
 
 def _load_hf_zip(model_id: str, path: Path, dest: Path) -> LoadedModel:
@@ -145,7 +145,7 @@ def _load_hf_zip(model_id: str, path: Path, dest: Path) -> LoadedModel:
     module, tok = zoo.load_hf_encoder(dest)
     if tok is None:
         raise UserError("the model folder has no tokenizer (tokenizer.json or vocab.txt)")
-    length = max_tokens(json.loads((dest / "config.json").read_text()))
+    length = max_tokens(json.loads((dest / "config.json").read_text()), module)
     data = TensorData(zoo.tokenize(tok, datasets.sentences(), max_length=length))
     task: Task = "classification" if isinstance(module, zoo._LogitsOnly) else "embedding"
     return LoadedModel(model_id, module, ["input_ids", "attention_mask"], task, data,

@@ -89,28 +89,31 @@ def train_digits_cnn() -> tuple[DigitsCNN, dict[str, Any]]:
 
 
 _memory_cache: dict[str, tuple[bytes, dict[str, Any]]] = {}
+_in_store: set[tuple[str, str]] = set()  # (store url, key): known to be there
 
 
 def cached_training(key: str, train: Callable[[], tuple[nn.Module, dict[str, Any]]],
                     store: Store | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A zoo model's trained weights, from this process, the object store, or trained now
     (then cached in both)."""
-    in_store = store is not None and store.exists(f"{key}/model.safetensors")
-    if key not in _memory_cache and in_store:
-        assert store is not None
+    if store is not None and key not in _memory_cache and store.exists(f"{key}/model.safetensors"):
         _memory_cache[key] = (store.get_bytes(f"{key}/model.safetensors"),
                               json.loads(store.get_bytes(f"{key}/meta.json")))
+        _in_store.add((store.url, key))
     if key not in _memory_cache:
         log.info("training %s (first use; cached afterwards)", key)
         model, meta = train()
         blob = save_st_bytes({k: v.contiguous() for k, v in model.state_dict().items()})
         _memory_cache[key] = (blob, meta)
-    if store is not None and not in_store:
-        # also when this process trained it for another store: the store's readers are other
-        # processes. meta.json first, so a reader that sees the weights finds the meta too.
-        blob, meta = _memory_cache[key]
-        store.put_bytes(f"{key}/meta.json", json.dumps(meta).encode())
-        store.put_bytes(f"{key}/model.safetensors", blob)
+    if store is not None and (store.url, key) not in _in_store:
+        # Once per store and process: a store this process did not train for (another one's,
+        # in library use and tests) gets it too, for the other processes that read it.
+        # meta.json first, so a reader that sees the weights finds the meta too.
+        if not store.exists(f"{key}/model.safetensors"):
+            blob, meta = _memory_cache[key]
+            store.put_bytes(f"{key}/meta.json", json.dumps(meta).encode())
+            store.put_bytes(f"{key}/model.safetensors", blob)
+        _in_store.add((store.url, key))
     blob, meta = _memory_cache[key]
     return load_st_bytes(blob), dict(meta)
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from workers.engine import models, zoo
+from workers.engine.context import UserError
 
 
 def zipped_folder(model: torch.nn.Module, folder: Path) -> Path:
@@ -45,8 +47,21 @@ def test_inputs_fit_the_position_table(tmp_path: Path, kind: str, positions: int
     assert torch.isfinite(out).all()
 
 
-def test_max_tokens_without_a_usable_limit() -> None:
-    assert models.max_tokens({}) == 64
-    assert models.max_tokens({"model_type": "xlm-roberta", "max_position_embeddings": 514,
-                              "pad_token_id": 1}) == 64
-    assert models.max_tokens({"model_type": "roberta", "max_position_embeddings": 3}) == 1
+def _with_positions(table: nn.Embedding) -> nn.Module:
+    embeddings = nn.Module()
+    embeddings.position_embeddings = table
+    model = nn.Module()
+    model.embeddings = embeddings
+    return model
+
+
+def test_max_tokens_from_the_config_and_the_position_table() -> None:
+    assert models.max_tokens({}, nn.Linear(2, 2)) == 64  # no table, no limit: the default
+    assert models.max_tokens({"max_position_embeddings": 32}, nn.Linear(2, 2)) == 32
+    xlmr = _with_positions(nn.Embedding(514, 4, padding_idx=1))
+    assert models.max_tokens({"max_position_embeddings": 514}, xlmr) == 64
+    assert models.max_tokens({"max_position_embeddings": 40}, _with_positions(
+        nn.Embedding(40, 4, padding_idx=1))) == 38
+    with pytest.raises(UserError, match="no room"):
+        models.max_tokens({"max_position_embeddings": 2}, _with_positions(
+            nn.Embedding(2, 4, padding_idx=1)))
