@@ -81,6 +81,13 @@ class ZooTraining:
     root: Path
     procs: list[tuple[subprocess.Popen[bytes], Path]]  # and their logs
 
+    def stop(self) -> None:
+        """Kill the trainers still running (the session ended, or failed, before they did)."""
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_TRAINING_LIMIT_S = 900  # about 150 s on two idle cores
@@ -110,10 +117,8 @@ def _zoo_training(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     training = (_start_zoo_training(tmp_path_factory)
                 if any(_needs_zoo(item) for item in request.session.items) else None)
     yield training
-    for proc, _ in training.procs if training else []:
-        if proc.poll() is None:  # the session ended before a test needed the zoo
-            proc.kill()
-            proc.wait()
+    if training is not None:
+        training.stop()
 
 
 @pytest.fixture(scope="session")
@@ -144,10 +149,7 @@ def shared_store(_zoo_training: ZooTraining | None, tmp_path_factory: pytest.Tem
         teacher(store)
         yield training.root
     finally:
-        for proc, _ in training.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        training.stop()
 
 
 @dataclass

@@ -80,18 +80,21 @@ def pt2_with_pickled_weights(path: Path, marker: Path, tiny: Path) -> Path:
     return rewrite_zip(tiny, path, edit)
 
 
-def tiny_hf_folder(dest: Path) -> Path:
-    """A small BERT saved the Hugging Face way (safetensors), with MiniLM's tokenizer files."""
+def tiny_hf_folder(dest: Path, family: str = "bert", positions: int = 128) -> Path:
+    """A small BERT (or RoBERTa) saved the Hugging Face way (safetensors), with MiniLM's
+    tokenizer files; ``positions``: its max_position_embeddings."""
     import shutil
 
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
     from workers.engine import zoo
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(dest, safe_serialization=True)
+    shape = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": positions}
+    model = (BertModel(BertConfig(**shape)) if family == "bert"
+             else RobertaModel(RobertaConfig(**shape)))
+    model.save_pretrained(dest, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(zoo.minilm_dir() / name, dest / name)
     return dest

@@ -3,42 +3,28 @@ RoBERTa family's, whose positions start after the padding index."""
 
 from __future__ import annotations
 
-import shutil
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from workers.engine import models, zoo
+from modelpress import _base
+from tests.helpers import tiny_hf_folder
+from workers.engine import models
 from workers.engine.context import UserError
 
 
-def zipped_folder(model: torch.nn.Module, folder: Path) -> Path:
-    model.save_pretrained(folder, safe_serialization=True)  # type: ignore[operator]
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(zoo.minilm_dir() / name, folder / name)
-    path = folder.with_suffix(".zip")
-    with zipfile.ZipFile(path, "w") as zf:
-        for f in folder.iterdir():
-            zf.write(f, f"{folder.name}/{f.name}")
-    return path
-
-
-@pytest.mark.parametrize(("kind", "positions", "expected"), [
+@pytest.mark.parametrize(("family", "positions", "expected"), [
     ("bert", 40, 40),      # positions 0..39
     ("roberta", 40, 38),   # pad_token_id 1: positions 2..39
     ("bert", 512, 64),     # the default length where the table is long enough
 ])
-def test_inputs_fit_the_position_table(tmp_path: Path, kind: str, positions: int, expected: int) -> None:
-    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
-
-    torch.manual_seed(0)
-    shape = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "intermediate_size": 64, "max_position_embeddings": positions}
-    model = BertModel(BertConfig(**shape)) if kind == "bert" else RobertaModel(RobertaConfig(**shape))
-    loaded = models._load_hf_zip("m", zipped_folder(model, tmp_path / kind), tmp_path / "unpacked")
+def test_inputs_fit_the_position_table(tmp_path: Path, family: str, positions: int,
+                                       expected: int) -> None:
+    # zipped as the SDK uploads a folder
+    path = _base.zip_folder(tiny_hf_folder(tmp_path / family, family, positions), tmp_path)
+    loaded = models._load_hf_zip("m", path, tmp_path / "unpacked")
     assert loaded.info["max_length"] == expected
     inputs = loaded.default_data.inputs
     assert inputs["input_ids"].shape[1] == expected  # the sentences are longer: all padded to it
