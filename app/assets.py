@@ -167,44 +167,79 @@ async def list_assets(svc: Services, collection: Collection, tenant: str, model:
     return out
 
 
-async def delete_asset(svc: Services, collection: Collection, tenant: str, asset_id: str
-                       ) -> Deleted:
+async def delete_asset(svc: Services, collection: Collection, tenant: str, asset_id: str,
+                       idempotency_key: str | None = None) -> Deleted:
     """An upload's file and record, unless a queued or running job still needs it (jobs that
     finished keep their results; a re-run of one would report the input missing).
 
     The record goes first, so a job submitted from then on is refused (404) instead of failing
     later for a missing file; it comes back if the upload turns out to be in use (409) or its
-    file cannot be deleted (5xx), so a repeated DELETE can finish the work."""
+    file cannot be deleted (5xx), so a repeated DELETE can finish the work. With an
+    Idempotency-Key the taken record waits in the key's replay until the answer replaces it."""
     what = collection[:-1]
-    await get_asset(svc, collection, tenant, asset_id,
-                    ModelInfo if collection == "models" else DatasetInfo)
+    target = f"{what} {asset_id}"
+    replay = records.delete_replay_key(tenant, idempotency_key) if idempotency_key else None
+    earlier = await read_delete_replay(svc, replay, target)
+    if earlier is not None and "answer" in earlier:
+        return Deleted.model_validate(earlier["answer"])
     key, index = records.asset_key(collection, asset_id), records.tenant_assets_key(tenant, collection)
-    pipe = svc.redis.pipeline(transaction=True)
-    pipe.getdel(key)
-    pipe.zscore(index, asset_id)
-    pipe.zrem(index, asset_id)
-    raw, score, _ = await pipe.execute()
-    if raw is None:  # deleted by a concurrent call
-        raise not_found(what, asset_id)
+    if earlier is not None:  # an earlier try took the record, then its reply or process was lost
+        raw, score = earlier["pending"], earlier["score"]
+    else:
+        await get_asset(svc, collection, tenant, asset_id,
+                        ModelInfo if collection == "models" else DatasetInfo)
+        taken = await svc.redis.eval(records.TAKE_UPLOAD, 3, key, index,
+                                     replay or records.delete_replay_key(tenant, ""), asset_id,
+                                     target if replay else "", records.IDEMPOTENCY_TTL_S)
+        if taken is None:  # deleted by a concurrent call
+            raise not_found(what, asset_id)
+        raw, score = taken
     try:
         users = await _active_jobs_using(svc, tenant, asset_id)
         if users:
             listed = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
             raise ApiError(409, f"{what} {asset_id} is an input of {len(users)} queued or running "
                                 f"job(s): {listed}; cancel them or let them finish, then delete it")
-        removed = await delete_files(svc, f"tenants/{tenant}/{collection}/{asset_id}/",
-                                     f"{what} {asset_id}")
+        removed = await delete_files(svc, f"tenants/{tenant}/{collection}/{asset_id}/", target)
     except BaseException:
         try:
             restore = svc.redis.pipeline(transaction=True)
             restore.set(key, raw)
             restore.zadd(index, {asset_id: float(score or time.time())})
+            if replay:
+                restore.delete(replay)
             await restore.execute()
         except Exception:  # Redis gone too: the record is lost, the first error still wins
-            log.exception("could not restore the record of %s %s: %s", what, asset_id, raw)
+            log.exception("could not restore the record of %s: %s", target, raw)
         raise
-    return Deleted(id=asset_id, object="model" if collection == "models" else "dataset",
-                   files_removed=removed)
+    answer = Deleted(id=asset_id, object="model" if collection == "models" else "dataset",
+                     files_removed=removed)
+    if replay:
+        try:
+            await svc.redis.set(replay, replay_json(target, answer), ex=records.IDEMPOTENCY_TTL_S)
+        except Exception:  # the delete is done; a retry finds the pending record, redoes the rest
+            log.exception("could not record the answer to the delete of %s", target)
+    return answer
+
+
+async def read_delete_replay(svc: Services, replay: str | None, target: str
+                             ) -> dict[str, Any] | None:
+    """What an earlier DELETE sent with the same Idempotency-Key left, if any (a key names one
+    target: reusing it for another is a 422)."""
+    if replay is None:
+        return None
+    raw = await svc.redis.get(replay)
+    if raw is None:
+        return None
+    data: dict[str, Any] = json.loads(raw)
+    if data["target"] != target:
+        raise ApiError(422, f"this Idempotency-Key was used to delete {data['target']}; send a new "
+                            "key with each delete")
+    return data
+
+
+def replay_json(target: str, answer: Deleted) -> str:
+    return json.dumps({"target": target, "answer": answer.model_dump(mode="json")})
 
 
 async def delete_files(svc: Services, prefix: str, what: str) -> int:

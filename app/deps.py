@@ -8,7 +8,7 @@ from typing import Annotated
 
 import redis.asyncio as aioredis
 from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app import auth, records
@@ -63,3 +63,13 @@ async def principal(
 
 
 PrincipalDep = Annotated[auth.Principal, Depends(principal)]
+
+
+IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9_-]{8,128}$"
+
+DeleteKeyHeader = Annotated[
+    str | None,
+    Header(pattern=IDEMPOTENCY_KEY_PATTERN,
+           description="Repeat a delete safely: for 24 h the same key returns the first answer "
+                       "(and finishes a delete whose reply was lost)."),
+]

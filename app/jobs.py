@@ -53,9 +53,6 @@ async def _check_refs(svc: Services, tenant: str, spec: BaseModel) -> None:
                 await assets.get_asset(svc, "datasets", tenant, ref.id, DatasetInfo)
 
 
-IDEMPOTENCY_TTL_S = 24 * 3600
-
-
 async def create_job(
     svc: Services, tenant: str, body: JobCreate, idempotency_key: str | None = None
 ) -> tuple[Job, bool]:
@@ -68,7 +65,7 @@ async def create_job(
     if idempotency_key:
         idem = records.idempotency_key(tenant, idempotency_key)
         # a key freed between the two calls (its job deleted) is taken again
-        while not await svc.redis.set(idem, job_id, nx=True, ex=IDEMPOTENCY_TTL_S):
+        while not await svc.redis.set(idem, job_id, nx=True, ex=records.IDEMPOTENCY_TTL_S):
             existing = await svc.redis.get(idem)
             if existing == job_id:  # our own SET, retried by the client after a lost reply
                 break
@@ -207,28 +204,38 @@ async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Jo
     return await get_job(svc, tenant, job_id)
 
 
-async def delete_job(svc: Services, tenant: str, job_id: str) -> Deleted:
+async def delete_job(svc: Services, tenant: str, job_id: str,
+                     idempotency_key: str | None = None) -> Deleted:
     """A finished job's record, events, log, memo and every stored file (artifacts and attempt
     logs). The files go first: if the store cannot be reached, the record stays whole enough to
-    find them and a repeated DELETE finishes the work."""
+    find them and a repeated DELETE finishes the work. With an Idempotency-Key, the answer is
+    kept (24 h) in the same step that removes the record, for a retry whose reply was lost."""
+    target = f"job {job_id}"
+    replay = records.delete_replay_key(tenant, idempotency_key) if idempotency_key else None
+    earlier = await assets.read_delete_replay(svc, replay, target)
+    if earlier is not None:
+        return Deleted.model_validate(earlier["answer"])
     h = await _raw(svc, tenant, job_id)
     if h.get("state") not in FINAL_STATES:
         raise ApiError(409, f"job {job_id} is {h.get('state')}; cancel it first (POST "
                             f"/v1/jobs/{job_id}/cancel, or `modelpress jobs cancel {job_id}`), "
                             "then delete it")
     prefix = records.artifact_object(tenant, job_id, "")
-    removed = await assets.delete_files(svc, prefix, f"job {job_id}")
+    removed = await assets.delete_files(svc, prefix, target)
+    answer = Deleted(id=job_id, object="job", files_removed=removed)
     outcome = await svc.redis.eval(
-        records.DELETE_JOB, 3 + len(records.job_keys(job_id)),
+        records.DELETE_JOB, 4 + len(records.job_keys(job_id)),
         # a job created without a key passes one no request can name (keys are 8+ characters)
         records.tenant_jobs_key(tenant), h.get("idem") or records.idempotency_key(tenant, ""),
-        records.FINISHED_KEY, *records.job_keys(job_id), tenant, job_id,
+        records.FINISHED_KEY, replay or records.delete_replay_key(tenant, ""),
+        *records.job_keys(job_id), tenant, job_id,
+        assets.replay_json(target, answer) if replay else "", records.IDEMPOTENCY_TTL_S,
     )
     if outcome == "missing":  # deleted by a concurrent call
         raise not_found("job", job_id)
     if outcome != "deleted":
         raise ApiError(409, f"job {job_id} is {outcome}; cancel it first")
-    return Deleted(id=job_id, object="job", files_removed=removed)
+    return answer
 
 
 async def events(

@@ -93,8 +93,17 @@ def worker_key(worker: str) -> str:
 WORKER_PATTERN = f"{P}:worker:*"
 
 
+IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key answers for a create or a delete
+
+
 def idempotency_key(tenant: str, key: str) -> str:
     return f"{P}:tenant:{tenant}:idem:{key}"
+
+
+def delete_replay_key(tenant: str, key: str) -> str:
+    """What a DELETE sent with this Idempotency-Key did: JSON ``{"target", "answer"}``, or
+    ``{"target", "pending", "score"}`` while an upload's delete has taken its record."""
+    return f"{P}:tenant:{tenant}:del:{key}"
 
 
 def ratelimit_key(token_hash: str, minute: int) -> str:
@@ -241,19 +250,40 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'data', ARGV[4])
 return 1
 """
 
-# KEYS: tenant_jobs, idempotency key (or any unused key), finished, job, its other keys...
-# ARGV: tenant, job_id
+# KEYS: tenant_jobs, idempotency key (or any unused key), finished, delete replay (or any unused
+#       key), job, its other keys...
+# ARGV: tenant, job_id, the replay's JSON ('' for none), its TTL
 # Deletes a finished job of the tenant with every key it owns, and its Idempotency-Key if that
-# still names it; returns 'deleted', 'missing' or the state that kept it (queued or running).
+# still names it; writes the DELETE's own replay in the same step, so a reply lost after it still
+# has an answer; returns 'deleted', 'missing' or the state that kept it (queued or running).
 DELETE_JOB = """
-local h = redis.call('HMGET', KEYS[4], 'tenant', 'state')
+local h = redis.call('HMGET', KEYS[5], 'tenant', 'state')
 if not h[1] or h[1] ~= ARGV[1] then return 'missing' end
 if h[2] == 'queued' or h[2] == 'running' then return h[2] end
-redis.call('DEL', unpack(KEYS, 4))
+redis.call('DEL', unpack(KEYS, 5))
 redis.call('ZREM', KEYS[1], ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
 if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+if ARGV[3] ~= '' then redis.call('SET', KEYS[4], ARGV[3], 'EX', ARGV[4]) end
 return 'deleted'
+"""
+
+# KEYS: upload record, tenant's upload index, delete replay (or any unused key)
+# ARGV: upload id, target ('' for no replay), TTL
+# Takes an upload's record out (so no new job can name it) and, for a DELETE sent with an
+# Idempotency-Key, keeps it in the replay in the same step: a retry after a lost reply or a crash
+# finishes the delete instead of finding nothing. Returns {record, score} or nil if missing.
+TAKE_UPLOAD = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return nil end
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1]) or ''
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[3], cjson.encode({target = ARGV[2], pending = raw, score = score}),
+             'EX', ARGV[3])
+end
+return {raw, score}
 """
 
 # KEYS: key   ARGV: value

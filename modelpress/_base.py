@@ -206,8 +206,14 @@ def get_model(model_id: str) -> Call[ModelInfo]:
     return Call("GET", f"/v1/models/{model_id}", _model(ModelInfo))
 
 
+def _delete_key() -> dict[str, str]:
+    # One key per logical delete, reused by every retry: a retry after a lost reply gets the
+    # first answer instead of a 404 (and finishes an upload's delete cut short by it).
+    return {"Idempotency-Key": uuid.uuid4().hex}
+
+
 def delete_model(model_id: str) -> Call[Deleted]:
-    return Call("DELETE", f"/v1/models/{model_id}", _model(Deleted))
+    return Call("DELETE", f"/v1/models/{model_id}", _model(Deleted), headers=_delete_key())
 
 
 def upload_dataset(path: Path, name: str | None, fmt: str | None) -> Call[DatasetInfo]:
@@ -226,7 +232,7 @@ def get_dataset(dataset_id: str) -> Call[DatasetInfo]:
 
 
 def delete_dataset(dataset_id: str) -> Call[Deleted]:
-    return Call("DELETE", f"/v1/datasets/{dataset_id}", _model(Deleted))
+    return Call("DELETE", f"/v1/datasets/{dataset_id}", _model(Deleted), headers=_delete_key())
 
 
 def create_job(spec: BaseModel | Mapping[str, Any], name: str | None,
@@ -256,7 +262,7 @@ def cancel_job(job_id: str, force: bool) -> Call[Job]:
 
 
 def delete_job(job_id: str) -> Call[Deleted]:
-    return Call("DELETE", f"/v1/jobs/{job_id}", _model(Deleted))
+    return Call("DELETE", f"/v1/jobs/{job_id}", _model(Deleted), headers=_delete_key())
 
 
 def job_log(job_id: str, tail: int) -> Call[list[str]]:

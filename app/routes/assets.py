@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 
 from app import assets
-from app.deps import PrincipalDep, ServicesDep
+from app.deps import DeleteKeyHeader, PrincipalDep, ServicesDep
 from app.schemas import (
     DatasetFormat,
     DatasetInfo,
@@ -58,10 +58,11 @@ async def get_model(model_id: str, svc: ServicesDep, who: PrincipalDep) -> Model
 
 
 @router.delete("/models/{model_id}", response_model=Deleted)
-async def delete_model(model_id: str, svc: ServicesDep, who: PrincipalDep) -> Deleted:
+async def delete_model(model_id: str, svc: ServicesDep, who: PrincipalDep,
+                       idempotency_key: DeleteKeyHeader = None) -> Deleted:
     """Delete an uploaded model and its file; refused (409) while a queued or running job
     names it."""
-    return await assets.delete_asset(svc, "models", who.tenant, model_id)
+    return await assets.delete_asset(svc, "models", who.tenant, model_id, idempotency_key)
 
 
 @router.post("/datasets", status_code=201, response_model=DatasetInfo, openapi_extra=_UPLOAD_BODY)
@@ -94,7 +95,8 @@ async def get_dataset(dataset_id: str, svc: ServicesDep, who: PrincipalDep) -> D
 
 
 @router.delete("/datasets/{dataset_id}", response_model=Deleted)
-async def delete_dataset(dataset_id: str, svc: ServicesDep, who: PrincipalDep) -> Deleted:
+async def delete_dataset(dataset_id: str, svc: ServicesDep, who: PrincipalDep,
+                         idempotency_key: DeleteKeyHeader = None) -> Deleted:
     """Delete an uploaded dataset and its file; refused (409) while a queued or running job
     names it."""
-    return await assets.delete_asset(svc, "datasets", who.tenant, dataset_id)
+    return await assets.delete_asset(svc, "datasets", who.tenant, dataset_id, idempotency_key)

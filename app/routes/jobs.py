@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app import jobs, records
-from app.deps import PrincipalDep, ServicesDep
+from app.deps import IDEMPOTENCY_KEY_PATTERN, DeleteKeyHeader, PrincipalDep, ServicesDep
 from app.schemas import ArtifactInfo, Deleted, Job, JobCreate, JobKind, JobLog, JobPage, JobState
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -23,7 +23,7 @@ async def create_job(
     who: PrincipalDep,
     idempotency_key: Annotated[
         str | None,
-        Header(pattern=r"^[A-Za-z0-9_-]{8,128}$",
+        Header(pattern=IDEMPOTENCY_KEY_PATTERN,
                description="Repeat a create safely: the same key returns the same job for 24 h."),
     ] = None,
 ) -> Job:
@@ -53,10 +53,11 @@ async def get_job(job_id: str, svc: ServicesDep, who: PrincipalDep) -> Job:
 
 
 @router.delete("/{job_id}", response_model=Deleted)
-async def delete_job(job_id: str, svc: ServicesDep, who: PrincipalDep) -> Deleted:
+async def delete_job(job_id: str, svc: ServicesDep, who: PrincipalDep,
+                     idempotency_key: DeleteKeyHeader = None) -> Deleted:
     """Delete a finished job: its record, events, log and every stored artifact. A queued or
     running job is refused (409): cancel it first."""
-    return await jobs.delete_job(svc, who.tenant, job_id)
+    return await jobs.delete_job(svc, who.tenant, job_id, idempotency_key)
 
 
 @router.post("/{job_id}/cancel", response_model=Job)

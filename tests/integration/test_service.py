@@ -415,11 +415,14 @@ def test_delete_uploads_unless_a_live_job_names_them(stack: Stack, tmp_path: Pat
         queued = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"),
                                                   dataset=DatasetRef(id=data.id)))
         wait_for(lambda: client.jobs.get(running.id).state == "running", 60, "the job to start")
+        replays = set(stack.redis.keys("mp:tenant:*:del:*"))
         with pytest.raises(ConflictError, match=running.id):
             client.models.delete(model.id)
         with pytest.raises(ConflictError, match=queued.id):
             client.datasets.delete(data.id)
         assert client.models.get(model.id) == model and client.datasets.get(data.id) == data
+        # the SDK sent an Idempotency-Key with each: a refused delete leaves no replay behind
+        assert set(stack.redis.keys("mp:tenant:*:del:*")) == replays
 
         client.jobs.cancel(queued.id)
         assert client.datasets.delete(data.id) == Deleted(id=data.id, object="dataset",
@@ -436,6 +439,76 @@ def test_delete_uploads_unless_a_live_job_names_them(stack: Stack, tmp_path: Pat
                 missing()
         # The finished job that used the model keeps its record and its log.
         assert client.jobs.get(running.id).state == "cancelled"
+
+
+class LosingTransport(httpx.HTTPTransport):
+    """A network that loses the replies to the first ``n`` DELETEs after the server sent them."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.to_lose, self.deletes = n, 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if request.method == "DELETE":
+            self.deletes += 1
+            if self.to_lose:
+                self.to_lose -= 1
+                response.read()
+                response.close()
+                raise httpx.ReadError("the reply was lost", request=request)
+        return response
+
+
+def test_a_delete_whose_reply_was_lost_is_answered_on_retry(stack: Stack, tmp_path: Path,
+                                                           shared_store: Path) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 16), dtype=np.float32))
+    lossy, key = LosingTransport(n=0), stack.key()
+    with stack.client(key, http_client=httpx.Client(transport=lossy)) as client:
+        model = client.models.upload(export_tiny(tmp_path / "tiny.pt2"), name="tiny")
+        data = client.datasets.upload(tmp_path / "d.npz")
+        done = client.jobs.wait(client.jobs.create(BenchmarkSpec(
+            model=ModelRef(id=model.id), repeats=2, per_layer=False)).id, timeout=60)
+        files = len([p for p in _owned_files(shared_store, done.id) if p.is_file()])
+        assert files >= 2
+
+        # Each first reply is lost after the server did the work; the SDK's retry, with the same
+        # key, gets the first answer (not a 404), files counted by the try that removed them.
+        lossy.to_lose = 3
+        assert client.jobs.delete(done.id) == Deleted(id=done.id, object="job", files_removed=files)
+        assert client.models.delete(model.id) == Deleted(id=model.id, object="model",
+                                                         files_removed=1)
+        assert client.datasets.delete(data.id).files_removed == 1
+        assert lossy.deletes == 6 and lossy.to_lose == 0
+        for gone in (done.id, model.id, data.id):
+            assert _owned_files(shared_store, gone) == []
+        # A new delete (a new key) of what is gone is still a 404.
+        with pytest.raises(NotFoundError):
+            client.models.delete(model.id)
+
+        other, crashed = client.datasets.upload(tmp_path / "d.npz"), client.datasets.upload(
+            tmp_path / "d.npz")
+
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {key}"}) as http:
+        # One key names one target.
+        assert http.delete(f"/v1/datasets/{other.id}",
+                           headers={"Idempotency-Key": "reused-key-02"}).status_code == 200
+        r = http.delete(f"/v1/models/{model.id}", headers={"Idempotency-Key": "reused-key-02"})
+        assert r.status_code == 422 and "used to delete dataset" in r.json()["error"]["message"]
+
+        # An API process that died right after taking the record out: the record is only in
+        # the key's replay, and a retry with that key finishes the delete.
+        tenant = json.loads(stack.redis.get(records.asset_key("datasets", crashed.id)))["tenant"]
+        replay = records.delete_replay_key(tenant, "crashed-key-1")
+        taken = stack.redis.eval(records.TAKE_UPLOAD, 3, records.asset_key("datasets", crashed.id),
+                                 records.tenant_assets_key(tenant, "datasets"), replay,
+                                 crashed.id, f"dataset {crashed.id}", 60)
+        assert taken[0] and http.get(f"/v1/datasets/{crashed.id}").status_code == 404
+        assert _owned_files(shared_store, crashed.id)  # its file is still there
+        r = http.delete(f"/v1/datasets/{crashed.id}", headers={"Idempotency-Key": "crashed-key-1"})
+        assert r.status_code == 200 and r.json()["files_removed"] == 1
+        assert _owned_files(shared_store, crashed.id) == []
+        assert "answer" in json.loads(stack.redis.get(replay) or "{}")
 
 
 def test_a_worker_that_finishes_after_the_delete_brings_nothing_back(
@@ -459,9 +532,10 @@ def test_a_worker_that_finishes_after_the_delete_brings_nothing_back(
     # what DELETE /v1/jobs/{id} does: the files, then the keys
     for key in store.list_keys(records.artifact_object("t", job, "")):
         store.delete(key)
-    assert r.eval(records.DELETE_JOB, 3 + len(records.job_keys(job)), records.tenant_jobs_key("t"),
+    assert r.eval(records.DELETE_JOB, 4 + len(records.job_keys(job)), records.tenant_jobs_key("t"),
                   records.idempotency_key("t", ""), records.FINISHED_KEY,
-                  *records.job_keys(job), "t", job) == "deleted"
+                  records.delete_replay_key("t", ""), *records.job_keys(job), "t", job, "",
+                  records.IDEMPOTENCY_TTL_S) == "deleted"
 
     with pytest.raises(JobCancelled):
         ctx.memo_put("late", {"v": 2})
