@@ -32,6 +32,7 @@ from app.schemas import (
     Progress,
     RunAttempt,
 )
+from app.storage import StoreError
 
 log = logging.getLogger("modelpress.api")
 TASK_NAME = "modelpress.run_job"
@@ -235,7 +236,14 @@ async def delete_job(svc: Services, tenant: str, job_id: str,
         raise not_found("job", job_id)
     if outcome != "deleted":
         raise ApiError(409, f"job {job_id} is {outcome}; cancel it first")
-    return answer
+    # A stale attempt that stored an artifact while the first sweep was listing got its record
+    # in before the keys went; from now on such a writer finds no job and deletes its own file.
+    try:
+        late = await svc.store.delete_prefix_async(prefix)
+    except StoreError as exc:
+        log.warning("could not sweep %s again after its delete: %s", target, exc)
+        late = 0
+    return answer.model_copy(update={"files_removed": removed + late}) if late else answer
 
 
 async def events(

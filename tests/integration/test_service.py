@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 import redis
 
-from app import records
+from app import jobs, records
 from app.config import Settings
+from app.deps import Services
+from app.redis_client import async_client
 from app.schemas import BenchmarkResult, BenchmarkSpec, DatasetRef, Deleted, ModelRef, RunAttempt
 from app.storage import open_store
 from modelpress import (
@@ -546,6 +548,42 @@ def test_a_worker_that_finishes_after_the_delete_brings_nothing_back(
                                           outcome="cancelled"))
     assert r.keys(f"mp:job:{job}*") == []
     assert not [p for p in (tmp_path / "store").rglob("*") if job in p.parts]
+
+
+def test_an_artifact_stored_while_the_delete_sweeps_is_swept_too(
+        tmp_path: Path, redis_server: _stack.EmbeddedRedis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale attempt stores an artifact just after DELETE listed the job's files, while the job
+    still exists (so its record goes in): the sweep after the keys are gone removes it."""
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/13",
+                        store_url=(tmp_path / "store").as_uri())
+    r = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    r.flushdb()
+    job = "job_" + "2" * 32
+    r.hset(records.job_key(job), mapping={"state": "cancelled", "attempts": "1", "tenant": "t"})
+    store = open_store(settings)
+    ctx = WorkerContext(job, "t", 1, settings, r, store, tmp_path / "work", who="w9")
+    ctx.save_artifact("a.json", b"{}", "application/json")
+
+    first_sweep, late = store.delete_prefix_async, []
+
+    async def sweep_then_a_late_write(prefix: str) -> int:
+        removed = await first_sweep(prefix)
+        if not late:
+            late.append(ctx.save_artifact("late.json", b"{}", "application/json"))
+        return removed
+
+    monkeypatch.setattr(store, "delete_prefix_async", sweep_then_a_late_write)
+
+    async def delete() -> Deleted:
+        svc = Services(settings, async_client(settings), store, celery=None)  # type: ignore[arg-type]
+        try:
+            return await jobs.delete_job(svc, "t", job)
+        finally:
+            await svc.redis.aclose()
+
+    assert asyncio.run(delete()) == Deleted(id=job, object="job", files_removed=2)
+    assert late and not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    assert r.keys(f"mp:job:{job}*") == []
 
 
 def test_readyz_and_docs(stack: Stack) -> None:
