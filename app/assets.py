@@ -178,22 +178,31 @@ async def delete_asset(svc: Services, collection: Collection, tenant: str, asset
     Idempotency-Key the taken record waits in the key's replay until the answer replaces it."""
     what = collection[:-1]
     target = f"{what} {asset_id}"
-    replay = records.delete_replay_key(tenant, idempotency_key) if idempotency_key else None
-    earlier = await read_delete_replay(svc, replay, target)
-    if earlier is not None and "answer" in earlier:
-        return Deleted.model_validate(earlier["answer"])
     key, index = records.asset_key(collection, asset_id), records.tenant_assets_key(tenant, collection)
-    if earlier is not None:  # an earlier try took the record, then its reply or process was lost
-        raw, score = earlier["pending"], earlier["score"]
-    else:
+    # without a key: a replay key no request can name (keys are 8+ characters), never written
+    replay = records.delete_replay_key(tenant, idempotency_key or "")
+    owner = uuid.uuid4().hex if idempotency_key else ""
+    for _ in range(3):
+        if owner:
+            earlier = await claim_delete_replay(svc, replay, target, owner)
+            if earlier is not None and "answer" in earlier:
+                return Deleted.model_validate(earlier["answer"])
+            if earlier is not None:  # a try with this key took the record and did not finish
+                raw, score = earlier["pending"], earlier["score"]
+                break
         await get_asset(svc, collection, tenant, asset_id,
                         ModelInfo if collection == "models" else DatasetInfo)
-        taken = await svc.redis.eval(records.TAKE_UPLOAD, 3, key, index,
-                                     replay or records.delete_replay_key(tenant, ""), asset_id,
-                                     target if replay else "", records.IDEMPOTENCY_TTL_S)
-        if taken is None:  # deleted by a concurrent call
+        taken = await svc.redis.eval(records.TAKE_UPLOAD, 3, key, index, replay, asset_id,
+                                     target if owner else "", owner, records.IDEMPOTENCY_TTL_S)
+        if taken is not None:
+            raw, score = taken
+            break
+        if not owner:  # deleted by a concurrent call
             raise not_found(what, asset_id)
-        raw, score = taken
+        # taken meanwhile by a try with this key (this very script, perhaps, re-sent by the
+        # Redis client after a lost reply): its replay says what happened
+    else:
+        raise not_found(what, asset_id)
     try:
         users = await _active_jobs_using(svc, tenant, asset_id)
         if users:
@@ -202,33 +211,51 @@ async def delete_asset(svc: Services, collection: Collection, tenant: str, asset
                                 f"job(s): {listed}; cancel them or let them finish, then delete it")
         removed = await delete_files(svc, f"tenants/{tenant}/{collection}/{asset_id}/", target)
     except BaseException:
-        try:
-            restore = svc.redis.pipeline(transaction=True)
-            restore.set(key, raw)
-            restore.zadd(index, {asset_id: float(score or time.time())})
-            if replay:
-                restore.delete(replay)
-            await restore.execute()
-        except Exception:  # Redis gone too: the record is lost, the first error still wins
-            log.exception("could not restore the record of %s: %s", target, raw)
+        await _put_back(svc, key, index, replay, asset_id, raw, score, owner, target)
         raise
     answer = Deleted(id=asset_id, object="model" if collection == "models" else "dataset",
                      files_removed=removed)
-    if replay:
+    if owner:
         try:
-            await svc.redis.set(replay, replay_json(target, answer), ex=records.IDEMPOTENCY_TTL_S)
+            first = await svc.redis.eval(records.ANSWER_REPLAY, 1, replay,
+                                         replay_json(target, answer), records.IDEMPOTENCY_TTL_S)
+            answer = Deleted.model_validate(json.loads(first)["answer"])
         except Exception:  # the delete is done; a retry finds the pending record, redoes the rest
             log.exception("could not record the answer to the delete of %s", target)
     return answer
 
 
-async def read_delete_replay(svc: Services, replay: str | None, target: str
-                             ) -> dict[str, Any] | None:
-    """What an earlier DELETE sent with the same Idempotency-Key left, if any (a key names one
-    target: reusing it for another is a 422)."""
-    if replay is None:
-        return None
-    raw = await svc.redis.get(replay)
+async def _put_back(svc: Services, key: str, index: str, replay: str, asset_id: str, raw: str,
+                    score: str, owner: str, target: str) -> None:
+    """The record a refused or failed delete took, unless another try with the same key has
+    claimed or finished the delete since."""
+    try:
+        await svc.redis.eval(records.RESTORE_UPLOAD, 3, key, index, replay, asset_id, raw,
+                             score or str(time.time()), owner)
+    except Exception as exc:
+        log.exception("could not restore the record of %s: %s", target, raw)
+        if owner:  # the record waits in the replay: a retry with the key finishes or restores
+            raise ApiError(503, f"could not put back the record of {target} after the delete "
+                                f"stopped ({exc}); repeat the DELETE with the same "
+                                "Idempotency-Key") from None
+        # without a key the record is lost; the first error still wins
+
+
+async def claim_delete_replay(svc: Services, replay: str, target: str, owner: str
+                              ) -> dict[str, Any] | None:
+    """What an earlier DELETE sent with the same Idempotency-Key left, if any; a pending upload
+    delete of this target is now ``owner``'s to finish."""
+    return _check_target(await svc.redis.eval(records.CLAIM_REPLAY, 1, replay, target, owner),
+                         target)
+
+
+async def read_delete_replay(svc: Services, replay: str, target: str) -> dict[str, Any] | None:
+    """What an earlier DELETE sent with the same Idempotency-Key left, if any."""
+    return _check_target(await svc.redis.get(replay), target)
+
+
+def _check_target(raw: str | None, target: str) -> dict[str, Any] | None:
+    """A replay as a dict; a key names one target, so reusing it for another is a 422."""
     if raw is None:
         return None
     data: dict[str, Any] = json.loads(raw)

@@ -212,9 +212,9 @@ async def delete_job(svc: Services, tenant: str, job_id: str,
     find them and a repeated DELETE finishes the work. With an Idempotency-Key, the answer is
     kept (24 h) in the same step that removes the record, for a retry whose reply was lost."""
     target = f"job {job_id}"
-    replay = records.delete_replay_key(tenant, idempotency_key) if idempotency_key else None
-    earlier = await assets.read_delete_replay(svc, replay, target)
-    if earlier is not None:
+    # without a key: a replay key no request can name (keys are 8+ characters), never written
+    replay = records.delete_replay_key(tenant, idempotency_key or "")
+    if idempotency_key and (earlier := await assets.read_delete_replay(svc, replay, target)):
         return Deleted.model_validate(earlier["answer"])
     h = await _raw(svc, tenant, job_id)
     if h.get("state") not in FINAL_STATES:
@@ -226,24 +226,32 @@ async def delete_job(svc: Services, tenant: str, job_id: str,
     answer = Deleted(id=job_id, object="job", files_removed=removed)
     outcome = await svc.redis.eval(
         records.DELETE_JOB, 4 + len(records.job_keys(job_id)),
-        # a job created without a key passes one no request can name (keys are 8+ characters)
+        # a job created without a key passes one no request can name
         records.tenant_jobs_key(tenant), h.get("idem") or records.idempotency_key(tenant, ""),
-        records.FINISHED_KEY, replay or records.delete_replay_key(tenant, ""),
-        *records.job_keys(job_id), tenant, job_id,
-        assets.replay_json(target, answer) if replay else "", records.IDEMPOTENCY_TTL_S,
+        records.FINISHED_KEY, replay, *records.job_keys(job_id), tenant, job_id,
+        assets.replay_json(target, answer) if idempotency_key else "", records.IDEMPOTENCY_TTL_S,
     )
-    if outcome == "missing":  # deleted by a concurrent call
+    if outcome in ("missing", "replayed"):
+        # deleted by a concurrent call; with a key, perhaps by a try of this request (or by
+        # this very script, re-sent by the Redis client after a lost reply): its answer
+        if idempotency_key and (earlier := await assets.read_delete_replay(svc, replay, target)):
+            return Deleted.model_validate(earlier["answer"])
         raise not_found("job", job_id)
     if outcome != "deleted":
         raise ApiError(409, f"job {job_id} is {outcome}; cancel it first")
     # A stale attempt that stored an artifact while the first sweep was listing got its record
     # in before the keys went; from now on such a writer finds no job and deletes its own file.
+    # Best effort: the job's record is gone, so a failure here is logged, not answered.
     try:
         late = await svc.store.delete_prefix_async(prefix)
     except StoreError as exc:
         log.warning("could not sweep %s again after its delete: %s", target, exc)
         late = 0
-    return answer.model_copy(update={"files_removed": removed + late}) if late else answer
+    if late:
+        answer = answer.model_copy(update={"files_removed": removed + late})
+        if idempotency_key:
+            await svc.redis.set(replay, assets.replay_json(target, answer), xx=True, keepttl=True)
+    return answer
 
 
 async def events(

@@ -102,7 +102,7 @@ def idempotency_key(tenant: str, key: str) -> str:
 
 def delete_replay_key(tenant: str, key: str) -> str:
     """What a DELETE sent with this Idempotency-Key did: JSON ``{"target", "answer"}``, or
-    ``{"target", "pending", "score"}`` while an upload's delete has taken its record."""
+    ``{"target", "pending", "score", "owner"}`` while an upload's delete has taken its record."""
     return f"{P}:tenant:{tenant}:del:{key}"
 
 
@@ -255,8 +255,10 @@ return 1
 # ARGV: tenant, job_id, the replay's JSON ('' for none), its TTL
 # Deletes a finished job of the tenant with every key it owns, and its Idempotency-Key if that
 # still names it; writes the DELETE's own replay in the same step, so a reply lost after it still
-# has an answer; returns 'deleted', 'missing' or the state that kept it (queued or running).
+# has an answer; returns 'deleted', 'missing', 'replayed' (the key has a replay: read it) or the
+# state that kept it (queued or running).
 DELETE_JOB = """
+if ARGV[3] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then return 'replayed' end
 local h = redis.call('HMGET', KEYS[5], 'tenant', 'state')
 if not h[1] or h[1] ~= ARGV[1] then return 'missing' end
 if h[2] == 'queued' or h[2] == 'running' then return h[2] end
@@ -269,21 +271,63 @@ return 'deleted'
 """
 
 # KEYS: upload record, tenant's upload index, delete replay (or any unused key)
-# ARGV: upload id, target ('' for no replay), TTL
+# ARGV: upload id, target ('' for no replay), owner, TTL
 # Takes an upload's record out (so no new job can name it) and, for a DELETE sent with an
 # Idempotency-Key, keeps it in the replay in the same step: a retry after a lost reply or a crash
-# finishes the delete instead of finding nothing. Returns {record, score} or nil if missing.
+# finishes the delete instead of finding nothing. Returns {record, score}, or nil when the record
+# is gone or the key already has a replay (the caller reads that instead).
 TAKE_UPLOAD = """
+if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then return nil end
 local raw = redis.call('GET', KEYS[1])
 if not raw then return nil end
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1]) or ''
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if ARGV[2] ~= '' then
-  redis.call('SET', KEYS[3], cjson.encode({target = ARGV[2], pending = raw, score = score}),
-             'EX', ARGV[3])
+  redis.call('SET', KEYS[3], cjson.encode({target = ARGV[2], pending = raw, score = score,
+                                           owner = ARGV[3]}), 'EX', ARGV[4])
 end
 return {raw, score}
+"""
+
+# KEYS: delete replay   ARGV: target, owner
+# The replay of a DELETE's Idempotency-Key; a pending upload delete of the same target becomes
+# the caller's to finish (the try that took it may still run: whichever fails later does not put
+# the record back over the other's work).
+CLAIM_REPLAY = """
+local v = redis.call('GET', KEYS[1])
+if not v then return nil end
+local d = cjson.decode(v)
+if d.target == ARGV[1] and d.pending then
+  d.owner = ARGV[2]
+  v = cjson.encode(d)
+  redis.call('SET', KEYS[1], v, 'KEEPTTL')
+end
+return v
+"""
+
+# KEYS: upload record, tenant's upload index, delete replay (or any unused key)
+# ARGV: upload id, record, score, owner ('' without a replay)
+# Puts a taken record back after a refused or failed delete, unless another try with the same key
+# has since claimed the delete or finished it. Returns 1 if put back.
+RESTORE_UPLOAD = """
+if ARGV[4] ~= '' then
+  local v = redis.call('GET', KEYS[3])
+  if not v or cjson.decode(v).owner ~= ARGV[4] then return 0 end
+  redis.call('DEL', KEYS[3])
+end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+# KEYS: delete replay   ARGV: the answer's replay JSON, TTL
+# Records a finished delete's answer; the first answer stays (returned either way).
+ANSWER_REPLAY = """
+local v = redis.call('GET', KEYS[1])
+if v and cjson.decode(v).answer then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
 """
 
 # KEYS: key   ARGV: value

@@ -207,8 +207,13 @@ class Stack:
 _db_counter = iter(range(1, 64))  # the session's redis-server has 64 databases
 
 
+def fresh_db() -> int:
+    """A database of the session's redis-server that no other test or stack uses."""
+    return next(_db_counter)
+
+
 def make_stack(root: Path, redis_server: _stack.EmbeddedRedis, extra_env: dict[str, str]) -> Stack:
-    db = next(_db_counter)  # a Redis database per stack: no shared queue between stacks
+    db = fresh_db()  # a Redis database per stack: no shared queue between stacks
     env = {
         "MODELPRESS_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/{db}",
         "MODELPRESS_DATA_DIR": str(root),

@@ -28,7 +28,7 @@ from app.schemas import (
 )
 from app.storage import open_store
 from modelpress import _stack
-from tests.conftest import Stack, make_stack, running
+from tests.conftest import Stack, fresh_db, make_stack, running
 from workers.engine.context import LocalContext, compute_once
 from workers.engine.quant.formats import from_json
 from workers.engine.quant.prepare import build_task
@@ -121,7 +121,7 @@ def test_mixed_precision_pieces_are_shared_by_two_workers_each_once(
 
 def test_a_dead_workers_claim_expires_and_the_piece_is_computed(
         tmp_path: Path, redis_server: _stack.EmbeddedRedis) -> None:
-    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/15",
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/{fresh_db()}",
                         worker_heartbeat_s=1, store_url=tmp_path.as_uri())
     r = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
     r.flushdb()

@@ -40,7 +40,7 @@ from modelpress import (
     UnprocessableEntityError,
     _stack,
 )
-from tests.conftest import Stack
+from tests.conftest import Stack, fresh_db
 from tests.helpers import export_tiny, hostile_pickle, pt2_with_pickled_weights, tiny_hf_folder
 from workers import runner
 from workers.engine.context import JobCancelled
@@ -504,7 +504,7 @@ def test_a_delete_whose_reply_was_lost_is_answered_on_retry(stack: Stack, tmp_pa
         replay = records.delete_replay_key(tenant, "crashed-key-1")
         taken = stack.redis.eval(records.TAKE_UPLOAD, 3, records.asset_key("datasets", crashed.id),
                                  records.tenant_assets_key(tenant, "datasets"), replay,
-                                 crashed.id, f"dataset {crashed.id}", 60)
+                                 crashed.id, f"dataset {crashed.id}", "crashed-try", 60)
         assert taken[0] and http.get(f"/v1/datasets/{crashed.id}").status_code == 404
         assert _owned_files(shared_store, crashed.id)  # its file is still there
         r = http.delete(f"/v1/datasets/{crashed.id}", headers={"Idempotency-Key": "crashed-key-1"})
@@ -517,7 +517,7 @@ def test_a_worker_that_finishes_after_the_delete_brings_nothing_back(
         tmp_path: Path, redis_server: _stack.EmbeddedRedis) -> None:
     """A fan-out piece (or a stale attempt) still computing when its job is cancelled and
     deleted: its memo values, log lines, run record and artifacts are not written."""
-    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/14",
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/{fresh_db()}",
                         store_url=(tmp_path / "store").as_uri())
     r = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
     r.flushdb()
@@ -554,7 +554,7 @@ def test_an_artifact_stored_while_the_delete_sweeps_is_swept_too(
         tmp_path: Path, redis_server: _stack.EmbeddedRedis, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stale attempt stores an artifact just after DELETE listed the job's files, while the job
     still exists (so its record goes in): the sweep after the keys are gone removes it."""
-    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/13",
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/{fresh_db()}",
                         store_url=(tmp_path / "store").as_uri())
     r = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
     r.flushdb()

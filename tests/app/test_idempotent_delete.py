@@ -1,0 +1,148 @@
+"""DELETE with an Idempotency-Key, at the module level against a real Redis and a local store:
+a retry that overlaps a slow try, a Lua script the Redis client re-sends after a lost reply, and
+a key sent for two targets. (The SDK's retry after a lost HTTP reply, through the real API, is in
+tests/integration/test_service.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from app import assets, jobs, records
+from app.config import Settings
+from app.deps import Services
+from app.errors import ApiError
+from app.redis_client import async_client
+from app.schemas import DatasetInfo, Deleted
+from app.storage import StoreUnavailable, open_store
+from modelpress import _stack
+from tests.conftest import fresh_db
+
+TENANT = "t1"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_server: _stack.EmbeddedRedis) -> Iterator[Settings]:
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/{fresh_db()}",
+                        store_url=(tmp_path / "store").as_uri())
+    r = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    r.flushdb()
+    yield settings
+    r.flushdb()
+
+
+def run(settings: Settings, body: Callable[[Services], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        svc = Services(settings, async_client(settings), open_store(settings),
+                       celery=None)  # type: ignore[arg-type]  # deletes queue nothing
+        try:
+            return await body(svc)
+        finally:
+            await svc.redis.aclose()
+
+    return asyncio.run(main())
+
+
+async def upload(svc: Services) -> str:
+    """A dataset record and its file, as POST /v1/datasets leaves them."""
+    info = DatasetInfo(id=f"dst_{len(await svc.redis.keys('mp:dataset*')):032d}", name="d",
+                       format="npz", size=3, sha256="0" * 64, created_at=records.now(), tensors={})
+    svc.store.put_bytes(records.dataset_object(TENANT, info.id, "npz"), b"abc")
+    await assets._index(svc, "datasets", TENANT, info)
+    return info.id
+
+
+def files(settings: Settings) -> list[Path]:
+    root = Path(settings.store_url.removeprefix("file://"))
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_a_retry_that_overlaps_a_slow_try_finishes_it_once(settings: Settings) -> None:
+    """Try A takes the record, then hangs on the store; the client gives up and retries with the
+    same key (B), which finishes the delete. A's store call then fails: A must not put the record
+    back (the upload would come back without its file)."""
+
+    async def body(svc: Services) -> tuple[Deleted, str, Any]:
+        dataset = await upload(svc)
+        inner, a_waiting, release = svc.store.delete_prefix_async, asyncio.Event(), asyncio.Event()
+
+        async def slow_then_down(prefix: str) -> int:
+            if not a_waiting.is_set():  # try A
+                a_waiting.set()
+                await release.wait()
+                raise StoreUnavailable("no answer")
+            return await inner(prefix)
+
+        svc.store.delete_prefix_async = slow_then_down  # type: ignore[method-assign]
+        a = asyncio.create_task(assets.delete_asset(svc, "datasets", TENANT, dataset, "key-00001"))
+        await a_waiting.wait()
+        b = await assets.delete_asset(svc, "datasets", TENANT, dataset, "key-00001")
+        release.set()
+        with pytest.raises(ApiError) as a_error:
+            await a
+        assert a_error.value.status == 503
+        again = await assets.delete_asset(svc, "datasets", TENANT, dataset, "key-00001")
+        assert again == b
+        return b, dataset, await svc.redis.get(records.asset_key("datasets", dataset))
+
+    answer, dataset, record = run(settings, body)
+    assert answer == Deleted(id=dataset, object="dataset", files_removed=1)
+    assert record is None and files(settings) == []  # not put back by A
+
+
+def test_a_script_re_sent_after_a_lost_reply_is_answered(settings: Settings) -> None:
+    """redis-py re-sends a command whose reply was lost: the second run of the script that took
+    the record (or deleted the job) finds nothing. With a key, the request still answers what
+    the first run did, instead of a 404."""
+
+    async def body(svc: Services) -> tuple[Deleted, Deleted, str, str]:
+        dataset = await upload(svc)
+        job = "job_" + "3" * 32
+        await svc.redis.hset(records.job_key(job), mapping={"state": "succeeded",
+                                                            "tenant": TENANT})
+        svc.store.put_bytes(records.artifact_object(TENANT, job, "a.json"), b"{}")
+        inner = svc.redis.eval
+
+        async def twice(script: str, numkeys: int, *args: Any) -> Any:
+            result = await inner(script, numkeys, *args)  # type: ignore[misc]
+            if script in (records.TAKE_UPLOAD, records.DELETE_JOB):
+                return await inner(script, numkeys, *args)  # type: ignore[misc]
+            return result
+
+        svc.redis.eval = twice  # type: ignore[method-assign]
+        up = await assets.delete_asset(svc, "datasets", TENANT, dataset, "key-00002")
+        done = await jobs.delete_job(svc, TENANT, job, "key-00003")
+        for call in (assets.delete_asset(svc, "datasets", TENANT, dataset),  # no key: a 404
+                     jobs.delete_job(svc, TENANT, job)):
+            with pytest.raises(ApiError) as missing:
+                await call
+            assert missing.value.status == 404
+        return up, done, dataset, job
+
+    up, done, dataset, job = run(settings, body)
+    assert up == Deleted(id=dataset, object="dataset", files_removed=1)
+    assert done == Deleted(id=job, object="job", files_removed=1)
+    assert files(settings) == []
+
+
+def test_one_key_names_one_target(settings: Settings) -> None:
+    async def body(svc: Services) -> tuple[str, str | None]:
+        first, second = await upload(svc), await upload(svc)
+        await assets.delete_asset(svc, "datasets", TENANT, first, "key-00004")
+        with pytest.raises(ApiError) as reused:
+            await assets.delete_asset(svc, "datasets", TENANT, second, "key-00004")
+        assert reused.value.status == 422
+        with pytest.raises(ApiError) as for_a_job:
+            await jobs.delete_job(svc, TENANT, "job_" + "4" * 32, "key-00004")
+        assert for_a_job.value.status == 422
+        return second, await svc.redis.get(records.asset_key("datasets", second))
+
+    second, record = run(settings, body)
+    assert record is not None and json.loads(record)["id"] == second  # untouched
+    assert [p.parent.name for p in files(settings)] == [second]
