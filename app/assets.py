@@ -284,9 +284,10 @@ async def delete_files(svc: Services, prefix: str, what: str) -> int:
 
 
 async def _active_jobs_using(svc: Services, tenant: str, asset_id: str) -> list[str]:
-    """The tenant's queued or running jobs whose spec names ``asset_id`` (oldest first). Reads
-    every job's state (a few bytes each) and only the live ones' specs."""
-    ids: list[str] = await svc.redis.zrange(records.tenant_jobs_key(tenant), 0, -1)
+    """The tenant's queued or running jobs whose spec names ``asset_id`` (oldest first). Every
+    job enters FINISHED_KEY when it ends, so one server-side set difference leaves the jobs that
+    may be live; their states (a job can end meanwhile) and the live ones' specs are read."""
+    ids: list[str] = await svc.redis.zdiff([records.tenant_jobs_key(tenant), records.FINISHED_KEY])
     users = []
     for i in range(0, len(ids), 1000):
         batch = ids[i:i + 1000]
