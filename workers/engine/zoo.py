@@ -95,27 +95,38 @@ _in_store: set[tuple[str, str]] = set()  # (store url, key): known to be there
 def cached_training(key: str, train: Callable[[], tuple[nn.Module, dict[str, Any]]],
                     store: Store | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A zoo model's trained weights, from this process, the object store, or trained now
-    (then cached in both)."""
-    if store is not None and key not in _memory_cache and store.exists(f"{key}/model.safetensors"):
-        _memory_cache[key] = (store.get_bytes(f"{key}/model.safetensors"),
-                              json.loads(store.get_bytes(f"{key}/meta.json")))
+    (then cached in both). In the store, weights and meta are one object (the meta in the
+    safetensors header): two workers training the same model at once cannot mix their halves."""
+    obj = f"{key}/trained.safetensors"
+    if store is not None and key not in _memory_cache and store.exists(obj):
+        blob = store.get_bytes(obj)
+        _memory_cache[key] = (blob, json.loads(_st_metadata(blob)[_META]))
         _in_store.add((store.url, key))
     if key not in _memory_cache:
         log.info("training %s (first use; cached afterwards)", key)
         model, meta = train()
-        blob = save_st_bytes({k: v.contiguous() for k, v in model.state_dict().items()})
+        blob = save_st_bytes({k: v.contiguous() for k, v in model.state_dict().items()},
+                             metadata={_META: json.dumps(meta)})
         _memory_cache[key] = (blob, meta)
     if store is not None and (store.url, key) not in _in_store:
         # Once per store and process: a store this process did not train for (another one's,
         # in library use and tests) gets it too, for the other processes that read it.
-        # meta.json first, so a reader that sees the weights finds the meta too.
-        if not store.exists(f"{key}/model.safetensors"):
-            blob, meta = _memory_cache[key]
-            store.put_bytes(f"{key}/meta.json", json.dumps(meta).encode())
-            store.put_bytes(f"{key}/model.safetensors", blob)
+        if not store.exists(obj):
+            store.put_bytes(obj, _memory_cache[key][0])
         _in_store.add((store.url, key))
     blob, meta = _memory_cache[key]
     return load_st_bytes(blob), dict(meta)
+
+
+_META = "modelpress_meta"
+
+
+def _st_metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (an 8-byte little-endian length,
+    then JSON)."""
+    size = int.from_bytes(blob[:8], "little")
+    header: dict[str, Any] = json.loads(blob[8:8 + size])
+    return dict(header.get("__metadata__", {}))
 
 
 def digits_cnn(store: Store | None) -> tuple[DigitsCNN, dict[str, Any]]:
