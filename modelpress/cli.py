@@ -152,6 +152,7 @@ def serve(demo: bool, exit_after: bool, port: int | None) -> None:
         for what in ("api", "worker"):
             _stack.stop_process(procs.get(what))
         if embedded is not None:
+            (data_dir / "redis-url").unlink(missing_ok=True)
             embedded.stop()
 
     try:
@@ -159,6 +160,8 @@ def serve(demo: bool, exit_after: bool, port: int | None) -> None:
         if redis_url is None:
             embedded = _stack.EmbeddedRedis(data_dir / "redis").start()
             redis_url = embedded.url
+            # its port is new each start: written for `modelpress keys create`
+            (data_dir / "redis-url").write_text(redis_url + "\n")
             click.echo(f"redis    embedded redis-server at {redis_url} (AOF in {data_dir / 'redis'})")
         else:
             click.echo(f"redis    {redis_url}")
@@ -266,10 +269,16 @@ def keys_create(tenant: str, name: str) -> None:
     settings = Settings()
     if not TENANT_RE.fullmatch(tenant):
         raise click.BadParameter("lowercase letters, digits, '-' and '_' (1-63)", param_hint="--tenant")
-    url = settings.redis_url
+    url, local = settings.redis_url, settings.data_dir / "redis-url"
     if url is None:
-        raise click.UsageError("set MODELPRESS_REDIS_URL to the service's Redis")
-    token = create_key(redis.Redis.from_url(url), tenant, name)
+        if not local.exists():
+            raise click.UsageError(f"set MODELPRESS_REDIS_URL to the service's Redis (no local "
+                                   f"`modelpress serve` is running here: no {local})")
+        url = local.read_text().strip()
+    try:
+        token = create_key(redis.Redis.from_url(url), tenant, name)
+    except redis.ConnectionError as exc:
+        raise click.UsageError(f"could not reach Redis at {url}: {exc}") from None
     click.echo(token)
 
 
