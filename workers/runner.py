@@ -7,10 +7,13 @@ finish it. A worker that dies mid-job leaves its attempt marked ``lost`` by the 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
+import socket
 import tempfile
 import time
 import traceback
@@ -223,6 +226,42 @@ def execute(job_id: str, worker: str) -> None:
         lease.release()
 
 
+SCRATCH_PREFIX = f"modelpress-{socket.gethostname()}-"
+
+
+@contextmanager
+def scratch(what: str) -> Iterator[Path]:
+    """A work folder in the system's temp folder, named with this host and process: a task
+    killed by a forced cancel or its hard time limit skips the cleanup, so each new one first
+    removes the folders of this host's processes that are gone."""
+    sweep_scratch()
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-{what}-") as tmp:
+        yield Path(tmp)
+
+
+def sweep_scratch() -> int:
+    """Removes the work folders of this host's dead processes; how many."""
+    removed = 0
+    for folder in Path(tempfile.gettempdir()).glob(f"{glob.escape(SCRATCH_PREFIX)}*"):
+        pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    if removed:
+        log.info("removed %d work folders of killed tasks", removed)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings,
                  r: redis.Redis, store: Store, lease: Lease) -> None:
     from workers.engine import registry  # imports torch; keep it out of the API's import path
@@ -241,8 +280,8 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
     _record_run(r, job_id, run)
 
     tenant = h["tenant"]
-    with tempfile.TemporaryDirectory(prefix=f"{job_id}-") as tmp:
-        ctx = WorkerContext(job_id, tenant, attempt, settings, r, store, Path(tmp),
+    with scratch(job_id) as tmp:
+        ctx = WorkerContext(job_id, tenant, attempt, settings, r, store, tmp,
                             queue=h.get("queue") or settings.default_queue, who=worker)
         handler = _RedisLogHandler(ctx)
         engine_log = logging.getLogger("modelpress")
@@ -308,8 +347,8 @@ def execute_item(job_id: str, attempt: int, item: dict[str, Any], worker: str) -
         log.info("job %s is %s (attempt %s); dropping piece %s", job_id, h.get("state"),
                  h.get("attempts"), item)
         return
-    with tempfile.TemporaryDirectory(prefix=f"{job_id}-item-") as tmp:
-        ctx = WorkerContext(job_id, h["tenant"], attempt, settings, r, store, Path(tmp),
+    with scratch(f"{job_id}-item") as tmp:
+        ctx = WorkerContext(job_id, h["tenant"], attempt, settings, r, store, tmp,
                             queue=h.get("queue") or settings.default_queue, who=worker)
         try:
             spec = _spec_adapter.validate_json(h["spec"])

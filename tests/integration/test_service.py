@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,8 @@ def test_force_cancel_closes_the_job_and_its_run(stack: Stack) -> None:
                                                per_layer=False))
         assert client.jobs.wait(nxt.id, timeout=120).state == "succeeded"
         assert client.jobs.get(long.id).runs == [run]  # nothing wrote to it since
+        # The killed attempt skipped its cleanup; the next task removed its work folder.
+        assert list(Path(tempfile.gettempdir()).glob(f"*{long.id}*")) == []
 
 
 def test_cancel_queued_job_is_immediate(stack: Stack) -> None:
