@@ -19,8 +19,8 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("MODELPRESS_REDIS_URL", "REDIS_URL"),
-        description="Redis for job records, events and the Celery queue. Unset: `modelpress serve` "
-        "starts an embedded Redis server under the data folder.",
+        description="Redis (6.2 or newer) for job records, events and the Celery queue. Unset: "
+        "`modelpress serve` starts an embedded Redis server under the data folder.",
     )
     redis_retry_s: float = Field(
         default=30.0, ge=0,
