@@ -167,6 +167,18 @@ async def list_assets(svc: Services, collection: Collection, tenant: str, model:
     return out
 
 
+INTERNAL_REPLAY_TTL_S = 60  # the replay of a DELETE sent without a key: only its own retries
+
+
+def delete_key(idempotency_key: str | None) -> tuple[str, int]:
+    """The key a DELETE's replay is kept under, and for how long: a request without one gets a
+    key of its own (kept briefly), so a script the Redis client re-sends after a lost reply, or
+    a crash after the record was taken, is resolved the same way."""
+    if idempotency_key:
+        return idempotency_key, records.IDEMPOTENCY_TTL_S
+    return f"internal.{uuid.uuid4().hex}", INTERNAL_REPLAY_TTL_S  # '.': no client key has one
+
+
 async def delete_asset(svc: Services, collection: Collection, tenant: str, asset_id: str,
                        idempotency_key: str | None = None) -> Deleted:
     """An upload's file and record, unless a queued or running job still needs it (jobs that
@@ -174,33 +186,31 @@ async def delete_asset(svc: Services, collection: Collection, tenant: str, asset
 
     The record goes first, so a job submitted from then on is refused (404) instead of failing
     later for a missing file; it comes back if the upload turns out to be in use (409) or its
-    file cannot be deleted (5xx), so a repeated DELETE can finish the work. With an
-    Idempotency-Key the taken record waits in the key's replay until the answer replaces it."""
+    file cannot be deleted (5xx), so a repeated DELETE can finish the work. Meanwhile it waits in
+    the key's replay, indexed as pending: a retry with the key, or the API's resolver
+    (``app.pending``) for a delete nobody retries, finishes or undoes it."""
     what = collection[:-1]
     target = f"{what} {asset_id}"
     key, index = records.asset_key(collection, asset_id), records.tenant_assets_key(tenant, collection)
-    # without a key: a replay key no request can name (keys are 8+ characters), never written
-    replay = records.delete_replay_key(tenant, idempotency_key or "")
-    owner = uuid.uuid4().hex if idempotency_key else ""
+    replay_id, ttl = delete_key(idempotency_key)
+    replay, owner = records.delete_replay_key(tenant, replay_id), uuid.uuid4().hex
+    keys = (key, index, replay, records.PENDING_DELETES_KEY)
     for _ in range(3):
-        if owner:
-            earlier = await claim_delete_replay(svc, replay, target, owner)
-            if earlier is not None and "answer" in earlier:
-                return Deleted.model_validate(earlier["answer"])
-            if earlier is not None:  # a try with this key took the record and did not finish
-                raw, score = earlier["pending"], earlier["score"]
-                break
+        earlier = await claim_delete_replay(svc, replay, target, owner)
+        if earlier is not None and "answer" in earlier:
+            return Deleted.model_validate(earlier["answer"])
+        if earlier is not None:  # a try with this key took the record and did not finish
+            raw, score = earlier["pending"], earlier["score"]
+            break
         await get_asset(svc, collection, tenant, asset_id,
                         ModelInfo if collection == "models" else DatasetInfo)
-        taken = await svc.redis.eval(records.TAKE_UPLOAD, 3, key, index, replay, asset_id,
-                                     target if owner else "", owner, records.IDEMPOTENCY_TTL_S)
+        taken = await svc.redis.eval(records.TAKE_UPLOAD, 4, *keys, asset_id, target, owner,
+                                     time.time())
         if taken is not None:
             raw, score = taken
             break
-        if not owner:  # deleted by a concurrent call
-            raise not_found(what, asset_id)
-        # taken meanwhile by a try with this key (this very script, perhaps, re-sent by the
-        # Redis client after a lost reply): its replay says what happened
+        # gone meanwhile: deleted by a concurrent call (then a 404 next), or taken by a try with
+        # this key (this very script, perhaps, re-sent by the Redis client after a lost reply)
     else:
         raise not_found(what, asset_id)
     try:
@@ -211,34 +221,32 @@ async def delete_asset(svc: Services, collection: Collection, tenant: str, asset
                                 f"job(s): {listed}; cancel them or let them finish, then delete it")
         removed = await delete_files(svc, f"tenants/{tenant}/{collection}/{asset_id}/", target)
     except BaseException:
-        await _put_back(svc, key, index, replay, asset_id, raw, score, owner, target)
+        await _put_back(svc, keys, asset_id, raw, score, owner, target)
         raise
     answer = Deleted(id=asset_id, object="model" if collection == "models" else "dataset",
                      files_removed=removed)
-    if owner:
-        try:
-            first = await svc.redis.eval(records.ANSWER_REPLAY, 1, replay,
-                                         replay_json(target, answer), records.IDEMPOTENCY_TTL_S)
-            answer = Deleted.model_validate(json.loads(first)["answer"])
-        except Exception:  # the delete is done; a retry finds the pending record, redoes the rest
-            log.exception("could not record the answer to the delete of %s", target)
-    return answer
+    try:
+        first = await svc.redis.eval(records.FINISH_UPLOAD, 4, *keys, asset_id,
+                                     replay_json(target, answer), ttl)
+        return Deleted.model_validate(json.loads(first)["answer"])
+    except Exception:  # the files are gone; the pending replay lets a retry or the resolver end it
+        log.exception("could not record the end of the delete of %s", target)
+        return answer
 
 
-async def _put_back(svc: Services, key: str, index: str, replay: str, asset_id: str, raw: str,
-                    score: str, owner: str, target: str) -> None:
+async def _put_back(svc: Services, keys: tuple[str, ...], asset_id: str, raw: str, score: str,
+                    owner: str, target: str) -> None:
     """The record a refused or failed delete took, unless another try with the same key has
     claimed or finished the delete since."""
     try:
-        await svc.redis.eval(records.RESTORE_UPLOAD, 3, key, index, replay, asset_id, raw,
+        await svc.redis.eval(records.RESTORE_UPLOAD, 4, *keys, asset_id, raw,
                              score or str(time.time()), owner)
     except Exception as exc:
         log.exception("could not restore the record of %s: %s", target, raw)
-        if owner:  # the record waits in the replay: a retry with the key finishes or restores
-            raise ApiError(503, f"could not put back the record of {target} after the delete "
-                                f"stopped ({exc}); repeat the DELETE with the same "
-                                "Idempotency-Key") from None
-        # without a key the record is lost; the first error still wins
+        raise ApiError(503, f"could not put back the record of {target} after the delete "
+                            f"stopped ({exc}); it waits as a pending delete, which a repeat with "
+                            "the same Idempotency-Key, or the service within minutes, finishes "
+                            "or undoes") from None
 
 
 async def claim_delete_replay(svc: Services, replay: str, target: str, owner: str

@@ -212,8 +212,8 @@ async def delete_job(svc: Services, tenant: str, job_id: str,
     find them and a repeated DELETE finishes the work. With an Idempotency-Key, the answer is
     kept (24 h) in the same step that removes the record, for a retry whose reply was lost."""
     target = f"job {job_id}"
-    # without a key: a replay key no request can name (keys are 8+ characters), never written
-    replay = records.delete_replay_key(tenant, idempotency_key or "")
+    replay_id, ttl = assets.delete_key(idempotency_key)
+    replay = records.delete_replay_key(tenant, replay_id)
     if idempotency_key and (earlier := await assets.read_delete_replay(svc, replay, target)):
         return Deleted.model_validate(earlier["answer"])
     h = await _raw(svc, tenant, job_id)
@@ -229,12 +229,12 @@ async def delete_job(svc: Services, tenant: str, job_id: str,
         # a job created without a key passes one no request can name
         records.tenant_jobs_key(tenant), h.get("idem") or records.idempotency_key(tenant, ""),
         records.FINISHED_KEY, replay, *records.job_keys(job_id), tenant, job_id,
-        assets.replay_json(target, answer) if idempotency_key else "", records.IDEMPOTENCY_TTL_S,
+        assets.replay_json(target, answer), ttl,
     )
     if outcome in ("missing", "replayed"):
-        # deleted by a concurrent call; with a key, perhaps by a try of this request (or by
-        # this very script, re-sent by the Redis client after a lost reply): its answer
-        if idempotency_key and (earlier := await assets.read_delete_replay(svc, replay, target)):
+        # deleted by a concurrent call, or by a try with this key (or by this very script,
+        # re-sent by the Redis client after a lost reply): then its answer
+        if earlier := await assets.read_delete_replay(svc, replay, target):
             return Deleted.model_validate(earlier["answer"])
         raise not_found("job", job_id)
     if outcome != "deleted":
@@ -249,7 +249,7 @@ async def delete_job(svc: Services, tenant: str, job_id: str,
         late = 0
     if late:
         answer = answer.model_copy(update={"files_removed": removed + late})
-        if idempotency_key:
+        with contextlib.suppress(Exception):  # the delete is done; the replay only counts less
             await svc.redis.set(replay, assets.replay_json(target, answer), xx=True, keepttl=True)
     return answer
 

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import errors, retention
+from app import errors, pending, retention
 from app.config import Settings, get_settings
 from app.deps import Services
 from app.redis_client import async_client
@@ -42,15 +42,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         r = async_client(settings, health_check_interval=30, socket_timeout=60)
         svc = Services(settings, r, open_store(settings), create_celery(settings))
         app.state.services = svc
-        sweeper = (asyncio.create_task(retention.run(svc)) if settings.job_retention_days > 0
-                   else None)
+        loops = [asyncio.create_task(pending.run(svc))]
+        if settings.job_retention_days > 0:
+            loops.append(asyncio.create_task(retention.run(svc)))
         try:
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
+            for loop in loops:
+                loop.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+                    await loop
             await r.aclose()
 
     app = FastAPI(

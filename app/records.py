@@ -64,6 +64,8 @@ def job_keys(job_id: str) -> list[str]:
 
 
 FINISHED_KEY = f"{P}:finished"  # every finished job, scored by when it finished (for retention)
+# every upload delete that has taken its record and not ended, scored by when it took it
+PENDING_DELETES_KEY = f"{P}:pending-deletes"
 
 
 def tenant_jobs_key(tenant: str) -> str:
@@ -101,8 +103,9 @@ def idempotency_key(tenant: str, key: str) -> str:
 
 
 def delete_replay_key(tenant: str, key: str) -> str:
-    """What a DELETE sent with this Idempotency-Key did: JSON ``{"target", "answer"}``, or
-    ``{"target", "pending", "score", "owner"}`` while an upload's delete has taken its record."""
+    """What a DELETE sent with this Idempotency-Key (or, without one, a key of its own) did:
+    JSON ``{"target", "answer"}``, or ``{"target", "pending", "score", "owner"}`` while an
+    upload's delete has taken its record."""
     return f"{P}:tenant:{tenant}:del:{key}"
 
 
@@ -270,23 +273,22 @@ if ARGV[3] ~= '' then redis.call('SET', KEYS[4], ARGV[3], 'EX', ARGV[4]) end
 return 'deleted'
 """
 
-# KEYS: upload record, tenant's upload index, delete replay (or any unused key)
-# ARGV: upload id, target ('' for no replay), owner, TTL
-# Takes an upload's record out (so no new job can name it) and, for a DELETE sent with an
-# Idempotency-Key, keeps it in the replay in the same step: a retry after a lost reply or a crash
-# finishes the delete instead of finding nothing. Returns {record, score}, or nil when the record
-# is gone or the key already has a replay (the caller reads that instead).
+# KEYS: upload record, tenant's upload index, delete replay, pending deletes
+# ARGV: upload id, target, owner, now
+# Takes an upload's record out (so no new job can name it) and keeps it in the DELETE's replay,
+# indexed as pending, in the same step: a retry after a lost reply or a crash finishes the delete
+# instead of finding nothing, and so does the API's resolver for a delete nobody retries. Returns
+# {record, score}, or nil when the record is gone or the key already has a replay (read that).
 TAKE_UPLOAD = """
-if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then return nil end
+if redis.call('EXISTS', KEYS[3]) == 1 then return nil end
 local raw = redis.call('GET', KEYS[1])
 if not raw then return nil end
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1]) or ''
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-if ARGV[2] ~= '' then
-  redis.call('SET', KEYS[3], cjson.encode({target = ARGV[2], pending = raw, score = score,
-                                           owner = ARGV[3]}), 'EX', ARGV[4])
-end
+redis.call('SET', KEYS[3], cjson.encode({target = ARGV[2], pending = raw, score = score,
+                                         owner = ARGV[3]}))
+redis.call('ZADD', KEYS[4], ARGV[4], KEYS[3])
 return {raw, score}
 """
 
@@ -306,28 +308,32 @@ end
 return v
 """
 
-# KEYS: upload record, tenant's upload index, delete replay (or any unused key)
-# ARGV: upload id, record, score, owner ('' without a replay)
+# KEYS: upload record, tenant's upload index, delete replay, pending deletes
+# ARGV: upload id, record, score, owner
 # Puts a taken record back after a refused or failed delete, unless another try with the same key
 # has since claimed the delete or finished it. Returns 1 if put back.
 RESTORE_UPLOAD = """
-if ARGV[4] ~= '' then
-  local v = redis.call('GET', KEYS[3])
-  if not v or cjson.decode(v).owner ~= ARGV[4] then return 0 end
-  redis.call('DEL', KEYS[3])
-end
+local v = redis.call('GET', KEYS[3])
+if not v or cjson.decode(v).owner ~= ARGV[4] then return 0 end
+redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[4], KEYS[3])
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 """
 
-# KEYS: delete replay   ARGV: the answer's replay JSON, TTL
-# Records a finished delete's answer; the first answer stays (returned either way).
-ANSWER_REPLAY = """
-local v = redis.call('GET', KEYS[1])
+# KEYS: upload record, tenant's upload index, delete replay, pending deletes
+# ARGV: upload id, the answer's replay JSON, its TTL
+# Ends an upload delete whose files are gone: the record goes (even if a try that failed put it
+# back meanwhile: it would name no file) and the first answer is kept (returned either way).
+FINISH_UPLOAD = """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[4], KEYS[3])
+local v = redis.call('GET', KEYS[3])
 if v and cjson.decode(v).answer then return v end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return ARGV[1]
+redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
+return ARGV[2]
 """
 
 # KEYS: key   ARGV: value

@@ -49,7 +49,8 @@ async def sweep(svc: Services) -> int:
                 if exc.status >= 500:  # the store (down, or refusing): kept for the next sweep
                     log.warning("retention sweep stopped at %s: %s", job_id, exc.message)
                     return deleted
-                # 404: gone already; 409: not final (an entry from an earlier run of the job)
+                # 404: gone already; 409: not final (no path leads a finished job back to
+                # queued or running today: `assets._active_jobs_using` relies on that too)
                 await svc.redis.zrem(records.FINISHED_KEY, job_id)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from app import assets, jobs, records
+from app import assets, jobs, pending, records
 from app.config import Settings
 from app.deps import Services
 from app.errors import ApiError
@@ -51,7 +53,7 @@ def run(settings: Settings, body: Callable[[Services], Awaitable[Any]]) -> Any:
 
 async def upload(svc: Services) -> str:
     """A dataset record and its file, as POST /v1/datasets leaves them."""
-    info = DatasetInfo(id=f"dst_{len(await svc.redis.keys('mp:dataset*')):032d}", name="d",
+    info = DatasetInfo(id=f"dst_{uuid.uuid4().hex}", name="d",
                        format="npz", size=3, sha256="0" * 64, created_at=records.now(), tensors={})
     svc.store.put_bytes(records.dataset_object(TENANT, info.id, "npz"), b"abc")
     await assets._index(svc, "datasets", TENANT, info)
@@ -117,6 +119,9 @@ def test_a_script_re_sent_after_a_lost_reply_is_answered(settings: Settings) -> 
 
         svc.redis.eval = twice  # type: ignore[method-assign]
         up = await assets.delete_asset(svc, "datasets", TENANT, dataset, "key-00002")
+        # without a key the request gets a key of its own: the same resolution
+        keyless = await upload(svc)
+        assert (await assets.delete_asset(svc, "datasets", TENANT, keyless)).files_removed == 1
         done = await jobs.delete_job(svc, TENANT, job, "key-00003")
         for call in (assets.delete_asset(svc, "datasets", TENANT, dataset),  # no key: a 404
                      jobs.delete_job(svc, TENANT, job)):
@@ -146,3 +151,72 @@ def test_one_key_names_one_target(settings: Settings) -> None:
     second, record = run(settings, body)
     assert record is not None and json.loads(record)["id"] == second  # untouched
     assert [p.parent.name for p in files(settings)] == [second]
+
+
+def test_a_retry_that_fails_cannot_bring_back_an_upload_whose_files_are_gone(
+        settings: Settings) -> None:
+    """The other order: the retry (B) claims the delete and fails (the store refuses it), putting
+    the record back; then the slow first try (A) removes the file. A ends the delete: the record
+    goes too, since it would name no file."""
+
+    async def body(svc: Services) -> tuple[Deleted, str, Any]:
+        dataset = await upload(svc)
+        inner, a_waiting, release = svc.store.delete_prefix_async, asyncio.Event(), asyncio.Event()
+
+        async def slow_first_then_down(prefix: str) -> int:
+            if not a_waiting.is_set():  # try A
+                a_waiting.set()
+                await release.wait()
+                return await inner(prefix)
+            raise StoreUnavailable("no answer")  # try B
+
+        svc.store.delete_prefix_async = slow_first_then_down  # type: ignore[method-assign]
+        a = asyncio.create_task(assets.delete_asset(svc, "datasets", TENANT, dataset, "key-00005"))
+        await a_waiting.wait()
+        with pytest.raises(ApiError) as b_error:
+            await assets.delete_asset(svc, "datasets", TENANT, dataset, "key-00005")
+        assert b_error.value.status == 503
+        assert await svc.redis.get(records.asset_key("datasets", dataset))  # B put it back
+        release.set()
+        return await a, dataset, await svc.redis.get(records.asset_key("datasets", dataset))
+
+    answer, dataset, record = run(settings, body)
+    assert answer == Deleted(id=dataset, object="dataset", files_removed=1)
+    assert record is None and files(settings) == []
+
+
+def test_the_api_finishes_a_delete_nobody_repeated(settings: Settings) -> None:
+    """An API process died right after taking two uploads' records (no request repeats them):
+    the resolver deletes the one no job needs and puts back the one a running job names."""
+
+    async def body(svc: Services) -> tuple[int, int, Any, Any, list[str], list[str]]:
+        free, used = await upload(svc), await upload(svc)
+        job = "job_" + "5" * 32
+        await svc.redis.hset(records.job_key(job), mapping={
+            "tenant": TENANT, "state": "running",
+            "spec": json.dumps({"kind": "benchmark", "dataset": {"id": used}})})
+        await svc.redis.zadd(records.tenant_jobs_key(TENANT), {job: 1})
+        for dataset in (free, used):
+            await svc.redis.eval(
+                records.TAKE_UPLOAD, 4, records.asset_key("datasets", dataset),
+                records.tenant_assets_key(TENANT, "datasets"),
+                records.delete_replay_key(TENANT, f"internal.{dataset}"),
+                records.PENDING_DELETES_KEY, dataset, f"dataset {dataset}", "dead-api",
+                time.time() - 700)
+        fresh = await upload(svc)  # taken a moment ago: a live request is still on it
+        await svc.redis.eval(
+            records.TAKE_UPLOAD, 4, records.asset_key("datasets", fresh),
+            records.tenant_assets_key(TENANT, "datasets"),
+            records.delete_replay_key(TENANT, "internal.fresh"), records.PENDING_DELETES_KEY,
+            fresh, f"dataset {fresh}", "live-api", time.time())
+        ended = await pending.resolve(svc)
+        again = await pending.resolve(svc)
+        left = await svc.redis.zrange(records.PENDING_DELETES_KEY, 0, -1)
+        return (ended, again, await svc.redis.get(records.asset_key("datasets", free)),
+                await svc.redis.get(records.asset_key("datasets", used)), left, [used, fresh])
+
+    ended, again, free_record, used_record, left, kept = run(settings, body)
+    assert (ended, again) == (2, 0)
+    assert free_record is None and used_record is not None
+    assert left == [records.delete_replay_key(TENANT, "internal.fresh")]
+    assert sorted(p.parent.name for p in files(settings)) == sorted(kept)

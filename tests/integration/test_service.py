@@ -505,9 +505,10 @@ def test_a_delete_whose_reply_was_lost_is_answered_on_retry(stack: Stack, tmp_pa
         # the key's replay, and a retry with that key finishes the delete.
         tenant = json.loads(stack.redis.get(records.asset_key("datasets", crashed.id)))["tenant"]
         replay = records.delete_replay_key(tenant, "crashed-key-1")
-        taken = stack.redis.eval(records.TAKE_UPLOAD, 3, records.asset_key("datasets", crashed.id),
+        taken = stack.redis.eval(records.TAKE_UPLOAD, 4, records.asset_key("datasets", crashed.id),
                                  records.tenant_assets_key(tenant, "datasets"), replay,
-                                 crashed.id, f"dataset {crashed.id}", "crashed-try", 60)
+                                 records.PENDING_DELETES_KEY, crashed.id, f"dataset {crashed.id}",
+                                 "crashed-try", time.time())
         assert taken[0] and http.get(f"/v1/datasets/{crashed.id}").status_code == 404
         assert _owned_files(shared_store, crashed.id)  # its file is still there
         r = http.delete(f"/v1/datasets/{crashed.id}", headers={"Idempotency-Key": "crashed-key-1"})
