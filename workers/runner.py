@@ -226,27 +226,37 @@ def execute(job_id: str, worker: str) -> None:
         lease.release()
 
 
-SCRATCH_PREFIX = f"modelpress-{socket.gethostname()}-"
+# '+' ends the host name (host names never hold one), so no host's prefix starts another's
+SCRATCH_PREFIX = f"modelpress+{socket.gethostname()}+"
 
 
 @contextmanager
 def scratch(what: str) -> Iterator[Path]:
-    """A work folder in the system's temp folder, named with this host and process: a task
-    killed by a forced cancel or its hard time limit skips the cleanup, so each new one first
-    removes the folders of this host's processes that are gone."""
-    sweep_scratch()
-    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-{what}-") as tmp:
-        yield Path(tmp)
+    """A work folder in the system's temp folder, named with this host and process, that also
+    holds the task's other temp files (``tempfile`` points into it meanwhile: a worker process
+    runs one task at a time). A task killed by a forced cancel or its hard time limit skips the
+    cleanup, so each new one first removes the folders of this host's processes that are gone."""
+    root = tempfile.gettempdir()
+    sweep_scratch(Path(root))
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}+{what}-",
+                                     dir=root) as tmp:
+        work = Path(tmp)
+        (work / "tmp").mkdir()
+        previous, tempfile.tempdir = tempfile.tempdir, str(work / "tmp")
+        try:
+            yield work
+        finally:
+            tempfile.tempdir = previous
 
 
-def sweep_scratch() -> int:
+def sweep_scratch(root: Path | None = None) -> int:
     """Removes the work folders of this host's dead processes; how many."""
     removed = 0
-    for folder in Path(tempfile.gettempdir()).glob(f"{glob.escape(SCRATCH_PREFIX)}*"):
-        pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+    for folder in (root or Path(tempfile.gettempdir())).glob(f"{glob.escape(SCRATCH_PREFIX)}*"):
+        pid = folder.name[len(SCRATCH_PREFIX):].split("+", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-            removed += 1
+            removed += not folder.exists()
     if removed:
         log.info("removed %d work folders of killed tasks", removed)
     return removed
@@ -255,7 +265,7 @@ def sweep_scratch() -> int:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or no pid at all
         return False
     except PermissionError:  # another user's process
         return True
