@@ -232,21 +232,14 @@ SCRATCH_PREFIX = f"modelpress+{socket.gethostname()}+"
 
 @contextmanager
 def scratch(what: str) -> Iterator[Path]:
-    """A work folder in the system's temp folder, named with this host and process, that also
-    holds the task's other temp files (``tempfile`` points into it meanwhile: a worker process
-    runs one task at a time). A task killed by a forced cancel or its hard time limit skips the
-    cleanup, so each new one first removes the folders of this host's processes that are gone."""
-    root = tempfile.gettempdir()
-    sweep_scratch(Path(root))
-    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}+{what}-",
-                                     dir=root) as tmp:
-        work = Path(tmp)
-        (work / "tmp").mkdir()
-        previous, tempfile.tempdir = tempfile.tempdir, str(work / "tmp")
-        try:
-            yield work
-        finally:
-            tempfile.tempdir = previous
+    """A work folder in the system's temp folder, named with this host and process: a task
+    killed by a forced cancel or its hard time limit skips the cleanup, so each new one first
+    removes the folders of this host's processes that are gone. (Libraries' own temp files, such
+    as ORT's quantizer scratch for the seconds it runs, are not redirected here: some cache
+    paths under the temp folder for the life of the process.)"""
+    sweep_scratch()
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}+{what}-") as tmp:
+        yield Path(tmp)
 
 
 def sweep_scratch(root: Path | None = None) -> int:
