@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 from fastapi.sse import ServerSentEvent
 from pydantic import BaseModel
+from redis.exceptions import WatchError
 
 from app import assets, records
 from app.deps import Services
@@ -43,15 +44,24 @@ def queue_for(svc: Services, spec: BaseModel) -> str:
     return "gpu" if gpu else svc.settings.default_queue
 
 
-async def _check_refs(svc: Services, tenant: str, spec: BaseModel) -> None:
-    """Every uploaded model or dataset a spec names must exist and belong to the caller."""
+def _refs(spec: BaseModel) -> list[tuple[assets.Collection, str]]:
+    """The uploaded models and datasets a spec names."""
+    out: list[tuple[assets.Collection, str]] = []
     for name in type(spec).model_fields:
         value = getattr(spec, name)
         for ref in value if isinstance(value, list) else [value]:
             if isinstance(ref, ModelRef) and ref.id:
-                await assets.get_asset(svc, "models", tenant, ref.id, ModelInfo)
+                out.append(("models", ref.id))
             elif isinstance(ref, DatasetRef) and ref.id:
-                await assets.get_asset(svc, "datasets", tenant, ref.id, DatasetInfo)
+                out.append(("datasets", ref.id))
+    return out
+
+
+async def _check_refs(svc: Services, tenant: str, spec: BaseModel) -> None:
+    """Every uploaded model or dataset a spec names must exist and belong to the caller."""
+    for collection, asset_id in _refs(spec):
+        await assets.get_asset(svc, collection, tenant, asset_id,
+                               ModelInfo if collection == "models" else DatasetInfo)
 
 
 async def create_job(
@@ -88,13 +98,7 @@ async def create_job(
     )
     try:
         seq = int(await svc.redis.incr(records.tenant_seq_key(tenant)))
-        pipe = svc.redis.pipeline(transaction=True)
-        pipe.hset(records.job_key(job_id), mapping=records.job_to_hash(job, tenant, seq, idem))
-        pipe.zadd(records.tenant_jobs_key(tenant), {job_id: seq})
-        pipe.xadd(records.events_key(job_id),
-                  {"data": records.event_json(job_id, "state", state="queued")},
-                  maxlen=svc.settings.event_stream_maxlen, approximate=True)
-        await pipe.execute()
+        await _write_job(svc, tenant, job, seq, idem)
     except BaseException:
         if idem is not None:  # no job was written: the key must not name one for 24 h
             with contextlib.suppress(Exception):
@@ -116,6 +120,31 @@ async def create_job(
             await svc.redis.eval(records.DEL_IF_EQUALS, 1, idem, job_id)
         raise ApiError(503, "the job queue is unavailable; try again shortly") from exc
     return job, True
+
+
+async def _write_job(svc: Services, tenant: str, job: Job, seq: int, idem: str | None) -> None:
+    """The job's record, index entry and first event, written only while every upload it names
+    still exists: its records are watched from the check on, so a delete that takes one before
+    the write fails the write (the check then answers 404), and one that takes it after finds
+    the job live (409). Without this, a job could name an upload deleted in between."""
+    for _ in range(10):
+        async with svc.redis.pipeline(transaction=True) as pipe:
+            refs = [records.asset_key(c, i) for c, i in _refs(job.spec)]
+            if refs:
+                await pipe.watch(*refs)
+                await _check_refs(svc, tenant, job.spec)
+                pipe.multi()
+            pipe.hset(records.job_key(job.id), mapping=records.job_to_hash(job, tenant, seq, idem))
+            pipe.zadd(records.tenant_jobs_key(tenant), {job.id: seq})
+            pipe.xadd(records.events_key(job.id),
+                      {"data": records.event_json(job.id, "state", state="queued")},
+                      maxlen=svc.settings.event_stream_maxlen, approximate=True)
+            try:
+                await pipe.execute()
+                return
+            except WatchError:  # an upload it names changed meanwhile: check again
+                continue
+    raise ApiError(503, "the job's inputs kept changing while it was being created; try again")
 
 
 async def _raw(svc: Services, tenant: str, job_id: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ from app.config import Settings
 from app.deps import Services
 from app.errors import ApiError
 from app.redis_client import async_client
-from app.schemas import DatasetInfo, Deleted
+from app.schemas import BenchmarkSpec, DatasetInfo, DatasetRef, Deleted, JobCreate, ModelRef
 from app.storage import StoreUnavailable, open_store
 from modelpress import _stack
 from tests.conftest import fresh_db
@@ -220,3 +220,30 @@ def test_the_api_finishes_a_delete_nobody_repeated(settings: Settings) -> None:
     assert free_record is None and used_record is not None
     assert left == [records.delete_replay_key(TENANT, "internal.fresh")]
     assert sorted(p.parent.name for p in files(settings)) == sorted(kept)
+
+
+def test_a_job_cannot_name_an_upload_deleted_while_it_is_created(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The delete takes the record between the create's check and its write: the write fails
+    (the record was watched from the check on) and the create answers 404, instead of a queued
+    job whose input is gone."""
+    checks = []
+    check = jobs._check_refs
+
+    async def body(svc: Services) -> tuple[int, list[str]]:
+        dataset = await upload(svc)
+
+        async def check_then_a_delete(svc_: Services, tenant: str, spec: Any) -> None:
+            await check(svc_, tenant, spec)
+            checks.append(1)
+            if len(checks) == 2:  # the check inside the write's watch
+                await assets.delete_asset(svc, "datasets", TENANT, dataset)
+
+        monkeypatch.setattr(jobs, "_check_refs", check_then_a_delete)
+        spec = BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), dataset=DatasetRef(id=dataset))
+        with pytest.raises(ApiError) as refused:
+            await jobs.create_job(svc, TENANT, JobCreate(spec=spec))
+        return refused.value.status, await svc.redis.zrange(records.tenant_jobs_key(TENANT), 0, -1)
+
+    status, listed = run(settings, body)
+    assert status == 404 and listed == [] and len(checks) == 2
