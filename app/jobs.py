@@ -127,9 +127,9 @@ async def _write_job(svc: Services, tenant: str, job: Job, seq: int, idem: str |
     still exists: its records are watched from the check on, so a delete that takes one before
     the write fails the write (the check then answers 404), and one that takes it after finds
     the job live (409). Without this, a job could name an upload deleted in between."""
+    refs = [records.asset_key(c, i) for c, i in _refs(job.spec)]
     for _ in range(10):
         async with svc.redis.pipeline(transaction=True) as pipe:
-            refs = [records.asset_key(c, i) for c, i in _refs(job.spec)]
             if refs:
                 await pipe.watch(*refs)
                 await _check_refs(svc, tenant, job.spec)

@@ -21,7 +21,6 @@ from app.errors import ApiError
 log = logging.getLogger("modelpress.pending")
 STALE_S = 600.0  # a live DELETE takes seconds; ten minutes means nobody is finishing it
 EVERY_S = 60.0
-_PREFIX = f"{records.P}:tenant:"
 
 
 async def resolve(svc: Services, stale_s: float = STALE_S) -> int:
@@ -36,7 +35,7 @@ async def resolve(svc: Services, stale_s: float = STALE_S) -> int:
         if "pending" not in data:  # ended meanwhile
             await svc.redis.zrem(records.PENDING_DELETES_KEY, replay)
             continue
-        tenant, _, key = replay.removeprefix(_PREFIX).partition(":del:")
+        tenant, key = records.split_delete_replay_key(replay)
         what, _, asset_id = str(data["target"]).partition(" ")
         try:
             await assets.delete_asset(svc, "models" if what == "model" else "datasets", tenant,

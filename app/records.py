@@ -109,6 +109,12 @@ def delete_replay_key(tenant: str, key: str) -> str:
     return f"{P}:tenant:{tenant}:del:{key}"
 
 
+def split_delete_replay_key(replay: str) -> tuple[str, str]:
+    """The tenant and key of a :func:`delete_replay_key` (tenants hold no ':')."""
+    tenant, _, key = replay.removeprefix(f"{P}:tenant:").partition(":del:")
+    return tenant, key
+
+
 def ratelimit_key(token_hash: str, minute: int) -> str:
     return f"{P}:rl:{token_hash}:{minute}"
 

@@ -242,10 +242,10 @@ def scratch(what: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def sweep_scratch(root: Path | None = None) -> int:
+def sweep_scratch() -> int:
     """Removes the work folders of this host's dead processes; how many."""
     removed = 0
-    for folder in (root or Path(tempfile.gettempdir())).glob(f"{glob.escape(SCRATCH_PREFIX)}*"):
+    for folder in Path(tempfile.gettempdir()).glob(f"{glob.escape(SCRATCH_PREFIX)}*"):
         pid = folder.name[len(SCRATCH_PREFIX):].split("+", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
