@@ -65,6 +65,27 @@ def files(settings: Settings) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
 
 
+def hold_first_try(svc: Services, first_fails: bool) -> tuple[asyncio.Event, asyncio.Event]:
+    """The store's delete for try A (the first) waits until ``release`` is set, then fails if
+    ``first_fails`` (else it deletes); every later try's does the opposite at once. Returns
+    (A is waiting, release)."""
+    inner, a_waiting, release = svc.store.delete_prefix_async, asyncio.Event(), asyncio.Event()
+
+    async def held(prefix: str) -> int:
+        fails = first_fails
+        if not a_waiting.is_set():  # try A
+            a_waiting.set()
+            await release.wait()
+        else:
+            fails = not first_fails
+        if fails:
+            raise StoreUnavailable("no answer")
+        return await inner(prefix)
+
+    svc.store.delete_prefix_async = held  # type: ignore[method-assign]
+    return a_waiting, release
+
+
 def test_a_retry_that_overlaps_a_slow_try_finishes_it_once(settings: Settings) -> None:
     """Try A takes the record, then hangs on the store; the client gives up and retries with the
     same key (B), which finishes the delete. A's store call then fails: A must not put the record
@@ -72,16 +93,7 @@ def test_a_retry_that_overlaps_a_slow_try_finishes_it_once(settings: Settings) -
 
     async def body(svc: Services) -> tuple[Deleted, str, Any]:
         dataset = await upload(svc)
-        inner, a_waiting, release = svc.store.delete_prefix_async, asyncio.Event(), asyncio.Event()
-
-        async def slow_then_down(prefix: str) -> int:
-            if not a_waiting.is_set():  # try A
-                a_waiting.set()
-                await release.wait()
-                raise StoreUnavailable("no answer")
-            return await inner(prefix)
-
-        svc.store.delete_prefix_async = slow_then_down  # type: ignore[method-assign]
+        a_waiting, release = hold_first_try(svc, first_fails=True)
         a = asyncio.create_task(assets.delete_asset(svc, "datasets", TENANT, dataset, "key-00001"))
         await a_waiting.wait()
         b = await assets.delete_asset(svc, "datasets", TENANT, dataset, "key-00001")
@@ -161,16 +173,7 @@ def test_a_retry_that_fails_cannot_bring_back_an_upload_whose_files_are_gone(
 
     async def body(svc: Services) -> tuple[Deleted, str, Any]:
         dataset = await upload(svc)
-        inner, a_waiting, release = svc.store.delete_prefix_async, asyncio.Event(), asyncio.Event()
-
-        async def slow_first_then_down(prefix: str) -> int:
-            if not a_waiting.is_set():  # try A
-                a_waiting.set()
-                await release.wait()
-                return await inner(prefix)
-            raise StoreUnavailable("no answer")  # try B
-
-        svc.store.delete_prefix_async = slow_first_then_down  # type: ignore[method-assign]
+        a_waiting, release = hold_first_try(svc, first_fails=False)
         a = asyncio.create_task(assets.delete_asset(svc, "datasets", TENANT, dataset, "key-00005"))
         await a_waiting.wait()
         with pytest.raises(ApiError) as b_error:

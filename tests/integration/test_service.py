@@ -25,7 +25,7 @@ from app.config import Settings
 from app.deps import Services
 from app.redis_client import async_client
 from app.schemas import BenchmarkResult, BenchmarkSpec, DatasetRef, Deleted, ModelRef, RunAttempt
-from app.storage import open_store
+from app.storage import Store, open_store
 from modelpress import (
     APIConnectionError,
     AsyncClient,
@@ -517,18 +517,26 @@ def test_a_delete_whose_reply_was_lost_is_answered_on_retry(stack: Stack, tmp_pa
         assert "answer" in json.loads(stack.redis.get(replay) or "{}")
 
 
-def test_a_worker_that_finishes_after_the_delete_brings_nothing_back(
-        tmp_path: Path, redis_server: _stack.EmbeddedRedis) -> None:
-    """A fan-out piece (or a stale attempt) still computing when its job is cancelled and
-    deleted: its memo values, log lines, run record and artifacts are not written."""
+def _cancelled_job(tmp_path: Path, redis_server: _stack.EmbeddedRedis, job: str
+                   ) -> tuple[Settings, redis.Redis, Store, WorkerContext]:
+    """A cancelled job of tenant "t" in a fresh Redis database, with a local store and the
+    context its (stale) attempt would write through."""
     settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/{fresh_db()}",
                         store_url=(tmp_path / "store").as_uri())
     r = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
     r.flushdb()
-    job = "job_" + "1" * 32
     r.hset(records.job_key(job), mapping={"state": "cancelled", "attempts": "1", "tenant": "t"})
     store = open_store(settings)
-    ctx = WorkerContext(job, "t", 1, settings, r, store, tmp_path / "work", who="w9")
+    return settings, r, store, WorkerContext(job, "t", 1, settings, r, store, tmp_path / "work",
+                                             who="w9")
+
+
+def test_a_worker_that_finishes_after_the_delete_brings_nothing_back(
+        tmp_path: Path, redis_server: _stack.EmbeddedRedis) -> None:
+    """A fan-out piece (or a stale attempt) still computing when its job is cancelled and
+    deleted: its memo values, log lines, run record and artifacts are not written."""
+    job = "job_" + "1" * 32
+    _, r, store, ctx = _cancelled_job(tmp_path, redis_server, job)
     ctx.memo_put("value", {"v": 1})
     ctx.append_log("a line")
     ctx.save_artifact("a.json", b"{}", "application/json")
@@ -558,14 +566,8 @@ def test_an_artifact_stored_while_the_delete_sweeps_is_swept_too(
         tmp_path: Path, redis_server: _stack.EmbeddedRedis, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stale attempt stores an artifact just after DELETE listed the job's files, while the job
     still exists (so its record goes in): the sweep after the keys are gone removes it."""
-    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/{fresh_db()}",
-                        store_url=(tmp_path / "store").as_uri())
-    r = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
-    r.flushdb()
     job = "job_" + "2" * 32
-    r.hset(records.job_key(job), mapping={"state": "cancelled", "attempts": "1", "tenant": "t"})
-    store = open_store(settings)
-    ctx = WorkerContext(job, "t", 1, settings, r, store, tmp_path / "work", who="w9")
+    settings, r, store, ctx = _cancelled_job(tmp_path, redis_server, job)
     ctx.save_artifact("a.json", b"{}", "application/json")
 
     first_sweep, late = store.delete_prefix_async, []
