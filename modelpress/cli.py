@@ -270,6 +270,7 @@ def keys_create(tenant: str, name: str) -> None:
     if not TENANT_RE.fullmatch(tenant):
         raise click.BadParameter("lowercase letters, digits, '-' and '_' (1-63)", param_hint="--tenant")
     url, local = settings.redis_url, settings.data_dir / "redis-url"
+    from_serve = url is None
     if url is None:
         if not local.exists():
             raise click.UsageError(f"set MODELPRESS_REDIS_URL to the service's Redis (no local "
@@ -278,7 +279,10 @@ def keys_create(tenant: str, name: str) -> None:
     try:
         token = create_key(redis.Redis.from_url(url), tenant, name)
     except redis.ConnectionError as exc:
-        raise click.UsageError(f"could not reach Redis at {url}: {exc}") from None
+        # serve removes its file on exit; one that was killed leaves it behind
+        hint = (f"; {local} is left by a `modelpress serve` that no longer runs: start it again "
+                f"or set MODELPRESS_REDIS_URL") if from_serve else ""
+        raise click.UsageError(f"could not reach Redis at {url}: {exc}{hint}") from None
     click.echo(token)
 
 

@@ -54,3 +54,4 @@ def test_keys_create_without_a_redis_says_what_to_set(env: dict[str, str], tmp_p
     (tmp_path / ".modelpress" / "redis-url").write_text(dead)
     result = CliRunner().invoke(main, ["keys", "create", "--tenant", "acme"], env=env)
     assert result.exit_code == 2 and f"could not reach Redis at {dead}" in result.output
+    assert "no longer runs: start it again or set MODELPRESS_REDIS_URL" in " ".join(result.output.split())
