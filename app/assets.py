@@ -152,6 +152,12 @@ async def get_asset(svc: Services, collection: Collection, tenant: str, asset_id
     return model.model_validate(data)
 
 
+async def require_asset(svc: Services, collection: Collection, tenant: str, asset_id: str) -> None:
+    """A 404 unless the caller owns this upload (a job naming it, a delete taking it)."""
+    await get_asset(svc, collection, tenant, asset_id,
+                    ModelInfo if collection == "models" else DatasetInfo)
+
+
 async def list_assets(svc: Services, collection: Collection, tenant: str, model: type[T],
                       limit: int) -> list[T]:
     ids = await svc.redis.zrevrange(records.tenant_assets_key(tenant, collection), 0, limit - 1)
@@ -202,8 +208,7 @@ async def delete_asset(svc: Services, collection: Collection, tenant: str, asset
         if earlier is not None:  # a try with this key took the record and did not finish
             raw, score = earlier["pending"], earlier["score"]
             break
-        await get_asset(svc, collection, tenant, asset_id,
-                        ModelInfo if collection == "models" else DatasetInfo)
+        await require_asset(svc, collection, tenant, asset_id)
         taken = await svc.redis.eval(records.TAKE_UPLOAD, 4, *keys, asset_id, target, owner,
                                      time.time())
         if taken is not None:

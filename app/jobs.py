@@ -21,14 +21,12 @@ from app.errors import ApiError, not_found
 from app.schemas import (
     FINAL_STATES,
     ArtifactInfo,
-    DatasetInfo,
     DatasetRef,
     Deleted,
     ErrorInfo,
     Job,
     JobCreate,
     JobPage,
-    ModelInfo,
     ModelRef,
     Progress,
     RunAttempt,
@@ -60,8 +58,7 @@ def _refs(spec: BaseModel) -> list[tuple[assets.Collection, str]]:
 async def _check_refs(svc: Services, tenant: str, spec: BaseModel) -> None:
     """Every uploaded model or dataset a spec names must exist and belong to the caller."""
     for collection, asset_id in _refs(spec):
-        await assets.get_asset(svc, collection, tenant, asset_id,
-                               ModelInfo if collection == "models" else DatasetInfo)
+        await assets.require_asset(svc, collection, tenant, asset_id)
 
 
 async def create_job(
