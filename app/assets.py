@@ -73,24 +73,67 @@ def _check_sha(expected: str | None, actual: str) -> None:
                        "checksum_mismatch")
 
 
-async def _index(svc: Services, collection: Collection, tenant: str,
-                 info: ModelInfo | DatasetInfo) -> None:
-    asset_id = info.id
+def upload_id(collection: Collection, tenant: str, key: str | None) -> str:
+    """A new upload's id; with an Idempotency-Key, one derived from it, so every try of one
+    upload (a retry after a timeout or a lost reply) names the same upload instead of a copy."""
+    prefix = "mdl" if collection == "models" else "dst"
+    if key is None:
+        return f"{prefix}_{uuid.uuid4().hex}"
+    return f"{prefix}_{hashlib.sha256(f'{tenant}:{collection}:{key}'.encode()).hexdigest()[:32]}"
+
+
+async def _earlier_upload(svc: Services, collection: Collection, tenant: str, key: str,
+                          asset_id: str, digest: str, model: type[T]) -> T | None:
+    """What an earlier try with this Idempotency-Key stored, if it got that far. The key holds
+    the body's sha256 (24 h; the record's after that), so another body is a 422 and cannot
+    overwrite the file."""
+    claim = records.upload_claim_key(tenant, collection, key)
+    held = digest
+    if not await svc.redis.set(claim, digest, nx=True, ex=records.IDEMPOTENCY_TTL_S):
+        held = await svc.redis.get(claim) or digest
+    raw = await svc.redis.get(records.asset_key(collection, asset_id))
+    data = json.loads(raw) if raw is not None else None
+    if data is not None:
+        held = data["sha256"]
+    if held != digest:
+        raise ApiError(422, f"this Idempotency-Key was sent with another file (sha256 {held}, this "
+                            f"one {digest}); send a new key with each upload")
+    if data is None:
+        return None
+    data.pop("tenant")  # the id is derived from the tenant too
+    return model.model_validate(data)
+
+
+async def _recorded(svc: Services, collection: Collection, tenant: str, info: T) -> tuple[T, bool]:
+    """``info`` recorded and indexed in one step, or what a concurrent try with the same
+    Idempotency-Key (so the same id and file) recorded first: (info, created)."""
+    asset_id = info.model_dump()["id"]
     data = {"tenant": tenant, **info.model_dump(mode="json")}
     pipe = svc.redis.pipeline(transaction=True)
-    pipe.set(records.asset_key(collection, asset_id), json.dumps(data))
-    pipe.zadd(records.tenant_assets_key(tenant, collection), {asset_id: time.time()})
-    await pipe.execute()
+    pipe.set(records.asset_key(collection, asset_id), json.dumps(data), nx=True)
+    pipe.zadd(records.tenant_assets_key(tenant, collection), {asset_id: time.time()}, nx=True)
+    created, _ = await pipe.execute()
+    if created:
+        return info, True
+    return await get_asset(svc, collection, tenant, asset_id, type(info)), False
 
 
 async def create_model(
     svc: Services, tenant: str, request: Request, name: str, fmt: ModelFormat | None,
-    sha256: str | None,
-) -> ModelInfo:
+    sha256: str | None, idempotency_key: str | None = None,
+) -> tuple[ModelInfo, bool]:
+    """The recorded upload and whether it was made now (False: an earlier try with the same
+    Idempotency-Key made it)."""
     _check_name(name)
     path, size, digest = await receive_upload(request, svc)
+    model_id = upload_id("models", tenant, idempotency_key)
     try:
         _check_sha(sha256, digest)
+        if idempotency_key is not None:
+            earlier = await _earlier_upload(svc, "models", tenant, idempotency_key, model_id,
+                                            digest, ModelInfo)
+            if earlier is not None:
+                return earlier, False
         limit = svc.settings.max_unpacked_bytes
         try:
             if fmt is not None:
@@ -101,24 +144,29 @@ async def create_model(
             details: dict[str, Any] = await anyio.to_thread.run_sync(check, path, limit)
         except filechecks.Rejected as exc:
             raise ApiError(422, str(exc), "invalid_model") from None
-        model_id = f"mdl_{uuid.uuid4().hex}"
         await svc.store.put_file_async(records.model_object(tenant, model_id, kind), path)
         info = ModelInfo(id=model_id, name=name, format=kind, size=size, sha256=digest,
                          created_at=records.now(), details=details)
-        await _index(svc, "models", tenant, info)
-        return info
+        return await _recorded(svc, "models", tenant, info)
     finally:
         path.unlink(missing_ok=True)
 
 
 async def create_dataset(
     svc: Services, tenant: str, request: Request, name: str, fmt: DatasetFormat | None,
-    sha256: str | None
-) -> DatasetInfo:
+    sha256: str | None, idempotency_key: str | None = None,
+) -> tuple[DatasetInfo, bool]:
+    """As :func:`create_model`."""
     _check_name(name)
     path, size, digest = await receive_upload(request, svc)
+    dataset_id = upload_id("datasets", tenant, idempotency_key)
     try:
         _check_sha(sha256, digest)
+        if idempotency_key is not None:
+            earlier = await _earlier_upload(svc, "datasets", tenant, idempotency_key, dataset_id,
+                                            digest, DatasetInfo)
+            if earlier is not None:
+                return earlier, False
         if fmt is None:
             fmt = filechecks.detect_dataset_format(path)
         try:
@@ -130,12 +178,10 @@ async def create_dataset(
                 tensors = await anyio.to_thread.run_sync(filechecks.check_safetensors, path)
         except filechecks.Rejected as exc:
             raise ApiError(422, str(exc), "invalid_dataset") from None
-        dataset_id = f"dst_{uuid.uuid4().hex}"
         await svc.store.put_file_async(records.dataset_object(tenant, dataset_id, fmt), path)
         info = DatasetInfo(id=dataset_id, name=name, format=fmt, size=size, sha256=digest,
                            created_at=records.now(), tensors=tensors)
-        await _index(svc, "datasets", tenant, info)
-        return info
+        return await _recorded(svc, "datasets", tenant, info)
     finally:
         path.unlink(missing_ok=True)
 

@@ -95,7 +95,7 @@ def worker_key(worker: str) -> str:
 WORKER_PATTERN = f"{P}:worker:*"
 
 
-IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key answers for a create or a delete
+IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key answers for a create, upload or delete
 
 
 def idempotency_key(tenant: str, key: str) -> str:
@@ -107,6 +107,11 @@ def delete_replay_key(tenant: str, key: str) -> str:
     JSON ``{"target", "answer"}``, or ``{"target", "pending", "score", "owner"}`` while an
     upload's delete has taken its record."""
     return f"{P}:tenant:{tenant}:del:{key}"
+
+
+def upload_claim_key(tenant: str, collection: str, key: str) -> str:
+    """The sha256 of the body first sent with an upload's Idempotency-Key: one key, one file."""
+    return f"{P}:tenant:{tenant}:upl:{collection}:{key}"
 
 
 def split_delete_replay_key(replay: str) -> tuple[str, str]:

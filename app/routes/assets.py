@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 
 from app import assets
-from app.deps import DeleteKeyHeader, PrincipalDep, ServicesDep
+from app.deps import IDEMPOTENCY_KEY_PATTERN, DeleteKeyHeader, PrincipalDep, ServicesDep
 from app.schemas import (
     DatasetFormat,
     DatasetInfo,
@@ -29,20 +29,35 @@ Sha256Header = Annotated[
     Header(alias="X-Content-SHA256", pattern=r"^[0-9a-fA-F]{64}$",
            description="Optional SHA-256 of the body; a mismatch is rejected."),
 ]
+UploadKeyHeader = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", pattern=IDEMPOTENCY_KEY_PATTERN,
+           description="Repeat an upload safely: every try with the same key and file makes one "
+                       "upload, returned with 200 once it exists; another file with it is a 422."),
+]
+_REPLAYED: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Already uploaded with this Idempotency-Key"}}
 
 
-@router.post("/models", status_code=201, response_model=ModelInfo, openapi_extra=_UPLOAD_BODY)
+@router.post("/models", status_code=201, response_model=ModelInfo, openapi_extra=_UPLOAD_BODY,
+             responses=_REPLAYED)
 async def upload_model(
     request: Request,
+    response: Response,
     svc: ServicesDep,
     who: PrincipalDep,
     name: Annotated[str, Query(description="A name for the model.")],
     format: Annotated[ModelFormat | None, Query(description="pt2 or hf; default: detected")] = None,
     sha256: Sha256Header = None,
+    idempotency_key: UploadKeyHeader = None,
 ) -> ModelInfo:
     """Upload a model as the raw request body: a `torch.export.save` archive (`.pt2`) or a zipped
     Hugging Face folder with safetensors weights. Pickles are never accepted."""
-    return await assets.create_model(svc, who.tenant, request, name, format, sha256)
+    info, created = await assets.create_model(svc, who.tenant, request, name, format, sha256,
+                                              idempotency_key)
+    if not created:
+        response.status_code = 200
+    return info
 
 
 @router.get("/models", response_model=ModelList)
@@ -65,19 +80,26 @@ async def delete_model(model_id: str, svc: ServicesDep, who: PrincipalDep,
     return await assets.delete_asset(svc, "models", who.tenant, model_id, idempotency_key)
 
 
-@router.post("/datasets", status_code=201, response_model=DatasetInfo, openapi_extra=_UPLOAD_BODY)
+@router.post("/datasets", status_code=201, response_model=DatasetInfo, openapi_extra=_UPLOAD_BODY,
+             responses=_REPLAYED)
 async def upload_dataset(
     request: Request,
+    response: Response,
     svc: ServicesDep,
     who: PrincipalDep,
     name: Annotated[str, Query(description="A name for the dataset.")],
     format: Annotated[DatasetFormat | None,
                       Query(description="npz or safetensors; default: detected")] = None,
     sha256: Sha256Header = None,
+    idempotency_key: UploadKeyHeader = None,
 ) -> DatasetInfo:
     """Upload a dataset as the raw request body: `.npz` (no object arrays) or `.safetensors`,
     with inputs under `x` (or the model's input names) and integer labels under `y`."""
-    return await assets.create_dataset(svc, who.tenant, request, name, format, sha256)
+    info, created = await assets.create_dataset(svc, who.tenant, request, name, format, sha256,
+                                                idempotency_key)
+    if not created:
+        response.status_code = 200
+    return info
 
 
 @router.get("/datasets", response_model=DatasetList)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 import platform
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -447,16 +449,17 @@ def test_delete_uploads_unless_a_live_job_names_them(stack: Stack, tmp_path: Pat
 
 
 class LosingTransport(httpx.HTTPTransport):
-    """A network that loses the replies to the first ``n`` DELETEs after the server sent them."""
+    """A network that loses the replies to the first ``n`` requests of ``method`` after the
+    server sent them."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, method: str = "DELETE") -> None:
         super().__init__()
-        self.to_lose, self.deletes = n, 0
+        self.to_lose, self.sent, self.method = n, 0, method
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = super().handle_request(request)
-        if request.method == "DELETE":
-            self.deletes += 1
+        if request.method == self.method:
+            self.sent += 1
             if self.to_lose:
                 self.to_lose -= 1
                 response.read()
@@ -484,7 +487,7 @@ def test_a_delete_whose_reply_was_lost_is_answered_on_retry(stack: Stack, tmp_pa
         assert client.models.delete(model.id) == Deleted(id=model.id, object="model",
                                                          files_removed=1)
         assert client.datasets.delete(data.id).files_removed == 1
-        assert lossy.deletes == 6 and lossy.to_lose == 0
+        assert lossy.sent == 6 and lossy.to_lose == 0
         for gone in (done.id, model.id, data.id):
             assert _owned_files(shared_store, gone) == []
         # A new delete (a new key) of what is gone is still a 404.
@@ -515,6 +518,45 @@ def test_a_delete_whose_reply_was_lost_is_answered_on_retry(stack: Stack, tmp_pa
         assert r.status_code == 200 and r.json()["files_removed"] == 1
         assert _owned_files(shared_store, crashed.id) == []
         assert "answer" in json.loads(stack.redis.get(replay) or "{}")
+
+
+def test_an_upload_whose_reply_was_lost_is_one_upload(stack: Stack, tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 16), dtype=np.float32))
+    lossy, key = LosingTransport(n=1, method="POST"), stack.key()
+    with stack.client(key, http_client=httpx.Client(transport=lossy)) as client:
+        # the server stored the file and answered; the SDK's retry, with the same key, gets
+        # that upload back instead of making a second one
+        data = client.datasets.upload(tmp_path / "d.npz", name="d")
+        assert lossy.sent == 2 and [d.id for d in client.datasets.list()] == [data.id]
+
+    body, other = (tmp_path / "d.npz").read_bytes(), io.BytesIO()
+    np.savez(other, x=np.ones((4, 16), dtype=np.float32))
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {key}",
+                                                        "Content-Type": "application/octet-stream"}
+                      ) as http:
+        def post(key: str, content: bytes) -> httpx.Response:
+            return http.post("/v1/datasets", params={"name": "e"}, content=content,
+                             headers={"Idempotency-Key": key})
+
+        first, again = post("upload-key-01", body), post("upload-key-01", body)
+        assert (first.status_code, again.status_code) == (201, 200)
+        assert again.json() == first.json()
+        r = post("upload-key-01", other.getvalue())  # one key, one file
+        assert r.status_code == 422 and "sent with another file" in r.json()["error"]["message"]
+        # tries that overlap make one upload too: one 201, the others 200 with its record
+        with ThreadPoolExecutor(4) as pool:
+            tries = list(pool.map(lambda _: post("upload-key-02", body), range(4)))
+        assert sorted(t.status_code for t in tries) == [200, 200, 200, 201]
+        assert len({t.json()["id"] for t in tries}) == 1
+        listed = http.get("/v1/datasets").json()["items"]
+        assert len(listed) == 3 and {first.json()["id"], tries[0].json()["id"], data.id} == {
+            d["id"] for d in listed}
+        # another tenant's same key is another upload
+        other_key = stack.key()
+        r = http.post("/v1/datasets", params={"name": "e"}, content=body,
+                      headers={"Idempotency-Key": "upload-key-01",
+                               "Authorization": f"Bearer {other_key}"})
+        assert r.status_code == 201 and r.json()["id"] != first.json()["id"]
 
 
 def _cancelled_job(tmp_path: Path, redis_server: _stack.EmbeddedRedis, job: str
