@@ -55,6 +55,7 @@ from modelpress._errors import (
     RateLimitError,
     UnprocessableEntityError,
     UnsupportedMediaTypeError,
+    WaitTimeoutError,
 )
 
 __all__ = [
@@ -102,4 +103,5 @@ __all__ = [
     "SpikingSpec",
     "UnprocessableEntityError",
     "UnsupportedMediaTypeError",
+    "WaitTimeoutError",
 ]

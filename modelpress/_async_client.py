@@ -6,8 +6,7 @@ import asyncio
 import builtins
 import hashlib
 import tempfile
-import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -126,11 +125,12 @@ class AsyncModels:
             with tempfile.TemporaryDirectory() as tmp:
                 zipped = await anyio.to_thread.run_sync(_base.zip_folder, path, Path(tmp))
                 return await self._c._call(
-                    _base.upload_model(zipped, name or path.name, format or "hf"))
+                    _base.upload_model(zipped, name or path.resolve().name or "model", format or "hf"))
         return await self._c._call(_base.upload_model(path, name, format))
 
-    async def list(self) -> list[ModelInfo]:
-        return await self._c._call(_base.list_models())
+    async def list(self, *, limit: int = 100) -> list[ModelInfo]:
+        """The newest ``limit`` uploads (at most 500), newest first."""
+        return await self._c._call(_base.list_models(limit))
 
     async def get(self, model_id: str) -> ModelInfo:
         return await self._c._call(_base.get_model(model_id))
@@ -148,8 +148,9 @@ class AsyncDatasets:
                      ) -> DatasetInfo:
         return await self._c._call(_base.upload_dataset(Path(path), name, format))
 
-    async def list(self) -> list[DatasetInfo]:
-        return await self._c._call(_base.list_datasets())
+    async def list(self, *, limit: int = 100) -> list[DatasetInfo]:
+        """The newest ``limit`` uploads (at most 500), newest first."""
+        return await self._c._call(_base.list_datasets(limit))
 
     async def get(self, dataset_id: str) -> DatasetInfo:
         return await self._c._call(_base.get_dataset(dataset_id))
@@ -202,6 +203,13 @@ class AsyncJobs:
 
     async def events(self, job_id: str, *, last_event_id: str | None = None
                      ) -> AsyncIterator[JobEvent]:
+        """Live events until the job ends; reconnects from the last event id if cut off, and
+        rides out 429 and 5xx answers (a Redis restart) as other calls do."""
+        async for event in self._events(job_id, last_event_id, None):
+            yield event
+
+    async def _events(self, job_id: str, last_event_id: str | None,
+                      deadline: _base.Deadline | None) -> AsyncGenerator[JobEvent, None]:
         decoder = _base.SSEDecoder()
         decoder.last_id = last_event_id
         attempt = 0
@@ -211,42 +219,50 @@ class AsyncJobs:
                 headers["Last-Event-ID"] = decoder.last_id
             try:
                 async with self._c._http.stream("GET", _base.events_path(job_id), headers=headers,
-                                                timeout=httpx.Timeout(60.0, read=120.0)) as resp:
+                                                timeout=_base.stream_timeout(deadline)) as resp:
                     if not resp.is_success:
                         await resp.aread()
-                        raise status_error(resp)
-                    async for line in resp.aiter_lines():
-                        event = decoder.feed(line)
-                        if event is not None:
-                            attempt = 0
-                            yield event
-                            if event.type == "state" and event.state in FINAL_STATES:
-                                return
-                # The server closed the stream before the final state (restart, proxy timeout):
-                # reconnect from the last event id.
+                        if not _base.should_retry(resp) or attempt >= self._c.max_retries:
+                            raise status_error(resp)
+                        pause = _base.backoff_seconds(attempt, resp)
+                    else:
+                        async for line in resp.aiter_lines():
+                            event = decoder.feed(line)
+                            if event is not None:
+                                attempt = 0
+                                yield event
+                                if event.type == "state" and event.state in FINAL_STATES:
+                                    return
+                            if deadline is not None:
+                                deadline.check()
+                        # The server closed the stream before the final state (restart, proxy
+                        # timeout): reconnect from the last event id.
+                        if attempt >= self._c.max_retries:
+                            raise APIConnectionError(
+                                f"event stream of {job_id} ended before the job did")
+                        pause = _base.backoff_seconds(attempt, None)
+            except httpx.TransportError as exc:
+                if deadline is not None:
+                    deadline.check()
                 if attempt >= self._c.max_retries:
-                    raise APIConnectionError(f"event stream of {job_id} ended before the job did")
-                await asyncio.sleep(_base.backoff_seconds(attempt, None))
-                attempt += 1
-            except httpx.TransportError:
-                if attempt >= self._c.max_retries:
-                    raise
-                await asyncio.sleep(_base.backoff_seconds(attempt, None))
-                attempt += 1
+                    raise _base.transport_error(exc, f"the event stream of {job_id}") from exc
+                pause = _base.backoff_seconds(attempt, None)
+            await asyncio.sleep(_base.pause_within(pause, deadline))
+            if deadline is not None:
+                deadline.check()
+            attempt += 1
 
     async def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None,
                    raise_on_failure: bool = True) -> Job:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """As :meth:`modelpress.Client.jobs.wait`."""
         printer = ProgressPrinter(job_id) if progress else None
+        events = self._events(job_id, None, _base.Deadline.after(job_id, timeout))
         try:
-            async for event in self.events(job_id):
+            async for event in events:
                 if printer:
                     printer.show(event)
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
-                if event.type == "state" and event.state in FINAL_STATES:
-                    break
         finally:
+            await events.aclose()
             if printer:
                 printer.close()
         job = await self.get(job_id)
@@ -255,15 +271,29 @@ class AsyncJobs:
         return job
 
     async def download(self, job_id: str, name: str, dest: str | Path) -> Path:
+        """As :meth:`modelpress.Client.jobs.download`."""
         path, tmp = _base.download_paths(dest, name)
-        with _base.cleaned_up(tmp, name):
-            async with self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
-                if not resp.is_success:
-                    await resp.aread()
-                    raise status_error(resp)
-                expected, digest = _base.etag_sha256(resp), hashlib.sha256()
-                async with await anyio.open_file(tmp, "wb") as fh:
-                    async for chunk in resp.aiter_bytes():
-                        digest.update(chunk)
-                        await fh.write(chunk)
-        return _base.finish_download(tmp, path, name, expected, digest.hexdigest())
+        attempt = 0
+        while True:
+            try:
+                with _base.cleaned_up(tmp, name):
+                    async with self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
+                        if not resp.is_success:
+                            await resp.aread()
+                            if not _base.should_retry(resp) or attempt >= self._c.max_retries:
+                                raise status_error(resp)
+                            pause = _base.backoff_seconds(attempt, resp)
+                        else:
+                            expected, digest = _base.etag_sha256(resp), hashlib.sha256()
+                            async with await anyio.open_file(tmp, "wb") as fh:
+                                async for chunk in resp.aiter_bytes():
+                                    digest.update(chunk)
+                                    await fh.write(chunk)
+                            return _base.finish_download(tmp, path, name, expected,
+                                                         digest.hexdigest())
+            except APIConnectionError:  # a timeout too; the .part is gone
+                if attempt >= self._c.max_retries:
+                    raise
+                pause = _base.backoff_seconds(attempt, None)
+            await asyncio.sleep(pause)
+            attempt += 1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -30,7 +32,12 @@ from app.schemas import (
     ModelInfo,
     ModelList,
 )
-from modelpress._errors import APIConnectionError, APITimeoutError, IntegrityError
+from modelpress._errors import (
+    APIConnectionError,
+    APITimeoutError,
+    IntegrityError,
+    WaitTimeoutError,
+)
 
 T = TypeVar("T")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -130,19 +137,66 @@ def backoff_seconds(attempt: int, response: httpx.Response | None) -> float:
         after = response.headers.get("retry-after")
         if after:
             try:
-                return min(float(after), 60.0)
+                seconds = float(after)
             except ValueError:
                 try:
-                    import time
-
-                    return max(0.0, min(parsedate_to_datetime(after).timestamp() - time.time(), 60))
+                    seconds = parsedate_to_datetime(after).timestamp() - time.time()
                 except (TypeError, ValueError):
-                    pass
+                    seconds = math.nan
+            if math.isfinite(seconds):  # a negative or NaN one would make time.sleep raise
+                return max(0.0, min(seconds, 60.0))
     return float(min(0.5 * 2**attempt, 8.0) * (0.75 + random.random() / 2))
 
 
 def should_retry(response: httpx.Response) -> bool:
     return response.status_code in RETRY_STATUSES
+
+
+def transport_error(exc: httpx.TransportError, what: str) -> APIConnectionError:
+    """A transport failure that outlived the retries, as the SDK's error class."""
+    if isinstance(exc, httpx.TimeoutException):
+        return APITimeoutError(f"{what} timed out: {exc}", request=_request_of(exc))
+    return APIConnectionError(f"{what} failed: {exc}", request=_request_of(exc))
+
+
+def _request_of(exc: httpx.TransportError) -> httpx.Request | None:
+    try:
+        return exc.request
+    except RuntimeError:  # raised without a request attached
+        return None
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When ``jobs.wait(timeout=...)`` gives up: checked on every line of the event stream
+    (the server's keep-alives included) and bounding each read, so a job that never moves, or
+    a stream that sends nothing, still returns control on time."""
+
+    job_id: str
+    timeout: float
+    at: float
+
+    @classmethod
+    def after(cls, job_id: str, timeout: float | None) -> Deadline | None:
+        return None if timeout is None else cls(job_id, timeout, time.monotonic() + timeout)
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def check(self) -> None:
+        if self.left() < 0:
+            raise WaitTimeoutError(f"job {self.job_id} did not finish within {self.timeout} s")
+
+
+def stream_timeout(deadline: Deadline | None) -> httpx.Timeout:
+    """The event stream's timeouts: a read waits for the server's keep-alives (every 10 s),
+    and no longer than the wait has left."""
+    read = 120.0 if deadline is None else max(0.05, min(120.0, deadline.left() + 0.05))
+    return httpx.Timeout(60.0, read=read)
+
+
+def pause_within(pause: float, deadline: Deadline | None) -> float:
+    return pause if deadline is None else max(0.0, min(pause, deadline.left()))
 
 
 def spec_json(spec: BaseModel | Mapping[str, Any]) -> Any:
@@ -182,7 +236,7 @@ class SSEDecoder:
 
 def zip_folder(folder: Path, dest_dir: Path) -> Path:
     """A Hugging Face folder as the zip the API expects (top-level files, no sub-folder)."""
-    out = dest_dir / f"{folder.name}-{uuid.uuid4().hex[:8]}.zip"
+    out = dest_dir / f"{folder.resolve().name or 'model'}-{uuid.uuid4().hex[:8]}.zip"
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for p in sorted(folder.rglob("*")):
             if p.is_file():
@@ -190,16 +244,23 @@ def zip_folder(folder: Path, dest_dir: Path) -> Path:
     return out
 
 
+def _upload_headers() -> dict[str, str]:
+    # One key per logical upload, reused by every retry: a retry after a timeout or a lost
+    # reply (the server may have stored the file) returns that upload instead of a copy.
+    return {"Content-Type": "application/octet-stream", "Idempotency-Key": uuid.uuid4().hex}
+
+
 def upload_model(path: Path, name: str | None, fmt: str | None) -> Call[ModelInfo]:
     params = {"name": name or path.stem}
     if fmt:
         params["format"] = fmt
     return Call("POST", "/v1/models", _model(ModelInfo), params=params, upload=path,
-                headers={"Content-Type": "application/octet-stream"})
+                headers=_upload_headers())
 
 
-def list_models() -> Call[list[ModelInfo]]:
-    return Call("GET", "/v1/models", lambda r: ModelList.model_validate_json(r.content).items)
+def list_models(limit: int) -> Call[list[ModelInfo]]:
+    return Call("GET", "/v1/models", lambda r: ModelList.model_validate_json(r.content).items,
+                params={"limit": limit})
 
 
 def get_model(model_id: str) -> Call[ModelInfo]:
@@ -220,11 +281,12 @@ def upload_dataset(path: Path, name: str | None, fmt: str | None) -> Call[Datase
     fmt = fmt or {".npz": "npz", ".safetensors": "safetensors"}.get(path.suffix)
     params = {"name": name or path.stem, **({"format": fmt} if fmt else {})}  # else detected
     return Call("POST", "/v1/datasets", _model(DatasetInfo), params=params, upload=path,
-                headers={"Content-Type": "application/octet-stream"})
+                headers=_upload_headers())
 
 
-def list_datasets() -> Call[list[DatasetInfo]]:
-    return Call("GET", "/v1/datasets", lambda r: DatasetList.model_validate_json(r.content).items)
+def list_datasets(limit: int) -> Call[list[DatasetInfo]]:
+    return Call("GET", "/v1/datasets", lambda r: DatasetList.model_validate_json(r.content).items,
+                params={"limit": limit})
 
 
 def get_dataset(dataset_id: str) -> Call[DatasetInfo]:

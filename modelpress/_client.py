@@ -125,11 +125,13 @@ class Models:
         if path.is_dir():
             with tempfile.TemporaryDirectory() as tmp:
                 zipped = _base.zip_folder(path, Path(tmp))
-                return self._c._call(_base.upload_model(zipped, name or path.name, format or "hf"))
+                return self._c._call(_base.upload_model(zipped, name or path.resolve().name or "model",
+                                                     format or "hf"))
         return self._c._call(_base.upload_model(path, name, format))
 
-    def list(self) -> list[ModelInfo]:
-        return self._c._call(_base.list_models())
+    def list(self, *, limit: int = 100) -> list[ModelInfo]:
+        """The newest ``limit`` uploads (at most 500), newest first."""
+        return self._c._call(_base.list_models(limit))
 
     def get(self, model_id: str) -> ModelInfo:
         return self._c._call(_base.get_model(model_id))
@@ -148,8 +150,9 @@ class Datasets:
         """Upload an ``.npz`` or ``.safetensors`` file (inputs under ``x``, labels under ``y``)."""
         return self._c._call(_base.upload_dataset(Path(path), name, format))
 
-    def list(self) -> list[DatasetInfo]:
-        return self._c._call(_base.list_datasets())
+    def list(self, *, limit: int = 100) -> list[DatasetInfo]:
+        """The newest ``limit`` uploads (at most 500), newest first."""
+        return self._c._call(_base.list_datasets(limit))
 
     def get(self, dataset_id: str) -> DatasetInfo:
         return self._c._call(_base.get_dataset(dataset_id))
@@ -200,7 +203,12 @@ class Jobs:
         return self._c._call(_base.list_artifacts(job_id))
 
     def events(self, job_id: str, *, last_event_id: str | None = None) -> Iterator[JobEvent]:
-        """Live events until the job ends; reconnects from the last event id if cut off."""
+        """Live events until the job ends; reconnects from the last event id if cut off, and
+        rides out 429 and 5xx answers (a Redis restart) as other calls do."""
+        return self._events(job_id, last_event_id, None)
+
+    def _events(self, job_id: str, last_event_id: str | None, deadline: _base.Deadline | None
+                ) -> Iterator[JobEvent]:
         decoder = _base.SSEDecoder()
         decoder.last_id = last_event_id
         attempt = 0
@@ -210,42 +218,48 @@ class Jobs:
                 headers["Last-Event-ID"] = decoder.last_id
             try:
                 with self._c._http.stream("GET", _base.events_path(job_id), headers=headers,
-                                          timeout=httpx.Timeout(60.0, read=120.0)) as resp:
+                                          timeout=_base.stream_timeout(deadline)) as resp:
                     if not resp.is_success:
                         resp.read()
-                        raise status_error(resp)
-                    for line in resp.iter_lines():
-                        event = decoder.feed(line)
-                        if event is not None:
-                            attempt = 0
-                            yield event
-                            if event.type == "state" and event.state in FINAL_STATES:
-                                return
-                # The server closed the stream before the final state (restart, proxy timeout):
-                # reconnect from the last event id.
+                        if not _base.should_retry(resp) or attempt >= self._c.max_retries:
+                            raise status_error(resp)
+                        pause = _base.backoff_seconds(attempt, resp)
+                    else:
+                        for line in resp.iter_lines():
+                            event = decoder.feed(line)
+                            if event is not None:
+                                attempt = 0
+                                yield event
+                                if event.type == "state" and event.state in FINAL_STATES:
+                                    return
+                            if deadline is not None:
+                                deadline.check()
+                        # The server closed the stream before the final state (restart, proxy
+                        # timeout): reconnect from the last event id.
+                        if attempt >= self._c.max_retries:
+                            raise APIConnectionError(
+                                f"event stream of {job_id} ended before the job did")
+                        pause = _base.backoff_seconds(attempt, None)
+            except httpx.TransportError as exc:
+                if deadline is not None:
+                    deadline.check()
                 if attempt >= self._c.max_retries:
-                    raise APIConnectionError(f"event stream of {job_id} ended before the job did")
-                time.sleep(_base.backoff_seconds(attempt, None))
-                attempt += 1
-            except httpx.TransportError:
-                if attempt >= self._c.max_retries:
-                    raise
-                time.sleep(_base.backoff_seconds(attempt, None))
-                attempt += 1
+                    raise _base.transport_error(exc, f"the event stream of {job_id}") from exc
+                pause = _base.backoff_seconds(attempt, None)
+            time.sleep(_base.pause_within(pause, deadline))
+            if deadline is not None:
+                deadline.check()
+            attempt += 1
 
     def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None,
              raise_on_failure: bool = True) -> Job:
-        """Block until the job ends, following its events; print a progress bar if asked."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Block until the job ends, following its events; print a progress bar if asked.
+        ``timeout`` (seconds) raises WaitTimeoutError (a TimeoutError) when it runs out first."""
         printer = ProgressPrinter(job_id) if progress else None
         try:
-            for event in self.events(job_id):
+            for event in self._events(job_id, None, _base.Deadline.after(job_id, timeout)):
                 if printer:
                     printer.show(event)
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
-                if event.type == "state" and event.state in FINAL_STATES:
-                    break
         finally:
             if printer:
                 printer.close()
@@ -255,16 +269,29 @@ class Jobs:
         return job
 
     def download(self, job_id: str, name: str, dest: str | Path) -> Path:
-        """Stream an artifact to ``dest`` (a file, or a folder to put ``name`` in)."""
+        """Stream an artifact to ``dest`` (a file, or a folder to put ``name`` in); retried
+        from the start like other calls."""
         path, tmp = _base.download_paths(dest, name)
-        with _base.cleaned_up(tmp, name), \
-                self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
-            if not resp.is_success:
-                resp.read()
-                raise status_error(resp)
-            expected, digest = _base.etag_sha256(resp), hashlib.sha256()
-            with tmp.open("wb") as fh:
-                for chunk in resp.iter_bytes():
-                    digest.update(chunk)
-                    fh.write(chunk)
-        return _base.finish_download(tmp, path, name, expected, digest.hexdigest())
+        attempt = 0
+        while True:
+            try:
+                with _base.cleaned_up(tmp, name), \
+                        self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
+                    if not resp.is_success:
+                        resp.read()
+                        if not _base.should_retry(resp) or attempt >= self._c.max_retries:
+                            raise status_error(resp)
+                        pause = _base.backoff_seconds(attempt, resp)
+                    else:
+                        expected, digest = _base.etag_sha256(resp), hashlib.sha256()
+                        with tmp.open("wb") as fh:
+                            for chunk in resp.iter_bytes():
+                                digest.update(chunk)
+                                fh.write(chunk)
+                        return _base.finish_download(tmp, path, name, expected, digest.hexdigest())
+            except APIConnectionError:  # a timeout too; the .part is gone
+                if attempt >= self._c.max_retries:
+                    raise
+                pause = _base.backoff_seconds(attempt, None)
+            time.sleep(pause)
+            attempt += 1

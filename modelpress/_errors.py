@@ -88,6 +88,10 @@ class JobFailedError(ModelpressError):
         self.job = job
 
 
+class WaitTimeoutError(ModelpressError, TimeoutError):
+    """``jobs.wait(timeout=...)`` ran out before the job ended; the job goes on."""
+
+
 class IntegrityError(ModelpressError):
     """A download's bytes do not hash to the sha256 the server recorded for the artifact (its
     ETag): damaged in the store or in transit. Nothing is left at the destination."""

@@ -97,10 +97,10 @@ class EmbeddedRedis:
 
 def _spawn(args: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("ab")
     # Own process group: stopping (or, in tests, SIGKILLing) the group reaches pool children too.
-    return subprocess.Popen(args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with log_path.open("ab") as log:  # the child holds its own copy of the descriptor
+        return subprocess.Popen(args, env={**os.environ, **env}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def spawn_worker(env: Mapping[str, str], log_path: Path, queues: list[str], name: str,

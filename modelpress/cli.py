@@ -26,7 +26,14 @@ LOCAL_TENANT = "local"
 
 def _client(ctx: click.Context) -> Client:
     obj: dict[str, Any] = ctx.ensure_object(dict)
-    return Client(base_url=obj.get("base_url"), api_key=obj.get("api_key"))
+    # What a local serve wrote, found in the data folder serve used (Settings: .env too)
+    data_dir = Settings().data_dir
+    base_url, api_key = obj.get("base_url"), obj.get("api_key")
+    if base_url is None and (data_dir / "url").exists():
+        base_url = (data_dir / "url").read_text().strip()
+    if api_key is None and (data_dir / "api-key").exists():
+        api_key = (data_dir / "api-key").read_text().strip()
+    return Client(base_url=base_url, api_key=api_key)
 
 
 def _print_json(data: Any) -> None:
@@ -304,10 +311,12 @@ def models_upload(ctx: click.Context, path: Path, name: str | None) -> None:
 
 
 @models.command("list")
+@click.option("--limit", type=click.IntRange(1, 500), default=100, show_default=True,
+              help="How many, newest first.")
 @click.pass_context
-def models_list(ctx: click.Context) -> None:
+def models_list(ctx: click.Context, limit: int) -> None:
     with _client(ctx) as c:
-        for m in c.models.list():
+        for m in c.models.list(limit=limit):
             click.echo(f"{m.id}  {m.format:<4} {m.size:>12,}  {m.name}")
 
 
@@ -341,10 +350,12 @@ def datasets_upload(ctx: click.Context, path: Path, name: str | None) -> None:
 
 
 @datasets.command("list")
+@click.option("--limit", type=click.IntRange(1, 500), default=100, show_default=True,
+              help="How many, newest first.")
 @click.pass_context
-def datasets_list(ctx: click.Context) -> None:
+def datasets_list(ctx: click.Context, limit: int) -> None:
     with _client(ctx) as c:
-        for d in c.datasets.list():
+        for d in c.datasets.list(limit=limit):
             click.echo(f"{d.id}  {d.format:<11} {d.size:>12,}  {d.name}")
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
 from modelpress import (
@@ -18,17 +21,25 @@ from modelpress import (
     InternalServerError,
     NotFoundError,
     RateLimitError,
+    WaitTimeoutError,
     _base,
 )
 from modelpress._stack import free_port
 
+ARTIFACT = b"the artifact's bytes"
+FINAL = json.dumps({"id": "1-0", "type": "state", "job_id": "job_1", "at": "2026-12-01T00:00:00Z",
+                    "state": "succeeded"})
+
 
 class Script:
-    """Statuses to answer with, in order; the last one repeats."""
+    """Statuses to answer with, in order; the last one repeats. A 200 on an event stream sends
+    keep-alives (and the final state event once ``finish`` is set), on an artifact its bytes."""
 
     def __init__(self) -> None:
         self.statuses: list[int] = [200]
         self.seen: list[str] = []
+        self.posts: list[tuple[str, dict[str, str], int]] = []  # path, headers, body size
+        self.finish = False
 
 
 @pytest.fixture
@@ -36,18 +47,68 @@ def server() -> Iterator[tuple[str, Script]]:
     script = Script()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            script.seen.append(self.path)
-            status = script.statuses.pop(0) if len(script.statuses) > 1 else script.statuses[0]
-            body = (json.dumps({"items": []}) if status == 200 else json.dumps(
-                {"error": {"type": "x", "message": f"scripted {status}", "fields": []}})).encode()
+        protocol_version = "HTTP/1.1"
+
+        def _status(self) -> int:
+            return script.statuses.pop(0) if len(script.statuses) > 1 else script.statuses[0]
+
+        def _answer(self, status: int, body: bytes, ctype: str = "application/json",
+                    **headers: str) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             if status in (429, 503):
                 self.send_header("Retry-After", "0")
+            for k, v in headers.items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
+
+        def _error(self, status: int) -> None:
+            self._answer(status, json.dumps(
+                {"error": {"type": "x", "message": f"scripted {status}", "fields": []}}).encode())
+
+        def do_GET(self) -> None:
+            script.seen.append(self.path)
+            status = self._status()
+            if status != 200:
+                self._error(status)
+            elif self.path.endswith("/events"):
+                self._stream()
+            elif "/artifacts/" in self.path:
+                self._answer(200, ARTIFACT, "application/octet-stream",
+                             ETag=f'"{hashlib.sha256(ARTIFACT).hexdigest()}"')
+            else:
+                self._answer(200, json.dumps({"items": []}).encode())
+
+        def _stream(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            try:
+                for _ in range(100):  # 10 s of keep-alives at most
+                    if script.finish:
+                        self.wfile.write(f"id: 1-0\ndata: {FINAL}\n\n".encode())
+                        self.wfile.flush()
+                        return
+                    self.wfile.write(b": keep-alive\n\n")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:  # the client went away
+                pass
+            self.close_connection = True
+
+        def do_POST(self) -> None:
+            size = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(size)
+            script.posts.append((self.path, dict(self.headers), size))
+            status = self._status()
+            if status != 200:
+                self._error(status)
+                return
+            self._answer(201, json.dumps({"id": "mdl_1", "name": "x", "format": "hf", "size": size,
+                                          "sha256": "0" * 64, "created_at": "2026-12-01T00:00:00Z"}
+                                         ).encode())
 
         def log_message(self, *args: object) -> None:
             pass
@@ -116,3 +177,77 @@ def test_async_client_retries(server: tuple[str, Script]) -> None:
 
     assert asyncio.run(go()) == []
     assert len(script.seen) == 2
+
+
+def test_wait_timeout_fires_while_only_keep_alives_arrive(server: tuple[str, Script]) -> None:
+    # a job that sits queued: the stream sends nothing but keep-alives
+    url, _ = server
+    with Client(base_url=url, api_key="k") as c:
+        start = time.monotonic()
+        with pytest.raises(WaitTimeoutError, match=r"did not finish within 0\.5 s"):
+            c.jobs.wait("job_1", timeout=0.5)
+        assert time.monotonic() - start < 3.0
+    assert issubclass(WaitTimeoutError, TimeoutError)
+
+    async def go() -> None:
+        async with AsyncClient(base_url=url, api_key="k") as ac:
+            await ac.jobs.wait("job_1", timeout=0.5)
+
+    start = time.monotonic()
+    with pytest.raises(WaitTimeoutError):
+        asyncio.run(go())
+    assert time.monotonic() - start < 3.0
+
+
+def test_event_streams_and_downloads_ride_out_5xx(server: tuple[str, Script],
+                                                  tmp_path: Path) -> None:
+    url, script = server
+    script.finish = True
+    script.statuses = [503, 502, 200]
+    with Client(base_url=url, api_key="k") as c:
+        assert [e.state for e in c.jobs.events("job_1")] == ["succeeded"]
+        script.statuses = [503, 200]
+        got = c.jobs.download("job_1", "a.bin", tmp_path / "a.bin")
+        assert got.read_bytes() == ARTIFACT and not (tmp_path / "a.bin.part").exists()
+        script.statuses = [404]
+        with pytest.raises(NotFoundError):
+            c.jobs.download("job_1", "b.bin", tmp_path / "b.bin")
+    assert len(script.seen) == 3 + 2 + 1
+
+    async def go() -> tuple[list[str | None], bytes]:
+        async with AsyncClient(base_url=url, api_key="k") as ac:
+            script.statuses = [503, 200]
+            states = [e.state async for e in ac.jobs.events("job_1")]
+            script.statuses = [503, 200]
+            path = await ac.jobs.download("job_1", "c.bin", tmp_path)
+            return states, path.read_bytes()
+
+    assert asyncio.run(go()) == (["succeeded"], ARTIFACT)
+
+
+def test_an_unreachable_event_stream_is_a_typed_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with Client(base_url=url, api_key="k", max_retries=1) as c, \
+            pytest.raises(APIConnectionError, match="the event stream of job_1 failed"):
+        list(c.jobs.events("job_1"))
+
+
+def test_a_retried_upload_reuses_its_idempotency_key_and_a_folder_is_named(
+        server: tuple[str, Script], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, script = server
+    folder = tmp_path / "my-bert"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    monkeypatch.chdir(folder)
+    script.statuses = [500, 200]
+    with Client(base_url=url, api_key="k") as c:
+        c.models.upload(".")  # the current folder: named after it, not "" (a 422)
+    (path1, headers1, size1), (path2, headers2, size2) = script.posts
+    assert "name=my-bert" in path1 and path1 == path2 and size1 == size2 > 0
+    assert headers1["Idempotency-Key"] == headers2["Idempotency-Key"]
+
+
+def test_retry_after_is_never_negative() -> None:
+    for after in ("-1", "nan", "inf", "Thu, 01 Jan 1970 00:00:00 GMT"):
+        wait = _base.backoff_seconds(0, httpx.Response(503, headers={"retry-after": after}))
+        assert 0.0 <= wait <= 60.0, after
