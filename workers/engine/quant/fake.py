@@ -84,8 +84,11 @@ def fp8_dynamic(x: torch.Tensor) -> torch.Tensor:
 
 def int4_codes(w: torch.Tensor, group_size: int, scale_dtype: str = "fp32"
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int4 in blocks of ``group_size`` along the input dimension (MatMulNBits):
-    the element of largest magnitude maps to -8, so scale = that element / -8, range [-8, 7].
+    """Symmetric int4 in blocks of ``group_size`` along the input dimension, as ORT's
+    MatMulNBits quantizer (MlasQuantizeBlockwise) makes them: the block's max if its magnitude
+    exceeds the min's, else the min (so the negative one on a tie), maps to -8, so scale = that
+    element / -8, range [-8, 7]; codes are round-half-up of ``w * (1 / scale)``, which is
+    ``roundf(w * (1 / scale) + 8) - 8`` there (not the half-to-even of QuantizeLinear).
     ``scale_dtype``: kernels computing in bf16 hold the scales in bf16 too. Returns the
     integers (out, blocks, group_size), float-valued, zero-padded to whole blocks, and the
     scales (out, blocks, 1)."""
@@ -95,11 +98,14 @@ def int4_codes(w: torch.Tensor, group_size: int, scale_dtype: str = "fp32"
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
     blocks = flat.reshape(out_f, -1, group_size)
-    idx = blocks.abs().argmax(dim=2, keepdim=True)
-    extreme = torch.gather(blocks, 2, idx)
+    hi, lo = blocks.amax(dim=2, keepdim=True), blocks.amin(dim=2, keepdim=True)
+    extreme = torch.where(hi.abs() > lo.abs(), hi, lo)
     scale = extreme / -8.0
     scale = rounded(torch.where(scale == 0, torch.ones_like(scale), scale), scale_dtype)
-    return _round(blocks / scale).clamp(-8, 7), scale
+    y = blocks * (1.0 / scale) + 8.0  # in [0, 16]: roundf's half away from zero is half up
+    down = torch.floor(y)
+    q = torch.where(y - down >= 0.5, down + 1.0, down)
+    return (q.clamp(0, 15) - 8.0), scale
 
 
 def int4_weight(w: torch.Tensor, group_size: int, scale_dtype: str = "fp32") -> torch.Tensor:

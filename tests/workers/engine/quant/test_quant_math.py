@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from workers.engine.backends import onnxruntime_cpu as ortb
 from workers.engine.quant import fake
 from workers.engine.quant import search as qsearch
 from workers.engine.quant.formats import LayerFormat
@@ -112,6 +113,10 @@ def test_a_layer_no_earlier_level_offers_descends_from_fp32() -> None:
 def test_thresholds() -> None:
     assert threshold(0.9, "relative", 0.999, True).value == pytest.approx(0.8991)
     assert threshold(2.0, "relative", 0.99, False).value == pytest.approx(2.02)
+    # a negative baseline (a log-likelihood, say): the budget still lies on the worse side
+    assert threshold(-2.0, "relative", 0.9, True).value == pytest.approx(-2.2)
+    assert threshold(-2.0, "relative", 0.9, False).value == pytest.approx(-1.8)
+    assert threshold(-2.0, "relative", 0.9, True).ok(-2.0)
     assert threshold(0.9, "absolute", 0.01, True).ok(0.8901)
     assert not threshold(0.9, "absolute", 0.01, True).ok(0.889)
 
@@ -127,3 +132,24 @@ def test_fake_int4_and_int8_grids() -> None:
     scale8 = w.abs().amax(1, keepdim=True) / 127
     assert torch.allclose(q8 / scale8, torch.round(q8 / scale8), atol=1e-3)
     assert (q8 - w).abs().max() <= scale8.max() / 2 + 1e-6
+
+
+def test_fake_int4_matches_ort_on_ties() -> None:
+    # The cases random weights never hit: a block whose max and min have one magnitude (ORT
+    # scales by the negative one), codes exactly halfway (ORT rounds half up), and weights
+    # already on a coarser grid (a checkpoint quantized before), where such halves are common.
+    torch.manual_seed(0)
+    w = torch.randn(4, 64) * 0.1
+    w[0, 0], w[0, 5] = 1.0, -1.0
+    w[1] = 0.0
+    w[1, :6] = torch.tensor([-8.0, 3.5, -2.5, 0.5, 1.5, -0.5])
+    w[2] = torch.round(w[2] / (w[2].abs().max() / 64)) * (w[2].abs().max() / 64)
+    lin = nn.Linear(64, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    model, x = nn.Sequential(lin).eval(), torch.eye(64)
+    exported = ortb.export(model, (x[:8],), ["x"], {"0": lin})
+    cfg = {"0": ortb.native_format(exported, "0", LayerFormat("int4", group_size=32))}
+    deployed = ortb.Session(ortb.realize(exported, cfg), 1).run((x,))  # (64, 4): W_deq^T
+    simulated = fake.int4_weight(w, 32).T.numpy()
+    assert (abs(deployed - simulated) <= 1e-6).all(), (deployed - simulated).nonzero()
