@@ -70,13 +70,13 @@ class Threshold:
 def threshold(baseline: float, mode: str, value: float, higher_is_better: bool) -> Threshold:
     if mode == "absolute":
         t = baseline - value if higher_is_better else baseline + value
-    elif higher_is_better:
-        t = baseline * value
     else:
-        if baseline == 0:
+        if baseline == 0 and not higher_is_better:
             raise UserError("a relative budget on a lower-is-better metric whose baseline is 0 "
                             "allows nothing; give an absolute budget (mode 'absolute')")
-        t = baseline * (2.0 - value)
+        # a share of the baseline's magnitude, so a negative baseline moves the right way too
+        slack = abs(baseline) * (1.0 - value)
+        t = baseline - slack if higher_is_better else baseline + slack
     return Threshold(baseline, t, higher_is_better)
 
 
