@@ -69,7 +69,8 @@ class BenchmarkSpec(_Strict):
     input_shape: list[Annotated[int, Field(ge=1, le=65536)]] | None = Field(
         default=None,
         max_length=8,
-        description="Shape of one random float input, batch first (instead of a dataset).",
+        description="Shape of one random float input, batch first (instead of a dataset); "
+        "its first dimension is the batch, which batch_size then does not change.",
     )
     batch_size: int = Field(default=1, ge=1, le=4096)
     backend: Literal["torch"] = "torch"
@@ -230,6 +231,12 @@ class MixedPrecisionSpec(_Strict):
         if (self.backend == "torch-cpu" and "int4" in (self.levels or [])
                 and self.int4_group_size not in (32, 64, 128, 256)):
             raise ValueError("torch-cpu's int4 kernel takes int4_group_size 32, 64, 128 or 256")
+        # ORT's blockwise quantizer (MatMulNBits) takes power-of-two blocks only; int4 is in
+        # its default levels
+        if (self.backend == "onnxruntime-cpu" and "int4" in (self.levels or ["int4"])
+                and self.int4_group_size not in (16, 32, 64, 128, 256)):
+            raise ValueError("onnxruntime-cpu's int4 kernel (MatMulNBits) takes int4_group_size "
+                             "16, 32, 64, 128 or 256")
         return self
 
 
@@ -502,8 +509,11 @@ class LoraRecoveryReport(BaseModel):
     recovered: ConfigPoint = Field(description="The recovered search's result, adapters merged.")
     trainings: int = Field(description="Adapter trainings run (one per config evaluated).")
     train_seconds: float
-    loss_before: float = Field(description="Calibration loss of the recovered config, B = 0.")
-    loss_after: float
+    loss_before: float = Field(
+        description="The recovered config's training loss before the adapters learn (B = 0): "
+        "the squared error of its outputs to the float model's, summed per sample and averaged, "
+        "on the adapters' training samples.")
+    loss_after: float = Field(description="The same loss after training.")
     norms: list[LoraNorm] = Field(description="Per adapted layer of the recovered config.")
 
 
@@ -531,7 +541,10 @@ class MixedPrecisionResult(BaseModel):
         "moved down to it / latency at the level above (fp32 for the first level, else every "
         "layer at the deepest level kept so far); >= 1 means not offered to the search. "
         "int8-static is gated as a whole ('int8-static:all'): its gain comes from chains.")
-    levels: list[str] = Field(default_factory=list, description="The precision levels used.")
+    levels: list[str] = Field(
+        default_factory=list, description="The precision levels offered to this model: those "
+        "the backend runs on at least one of its layers, most precise first, before the latency "
+        "gate (`latency_gate` says what it kept).")
     latency_reduction: float = Field(description="1 - chosen latency / fp32 latency (backend).")
     lora: LoraRecoveryReport | None = None
     method: str

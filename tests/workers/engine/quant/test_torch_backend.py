@@ -193,6 +193,11 @@ def test_a_level_the_backend_has_no_kernel_for_is_refused_in_the_spec(backend: s
     with pytest.raises(ValidationError, match="int4_group_size 32, 64, 128 or 256"):
         MixedPrecisionSpec.model_validate({"model": {"zoo": "digits-cnn"}, "backend": "torch-cpu",
                                            "levels": ["int4"], "int4_group_size": 48})
+    # ORT's blockwise quantizer would fail deep in the job: refused up front, default levels too
+    with pytest.raises(ValidationError, match=r"MatMulNBits.*16, 32, 64, 128 or 256"):
+        MixedPrecisionSpec.model_validate({"model": {"zoo": "digits-cnn"}, "int4_group_size": 48})
+    assert MixedPrecisionSpec.model_validate({"model": {"zoo": "digits-cnn"}, "levels": ["int8"],
+                                              "int4_group_size": 48}).int4_group_size == 48
 
 
 def test_a_level_no_layer_of_the_model_can_take_is_a_user_error(tmp_path: Path,
