@@ -64,15 +64,16 @@ def run(spec: BenchmarkSpec, ctx: JobContext) -> BenchmarkResult:
         ctx.progress("per_layer", 0.9, "timing each layer")
         per_layer = per_layer_latency(module, forward, device)
 
+    batch = int(inputs[0].shape[0])  # input_shape's first dimension when one is given
     result = BenchmarkResult(
         model=model.name,
         backend=spec.backend,
-        batch_size=spec.batch_size,
+        batch_size=batch,
         input_shapes=[list(t.shape) for t in inputs],
         parameters=model.parameter_count(),
         model_bytes=model.state_bytes(),
         latency=stats,
-        throughput_per_s=spec.batch_size / (stats.median_ms / 1e3),
+        throughput_per_s=batch / (stats.median_ms / 1e3),
         peak_memory_bytes=mem.peak_bytes,
         memory_method=mem.method,
         per_layer=per_layer,

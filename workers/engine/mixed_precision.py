@@ -30,7 +30,7 @@ from app.schemas import (
     SensitivityResult,
     SensitivitySpec,
 )
-from workers.engine import env, models
+from workers.engine import env, models, timing
 from workers.engine.backends import onnxruntime_cpu as ortb
 from workers.engine.backends import torch_runtime
 from workers.engine.backends.base import Backend, Deployed, interleaved_latency, run_batched
@@ -348,7 +348,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     ctx.progress("frontier", 0.86, f"timing {len(models)} configurations, interleaved")
     for key, lat in interleaved_latency(models, example, spec.warmup, spec.repeats).items():
         points[key].latency_ms = statistics.median(lat)
-        points[key].latency_p90_ms = statistics.quantiles(lat, n=10)[-1] if len(lat) > 1 else lat[0]
+        points[key].latency_p90_ms = timing.p90(lat)
     stage_done("frontier")
 
     _mark_pareto(list(points.values()), higher)
@@ -395,7 +395,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         frontier=sorted(points.values(), key=lambda p: p.latency_ms or 0.0), searches=searches,
         sensitivity=sens, evaluations=task.evaluations, computed_by=task.computed_by(),
         stage_seconds=stages, latency_gate=gate,
-        latency_reduction=reduction, levels=list(fmt_at), lora=lora_report,
+        latency_reduction=reduction, levels=[p for p in fmt_at if ungated[p]], lora=lora_report,
         method=(f"search in simulated quantization matching {backend.name}'s arithmetic on "
                 f"{len(task.eval_inputs[0])} evaluation samples; every frontier point realized "
                 f"with {backend.describe()}, its metric re-measured on the deployed "

@@ -3,6 +3,7 @@ and p90, with device synchronization, and peak memory during the measured runs."
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -15,6 +16,12 @@ import torch
 from app.schemas import LatencyStats
 
 
+def p90(samples: list[float]) -> float:
+    """The nearest-rank 90th percentile: a time that was measured, never one past the slowest."""
+    s = sorted(samples)
+    return s[max(0, math.ceil(0.9 * len(s)) - 1)]
+
+
 @dataclass
 class Timing:
     samples_ms: list[float]
@@ -23,7 +30,7 @@ class Timing:
     def stats(self) -> LatencyStats:
         s = sorted(self.samples_ms)
         return LatencyStats(
-            median_ms=statistics.median(s), p90_ms=s[min(len(s) - 1, int(0.9 * len(s)))],
+            median_ms=statistics.median(s), p90_ms=p90(s),
             mean_ms=statistics.fmean(s), min_ms=s[0], repeats=len(s), warmup=self.warmup,
         )
 

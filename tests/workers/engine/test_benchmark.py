@@ -9,7 +9,7 @@ import pytest
 from app.config import Settings
 from app.schemas import BenchmarkResult, BenchmarkSpec, ModelRef
 from app.storage import open_store
-from workers.engine import benchmark, zoo
+from workers.engine import benchmark, timing, zoo
 from workers.engine.context import JobCancelled, LocalContext, UserError
 
 
@@ -32,6 +32,13 @@ def test_digits_cnn_benchmark(tmp_path: Path, shared_store: Path) -> None:
     saved = BenchmarkResult.model_validate_json((ctx.workdir / "artifacts" / "benchmark.json")
                                                 .read_bytes())
     assert saved == res
+    assert res.batch_size == 8
+    assert res.throughput_per_s == pytest.approx(8 / (res.latency.median_ms / 1e3))
+    # a random input's first dimension is the batch the figures are for
+    shaped = benchmark.run(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), input_shape=[16, 1, 8, 8],
+                                         repeats=3, warmup=0, per_layer=False), ctx)
+    assert shaped.batch_size == 16 and shaped.input_shapes == [[16, 1, 8, 8]]
+    assert shaped.throughput_per_s == pytest.approx(16 / (shaped.latency.median_ms / 1e3))
 
 
 def test_zoo_model_is_accurate(shared_store: Path) -> None:
@@ -71,3 +78,9 @@ def test_a_specs_thread_count_ends_with_its_job(tmp_path: Path, shared_store: Pa
     res = registry.run(spec, ctx_for(tmp_path, shared_store))
     assert isinstance(res, BenchmarkResult) and res.environment.threads == before + 1
     assert torch.get_num_threads() == before
+
+
+def test_p90_is_a_measured_time() -> None:
+    assert timing.p90([float(i) for i in range(10, 0, -1)]) == 9.0  # nearest rank, not the max
+    assert timing.p90([1.0, 2.0, 3.0, 4.0, 5.0]) == 5.0  # never past the slowest run
+    assert timing.p90([3.0]) == 3.0

@@ -40,15 +40,18 @@ def run(tmp_path: Path, store: Path, **kw: object) -> MixedPrecisionResult:
 
 
 def test_deployed_onnx_matches_simulation(shared_store: Path) -> None:
-    """Tolerances. One quantized layer is reproduced to float32 summation order: >= 99% of the
-    logits within 1e-4 of the simulation and <= 5% of the quantization error unexplained (some
-    CPUs' kernels break a rare requantization tie the other way: 0.8% of logits for static fc1
-    on a Zen 4 EPYC, 2026-11-25), except int4 with K = 1024 (below). Chains of dynamically
-    quantized layers: a 1e-6 float difference can flip an activation's uint8 rounding in the
-    next layer, so there the simulation must explain >= 95% of the quantization error
-    (||deployed - simulated|| <= 0.05 ||deployed - float||), with a mean absolute error <= 1e-3
-    and >= 99% agreement of the predicted class. In static chains a flipped step of fc3's coarse
-    output grid (0.23) weighs more against its small quantization error: >= 90% there."""
+    """Tolerances. One quantized layer is reproduced to float32 summation order: >= 98% of the
+    logits within 1e-4 of the simulation and <= 5% of the quantization error unexplained, except
+    int4 with K = 1024 (below). The 2% are rows where a tie breaks the other way: some CPUs'
+    kernels break a rare requantization tie differently (0.8% of logits for static fc1 on a
+    Zen 4 EPYC, 2026-11-25), and the float layers before a dynamic one differ from torch's by
+    ~1e-7, which can flip one of its uint8 activation steps (4 of 360 rows, 1.1% of logits, for
+    int8 fc2 alone on an AVX2-only AMD EPYC, 2026-12-01). Chains of dynamically quantized
+    layers: such flips happen in every later layer, so there the simulation must explain >= 95%
+    of the quantization error (||deployed - simulated|| <= 0.05 ||deployed - float||), with a
+    mean absolute error <= 2.5e-3 (1.66e-3 for "mixed" on that AVX2 EPYC, logits ~7) and >= 99%
+    agreement of the predicted class. In static chains a flipped step of fc3's coarse output
+    grid (0.23) weighs more against its small quantization error: >= 90% there."""
     model, _ = zoo.digits_cnn(open_store(Settings(store_url=shared_store.as_uri())))
     layers = quantizable_layers(model)
     x = datasets.digits("test").inputs["x"]
@@ -94,8 +97,8 @@ def test_deployed_onnx_matches_simulation(shared_store: Path) -> None:
         share = float(np.linalg.norm(deployed - simulated) / quant)
         agree = float((deployed.argmax(1) == simulated.argmax(1)).mean())
         within = float((err <= 1e-4).mean())
-        ok = (within >= 0.99 and share <= 0.05 if bound is None
-              else share <= bound and err.mean() <= 1e-3 and agree >= 0.99)
+        ok = (within >= 0.98 and share <= 0.05 if bound is None
+              else share <= bound and err.mean() <= 2.5e-3 and agree >= 0.99)
         if not ok:  # every case is measured before failing: one run shows them all
             failed.append(f"{label}: within 1e-4 {within:.4f}, mean {err.mean():.2e}, "
                           f"unexplained {share:.4f}, agreement {agree:.3f}")
