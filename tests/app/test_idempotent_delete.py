@@ -56,7 +56,7 @@ async def upload(svc: Services) -> str:
     info = DatasetInfo(id=f"dst_{uuid.uuid4().hex}", name="d",
                        format="npz", size=3, sha256="0" * 64, created_at=records.now(), tensors={})
     svc.store.put_bytes(records.dataset_object(TENANT, info.id, "npz"), b"abc")
-    await assets._index(svc, "datasets", TENANT, info)
+    await assets._recorded(svc, "datasets", TENANT, info)
     return info.id
 
 
