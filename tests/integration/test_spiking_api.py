@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_spiking_cnn_and_language_model(stack: Stack, tmp_path: Path) -> None:
     with stack.client() as client:
         cnn = client.jobs.create(SpikingSpec(model="digits-cnn", epochs=2))
-        lm = client.jobs.create(SpikingSpec(model="char-rwkv", steps=30, samples=2,
+        lm = client.jobs.create(SpikingSpec(model="char-rwkv", steps=10, samples=2,
                                             sample_length=20))
         done = client.jobs.wait(cnn.id, timeout=300)
         res = done.result
@@ -40,7 +40,7 @@ def test_spiking_cnn_and_language_model(stack: Stack, tmp_path: Path) -> None:
         assert res.metric == "bits_per_char" and res.per == "token"
         assert res.quality_gap == pytest.approx(res.spiking_quality - res.twin_quality)
         assert len(res.samples) == 2 and res.op_ratio > 0 and res.spike_rates
-        assert any("trained spikegpt: 30 steps" in line for line in client.jobs.log(lm.id))
+        assert any("trained spikegpt: 10 steps" in line for line in client.jobs.log(lm.id))
 
         with pytest.raises(UnprocessableEntityError, match="model"):
             client.jobs.create({"kind": "spiking", "model": "resnet-50"})

@@ -126,7 +126,10 @@ def fit(model: CharModel, steps: int, batch_size: int, lr: float, seed: int,
     gen = torch.Generator().manual_seed(seed)
     ids = split("train")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # Warm-up over 10% of the steps, but at least two: OneCycleLR divides by zero where its
+    # warm-up ends on step 0 (10 steps, the spiking job's smallest, did).
+    warmup = min(0.5, max(0.1, 2 / steps))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warmup)
     t0 = time.perf_counter()
     for step in range(steps):
         if check is not None:
