@@ -104,7 +104,9 @@ class Budget(_Strict):
     baseline may grow by 0.1%). ``absolute``: lose at most ``value`` (in the metric's units)."""
 
     metric: Metric | None = Field(
-        default=None, description="Default: accuracy with labels, else cosine to the float model.")
+        default=None,
+        description="Default: accuracy for a classifier with labels, perplexity for a language "
+                    "model with labels, else cosine to the float model.")
     mode: Literal["relative", "absolute"] = "relative"
     value: float = Field(default=0.999, ge=0, allow_inf_nan=False)
     higher_is_better: bool | None = Field(default=None, description="Default: from the metric.")

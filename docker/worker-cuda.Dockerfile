@@ -1,9 +1,12 @@
 # The GPU worker image: CUDA torch, Triton for the compiled kernels, one Celery worker that takes
 # the `gpu` and `cpu` queues (settings via MODELPRESS_* environment variables).
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# Python 3.11 (pyproject requires it; Ubuntu 24.04's CUDA images carry only 3.12). The CUDA runtime
+# comes with the cu128 torch wheels and the driver from the host, so no CUDA base image is needed;
+# gcc is there because Triton compiles its launcher with the system C compiler on first use.
+FROM python:3.11-slim-bookworm
 ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
-    && rm -rf /var/lib/apt/lists/* && python3.11 -m venv /opt/venv
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* && python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /srv/modelpress
 RUN pip install --index-url https://download.pytorch.org/whl/cu128 torch==2.13.0

@@ -397,7 +397,8 @@ def jobs_submit(ctx: click.Context, spec_file: Any, name: str | None, wait: bool
 @jobs.command("list")
 @click.option("--state", default=None)
 @click.option("--kind", default=None)
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True,
+              help="Jobs to list, newest first (at most 200).")
 @click.pass_context
 def jobs_list(ctx: click.Context, state: str | None, kind: str | None, limit: int) -> None:
     with _client(ctx) as c:
@@ -429,7 +430,7 @@ def jobs_watch(ctx: click.Context, job_id: str) -> None:
 
 @jobs.command("log")
 @click.argument("job_id")
-@click.option("--tail", type=int, default=200, show_default=True)
+@click.option("--tail", type=click.IntRange(1, 10_000), default=200, show_default=True)
 @click.pass_context
 def jobs_log(ctx: click.Context, job_id: str, tail: int) -> None:
     with _client(ctx) as c:
