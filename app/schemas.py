@@ -3,6 +3,7 @@ workers and the SDK alike. Each job kind adds a spec (discriminated by ``kind``)
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -15,6 +16,9 @@ JobKind = Literal["benchmark", "sensitivity", "mixed_precision", "loss_benchmark
 ZooModel = Literal["digits-cnn", "minilm-l6", "char-gpt"]
 BuiltinDataset = Literal["digits-test", "digits-calib", "sentences"]
 Device = Literal["auto", "cpu", "cuda"]
+MAX_INPUT_ELEMENTS = 2**28
+# Seeds within numpy's and torch's range, with room for the offsets the engine adds per stream.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class _Strict(BaseModel):
@@ -88,6 +92,15 @@ class BenchmarkSpec(_Strict):
         "are checked between runs.",
     )
 
+    @model_validator(mode="after")
+    def _input_fits(self) -> BenchmarkSpec:
+        if self.input_shape is not None and math.prod(self.input_shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(
+                f"input_shape {self.input_shape} has {math.prod(self.input_shape):,} elements; at "
+                f"most {MAX_INPUT_ELEMENTS:,} (1 GiB of float32) fit a worker: use a smaller batch "
+                "or shape")
+        return self
+
 
 # ---- mixed precision
 
@@ -132,8 +145,9 @@ class SensitivityOptions(_Strict):
         default="leave_one_out",
         description="Inter-layer term: loss change of restoring each layer in the fully quantized "
         "model; `pairwise` adds every pair (small models only).")
-    dependency_weight: float = Field(default=1.0, ge=0, description="lambda in h + lambda * d.")
-    seed: int = 0
+    dependency_weight: float = Field(default=1.0, ge=0, le=1e6, allow_inf_nan=False,
+                                     description="lambda in h + lambda * d.")
+    seed: Seed = 0
 
 
 class SensitivitySpec(_Strict):
@@ -167,7 +181,7 @@ class LoraRecovery(_Strict):
     samples: int = Field(default=512, ge=8, le=100_000, description="Training samples, from the "
                          "end of the data (disjoint from the evaluation samples where it holds "
                          "both; digits-cnn: its training split).")
-    seed: int = 0
+    seed: Seed = 0
 
 
 # What each backend has kernels for (a model's layers may still rule some out: Conv layers
@@ -288,7 +302,7 @@ class IntrinsicDimensionSpec(_Strict):
         default=None, max_length=1000, description="Candidate d values, ascending; default "
         "10, 20, ..., 100, 150, ..., 1000, 1250, ..., 3000.")
     threshold: float = Field(default=0.9, gt=0, le=1, description="Fraction of full accuracy.")
-    seeds: list[int] = Field(default=[0], min_length=1, max_length=8,
+    seeds: list[Seed] = Field(default=[0], min_length=1, max_length=8,
                              description="One search per seed (theta0 and projection).")
     epochs: int = Field(default=20, ge=1, le=1000)
     lr: float = Field(default=0.01, gt=0, le=1)
@@ -331,7 +345,7 @@ class SpikingSpec(_Strict):
                        description="char-rwkv: training steps of each of the two models.")
     samples: int = Field(default=2, ge=0, le=8, description="char-rwkv: text samples per model.")
     sample_length: int = Field(default=160, ge=1, le=2000)
-    seed: int = 0
+    seed: Seed = 0
 
     def decay(self) -> float:
         if self.beta is not None:
@@ -369,7 +383,7 @@ class FewStepDistillSpec(_Strict):
                                   description="Teacher DDIM steps from t to s (LCM uses 1).")
     samples_per_class: int = Field(default=100, ge=2, le=1000,
                                    description="Generated per digit class for the metrics.")
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _skip_fits(self) -> FewStepDistillSpec:

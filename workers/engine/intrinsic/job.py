@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
@@ -22,6 +23,7 @@ from app.schemas import CurvePoint, IntrinsicDimensionResult, IntrinsicDimension
 from workers.engine import datasets, env, models
 from workers.engine.context import JobContext, UserError, compute_once
 from workers.engine.intrinsic import search as idsearch
+from workers.engine.intrinsic.projections import Kind, memory_bytes
 from workers.engine.intrinsic.subspace import (
     Artifact,
     ModelFactory,
@@ -132,15 +134,27 @@ def run_item(spec: IntrinsicDimensionSpec, ctx: JobContext, item: dict[str, Any]
     _search(spec, spec.grid or DEFAULT_GRID, float(item["target"]), one)
 
 
+def _check_projection_fits(kind: Kind, D: int, d: int) -> None:
+    """A dense or sparse projection to the grid's largest d must fit in this worker's free memory
+    (a dense one of digits-cnn's 315,402 parameters to d = 20,000 needs 50 GB)."""
+    need, free = memory_bytes(kind, D, d), psutil.virtual_memory().available
+    if need > free:
+        raise UserError(
+            f"a {kind} projection of D = {D:,} parameters to d = {d:,} needs about "
+            f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB this worker has free: "
+            "use projection 'fastfood' (memory ~ D) or a grid with smaller d")
+
+
 def run(spec: IntrinsicDimensionSpec, ctx: JobContext) -> IntrinsicDimensionResult:
     t0 = time.perf_counter()
     prob = _problem(spec, ctx)
     name, factory, train, test, reinitialized = prob
     grid = spec.grid or DEFAULT_GRID
+    n_params = sum(p.numel() for p in factory().parameters())
+    _check_projection_fits(spec.projection, n_params, max(grid))  # before any training
     ctx.progress("baseline", 0.02, f"training the full {name}")
     full = train_full(factory, train, test, spec.epochs, min(spec.lr, 1e-3), spec.seeds[0])
     target = spec.threshold * full
-    n_params = sum(p.numel() for p in factory().parameters())
     ctx.log.info("full %s: accuracy %.4f, D=%d; target %.4f", name, full, n_params, target)
     # Independent pieces for idle workers, last first: this worker starts from the front.
     if spec.fan_out:

@@ -100,6 +100,15 @@ class Fastfood:
         return (torch.cat(rows)[: self.D, : self.d]) * self.scale
 
 
+def memory_bytes(kind: Kind, D: int, d: int) -> int:
+    """About what building a projection holds at its peak (Fastfood: O(D), left out)."""
+    if kind == "dense":
+        return 2 * 4 * D * d  # the Gaussian draw and its normalized copy
+    if kind == "sparse":
+        return 20 * max(1, round(math.sqrt(D))) * d  # two int64 indices and a float per nonzero
+    return 0
+
+
 def make(kind: Kind, D: int, d: int, seed: int) -> Projection:
     if kind == "dense":
         return Dense(D, d, seed)

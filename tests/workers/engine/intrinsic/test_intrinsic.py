@@ -9,7 +9,7 @@ import torch
 
 from app.schemas import IntrinsicDimensionSpec
 from workers.engine import datasets
-from workers.engine.context import LocalContext
+from workers.engine.context import LocalContext, UserError
 from workers.engine.intrinsic import job
 from workers.engine.intrinsic.projections import Fastfood, make
 from workers.engine.intrinsic.search import gallop_bisect, grid_sweep
@@ -136,3 +136,12 @@ def test_uploaded_pt2_is_reinitialized_deterministically(tmp_path: Path) -> None
     r = train_subspace(factory, 8, "dense", (x, y), (x, y), 2, 0.05, theta0_seed=7,
                        projection_seed=9)
     assert 0.0 <= r.accuracy <= 1.0 and r.steps == 2
+
+
+def test_a_projection_larger_than_free_memory_is_refused_before_training(tmp_path: Path) -> None:
+    # digits-mlp (D = 55,210) densely to d = 10^7: 4.4 TB, which died in torch's allocator
+    spec = IntrinsicDimensionSpec(projection="dense", grid=[10, 10_000_000], epochs=1)
+    with pytest.raises(UserError, match=r"dense projection of D = 55,210 parameters to "
+                                        r"d = 10,000,000 needs about 4113\.\d GiB.*'fastfood'"):
+        job.run(spec, LocalContext(tmp_path))
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
