@@ -71,8 +71,8 @@ def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
             frechet_distance=quality.frechet(quality.features(cnn, images), real_feats),
             class_accuracy=quality.class_accuracy(cnn, images, labels),
             ms_per_sample=1000 * seconds / len(labels)))
-        pick = torch.cat([torch.arange(GRID_PER_CLASS) + c * spec.samples_per_class
-                          for c in range(10)])
+        per_class = min(GRID_PER_CLASS, spec.samples_per_class)  # fewer where fewer were drawn
+        pick = torch.cat([torch.arange(per_class) + c * spec.samples_per_class for c in range(10)])
         ctx.save_artifact(f"samples-{method}-{steps}.png", quality.png(images[pick], rows=10),
                           "image/png")
 
