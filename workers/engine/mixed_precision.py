@@ -389,6 +389,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
                                   boundaries={prec: len(cfg)}, result=points[config_key(cfg)],
                                   evaluations=1, seconds=0.0))
     sens = _to_schema(scores_at[levels_used[0]]) if levels_used else []
+    timed_batch = min(spec.batch_size, len(task.eval_inputs[0]))  # the example is cut from those
     result = MixedPrecisionResult(
         model=loaded.name, backend=backend.name, metric=task.metric, higher_is_better=higher,
         budget=spec.budget, threshold=limit.value, baseline=baseline, chosen=chosen, why=why,
@@ -399,7 +400,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         method=(f"search in simulated quantization matching {backend.name}'s arithmetic on "
                 f"{len(task.eval_inputs[0])} evaluation samples; every frontier point realized "
                 f"with {backend.describe()}, its metric re-measured on the deployed "
-                f"model and its latency timed at batch {spec.batch_size} ({spec.warmup} warm-up, "
+                f"model and its latency timed at batch {timed_batch} ({spec.warmup} warm-up, "
                 f"{spec.repeats} runs, median, {threads} threads)"),
         hessian=hessian if offered else "none (no layer offered)",
         environment=env.environment(backend.device),
@@ -629,6 +630,9 @@ def _explain(chosen: ConfigPoint, baseline: ConfigPoint, limit: float, metric: s
              inside: int, n: int) -> str:
     """``inside`` counts fp32, which is always within the budget."""
     if not chosen.config:
+        if n == 1:
+            return ("no quantized configuration was offered (the levels hold only fp32, or no "
+                    "layer can take them); returning the float model")
         if inside == 1:
             return (f"none of the {n - 1} quantized configurations kept {metric} within the "
                     f"threshold {limit:.6f} on the deployed model; returning the float model")

@@ -122,6 +122,12 @@ def test_budget_nothing_meets_returns_float_with_reason(tmp_path: Path, shared_s
     assert all(not p.within_budget for p in res.frontier if p.config)
 
 
+def test_only_fp32_offered_says_so(tmp_path: Path, shared_store: Path) -> None:
+    res = run(tmp_path, shared_store, levels=["fp32"], baselines=[])
+    assert res.chosen.config == {} and len(res.frontier) == 1
+    assert res.why.startswith("no quantized configuration was offered"), res.why
+
+
 def test_default_job_report_and_artifacts(tmp_path: Path, shared_store: Path) -> None:
     ctx = ctx_for(tmp_path, shared_store)
     spec = MixedPrecisionSpec.model_validate({"model": {"zoo": "digits-cnn"}, **FAST,
