@@ -98,6 +98,13 @@ def materialized_bytes(impl: str, n: int, v: int) -> int:
     return per * n * v * 4
 
 
+def case_bytes(impl: str, n: int, d: int, v: int, dtype: str) -> int:
+    """What a case holds at least: the N x V buffers above plus the inputs (N x D embeddings,
+    V x D classifier) and their gradients, which every implementation, fused ones too, needs."""
+    itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return materialized_bytes(impl, n, v) + 2 * (n + v) * d * itemsize
+
+
 def available_bytes(device: str) -> int:
     if device == "cuda":
         return int(torch.cuda.mem_get_info()[0])
@@ -228,11 +235,11 @@ def measure_case(impl: str, n: int, d: int, v: int, dtype: str = "float32", devi
     missing = missing_peer(impl)
     if missing is not None:
         return Row(impl, n, d, v, dtype, device, error=f"not run: {missing}")
-    need = materialized_bytes(impl, n, v)
+    need = case_bytes(impl, n, d, v, dtype)
     free = available_bytes(device)
     if need > 0.8 * free:
         return Row(impl, n, d, v, dtype, device, error=(
-            f"not run: needs ~{need / 2**30:.1f} GiB for N x V buffers, "
+            f"not run: needs ~{need / 2**30:.1f} GiB (N x V buffers, inputs and gradients), "
             f"{free / 2**30:.1f} GiB free"))
     args = json.dumps([impl, n, d, v, dtype, device, repeats, check_grads])
     code = ("import json, sys; from dataclasses import asdict; "

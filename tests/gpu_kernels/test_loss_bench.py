@@ -40,7 +40,8 @@ def test_cases_in_fresh_processes() -> None:
     assert ref.peak_extra_bytes >= 2 * n * v * 4  # logits and their gradient, at least
     assert ours.peak_extra_bytes < ref.peak_extra_bytes / 2
     huge = measure_case("torch", 1 << 20, 8, 1 << 20)
-    assert huge.error is not None and huge.error.startswith("not run: needs ~12288.0 GiB")
+    assert huge.error is not None and huge.error.startswith(
+        "not run: needs ~12288.1 GiB (N x V buffers, inputs and gradients)")
 
 
 def test_a_failing_peer_is_a_row_not_an_exception() -> None:

@@ -53,12 +53,19 @@ def run(spec: LossBenchmarkSpec, ctx: JobContext) -> LossBenchmarkResult:
     if "triton" in impls and device.type != "cuda":
         raise UserError("impl 'triton' needs a CUDA worker (set device 'cuda'); on the CPU the "
                         "chunked path is the fused implementation")
-    need = max(loss_bench.materialized_bytes(i, spec.n, v) for i in impls for v in spec.vocab_sizes)
     free = loss_bench.available_bytes(device.type)
+    fused = min(loss_bench.case_bytes("chunked", spec.n, spec.d, v, spec.dtype)
+                for v in spec.vocab_sizes)
+    if fused > 0.8 * free:  # not even the fused implementations' inputs fit: no case could run
+        raise UserError(f"the inputs and their gradients alone need ~{fused / 2**30:.1f} GiB "
+                        f"(N x D and V x D), {free / 2**30:.1f} GiB are free: use smaller n, d "
+                        "or vocab_sizes")
+    need = max((loss_bench.case_bytes(i, spec.n, spec.d, v, spec.dtype) for i in impls
+                for v in spec.vocab_sizes if loss_bench.materialized_bytes(i, spec.n, v)), default=0)
     if need > 0.8 * free:
         raise UserError(f"the materialized baseline needs ~{need / 2**30:.1f} GiB for N x V "
-                        f"buffers, {free / 2**30:.1f} GiB are free: use smaller sizes or drop "
-                        "'torch' (and 'cce_torch_compile') from impls")
+                        f"buffers, inputs and gradients, {free / 2**30:.1f} GiB are free: use "
+                        "smaller sizes or drop 'torch' (and 'cce_torch_compile') from impls")
 
     def progress(fraction: float, message: str) -> None:
         ctx.progress("measure", fraction, message)

@@ -28,6 +28,10 @@ def test_oversized_materialized_baseline_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="GiB"):
         loss_benchmark.run(LossBenchmarkSpec(n=131072, d=64, vocab_sizes=[1_048_576],
                                              impls=["torch"]), LocalContext(tmp_path))
+    # the fused path holds no N x V buffer, but its inputs and gradients (~144 GiB here) must fit
+    with pytest.raises(UserError, match=r"inputs and their gradients alone need ~144\.0 GiB"):
+        loss_benchmark.run(LossBenchmarkSpec(n=131072, d=16384, vocab_sizes=[1_048_576],
+                                             impls=["chunked"]), LocalContext(tmp_path))
     with pytest.raises(UserError, match="CUDA"):
         loss_benchmark.run(LossBenchmarkSpec(impls=["triton"], device="cpu"),
                            LocalContext(tmp_path))
