@@ -21,7 +21,6 @@ from app.errors import ApiError, not_found
 from app.schemas import (
     FINAL_STATES,
     ArtifactInfo,
-    BenchmarkSpec,
     DatasetRef,
     Deleted,
     ErrorInfo,
@@ -62,22 +61,12 @@ async def _check_refs(svc: Services, tenant: str, spec: BaseModel) -> None:
         await assets.require_asset(svc, collection, tenant, asset_id)
 
 
-def _check_time_limit(svc: Services, spec: BaseModel) -> None:
-    """A benchmark's min_time_s must leave its job time for loading, warm-up and per-layer
-    timing: at most half of the worker's soft time limit, or the job could only time out."""
-    limit = svc.settings.soft_time_limit_s
-    if isinstance(spec, BenchmarkSpec) and spec.min_time_s > limit / 2:
-        raise ApiError(422, f"spec.min_time_s ({spec.min_time_s:g} s) must be at most half of a "
-                            f"job's time limit here ({limit} s, from MODELPRESS_TASK_TIME_LIMIT_S)")
-
-
 async def create_job(
     svc: Services, tenant: str, body: JobCreate, idempotency_key: str | None = None
 ) -> tuple[Job, bool]:
     """Returns the job and whether it was created now (False: an earlier call with the same
     Idempotency-Key already created it)."""
     spec = body.spec
-    _check_time_limit(svc, spec)
     await _check_refs(svc, tenant, spec)
     job_id = f"job_{uuid.uuid4().hex}"
     idem = None
