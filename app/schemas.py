@@ -94,9 +94,10 @@ class BenchmarkSpec(_Strict):
 
     @model_validator(mode="after")
     def _input_fits(self) -> BenchmarkSpec:
-        if self.input_shape is not None and math.prod(self.input_shape) > MAX_INPUT_ELEMENTS:
+        elements = math.prod(self.input_shape or ())
+        if elements > MAX_INPUT_ELEMENTS:
             raise ValueError(
-                f"input_shape {self.input_shape} has {math.prod(self.input_shape):,} elements; at "
+                f"input_shape {self.input_shape} has {elements:,} elements; at "
                 f"most {MAX_INPUT_ELEMENTS:,} (1 GiB of float32) fit a worker: use a smaller batch "
                 "or shape")
         return self

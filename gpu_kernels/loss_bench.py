@@ -98,11 +98,16 @@ def materialized_bytes(impl: str, n: int, v: int) -> int:
     return per * n * v * 4
 
 
-def case_bytes(impl: str, n: int, d: int, v: int, dtype: str) -> int:
-    """What a case holds at least: the N x V buffers above plus the inputs (N x D embeddings,
-    V x D classifier) and their gradients, which every implementation, fused ones too, needs."""
+def inputs_bytes(n: int, d: int, v: int, dtype: str) -> int:
+    """The inputs (N x D embeddings, V x D classifier) and their gradients, which every
+    implementation, fused ones too, holds."""
     itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    return materialized_bytes(impl, n, v) + 2 * (n + v) * d * itemsize
+    return 2 * (n + v) * d * itemsize
+
+
+def case_bytes(impl: str, n: int, d: int, v: int, dtype: str) -> int:
+    """What a case holds at least: its N x V buffers, its inputs and their gradients."""
+    return materialized_bytes(impl, n, v) + inputs_bytes(n, d, v, dtype)
 
 
 def available_bytes(device: str) -> int:

@@ -54,10 +54,9 @@ def run(spec: LossBenchmarkSpec, ctx: JobContext) -> LossBenchmarkResult:
         raise UserError("impl 'triton' needs a CUDA worker (set device 'cuda'); on the CPU the "
                         "chunked path is the fused implementation")
     free = loss_bench.available_bytes(device.type)
-    fused = min(loss_bench.case_bytes("chunked", spec.n, spec.d, v, spec.dtype)
-                for v in spec.vocab_sizes)
-    if fused > 0.8 * free:  # not even the fused implementations' inputs fit: no case could run
-        raise UserError(f"the inputs and their gradients alone need ~{fused / 2**30:.1f} GiB "
+    inputs = min(loss_bench.inputs_bytes(spec.n, spec.d, v, spec.dtype) for v in spec.vocab_sizes)
+    if inputs > 0.8 * free:  # not even the smallest case's inputs fit: no case could run
+        raise UserError(f"the inputs and their gradients alone need ~{inputs / 2**30:.1f} GiB "
                         f"(N x D and V x D), {free / 2**30:.1f} GiB are free: use smaller n, d "
                         "or vocab_sizes")
     need = max((loss_bench.case_bytes(i, spec.n, spec.d, v, spec.dtype) for i in impls

@@ -389,7 +389,6 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
                                   boundaries={prec: len(cfg)}, result=points[config_key(cfg)],
                                   evaluations=1, seconds=0.0))
     sens = _to_schema(scores_at[levels_used[0]]) if levels_used else []
-    timed_batch = min(spec.batch_size, len(task.eval_inputs[0]))  # the example is cut from those
     result = MixedPrecisionResult(
         model=loaded.name, backend=backend.name, metric=task.metric, higher_is_better=higher,
         budget=spec.budget, threshold=limit.value, baseline=baseline, chosen=chosen, why=why,
@@ -400,7 +399,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
         method=(f"search in simulated quantization matching {backend.name}'s arithmetic on "
                 f"{len(task.eval_inputs[0])} evaluation samples; every frontier point realized "
                 f"with {backend.describe()}, its metric re-measured on the deployed "
-                f"model and its latency timed at batch {timed_batch} ({spec.warmup} warm-up, "
+                f"model and its latency timed at batch {len(example[0])} ({spec.warmup} warm-up, "
                 f"{spec.repeats} runs, median, {threads} threads)"),
         hessian=hessian if offered else "none (no layer offered)",
         environment=env.environment(backend.device),
