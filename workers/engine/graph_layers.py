@@ -1,18 +1,22 @@
 """Give an exported program's linear and convolution calls back their modules.
 
 ``ExportedProgram.module()`` keeps parameters on plain containers and calls ``aten.linear`` /
-``aten.conv2d`` as functions, so nothing in it is an ``nn.Linear``: per-layer hooks (timing,
-simulated quantization) would find no layers. Each such call whose weight is a parameter is
-rewritten into a call of an ``nn.Linear`` / ``nn.Conv2d`` that holds the very same parameters.
+``aten.conv1d`` / ``aten.conv2d`` as functions, so nothing in it is an ``nn.Linear``: per-layer
+hooks (timing, simulated quantization) would find no layers. Each such call whose weight is a
+parameter is rewritten into a call of an ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` that holds
+the very same parameters.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 _LINEAR = torch.ops.aten.linear.default
-_CONV2D = torch.ops.aten.conv2d.default
+_CONVS: dict[object, type[nn.Conv1d] | type[nn.Conv2d]] = {
+    torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv2d.default: nn.Conv2d}
 
 
 def _param_path(node: object) -> str | None:
@@ -24,7 +28,7 @@ def _param_path(node: object) -> str | None:
 def restore_layers(gm: fx.GraphModule) -> fx.GraphModule:
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in (_LINEAR, _CONV2D):
+        if node.op != "call_function" or (node.target != _LINEAR and node.target not in _CONVS):
             continue
         path = _param_path(node.args[1])
         if path is None:
@@ -40,10 +44,10 @@ def restore_layers(gm: fx.GraphModule) -> fx.GraphModule:
             stride, padding, dilation, groups = (list(node.args[3:7]) + [1, 0, 1, 1][len(node.args[3:7]):])
             if isinstance(padding, str):
                 continue
-            kernel = (int(weight.shape[2]), int(weight.shape[3]))
-            layer = nn.Conv2d(int(weight.shape[1]) * int(groups), int(weight.shape[0]),
-                              kernel, stride=stride, padding=padding,
-                              dilation=dilation, groups=int(groups), bias=bias is not None)
+            kernel: Any = tuple(int(k) for k in weight.shape[2:])  # 1 or 2 long, by the op
+            layer = _CONVS[node.target](int(weight.shape[1]) * int(groups), int(weight.shape[0]),
+                                        kernel, stride=stride, padding=padding,
+                                        dilation=dilation, groups=int(groups), bias=bias is not None)
         layer.weight = weight
         if bias is not None:
             layer.bias = bias

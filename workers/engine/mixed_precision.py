@@ -114,6 +114,10 @@ def run_sensitivity(spec: SensitivitySpec, ctx: JobContext) -> SensitivityResult
         exported.set_calibration(task.calib_inputs)
         fmt_of = {n: ortb.native_format(exported, n, fmt) for n in names}
         names = [n for n in names if fmt_of[n].grids is not None]
+        if not names:
+            raise UserError("ONNX Runtime's static int8 quantizer kept none of this model's "
+                            "layers (no calibrated grids), so there is nothing to score at "
+                            "int8-static; score precision \"int8\" (dynamic) instead")
     if spec.fan_out and spec.options.dependency != "none" and names:
         level = {fmt.label(): {n: fmt_of[n] for n in names}}
         fanout.publish_levels(ctx, level, torch.get_num_threads())

@@ -119,6 +119,8 @@ def hessian_traces(task: QuantTask, layers: Sequence[str], probes: int, samples:
     """Tr(H) of the calibration loss w.r.t. each layer's float weight. It does not depend on
     the precision a layer goes to, so a search over several levels computes it once.
     ``method``: see ``hessian_method``."""
+    if not layers:  # autograd refuses an empty list of inputs
+        return {}
     method = hessian_method(task, method)
     mods = [task.layers[n] for n in layers]
     params: list[torch.Tensor] = [m.weight for m in mods]  # type: ignore[misc]
