@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -70,8 +71,12 @@ def export(module: nn.Module, example: Sequence[torch.Tensor], input_names: list
            layers: Mapping[str, nn.Module]) -> Exported:
     batch = torch.export.Dim("batch", min=1, max=65536)
     dynamic = tuple({0: batch} for _ in example)
-    prog = torch.onnx.export(module, tuple(example), input_names=input_names, dynamo=True,
-                             dynamic_shapes=dynamic, optimize=True, verbose=False)
+    with warnings.catch_warnings():
+        # An uploaded program's module reports training mode and refuses .eval(); its graph
+        # was captured in the mode the user exported it in, so the warning says nothing.
+        warnings.filterwarnings("ignore", "Exporting a model while it is in training mode")
+        prog = torch.onnx.export(module, tuple(example), input_names=input_names, dynamo=True,
+                                 dynamic_shapes=dynamic, optimize=True, verbose=False)
     assert prog is not None
     model = _gemm_to_matmul(prog.model_proto)
     exported = Exported(model=model, input_names=input_names)
