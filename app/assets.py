@@ -86,11 +86,13 @@ async def _earlier_upload(svc: Services, collection: Collection, tenant: str, ke
                           asset_id: str, digest: str, model: type[T]) -> T | None:
     """What an earlier try with this Idempotency-Key stored, if it got that far. The key holds
     the body's sha256 (24 h; the record's after that), so another body is a 422 and cannot
-    overwrite the file."""
+    overwrite the file; once a try has recorded the upload it says so, so a late retry of an
+    upload deleted since is a 409 instead of bringing it back."""
     claim = records.upload_claim_key(tenant, collection, key)
-    held = digest
+    held, recorded = digest, False
     if not await svc.redis.set(claim, digest, nx=True, ex=records.IDEMPOTENCY_TTL_S):
-        held = await svc.redis.get(claim) or digest
+        held, _, mark = (await svc.redis.get(claim) or digest).partition(" ")
+        recorded = mark == RECORDED
     raw = await svc.redis.get(records.asset_key(collection, asset_id))
     data = json.loads(raw) if raw is not None else None
     if data is not None:
@@ -98,13 +100,21 @@ async def _earlier_upload(svc: Services, collection: Collection, tenant: str, ke
     if held != digest:
         raise ApiError(422, f"this Idempotency-Key was sent with another file (sha256 {held}, this "
                             f"one {digest}); send a new key with each upload")
+    if data is None and recorded:
+        raise ApiError(409, f"the upload this Idempotency-Key made ({asset_id}) has been deleted "
+                            "(or is being deleted); to upload the file again, send a new key",
+                       "upload_deleted")
     if data is None:
         return None
     data.pop("tenant")  # the id is derived from the tenant too
     return model.model_validate(data)
 
 
-async def _recorded(svc: Services, collection: Collection, tenant: str, info: T) -> tuple[T, bool]:
+RECORDED = "recorded"  # the upload claim's mark once a try has recorded the upload
+
+
+async def _recorded(svc: Services, collection: Collection, tenant: str, info: T,
+                    idempotency_key: str | None) -> tuple[T, bool]:
     """``info`` recorded and indexed in one step, or what a concurrent try with the same
     Idempotency-Key (so the same id and file) recorded first: (info, created)."""
     asset_id = info.model_dump()["id"]
@@ -112,7 +122,10 @@ async def _recorded(svc: Services, collection: Collection, tenant: str, info: T)
     pipe = svc.redis.pipeline(transaction=True)
     pipe.set(records.asset_key(collection, asset_id), json.dumps(data), nx=True)
     pipe.zadd(records.tenant_assets_key(tenant, collection), {asset_id: time.time()}, nx=True)
-    created, _ = await pipe.execute()
+    if idempotency_key is not None:
+        pipe.set(records.upload_claim_key(tenant, collection, idempotency_key),
+                 f"{data['sha256']} {RECORDED}", xx=True, keepttl=True)
+    created = (await pipe.execute())[0]
     if created:
         return info, True
     return await get_asset(svc, collection, tenant, asset_id, type(info)), False
@@ -147,7 +160,7 @@ async def create_model(
         await svc.store.put_file_async(records.model_object(tenant, model_id, kind), path)
         info = ModelInfo(id=model_id, name=name, format=kind, size=size, sha256=digest,
                          created_at=records.now(), details=details)
-        return await _recorded(svc, "models", tenant, info)
+        return await _recorded(svc, "models", tenant, info, idempotency_key)
     finally:
         path.unlink(missing_ok=True)
 
@@ -181,7 +194,7 @@ async def create_dataset(
         await svc.store.put_file_async(records.dataset_object(tenant, dataset_id, fmt), path)
         info = DatasetInfo(id=dataset_id, name=name, format=fmt, size=size, sha256=digest,
                            created_at=records.now(), tensors=tensors)
-        return await _recorded(svc, "datasets", tenant, info)
+        return await _recorded(svc, "datasets", tenant, info, idempotency_key)
     finally:
         path.unlink(missing_ok=True)
 

@@ -557,6 +557,12 @@ def test_an_upload_whose_reply_was_lost_is_one_upload(stack: Stack, tmp_path: Pa
                       headers={"Idempotency-Key": "upload-key-01",
                                "Authorization": f"Bearer {other_key}"})
         assert r.status_code == 201 and r.json()["id"] != first.json()["id"]
+        # a late retry of an upload deleted since does not bring it back
+        assert http.delete(f"/v1/datasets/{first.json()['id']}").status_code == 200
+        r = post("upload-key-01", body)
+        assert r.status_code == 409 and "has been deleted" in r.json()["error"]["message"]
+        assert http.get(f"/v1/datasets/{first.json()['id']}").status_code == 404
+        assert post("upload-key-03", body).status_code == 201  # a new key uploads it again
 
 
 def _cancelled_job(tmp_path: Path, redis_server: _stack.EmbeddedRedis, job: str
