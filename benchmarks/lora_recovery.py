@@ -32,7 +32,8 @@ from workers.engine import env, mixed_precision  # noqa: E402
 from workers.engine.context import LocalContext  # noqa: E402
 
 SETTINGS: dict[str, dict[str, object]] = {
-    # int4 (MatMulNBits) measured 0.99-1.02x of fp32 on MiniLM on our CPUs: no latency to win.
+    # int4 (MatMulNBits): uniform int4 measured 1.041x of fp32 on MiniLM (results/
+    # mixed_precision_cpu.md, AMD EPYC, 2026-11-30): no latency to win.
     "minilm-l6": {"batch_size": 8, "eval_samples": 256, "repeats": 30, "frontier_points": 4,
                   "levels": ["int8"],
                   "sensitivity": {"probes": 4, "calibration_samples": 32}},
