@@ -1,8 +1,12 @@
 """Intrinsic dimension on digits: d_int90 and training runs, galloping bisection vs the paper's
 grid sweep (same grid, same seed), plain vs per-layer scaling (structure-aware); and the time
-of one projection step, dense vs Fastfood, as D grows (Fastfood ~ D log d, dense ~ D d).
+of one projection step, dense vs Fastfood, as D grows (Fastfood ~ D log d, dense ~ D d);
+and d_int90 over several seeds (theta0 and P both reseeded) for one model.
 
-    python benchmarks/intrinsic_dimension.py [--models digits-mlp,digits-cnn] [--out FILE.md]
+    python benchmarks/intrinsic_dimension.py [--models digits-mlp,digits-cnn]
+        [--seeds-model digits-mlp --seeds 0,1,2] [--out FILE.md]
+
+(``--models ''`` skips the main table.)
 """
 
 from __future__ import annotations
@@ -57,18 +61,25 @@ def main() -> None:
                     help="Models also run with the full grid sweep (it costs every grid value).")
     ap.add_argument("--scaling-models", default="digits-mlp,digits-cnn",
                     help="Models also run (bisection) with per-layer scaling.")
+    ap.add_argument("--seeds-model", default="digits-mlp",
+                    help="Model also run (bisection) over --seeds; '' skips it.")
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     out = [f"# Intrinsic dimension on digits — {dt.date.today().isoformat()}, "
            f"{torch.get_num_threads()} CPU threads", "",
-           f"Command: `python benchmarks/intrinsic_dimension.py --models {args.models} "
+           f"Command: `python benchmarks/intrinsic_dimension.py --models '{args.models}' "
            f"--epochs {args.epochs} --grid-models {args.grid_models} --scaling-models "
-           f"{args.scaling_models}` on {env.device_name(torch.device('cpu'))}. Fastfood projection, "
+           f"{args.scaling_models} --seeds-model {args.seeds_model} --seeds {args.seeds}` on "
+           f"{env.device_name(torch.device('cpu'))}. Fastfood projection, "
            "seed 0, default grid "
-           f"({len(job.DEFAULT_GRID)} values from 10 to 3000).", "",
-           "| model | D | full acc | target | search | d_int90 | D / d_int90 | runs | rebuilt acc | "
-           "compression | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for model in args.models.split(","):
+           f"({len(job.DEFAULT_GRID)} values from 10 to 3000)."]
+    models = [m for m in args.models.split(",") if m]
+    if models:
+        out += ["", "| model | D | full acc | target | search | d_int90 | D / d_int90 | runs | "
+                "rebuilt acc | compression | seconds |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for model in models:
         runs = [("bisection", False)]
         runs += [("grid", False)] if model in args.grid_models.split(",") else []
         runs += [("bisection", True)] if model in args.scaling_models.split(",") else []
@@ -86,8 +97,17 @@ def main() -> None:
                     f"{res.seconds:.0f} |")
             print(line, flush=True)
             out.append(line)
+    if args.seeds_model:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        with tempfile.TemporaryDirectory() as tmp:
+            res = job.run(IntrinsicDimensionSpec(model=args.seeds_model,  # type: ignore[arg-type]
+                                                 epochs=args.epochs, seeds=seeds),
+                          LocalContext(Path(tmp)))
+        out += ["", f"{args.seeds_model}, bisection over seeds {seeds}: d_int90 per seed "
+                f"{res.d_int90_per_seed}, median {res.d_int90}; {res.training_runs} training "
+                f"runs in {res.seconds:.0f} s (one process, no fan-out)."]
     out += ["", "Projection step (one P x), median of 5:", "", *projection_times(), ""]
-    print("\n".join(out[-8:]))
+    print("\n".join(out[-10:]))
     write_out(args.out, out)
 
 

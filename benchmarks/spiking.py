@@ -2,6 +2,10 @@
 wall time per item on this machine, and the spike sparsity the operation ratio rests on.
 
     python benchmarks/spiking.py [--steps 600] [--out FILE.md]
+    python benchmarks/spiking.py --beta-sweep 0.9,0.5,0.1 [--steps 300] [--out FILE.md]
+
+The second form only trains char-rwkv's SpikeGPT (and its twin) once per membrane decay beta
+and prints held-out bits/char for each: what chose the job's default beta for it.
 
 digits-cnn: the zoo CNN vs its converted, fine-tuned spiking version (accuracy, per sample).
 char-rwkv: a character RWKV vs SpikeGPT of the same size trained the same way (bits per
@@ -45,11 +49,36 @@ def rows(r: SpikingResult) -> list[str]:
     ]
 
 
+def beta_sweep(betas: list[float], steps: int, out: Path | None) -> None:
+    e = env.environment(__import__("torch").device("cpu"))
+    lines = [f"# SpikeGPT's membrane decay ({e.device_name}, {e.threads} threads, "
+             f"{dt.date.today().isoformat()})", "",
+             f"`python benchmarks/spiking.py --beta-sweep {','.join(map(str, betas))} --steps "
+             f"{steps}`: char-rwkv, {steps} training steps per model, seed 0; held-out "
+             "bits/char (lower is better).", "",
+             "| beta | SpikeGPT bits/char | RWKV twin bits/char | gap | job s |",
+             "| --- | --- | --- | --- | --- |"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for beta in betas:
+            r = job.run(SpikingSpec(model="char-rwkv", steps=steps, samples=0, beta=beta),
+                        LocalContext(Path(tmp) / str(beta)))
+            lines.append(f"| {beta:g} | {r.spiking_quality:.3f} | {r.twin_quality:.3f} | "
+                         f"{r.quality_gap:+.3f} | {r.seconds:.0f} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_out(out, text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=600, help="char-rwkv training steps (each)")
+    ap.add_argument("--beta-sweep", default="", help="comma-separated betas: char-rwkv only")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.beta_sweep:
+        beta_sweep([float(b) for b in args.beta_sweep.split(",")], args.steps, args.out)
+        return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in (SpikingSpec(model="digits-cnn"),
