@@ -11,6 +11,7 @@ import zlib
 import pytest
 import torch
 
+from tests.helpers import measured
 from workers.engine.diffusion import quality
 from workers.engine.diffusion.distill import DistillConfig, distill, sample
 from workers.engine.diffusion.nets import Denoiser, LoRALinear, add_lora
@@ -157,6 +158,8 @@ def test_one_step_student_matches_the_ode_solution(method: str) -> None:
     x1 = torch.randn(2000, 4, generator=torch.Generator().manual_seed(5))
     want = MU + s * x1.double()
     rel = float((got - want).pow(2).mean().sqrt()) / s
+    measured.append(f"{method} on the Gaussian: 1-step error {rel:.1%} of the data scale after "
+                    f"{cfg.iterations} iterations")
     assert rel < 0.1, rel
 
 
