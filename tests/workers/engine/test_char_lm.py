@@ -12,6 +12,7 @@ import torch
 from app.config import Settings
 from app.schemas import MixedPrecisionSpec
 from app.storage import open_store
+from tests.helpers import measured
 from workers.engine import char_lm, mixed_precision, zoo
 from workers.engine.context import LocalContext
 from workers.engine.quant.task import METRICS
@@ -49,7 +50,9 @@ def test_trained_char_gpt_beats_unigram(shared_store: Path) -> None:
     assert ppl == pytest.approx(meta["test_perplexity"], rel=1e-5)  # reloaded = trained
     counts = torch.bincount(char_lm.split("train"), minlength=char_lm.VOCAB).double() + 1
     unigram = math.exp(-float((counts / counts.sum()).log()[test.labels.reshape(-1)].mean()))
-    assert ppl < 10 < unigram  # ~7.4 vs ~24: it learned more than character frequencies
+    measured.append(f"char-gpt: held-out perplexity {ppl:.2f} on {len(test)} windows (unigram "
+                    f"{unigram:.1f}); trained in {meta['train_seconds']:.0f} s")
+    assert ppl < 10 < unigram  # 7.5 vs 30 (EPYC): it learned more than character frequencies
 
 
 @pytest.mark.slow
