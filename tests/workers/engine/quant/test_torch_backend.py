@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from app.config import Settings
 from app.schemas import MixedPrecisionSpec
 from app.storage import open_store
+from tests.helpers import measured
 from workers.engine import datasets, mixed_precision, zoo
 from workers.engine.backends import torch_runtime
 from workers.engine.context import LocalContext, UserError
@@ -27,11 +28,14 @@ FAST = {"sensitivity": {"probes": 4, "calibration_samples": 64}, "repeats": 5, "
 def _cases(device: str) -> dict[str, tuple[dict[str, str], float]]:
     """label -> (config, the share of the quantization error left unexplained at most)."""
     cases = {
-        "bf16 everywhere": (dict.fromkeys(("conv1", "conv2", "fc1", "fc2", "fc3"), "bf16"), 0.05),
+        # Exact on a Xeon with AMX; 4.7% on a 2-core EPYC (Zen 4: AVX-512 BF16, no AMX,
+        # 2026-12-02), whose bf16 kernels sum in another order: too close to 5% to bound there.
+        "bf16 everywhere": (dict.fromkeys(("conv1", "conv2", "fc1", "fc2", "fc3"), "bf16"), 0.1),
         # The CPU kernels sum K = 1024 (fc1) in blocks, rounding between them: fc1 alone
         # leaves 5.6% (fp16) and 2.3% (int8-weight) of its error unexplained (Xeon, AMX). The
         # share depends on the weights' last bits: on a 2-core EPYC (2026-12-01) fp16 everywhere
-        # left 11.0% with digits-cnn trained on two threads, 17.6% with it trained on one.
+        # left 11.0% with digits-cnn trained on two threads, 17.6% with it trained on one
+        # (17.6% again on 2026-12-02). The test prints every case's share under "measured".
         "fp16 everywhere": (dict.fromkeys(("conv1", "conv2", "fc1", "fc2", "fc3"), "fp16"), 0.25),
         "int8 fc2 alone": ({"fc2": "int8"}, 0.05),
         "int8 Linears": (dict.fromkeys(("fc1", "fc2", "fc3"), "int8"), 0.05),
@@ -64,6 +68,7 @@ def _check_matches_simulation(backend_name: str, shared_store: Path) -> None:
     with torch.inference_mode():
         flt = model(x).numpy()
     failed = []
+    shares: list[str] = []
     for label, (labels, bound) in _cases(backend.device.type).items():
         cfg = {n: backend.native_format(n, parse(p)) for n, p in labels.items()}
         assert all(backend.supports(n, f) for n, f in cfg.items()), label
@@ -81,8 +86,11 @@ def _check_matches_simulation(backend_name: str, shared_store: Path) -> None:
         assert quant > 0, label  # the quantization is really there
         share = float(np.linalg.norm(deployed - simulated) / quant)
         agree = float((deployed.argmax(1) == simulated.argmax(1)).mean())
+        shares.append(f"{label} {share:.2%}")
         if not (share <= bound and agree >= 0.99):  # measure all before failing
             failed.append(f"{label}: unexplained {share:.4f}, agreement {agree:.3f}")
+    measured.append(f"{backend_name} vs its simulation on digits-cnn, share of the quantization "
+                    f"error unexplained: {', '.join(shares)}")
     assert not failed, failed
 
 
