@@ -81,13 +81,14 @@ def tune_allocator() -> str:
     """Keep freed memory for reuse instead of returning it to the OS at once (glibc only).
 
     PyTorch's eager CPU ops allocate a fresh output per call; under glibc's defaults a
-    multi-MB output is mmapped and unmapped per call, and page-faulting it in can cost more
-    than the op (a 512 x 1536 bf16 Linear: 1.3 ms, plus 2.8 ms on a 2-core EPYC VM), and by
-    how much depends on the exact order of allocations, so timings would rank configs by
-    glibc's heuristics rather than by their kernels. Called when a worker process starts (and
-    by the benchmarks), before any timing. The deployed model wants the same in production:
-    ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456`` or jemalloc /
-    tcmalloc. Returns what the environment records (``"default"`` where not glibc)."""
+    multi-MB output can be mmapped and unmapped per call, and page-faulting it in adds time
+    by amounts that depend on the exact order of allocations, so timings would rank configs by
+    glibc's heuristics rather than by their kernels (``benchmarks/allocator.py``: MiniLM on
+    torch-cpu, fp32 73-81 ms under the defaults vs 65-68 ms with this, 2-core EPYC). Called
+    when a worker process starts (and by the benchmarks), before any timing. The deployed
+    model wants the same in production: ``MALLOC_MMAP_THRESHOLD_=33554432
+    MALLOC_TRIM_THRESHOLD_=268435456`` or jemalloc / tcmalloc. Returns what the environment
+    records (``"default"`` where not glibc)."""
     global _allocator
     if _allocator != "default":
         return _allocator
