@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -129,6 +130,7 @@ def shared_store(_zoo_training: ZooTraining | None, tmp_path_factory: pytest.Tem
     # Not started at the session's start where no collected test names this fixture (one that
     # asks for it at run time, through request.getfixturevalue): start it now.
     training = _zoo_training or _start_zoo_training(tmp_path_factory)
+    t0 = time.monotonic()
     try:
         for proc, log in training.procs:
             try:
@@ -147,6 +149,8 @@ def shared_store(_zoo_training: ZooTraining | None, tmp_path_factory: pytest.Tem
         zoo.digits_cnn(store)
         zoo.char_gpt(store)
         teacher(store)
+        measured.append(f"zoo: the first test that needs it waited {time.monotonic() - t0:.0f} s "
+                        "for its background training")
         yield training.root
     finally:
         training.stop()
