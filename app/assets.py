@@ -114,7 +114,7 @@ RECORDED = "recorded"  # the upload claim's mark once a try has recorded the upl
 
 
 async def _recorded(svc: Services, collection: Collection, tenant: str, info: T,
-                    idempotency_key: str | None) -> tuple[T, bool]:
+                    idempotency_key: str | None = None) -> tuple[T, bool]:
     """``info`` recorded and indexed in one step, or what a concurrent try with the same
     Idempotency-Key (so the same id and file) recorded first: (info, created)."""
     asset_id = info.model_dump()["id"]
