@@ -83,7 +83,7 @@ def main() -> None:
         for label, cfg in configs(model, layers).items():
             native: dict[str, LayerFormat] = {
                 n: backend.native_format(n, parse(p)) for n, p in cfg.items()}
-            native = {n: f for n, f in native.items() if not f.is_static or f.grids is not None}
+            native = {n: f for n, f in native.items() if f.realizable}
             deployed[label] = backend.realize(native)
             out = torch.from_numpy(run_batched(deployed[label], task.eval_inputs, batch))
             metric[label] = task.score(out)

@@ -113,12 +113,12 @@ def run_sensitivity(spec: SensitivitySpec, ctx: JobContext) -> SensitivityResult
         exported = ortb.export(task.module, example, loaded.input_names, task.layers)
         exported.set_calibration(task.calib_inputs)
         fmt_of = {n: ortb.native_format(exported, n, fmt) for n in names}
-        names = [n for n in names if fmt_of[n].grids is not None]
+        names = [n for n in names if fmt_of[n].realizable]
         if not names:
             raise UserError("ONNX Runtime's static int8 quantizer kept none of this model's "
                             "layers (no calibrated grids), so there is nothing to score at "
                             "int8-static; score precision \"int8\" (dynamic) instead")
-    if spec.fan_out and spec.options.dependency != "none" and names:
+    if spec.fan_out and spec.options.dependency != "none":
         level = {fmt.label(): {n: fmt_of[n] for n in names}}
         fanout.publish_levels(ctx, level, torch.get_num_threads())
         _offer_terms(ctx, level)
@@ -185,7 +185,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
             fmt = parse(prec, spec.int4_group_size)
             if backend.supports(name, fmt):
                 native = backend.native_format(name, fmt)
-                if not native.is_static or native.grids is not None:
+                if native.realizable:
                     fmt_at[prec][name] = native
         if not fmt_at[prec] and spec.levels:  # a default level that fits nothing just drops
             raise UserError(f"backend {backend.name} runs {prec} on none of this model's "

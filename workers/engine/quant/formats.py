@@ -77,6 +77,12 @@ class LayerFormat:
     def is_static(self) -> bool:
         return self.precision == "int8" and self.activations == "static"
 
+    @property
+    def realizable(self) -> bool:
+        """False for static int8 without calibrated grids: the backend's static quantizer
+        left that layer float, so there is no such layer to deploy or simulate."""
+        return not self.is_static or self.grids is not None
+
     def label(self) -> str:
         if self.precision == "int4":
             return f"int4-g{self.group_size}"
