@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     # Alternate the two modes so drift on the machine hits both alike.
-    runs = {False: [], True: []}  # type: dict[bool, list[dict[str, object]]]
+    runs: dict[bool, list[dict[str, object]]] = {False: [], True: []}
     for _ in range(3):
         for tuned in (False, True):
             runs[tuned].append(run(tuned, args.calls))
