@@ -310,6 +310,11 @@ class IntrinsicDimensionSpec(_Strict):
     fan_out: bool = Field(
         default=True, description="Offer independent training runs (other seeds' searches, or "
         "every grid point) to idle workers; each run is still computed once.")
+    device: Device = Field(
+        default="auto", description="Where training runs: auto (the worker's GPU if it has one, "
+        "else its CPU), cpu, or cuda (a GPU worker; the Fastfood projection then runs the Triton "
+        "FWHT kernel). theta0 and P are drawn on the CPU either way, so an artifact rebuilds "
+        "the same on any device.")
 
     @model_validator(mode="after")
     def _ascending(self) -> IntrinsicDimensionSpec:
@@ -347,6 +352,10 @@ class SpikingSpec(_Strict):
     samples: int = Field(default=2, ge=0, le=8, description="char-rwkv: text samples per model.")
     sample_length: int = Field(default=160, ge=1, le=2000)
     seed: Seed = 0
+    device: Device = Field(
+        default="auto", description="Where training, evaluation and timing run: auto (the "
+        "worker's GPU if it has one, else its CPU), cpu, or cuda (a GPU worker; the LIF "
+        "neurons then run the fused Triton kernel).")
 
     def decay(self) -> float:
         if self.beta is not None:
@@ -618,7 +627,8 @@ class IntrinsicDimensionResult(BaseModel):
         default=None, description="Uploaded models: parameters redrawn for theta0; the rest "
         "keep their uploaded values.")
     rebuilt_accuracy: float | None = Field(
-        default=None, description="Accuracy of the model rebuilt from the artifact (seed 0).")
+        default=None, description="Accuracy of the model rebuilt from the artifact (seed 0), on the "
+        "CPU whatever device trained it.")
     compression_ratio: float | None = Field(
         default=None, description="fp32 bytes of the full model / bytes of the artifact.")
     seconds: float

@@ -9,6 +9,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -98,3 +99,18 @@ def tiny_hf_folder(dest: Path, family: str = "bert", positions: int = 128) -> Pa
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(zoo.minilm_dir() / name, dest / name)
     return dest
+
+
+def digits_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's shared store, or (under ``--noconftest``, as scripts/gpu_check.sh runs on
+    a GPU machine without Redis) a store with only digits-cnn trained into it."""
+    from app.config import Settings
+    from app.storage import open_store
+    from workers.engine import zoo
+
+    try:
+        return Path(request.getfixturevalue("shared_store"))
+    except pytest.FixtureLookupError:
+        root = tmp_path_factory.mktemp("store")
+        zoo.digits_cnn(open_store(Settings(store_url=root.as_uri())))
+        return root

@@ -40,7 +40,13 @@ def test_jobs_that_need_a_gpu_go_to_the_gpu_queue() -> None:
 
     from app.deps import Services
     from app.jobs import queue_for
-    from app.schemas import LossBenchmarkSpec, MixedPrecisionSpec, ModelRef
+    from app.schemas import (
+        IntrinsicDimensionSpec,
+        LossBenchmarkSpec,
+        MixedPrecisionSpec,
+        ModelRef,
+        SpikingSpec,
+    )
 
     svc = cast(Services, SimpleNamespace(settings=Settings()))
     digits = ModelRef(zoo="digits-cnn")
@@ -48,3 +54,6 @@ def test_jobs_that_need_a_gpu_go_to_the_gpu_queue() -> None:
     assert queue_for(svc, MixedPrecisionSpec(model=digits, backend="torch-cpu")) == "cpu"
     assert queue_for(svc, MixedPrecisionSpec(model=digits)) == "cpu"
     assert queue_for(svc, LossBenchmarkSpec(device="cuda")) == "gpu"
+    for spec in (IntrinsicDimensionSpec, SpikingSpec):
+        assert queue_for(svc, spec(device="cuda")) == "gpu"
+        assert queue_for(svc, spec()) == queue_for(svc, spec(device="cpu")) == "cpu"

@@ -40,7 +40,7 @@ def test_spiking_cnn_and_language_model(stack: Stack, tmp_path: Path) -> None:
         assert res.metric == "bits_per_char" and res.per == "token"
         assert res.quality_gap == pytest.approx(res.spiking_quality - res.twin_quality)
         assert len(res.samples) == 2 and res.op_ratio > 0 and res.spike_rates
-        assert any("trained spikegpt: 10 steps" in line for line in client.jobs.log(lm.id))
+        assert any("trained spikegpt on cpu: 10 steps" in line for line in client.jobs.log(lm.id))
 
         with pytest.raises(UnprocessableEntityError, match="model"):
             client.jobs.create({"kind": "spiking", "model": "resnet-50"})

@@ -120,9 +120,11 @@ def fit(model: CharModel, steps: int, batch_size: int, lr: float, seed: int,
         check: Callable[[int], None] | None = None) -> float:
     """Train a character model (``hidden`` -> ``head``) on random training windows with AdamW
     and one-cycle learning rates; the loss by ``linear_cross_entropy``. Returns seconds.
-    ``check(step)`` is called before each step (progress, cancellation)."""
+    ``check(step)`` is called before each step (progress, cancellation). Runs on the model's
+    device; the windows are drawn on the CPU, so their order does not depend on it."""
     from gpu_kernels import linear_cross_entropy
 
+    device = model.head.weight.device
     gen = torch.Generator().manual_seed(seed)
     ids = split("train")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -136,7 +138,7 @@ def fit(model: CharModel, steps: int, batch_size: int, lr: float, seed: int,
             check(step)
         start = torch.randint(0, len(ids) - CONTEXT - 1, (batch_size,), generator=gen)
         idx = start[:, None] + torch.arange(CONTEXT)[None]
-        x, y = ids[idx], ids[idx + 1]
+        x, y = ids[idx].to(device), ids[idx + 1].to(device)
         h = model.hidden(x)
         loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.head.weight, y.reshape(-1))
         opt.zero_grad()
@@ -147,10 +149,12 @@ def fit(model: CharModel, steps: int, batch_size: int, lr: float, seed: int,
 
 
 def held_out_perplexity(model: nn.Module) -> float:
+    """Perplexity on the held-out windows, on the model's device."""
     test = windows("test")
+    device = next(model.parameters()).device
     with torch.no_grad():
         assert test.labels is not None
-        return perplexity(model(test.inputs["x"]), test.labels)
+        return perplexity(model(test.inputs["x"].to(device)), test.labels.to(device))
 
 
 def train_char_gpt() -> tuple[CharGPT, dict[str, Any]]:

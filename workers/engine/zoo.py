@@ -105,7 +105,7 @@ def cached_training(key: str, train: Callable[[], tuple[nn.Module, dict[str, Any
     if key not in _memory_cache:
         log.info("training %s (first use; cached afterwards)", key)
         model, meta = train()
-        blob = save_st_bytes({k: v.contiguous() for k, v in model.state_dict().items()},
+        blob = save_st_bytes({k: v.cpu().contiguous() for k, v in model.state_dict().items()},
                              metadata={_META: json.dumps(meta)})
         _memory_cache[key] = (blob, meta)
     if store is not None and (store.url, key) not in _in_store:

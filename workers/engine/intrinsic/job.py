@@ -91,15 +91,17 @@ def _problem(spec: IntrinsicDimensionSpec, ctx: JobContext, report: bool = True)
 
 
 def _point(spec: IntrinsicDimensionSpec, ctx: JobContext, prob: Problem, seed: int, d: int,
-           wait: bool = True) -> tuple[SubspaceRun, str] | None:
+           device: torch.device, wait: bool = True) -> tuple[SubspaceRun, str] | None:
     """One training run (seed, d), computed once across the job's workers; and who ran it."""
     _, factory, train, test, _ = prob
 
     def compute() -> dict[str, Any]:
         r = train_subspace(factory, d, spec.projection, train, test, spec.epochs, spec.lr,
                            theta0_seed=seed, projection_seed=seed + 1_000_003,
-                           check=ctx.check_cancelled, layer_scaling=spec.layer_scaling)
-        ctx.log.info("seed %d d=%d: accuracy %.4f (%.1f s)", seed, d, r.accuracy, r.seconds)
+                           check=ctx.check_cancelled, layer_scaling=spec.layer_scaling,
+                           device=device)
+        ctx.log.info("seed %d d=%d: accuracy %.4f (%.1f s on %s)", seed, d, r.accuracy,
+                     r.seconds, device.type)
         scales = None if r.layer_scales is None else Artifact.pack(r.layer_scales)
         return {"accuracy": r.accuracy, "d_vector": Artifact.pack(r.d_vector),
                 "layer_scales": scales, "seconds": r.seconds, "steps": r.steps}
@@ -120,40 +122,48 @@ def _search(spec: IntrinsicDimensionSpec, grid: list[int], target: float,
 
 def run_item(spec: IntrinsicDimensionSpec, ctx: JobContext, item: dict[str, Any]) -> None:
     """A piece fanned out by :func:`run`: one grid point, or one seed's whole search."""
+    device = env.resolve_device(spec.device)
     prob = _problem(spec, ctx, report=False)
     seed = int(item["seed"])
     if "d" in item:
-        _point(spec, ctx, prob, seed, int(item["d"]), wait=False)
+        _point(spec, ctx, prob, seed, int(item["d"]), device, wait=False)
         return
 
     def one(d: int) -> float:
-        out = _point(spec, ctx, prob, seed, d)
+        out = _point(spec, ctx, prob, seed, d, device)
         assert out is not None
         return out[0].accuracy
 
     _search(spec, spec.grid or DEFAULT_GRID, float(item["target"]), one)
 
 
-def _check_projection_fits(kind: Kind, D: int, d: int) -> None:
+def _check_projection_fits(kind: Kind, D: int, d: int, device: torch.device) -> None:
     """A dense or sparse projection to the grid's largest d must fit in this worker's free memory
-    (a dense one of digits-cnn's 315,402 parameters to d = 20,000 needs 50 GB)."""
-    need, free = memory_bytes(kind, D, d), psutil.virtual_memory().available
-    if need > free:
-        raise UserError(
-            f"a {kind} projection of D = {D:,} parameters to d = {d:,} needs about "
-            f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB this worker has free: "
-            "use projection 'fastfood' (memory ~ D) or a grid with smaller d")
+    (a dense one of digits-cnn's 315,402 parameters to d = 20,000 needs 50 GB); it is drawn on
+    the CPU, and on a GPU run it must fit there too."""
+    need = memory_bytes(kind, D, d)
+    free = [("this worker", psutil.virtual_memory().available)]
+    if device.type == "cuda":
+        free.append(("its GPU", torch.cuda.mem_get_info(device)[0]))
+    for where, avail in free:
+        if need > avail:
+            raise UserError(
+                f"a {kind} projection of D = {D:,} parameters to d = {d:,} needs about "
+                f"{need / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB {where} has "
+                "free: use projection 'fastfood' (memory ~ D) or a grid with smaller d")
 
 
 def run(spec: IntrinsicDimensionSpec, ctx: JobContext) -> IntrinsicDimensionResult:
     t0 = time.perf_counter()
+    device = env.resolve_device(spec.device)
     prob = _problem(spec, ctx)
     name, factory, train, test, reinitialized = prob
     grid = spec.grid or DEFAULT_GRID
     n_params = sum(p.numel() for p in factory().parameters())
-    _check_projection_fits(spec.projection, n_params, max(grid))  # before any training
-    ctx.progress("baseline", 0.02, f"training the full {name}")
-    full = train_full(factory, train, test, spec.epochs, min(spec.lr, 1e-3), spec.seeds[0])
+    _check_projection_fits(spec.projection, n_params, max(grid), device)  # before any training
+    ctx.progress("baseline", 0.02, f"training the full {name} on {device.type}")
+    full = train_full(factory, train, test, spec.epochs, min(spec.lr, 1e-3), spec.seeds[0],
+                      device=device)
     target = spec.threshold * full
     ctx.log.info("full %s: accuracy %.4f, D=%d; target %.4f", name, full, n_params, target)
     # Independent pieces for idle workers, last first: this worker starts from the front.
@@ -176,7 +186,7 @@ def run(spec: IntrinsicDimensionSpec, ctx: JobContext) -> IntrinsicDimensionResu
                 ) -> float:
             ctx.progress("search", 0.05 + 0.85 * (k + min(len(runs), 12) / 12) / len(spec.seeds),
                          f"seed {seed}: training in a {d}-dimensional subspace")
-            out = _point(spec, ctx, prob, seed, d)
+            out = _point(spec, ctx, prob, seed, d, device)
             assert out is not None
             runs[d], by = out
             computed_by[by] = computed_by.get(by, 0) + 1
@@ -215,7 +225,7 @@ def run(spec: IntrinsicDimensionSpec, ctx: JobContext) -> IntrinsicDimensionResu
                 f", accuracy on {'digits test' if reinitialized is None else 'the last 20%'}; "
                 f"full baseline Adam lr {min(spec.lr, 1e-3)}; "
                 f"{spec.search} over {len(grid)} grid values"),
-        environment=env.environment(torch.device("cpu")))
+        environment=env.environment(device))
     ctx.save_artifact("curve.json", json.dumps([c.model_dump() for c in curve]).encode(),
                       "application/json")
     ctx.progress("done", 1.0, f"d_int90 = {d_int} of D = {n_params}")

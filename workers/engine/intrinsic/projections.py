@@ -2,6 +2,8 @@
 (Li et al., "Measuring the Intrinsic Dimension of Objective Landscapes", 2018).
 
 All three are rebuilt from (kind, seed, D, d) alone, so an artifact stores only those numbers.
+They are drawn on the CPU (seeded CPU generators) and then moved with ``to``, so a GPU run and a
+CPU run of one seed use the same P.
 Columns have unit norm (exactly for dense and sparse, in expectation for Fastfood), so
 E ||P x||^2 = ||x||^2 for a random direction x.
 """
@@ -24,6 +26,8 @@ class Projection(Protocol):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    def to(self, device: torch.device) -> Projection: ...
+
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -36,6 +40,10 @@ class Dense:
         self.D, self.d = D, d
         m = torch.randn(D, d, generator=_gen(seed))
         self.matrix = m / m.norm(dim=0, keepdim=True)
+
+    def to(self, device: torch.device) -> Dense:
+        self.matrix = self.matrix.to(device)
+        return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.matrix @ x
@@ -57,6 +65,10 @@ class Sparse:
         self.matrix = torch.sparse_coo_tensor(torch.stack([rows.reshape(-1), cols.reshape(-1)]),
                                               values.reshape(-1), (D, d),
                                               check_invariants=True).coalesce()
+
+    def to(self, device: torch.device) -> Sparse:
+        self.matrix = self.matrix.to(device)
+        return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = torch.sparse.mm(self.matrix, x.unsqueeze(1)).squeeze(1)
@@ -80,11 +92,15 @@ class Fastfood:
         # column has norm^2 ~ blocks * mean(g^2); a fraction D / (blocks L) survives the cut.
         self.scale = math.sqrt(self.L / (D * float((self.G ** 2).mean())))
 
+    def to(self, device: torch.device) -> Fastfood:
+        self.B, self.Pi, self.G = self.B.to(device), self.Pi.to(device), self.G.to(device)
+        return self
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         padded = torch.nn.functional.pad(x, (0, self.L - x.shape[0]))
-        y = fwht(self.B * padded, impl="torch")  # (blocks, L), normalized H
+        y = fwht(self.B * padded)  # (blocks, L), normalized H; Triton on CUDA
         y = torch.gather(y, 1, self.Pi) * self.G
-        y = fwht(y, impl="torch")
+        y = fwht(y)
         return y.reshape(-1)[: self.D] * self.scale
 
     def dense(self) -> torch.Tensor:

@@ -167,28 +167,43 @@ def evaluate(model: nn.Module, params: dict[str, torch.Tensor] | None, x: Inputs
     return correct / len(y)
 
 
+def _on(device: torch.device, split: tuple[Inputs, torch.Tensor]
+        ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    return tuple(t.to(device) for t in _tuple(split[0])), split[1].to(device)
+
+
+def _placed(factory: ModelFactory, seed: int, device: torch.device
+            ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """:func:`init_params` drawn on the CPU (one theta0 per seed on every device), then moved."""
+    model, theta0 = init_params(factory, seed)
+    return model.to(device), {n: p.to(device) for n, p in theta0.items()}
+
+
 def train_subspace(factory: ModelFactory, d: int, kind: Kind, train: tuple[Inputs, torch.Tensor],
                    test: tuple[Inputs, torch.Tensor], epochs: int, lr: float,
                    theta0_seed: int, projection_seed: int, batch_size: int = 64,
-                   check: Callable[[], None] | None = None, layer_scaling: bool = False
-                   ) -> SubspaceRun:
+                   check: Callable[[], None] | None = None, layer_scaling: bool = False,
+                   device: torch.device | None = None) -> SubspaceRun:
     """Adam on the d coordinates only (and the per-tensor scales with ``layer_scaling``);
-    returns the test accuracy of theta0 + P d."""
+    returns the test accuracy of theta0 + P d. Runs on ``device`` (default: the CPU); the
+    batch order, theta0 and P are drawn on the CPU, so they do not depend on it."""
     t0 = time.perf_counter()
-    model, theta0 = init_params(factory, theta0_seed)
-    flat0, seg = flatten(theta0), segments(theta0)
-    proj = make(kind, flat0.numel(), d, projection_seed)
-    z = torch.zeros(d, requires_grad=True)
-    scales = torch.ones(len(theta0), requires_grad=True) if layer_scaling else None
+    device = device or torch.device("cpu")
+    model, theta0 = _placed(factory, theta0_seed, device)
+    flat0, seg = flatten(theta0), segments(theta0).to(device)
+    proj = make(kind, flat0.numel(), d, projection_seed).to(device)
+    z = torch.zeros(d, device=device, requires_grad=True)
+    scales = (torch.ones(len(theta0), device=device, requires_grad=True) if layer_scaling
+              else None)
     opt = torch.optim.Adam([z] if scales is None else [z, scales], lr=lr)
-    xs, y = _tuple(train[0]), train[1]
+    xs, y = _on(device, train)
     gen = torch.Generator().manual_seed(theta0_seed)
     steps = 0
     _mode(model, True)
     for _ in range(epochs):
         if check is not None:
             check()
-        perm = torch.randperm(len(y), generator=gen)
+        perm = torch.randperm(len(y), generator=gen).to(device)
         for i in range(0, len(y), batch_size):
             idx = perm[i:i + batch_size]
             params = unflatten(_theta(flat0, proj(z), seg, scales), theta0)
@@ -200,22 +215,24 @@ def train_subspace(factory: ModelFactory, d: int, kind: Kind, train: tuple[Input
             steps += 1
     _mode(model, False)
     with torch.no_grad():
-        acc = evaluate(model, unflatten(_theta(flat0, proj(z), seg, scales), theta0), *test)
-    return SubspaceRun(d, acc, z.detach().clone(), time.perf_counter() - t0, steps,
-                       None if scales is None else scales.detach().clone())
+        acc = evaluate(model, unflatten(_theta(flat0, proj(z), seg, scales), theta0),
+                       *_on(device, test))
+    return SubspaceRun(d, acc, z.detach().cpu().clone(), time.perf_counter() - t0, steps,
+                       None if scales is None else scales.detach().cpu().clone())
 
 
 def train_full(factory: ModelFactory, train: tuple[Inputs, torch.Tensor],
                test: tuple[Inputs, torch.Tensor], epochs: int, lr: float, seed: int,
-               batch_size: int = 64) -> float:
+               batch_size: int = 64, device: torch.device | None = None) -> float:
     """The baseline: all D parameters trained, same data, epochs and optimizer."""
-    model, _ = init_params(factory, seed)
+    device = device or torch.device("cpu")
+    model, _ = _placed(factory, seed, device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    xs, y = _tuple(train[0]), train[1]
+    xs, y = _on(device, train)
     gen = torch.Generator().manual_seed(seed)
     _mode(model, True)
     for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=gen)
+        perm = torch.randperm(len(y), generator=gen).to(device)
         for i in range(0, len(y), batch_size):
             idx = perm[i:i + batch_size]
             loss = nn.functional.cross_entropy(model(*(t[idx] for t in xs)), y[idx])
@@ -223,4 +240,4 @@ def train_full(factory: ModelFactory, train: tuple[Inputs, torch.Tensor],
             loss.backward()
             opt.step()
     _mode(model, False)
-    return evaluate(model, None, *test)
+    return evaluate(model, None, *_on(device, test))

@@ -113,7 +113,7 @@ def convert(ann: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, time_s
         if check is not None:
             check(epoch)
         snn.train()
-        perm = torch.randperm(len(x_train), generator=gen)
+        perm = torch.randperm(len(x_train), generator=gen).to(x_train.device)
         for i in range(0, len(x_train), 64):
             idx = perm[i:i + 64]
             loss = nn.functional.cross_entropy(snn(x_train[idx]), y_train[idx])

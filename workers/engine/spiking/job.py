@@ -46,8 +46,8 @@ def _counted(model: nn.Module, run: Callable[[], float]) -> tuple[float, Counts]
     return quality, ops.counts
 
 
-def _rwkv(spec: SpikingSpec, spiking: bool, ctx: JobContext, frac: tuple[float, float]
-          ) -> tuple[RWKVLM, dict[str, Any]]:
+def _rwkv(spec: SpikingSpec, spiking: bool, ctx: JobContext, frac: tuple[float, float],
+          device: torch.device) -> tuple[RWKVLM, dict[str, Any]]:
     cfg = {**RWKV_TRAIN, "steps": spec.steps, "seed": spec.seed, "beta": spec.decay()}
     name = "spikegpt" if spiking else "rwkv"
 
@@ -58,23 +58,27 @@ def _rwkv(spec: SpikingSpec, spiking: bool, ctx: JobContext, frac: tuple[float, 
 
     def train() -> tuple[nn.Module, dict[str, Any]]:
         torch.manual_seed(spec.seed)
-        model = RWKVLM(cfg["d_model"], cfg["layers"], spiking, spec.decay())
+        model = RWKVLM(cfg["d_model"], cfg["layers"], spiking, spec.decay()).to(device)
         model.train()
         seconds = char_lm.fit(model, spec.steps, cfg["batch_size"], cfg["lr"], spec.seed, check)
-        ctx.log.info("trained %s: %d steps in %.1f s", name, spec.steps, seconds)
-        return model.eval(), {"train": cfg, "train_seconds": round(seconds, 2)}
+        ctx.log.info("trained %s on %s: %d steps in %.1f s", name, device.type, spec.steps,
+                     seconds)
+        return model.eval(), {"train": cfg, "train_seconds": round(seconds, 2),
+                              "device": device.type}
 
+    # Weights trained on a GPU differ in the last bits from CPU-trained ones: cached apart.
     key = (f"zoo/char-{name}/{RWKV_VERSION}-s{spec.steps}-seed{spec.seed}"
-           + (f"-beta{spec.decay()}" if spiking else ""))
+           + (f"-beta{spec.decay()}" if spiking else "")
+           + ("" if device.type == "cpu" else f"-{device.type}"))
     state, meta = zoo.cached_training(key, train, ctx.store)
     model = RWKVLM(cfg["d_model"], cfg["layers"], spiking, spec.decay())
     model.load_state_dict(state)
-    return model.eval(), meta
+    return model.to(device).eval(), meta
 
 
-def _language(spec: SpikingSpec, ctx: JobContext) -> dict[str, Any]:
-    twin, twin_meta = _rwkv(spec, False, ctx, (0.02, 0.4))
-    snn, snn_meta = _rwkv(spec, True, ctx, (0.4, 0.8))
+def _language(spec: SpikingSpec, ctx: JobContext, device: torch.device) -> dict[str, Any]:
+    twin, twin_meta = _rwkv(spec, False, ctx, (0.02, 0.4), device)
+    snn, snn_meta = _rwkv(spec, True, ctx, (0.4, 0.8), device)
     ctx.progress("evaluate", 0.82, "bits per character and operations on held-out text")
     test = char_lm.windows("test")
     tokens = test.inputs["x"].numel()
@@ -88,7 +92,7 @@ def _language(spec: SpikingSpec, ctx: JobContext) -> dict[str, Any]:
     samples = [TextSample(prompt=p, twin=twin.generate(p, spec.sample_length, seed=spec.seed + i),
                           spiking=snn.generate(p, spec.sample_length, seed=spec.seed + i))
                for i, p in enumerate((PROMPTS * 4)[:spec.samples])]
-    x = test.inputs["x"][:16]
+    x = test.inputs["x"][:16].to(device)
     return {"twin": twin, "snn": snn, "metric": "bits_per_char", "per": "token", "items": tokens,
             "twin_quality": tq, "spiking_quality": sq, "gap": sq - tq, "twin_counts": tc,
             "spiking_counts": sc, "samples": samples, "time_steps": None,
@@ -101,12 +105,13 @@ def _language(spec: SpikingSpec, ctx: JobContext) -> dict[str, Any]:
                        f"on the last 10% ({tokens} tokens, {char_lm.CONTEXT}-character windows)")}
 
 
-def _classifier(spec: SpikingSpec, ctx: JobContext) -> dict[str, Any]:
+def _classifier(spec: SpikingSpec, ctx: JobContext, device: torch.device) -> dict[str, Any]:
     ctx.progress("load", 0.02, "loading digits-cnn")
     ann, _ = zoo.digits_cnn(ctx.store)
+    ann = ann.to(device)
     tr, te = datasets.digits("train"), datasets.digits("test")
     assert tr.labels is not None and te.labels is not None
-    x, y, xt, yt = tr.inputs["x"], tr.labels, te.inputs["x"], te.labels
+    x, y, xt, yt = (t.to(device) for t in (tr.inputs["x"], tr.labels, te.inputs["x"], te.labels))
 
     def check(epoch: int) -> None:
         ctx.progress("fine-tune", 0.05 + 0.75 * epoch / max(1, spec.epochs),
@@ -158,7 +163,9 @@ def load_bytes(config_json: bytes, weights: bytes) -> nn.Module:
 
 def run(spec: SpikingSpec, ctx: JobContext) -> SpikingResult:
     t0 = time.perf_counter()
-    r = _language(spec, ctx) if spec.model == "char-rwkv" else _classifier(spec, ctx)
+    device = env.resolve_device(spec.device)
+    r = (_language(spec, ctx, device) if spec.model == "char-rwkv"
+         else _classifier(spec, ctx, device))
     tc, sc, n = r["twin_counts"], r["spiking_counts"], r["items"]
     layers = _layers(tc, sc)
     twin_ops, snn_ops = tc.macs, sc.acs + sc.macs
@@ -166,7 +173,7 @@ def run(spec: SpikingSpec, ctx: JobContext) -> SpikingResult:
     snn: nn.Module = r["snn"]
     config = {"model": spec.model, **r["config"]}
     ctx.save_artifact("spiking.safetensors",
-                      save_st_bytes({k: v.contiguous() for k, v in snn.state_dict().items()}),
+                      save_st_bytes({k: v.cpu().contiguous() for k, v in snn.state_dict().items()}),
                       "application/octet-stream")
     ctx.save_artifact("spiking.json", json.dumps(config, indent=1).encode(), "application/json")
     result = SpikingResult(
@@ -182,7 +189,7 @@ def run(spec: SpikingSpec, ctx: JobContext) -> SpikingResult:
         energy_note=f"{ENERGY_NOTE} ({PJ_PER_AC} pJ/AC, {PJ_PER_MAC} pJ/MAC)",
         wall_ms_twin=r["wall"][0], wall_ms_spiking=r["wall"][1], samples=r["samples"],
         train_seconds=r["train_seconds"], seconds=time.perf_counter() - t0, method=r["method"],
-        environment=env.environment(torch.device("cpu")))
+        environment=env.environment(device))
     ctx.save_artifact("operations.json", json.dumps([x.model_dump() for x in layers]).encode(),
                       "application/json")
     ctx.progress("done", 1.0, f"{r['metric']}: twin {r['twin_quality']:.4f}, spiking "

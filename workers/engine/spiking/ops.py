@@ -96,7 +96,7 @@ def count_layer(module: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
         return rows * module.in_features * module.out_features, active * module.out_features, active
     if isinstance(module, nn.Conv2d):
         g, cout = module.groups, module.out_channels
-        w = torch.ones(g, module.in_channels // g, *module.kernel_size, dtype=x.dtype)
+        w = torch.ones(g, module.in_channels // g, *module.kernel_size, dtype=x.dtype, device=x.device)
         # active inputs in each output position's receptive field, per group
         fan = nn.functional.conv2d((x != 0).to(x.dtype), w, None, module.stride,
                                    module.padding, module.dilation, g)  # type: ignore[arg-type]

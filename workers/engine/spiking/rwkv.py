@@ -136,7 +136,9 @@ class RWKVLM(nn.Module):
         """Sample ``n`` characters after ``prompt`` (the last CONTEXT characters as context)."""
         gen = torch.Generator().manual_seed(seed)
         ids = [min(b, VOCAB - 1) for b in prompt.encode("ascii", "replace")] or [10]
+        device = self.head.weight.device
         for _ in range(n):
-            logits = self(torch.tensor([ids[-CONTEXT:]]))[0, -1] / temperature
-            ids.append(int(torch.multinomial(logits.softmax(-1), 1, generator=gen)))
+            logits = self(torch.tensor([ids[-CONTEXT:]], device=device))[0, -1] / temperature
+            # drawn on the CPU: the generator is a CPU one, and a seed gives one text anywhere
+            ids.append(int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen)))
         return bytes(ids[len(prompt):] if prompt else ids[1:]).decode("ascii", "replace")

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from app.config import Settings
 from app.schemas import MixedPrecisionSpec
 from app.storage import open_store
+from tests import helpers
 from tests.helpers import measured
 from workers.engine import datasets, mixed_precision, zoo
 from workers.engine.backends import torch_runtime
@@ -100,14 +101,7 @@ def test_torch_cpu_matches_simulation(shared_store: Path) -> None:
 
 @pytest.fixture(scope="module")
 def digits_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's shared store, or (under ``--noconftest``, as scripts/gpu_check.sh runs on
-    a GPU machine without Redis) a store with only digits-cnn trained into it."""
-    try:
-        return Path(request.getfixturevalue("shared_store"))
-    except pytest.FixtureLookupError:
-        root = tmp_path_factory.mktemp("store")
-        zoo.digits_cnn(open_store(Settings(store_url=root.as_uri())))
-        return root
+    return helpers.digits_store(request, tmp_path_factory)
 
 
 @pytest.mark.gpu
