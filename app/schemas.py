@@ -394,6 +394,10 @@ class FewStepDistillSpec(_Strict):
     samples_per_class: int = Field(default=100, ge=2, le=1000,
                                    description="Generated per digit class for the metrics.")
     seed: Seed = 0
+    device: Device = Field(
+        default="auto", description="Where the teacher (if not cached yet), the students and "
+        "the samplers run: auto (the worker's GPU if it has one, else its CPU), cpu, or cuda "
+        "(a GPU worker).")
 
     @model_validator(mode="after")
     def _skip_fits(self) -> FewStepDistillSpec:

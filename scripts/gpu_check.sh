@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run on a machine with a CUDA GPU (the `device` tool's H100/H200), within
-# ~10 minutes (the steps' limits add up to 585 s). Exits 1 if any step failed. Prepare here first: `bash scripts/gpu_wheels.sh`; then run with carry [".whl"]:
+# ~10 minutes (the steps' limits add up to 595 s). Exits 1 if any step failed. Prepare here first: `bash scripts/gpu_wheels.sh`; then run with carry [".whl"]:
 #   bash scripts/gpu_check.sh            (results and logs under $OUT, else benchmarks/results/gpu)
 # 1. every gpu-marked test (Triton kernels on CUDA vs their references; the torch-cuda backend,
 #    fp8 included, vs the simulation), 2. the weight-only matmul table (ours vs torch's kernels),
 # 3. the loss table with the peers' Triton kernels (issue 4), 4. mixed precision on torch-cuda,
-# 5. the intrinsic-dimension and spiking jobs on the GPU (last: a run cut short keeps 1-4).
+# 5. the intrinsic-dimension, spiking and few-step jobs on the GPU (last: a run cut short keeps 1-4).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu}"
@@ -37,8 +37,8 @@ step qmatmul 45 python3 benchmarks/qmatmul.py --out "$OUT/qmatmul_gpu.md"
 # Each case runs in a fresh process (peak memory); torch.compile's CPU peer is left out here.
 step loss_memory 200 python3 benchmarks/loss_memory.py --n 8192 --d 2048 --dtype bfloat16 \
   --impls torch,triton,chunked,cce_triton,liger --out "$OUT/loss_memory_gpu.md"
-step mixed_precision 150 python3 benchmarks/mixed_precision.py --backend torch-cuda \
+step mixed_precision 140 python3 benchmarks/mixed_precision.py --backend torch-cuda \
   --models digits-cnn,char-gpt --out "$OUT/mixed_precision_torch_cuda.md"
-step job_devices 40 python3 -m pytest --noconftest -p no:cacheprovider -q -m gpu \
+step job_devices 60 python3 -m pytest --noconftest -p no:cacheprovider -q -m gpu \
   tests/workers/engine/test_job_devices.py
 exit "$failed"

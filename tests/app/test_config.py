@@ -41,6 +41,7 @@ def test_jobs_that_need_a_gpu_go_to_the_gpu_queue() -> None:
     from app.deps import Services
     from app.jobs import queue_for
     from app.schemas import (
+        FewStepDistillSpec,
         IntrinsicDimensionSpec,
         LossBenchmarkSpec,
         MixedPrecisionSpec,
@@ -54,6 +55,6 @@ def test_jobs_that_need_a_gpu_go_to_the_gpu_queue() -> None:
     assert queue_for(svc, MixedPrecisionSpec(model=digits, backend="torch-cpu")) == "cpu"
     assert queue_for(svc, MixedPrecisionSpec(model=digits)) == "cpu"
     assert queue_for(svc, LossBenchmarkSpec(device="cuda")) == "gpu"
-    for spec in (IntrinsicDimensionSpec, SpikingSpec):
+    for spec in (IntrinsicDimensionSpec, SpikingSpec, FewStepDistillSpec):
         assert queue_for(svc, spec(device="cuda")) == "gpu"
         assert queue_for(svc, spec()) == queue_for(svc, spec(device="cpu")) == "cpu"

@@ -1,5 +1,7 @@
 """The training jobs' ``device``: a GPU run uses the Triton kernels (FWHT for Fastfood, the fused
 LIF) and agrees with the CPU run of the same seed; a CPU worker refuses ``cuda`` before it trains.
+Few-step distillation has no kernel of ours, but its draws are made on the CPU too, so the GPU
+run tracks the CPU one.
 
 The ``gpu`` tests run on a GPU machine through scripts/gpu_check.sh (``--noconftest``: no Redis,
 no shared store), so they build what they need themselves.
@@ -13,11 +15,14 @@ import pytest
 import torch
 
 from app.config import Settings
-from app.schemas import IntrinsicDimensionSpec, SpikingSpec
+from app.schemas import FewStepDistillSpec, IntrinsicDimensionSpec, SpikingSpec
 from app.storage import open_store
 from tests import helpers
 from workers.engine import datasets
 from workers.engine.context import LocalContext, UserError
+from workers.engine.diffusion import job as few_step
+from workers.engine.diffusion.distill import DistillConfig, distill, sample
+from workers.engine.diffusion.nets import Denoiser
 from workers.engine.intrinsic import job as intrinsic
 from workers.engine.intrinsic.projections import make
 from workers.engine.intrinsic.subspace import init_params, train_subspace
@@ -27,17 +32,21 @@ from workers.engine.spiking import job as spiking
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this worker has a GPU")
 
 
+Spec = IntrinsicDimensionSpec | SpikingSpec | FewStepDistillSpec
+
+
 @no_gpu
 @pytest.mark.parametrize("spec", [
     IntrinsicDimensionSpec(grid=[5], epochs=1, device="cuda"),
     SpikingSpec(model="char-rwkv", steps=10, device="cuda"),
-], ids=["intrinsic_dimension", "spiking"])
-def test_cuda_on_a_cpu_worker_is_refused_before_training(
-        tmp_path: Path, spec: IntrinsicDimensionSpec | SpikingSpec) -> None:
-    run = intrinsic.run if isinstance(spec, IntrinsicDimensionSpec) else spiking.run
+    FewStepDistillSpec(iterations=1, device="cuda"),
+], ids=["intrinsic_dimension", "spiking", "few_step_distill"])
+def test_cuda_on_a_cpu_worker_is_refused_before_training(tmp_path: Path, spec: Spec) -> None:
+    runs = {"intrinsic_dimension": intrinsic.run, "spiking": spiking.run,
+            "few_step_distill": few_step.run}
     ctx = LocalContext(tmp_path)
     with pytest.raises(UserError, match="asked for device `cuda`, but this worker has no GPU"):
-        run(spec, ctx)  # type: ignore[arg-type]
+        runs[spec.kind](spec, ctx)  # type: ignore[operator]
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
 
 
@@ -108,3 +117,43 @@ def test_spiking_jobs_on_cuda(tmp_path: Path, digits_store: Path) -> None:
                                  device="cuda"), LocalContext(tmp_path / "lm"))
     assert lm.environment.device.startswith("cuda") and 0 < lm.twin_quality < 7
     assert len(lm.samples[0].spiking) == 16 and lm.spiking_macs == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("student", ["full", "lora"])
+def test_distillation_on_cuda_tracks_the_cpu_run(student: str) -> None:
+    """Same teacher, draws and LoRA init (drawn on the CPU) on both devices: the students'
+    losses and samples agree up to float rounding."""
+    torch.manual_seed(0)
+    net = Denoiser(dim=64, classes=10, hidden=64, depth=1).eval()
+    x0, y = torch.rand(256, 64) * 2 - 1, torch.arange(256) % 10
+    cfg = DistillConfig(method="slam", iterations=20, batch_size=64, grid_points=8, skip=8,
+                        teacher_substeps=4, student=student)  # type: ignore[arg-type]
+    out = []
+    for dev in ("cpu", "cuda"):
+        teacher = Denoiser(dim=64, classes=10, hidden=64, depth=1).to(dev).eval()
+        teacher.load_state_dict(net.state_dict())
+        copy = Denoiser(dim=64, classes=10, hidden=64, depth=1).to(dev)
+        copy.load_state_dict(net.state_dict())
+        trained, info = distill(copy, teacher, x0.to(dev), y.to(dev), cfg)
+        out.append((info["final_loss"], sample(trained, y[:40].to(dev), 2, 64, seed=1).cpu()))
+    (loss_cpu, x_cpu), (loss_gpu, x_gpu) = out
+    assert loss_gpu == pytest.approx(loss_cpu, rel=0.02)
+    assert float((x_gpu - x_cpu).norm() / x_cpu.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_few_step_distill_job_on_cuda(tmp_path: Path, digits_store: Path) -> None:
+    """The teacher trained on the GPU (cached under its own key), a SLAM student, the samplers
+    and the metrics; the student's weights come back as CPU tensors."""
+    from safetensors.torch import load_file
+
+    ctx = LocalContext(tmp_path, store=open_store(Settings(store_url=digits_store.as_uri())))
+    res = few_step.run(FewStepDistillSpec(methods=["slam"], steps=[1], teacher_steps=8,
+                                          iterations=30, samples_per_class=4, device="cuda"), ctx)
+    assert res.environment.device.startswith("cuda")
+    assert {(r.method, r.steps) for r in res.rows} == {("real", None), ("teacher", 8),
+                                                       ("teacher", 1), ("slam", 1)}
+    assert all(r.frechet_distance >= 0 for r in res.rows)
+    weights = load_file(ctx.workdir / "artifacts" / "student-slam.safetensors")
+    assert weights and all(t.device.type == "cpu" for t in weights.values())

@@ -57,8 +57,10 @@ def distill(student: Denoiser, teacher: Teacher, x0: torch.Tensor, y: torch.Tens
             cfg: DistillConfig, check: Callable[[int], None] | None = None
             ) -> tuple[Denoiser, dict[str, float]]:
     """Train ``student`` (a copy of the teacher network, changed in place; LoRA adapters are
-    added first when ``cfg.student == "lora"``). Returns it and ``{"seconds", "final_loss",
-    "trainable_parameters"}``."""
+    added first when ``cfg.student == "lora"``) on its device, where ``x0``, ``y`` and the
+    teacher must be too. Returns it and ``{"seconds", "final_loss", "trainable_parameters"}``.
+    Batches, times and noise are drawn on the CPU, so a seed means the same draws anywhere."""
+    device = next(student.parameters()).device
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.student == "lora":
@@ -66,25 +68,25 @@ def distill(student: Denoiser, teacher: Teacher, x0: torch.Tensor, y: torch.Tens
     target = copy.deepcopy(student).requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    ts = grid(cfg.grid_points)
+    ts = grid(cfg.grid_points).to(device)
     t0 = time.perf_counter()
     loss_v = float("nan")
     student.train()
     for it in range(cfg.iterations):
         if check is not None:
             check(it)
-        idx = torch.randint(0, len(x0), (cfg.batch_size,), generator=gen)
+        idx = torch.randint(0, len(x0), (cfg.batch_size,), generator=gen).to(device)
         xb, yb = x0[idx], y[idx]
         # As LCM's and the official SLAM code: t anywhere on the grid, s = skip steps later,
         # clamped at the grid's end (so a long skip still trains the small t that sampling uses).
-        n = torch.randint(0, cfg.grid_points, (cfg.batch_size,), generator=gen)
+        n = torch.randint(0, cfg.grid_points, (cfg.batch_size,), generator=gen).to(device)
         t, s = ts[n], ts[(n + cfg.skip).clamp(max=cfg.grid_points)]
-        x_t = noised(xb, torch.randn(xb.shape, generator=gen), t)
+        x_t = noised(xb, torch.randn(xb.shape, generator=gen).to(device), t)
         with torch.no_grad():
             x_s = ddim(labelled(teacher, yb), x_t, t, s, cfg.teacher_substeps)
             want = target(x_s, s, yb)
         if cfg.method == "slam":
-            gamma = torch.rand(cfg.batch_size, generator=gen)
+            gamma = torch.rand(cfg.batch_size, generator=gen).to(device)
             x_g = sl_point(x_t, x_s, t, s, gamma)
             got = sl_origin(x_g, student.velocity(x_g, t, yb, gamma), t, s, gamma)
         else:
@@ -105,12 +107,14 @@ def distill(student: Denoiser, teacher: Teacher, x0: torch.Tensor, y: torch.Tens
 @torch.no_grad()
 def sample(student: Denoiser, y: torch.Tensor, steps: int, dim: int, seed: int) -> torch.Tensor:
     """Consistency sampling in ``steps`` evaluations: denoise pure noise at t = 1, then re-noise
-    to t = 1 - j / steps and denoise again."""
+    to t = 1 - j / steps and denoise again. On the student's device (``y`` there too); the noise
+    is drawn on the CPU."""
+    device = next(student.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(y), dim, generator=gen)
-    ones = torch.ones(len(y))
+    x = torch.randn(len(y), dim, generator=gen).to(device)
+    ones = torch.ones(len(y), device=device)
     x0: torch.Tensor = student(x, ones, y)
     for j in range(1, steps):
         t = ones * (1 - j / steps)
-        x0 = student(noised(x0, torch.randn(x0.shape, generator=gen), t), t, y)
+        x0 = student(noised(x0, torch.randn(x0.shape, generator=gen).to(device), t), t, y)
     return x0

@@ -48,6 +48,7 @@ def lora_norms(model: Denoiser) -> list[LoraNorm]:
 
 def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
     t_start = time.perf_counter()
+    device = env.resolve_device(spec.device)
     ctx.progress("teacher", 0.01, "loading (or training) the digits diffusion teacher")
 
     def teacher_check(step: int) -> None:
@@ -55,12 +56,13 @@ def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
             ctx.progress("teacher", 0.01 + 0.2 * step / TEACHER_TRAIN["steps"],
                          f"training the teacher: step {step}")
 
-    net, meta = teacher(ctx.store, teacher_check)
+    net, meta = teacher(ctx.store, teacher_check, device)
     cnn, _ = zoo.digits_cnn(ctx.store)
-    x_train, y_train = digits_flat("train")
-    x_test, _ = digits_flat("test")
+    cnn = cnn.to(device)
+    x_train, y_train = (t.to(device) for t in digits_flat("train"))
+    x_test = digits_flat("test")[0].to(device)
     real_feats = quality.features(cnn, quality.to_images(x_test))
-    labels = torch.arange(10).repeat_interleave(spec.samples_per_class)
+    labels = torch.arange(10, device=device).repeat_interleave(spec.samples_per_class)
     dim = x_train.shape[1]
     rows: list[QualityRow] = []
 
@@ -91,7 +93,8 @@ def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
 
     ctx.progress("teacher", 0.22, f"sampling the teacher at {spec.teacher_steps} steps")
     for steps in sorted({spec.teacher_steps, *spec.steps}, reverse=True):
-        noise = torch.randn(len(labels), dim, generator=torch.Generator().manual_seed(spec.seed))
+        noise = torch.randn(len(labels), dim,
+                            generator=torch.Generator().manual_seed(spec.seed)).to(device)
         t0 = time.perf_counter()
         gen = solve(lambda x, t: teacher_fn(x, t, labels), noise, steps)
         measure("teacher", steps, gen, time.perf_counter() - t0)
@@ -122,7 +125,7 @@ def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
                                     trainable_parameters=int(info["trainable_parameters"]),
                                     lora=lora_norms(student)))
         ctx.save_artifact(f"student-{method}.safetensors", save_st_bytes(
-            {n: p.detach().contiguous() for n, p in student.state_dict().items()}),
+            {n: p.detach().cpu().contiguous() for n, p in student.state_dict().items()}),
             "application/octet-stream")
         ctx.save_artifact(f"student-{method}.json", json.dumps(
             {**student.config, "method": method, "student": spec.student, "rank": spec.rank,
@@ -144,7 +147,7 @@ def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
                 f"point's noise level (v form), target and sampling at gamma = 1; "
                 f"{spec.samples_per_class} samples per class, noise seed "
                 f"{spec.seed}"),
-        environment=env.environment(torch.device("cpu")))
+        environment=env.environment(device))
     ctx.save_artifact("report.json", result.model_dump_json(indent=1).encode(), "application/json")
     ctx.progress("done", 1.0, result.summary[:200])
     return result

@@ -77,8 +77,10 @@ class LoRALinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.rank, self.scale = rank, scale
-        self.A = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
+        # drawn on the CPU (one A per seed on every device), then put beside the frozen weight
+        a = torch.randn(rank, base.in_features) / math.sqrt(base.in_features)
+        self.A = nn.Parameter(a.to(base.weight.device))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         self.input_max = 0.0  # largest |input| entry seen (the LoRA-limits paper's norm bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

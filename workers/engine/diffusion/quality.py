@@ -26,7 +26,7 @@ def features(cnn: DigitsCNN, images: torch.Tensor) -> torch.Tensor:
 
 def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
     """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)) of two feature sets."""
-    xa, xb = a.double().numpy(), b.double().numpy()
+    xa, xb = a.double().cpu().numpy(), b.double().cpu().numpy()
     mu_a, mu_b = xa.mean(0), xb.mean(0)
     ca, cb = np.cov(xa, rowvar=False), np.cov(xb, rowvar=False)
     # tr((C_a C_b)^(1/2)) = sum of sqrt(eig(C_a^(1/2) C_b C_a^(1/2))): symmetric, so stable
@@ -49,7 +49,7 @@ def png(images: torch.Tensor, rows: int, scale: int = 4, pad: int = 2) -> bytes:
     cols = -(-n // rows)
     cell_h, cell_w = h * scale + pad, w * scale + pad
     canvas = np.full((rows * cell_h + pad, cols * cell_w + pad), 255, dtype=np.uint8)
-    big = images[:, 0].repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    big = images[:, 0].cpu().repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     pix = (255 * (1 - big.clamp(0, 1))).round().to(torch.uint8).numpy()  # dark ink on white
     for i in range(n):
         r, c = divmod(i, cols)

@@ -63,7 +63,7 @@ def ddim(denoise: Denoise, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, st
 def solve(denoise: Denoise, x_T: torch.Tensor, steps: int) -> torch.Tensor:
     """The teacher's many-step sampler: DDIM from t = 1 to T_MIN in ``steps`` uniform steps,
     then the final denoised estimate."""
-    ones = torch.ones(len(x_T), dtype=x_T.dtype)
+    ones = torch.ones(len(x_T), dtype=x_T.dtype, device=x_T.device)
     end = ones * T_MIN
     return denoise(ddim(denoise, x_T, ones, end, steps), end)
 

@@ -27,12 +27,15 @@ def digits_flat(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return d.inputs["x"].reshape(len(d.labels), -1) * 2 - 1, d.labels
 
 
-def train_teacher(check: Callable[[int], None] | None = None) -> tuple[Denoiser, dict[str, Any]]:
+def train_teacher(check: Callable[[int], None] | None = None,
+                  device: torch.device | None = None) -> tuple[Denoiser, dict[str, Any]]:
+    """Trained on ``device`` (default: the CPU); batches and noise are drawn on the CPU."""
+    device = device or torch.device("cpu")
     cfg = TEACHER_TRAIN
     torch.manual_seed(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
-    x, y = digits_flat("train")
-    model = Denoiser(hidden=cfg["hidden"], depth=cfg["depth"])
+    x, y = (t.to(device) for t in digits_flat("train"))
+    model = Denoiser(hidden=cfg["hidden"], depth=cfg["depth"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["steps"])
     t0 = time.perf_counter()
@@ -40,10 +43,10 @@ def train_teacher(check: Callable[[int], None] | None = None) -> tuple[Denoiser,
     for step in range(cfg["steps"]):
         if check is not None:
             check(step)
-        idx = torch.randint(0, len(x), (cfg["batch_size"],), generator=gen)
+        idx = torch.randint(0, len(x), (cfg["batch_size"],), generator=gen).to(device)
         x0, yb = x[idx], y[idx]
-        eps = torch.randn(x0.shape, generator=gen)
-        t = torch.rand(len(x0), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.rand(len(x0), generator=gen).to(device)
         # the v-loss: error of the predicted velocity alpha eps - sigma x0
         x_t = noised(x0, eps, t)
         v = col(alpha(t), x0) * eps - col(sigma(t), x0) * x0
@@ -57,10 +60,14 @@ def train_teacher(check: Callable[[int], None] | None = None) -> tuple[Denoiser,
                    "train_seconds": round(time.perf_counter() - t0, 2)}
 
 
-def teacher(store: Store | None, check: Callable[[int], None] | None = None
-            ) -> tuple[Denoiser, dict[str, Any]]:
-    state, meta = zoo.cached_training(f"zoo/digits-diffusion/{TEACHER_VERSION}",
-                                      lambda: train_teacher(check), store)
+def teacher(store: Store | None, check: Callable[[int], None] | None = None,
+            device: torch.device | None = None) -> tuple[Denoiser, dict[str, Any]]:
+    """The cached teacher on ``device``; trained there on first use. GPU-trained weights differ
+    from CPU-trained ones in the last bits, so they are cached apart."""
+    device = device or torch.device("cpu")
+    key = f"zoo/digits-diffusion/{TEACHER_VERSION}" + ("" if device.type == "cpu"
+                                                       else f"-{device.type}")
+    state, meta = zoo.cached_training(key, lambda: train_teacher(check, device), store)
     model = Denoiser(hidden=TEACHER_TRAIN["hidden"], depth=TEACHER_TRAIN["depth"])
     model.load_state_dict(state)
-    return model.eval(), meta
+    return model.to(device).eval(), meta
