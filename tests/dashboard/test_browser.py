@@ -124,6 +124,8 @@ def test_spiking_job_from_the_form(browser: object, stack: Stack) -> None:
     assert isinstance(res, SpikingResult) and res.model == "digits-cnn"
     assert page.locator("#spiking-layers tr").count() == len(res.layers) + 1  # type: ignore[attr-defined]
     sync_api.expect(page.locator("#summary")).to_contain_text("estimate, not a measurement")
+    sync_api.expect(page.locator("#environment")).to_contain_text(  # type: ignore[attr-defined]
+        f"Ran on {res.environment.device_name} ({res.environment.device},")
     page.screenshot(path=str(SHOTS / "dashboard-job-spiking.png"), full_page=True)  # type: ignore[attr-defined]
 
 
