@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run on a machine with a CUDA GPU (the `device` tool's H100/H200), within
 # ~10 minutes (the steps' limits add up to 595 s). Exits 1 if any step failed. Prepare here first: `bash scripts/gpu_wheels.sh`; then run with carry [".whl"]:
-#   bash scripts/gpu_check.sh            (results and logs under $OUT, else benchmarks/results/gpu)
+#   bash scripts/gpu_check.sh            (results and logs under $OUT, else benchmarks/results/gpu:
+#                                         device.txt, steps.log and three tables; 5 files)
 # 1. every gpu-marked test (Triton kernels on CUDA vs their references; the torch-cuda backend,
 #    fp8 included, vs the simulation), 2. the weight-only matmul table (ours vs torch's kernels),
 # 3. the loss table with the peers' Triton kernels (issue 4), 4. mixed precision on torch-cuda,
@@ -22,12 +23,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT/device.txt"
 failed=0
+# The device tool returns at most 8 files from $OUT: every step's log goes into one steps.log.
+LOGS=$(mktemp -d)
 step() {  # name, time limit (s), command...
   local name=$1 limit=$2 rc; shift 2
   echo "== $name"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   rc=$?
-  tail -25 "$OUT/$name.log"
+  { echo "===== $name: exit $rc"; cat "$LOGS/$name.log"; } >> "$OUT/steps.log"
+  tail -25 "$LOGS/$name.log"
   echo "== $name: exit $rc"
   [ "$rc" -eq 0 ] || failed=1
 }
