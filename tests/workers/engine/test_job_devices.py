@@ -83,11 +83,27 @@ def test_subspace_training_on_cuda_tracks_the_cpu_run() -> None:
     assert all(not p.is_cuda for p in theta0.values())
 
 
+def _counted(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    """Count the calls of ``module.name``, which still runs: the proof that a job used it."""
+    real, calls = getattr(module, name), []
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
 @pytest.mark.gpu
-def test_intrinsic_dimension_job_on_cuda(tmp_path: Path) -> None:
+def test_intrinsic_dimension_job_on_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpu_kernels import _hadamard_triton
+
+    fwht_calls = _counted(monkeypatch, _hadamard_triton, "fwht")
     res = intrinsic.run(IntrinsicDimensionSpec(grid=[5, 50, 400, 2000], epochs=3, device="cuda"),
                         LocalContext(tmp_path))
     assert res.environment.device.startswith("cuda") and res.full_accuracy > 0.8
+    assert fwht_calls  # Fastfood ran the Triton FWHT
     if res.d_int90 is not None:  # rebuilt on the CPU from the GPU-trained d coordinates
         passing = next(c for c in res.curve if c.d == res.d_int90)
         assert res.rebuilt_accuracy == pytest.approx(passing.accuracy, abs=0.02)
@@ -99,13 +115,18 @@ def digits_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 @pytest.mark.gpu
-def test_spiking_jobs_on_cuda(tmp_path: Path, digits_store: Path) -> None:
+def test_spiking_jobs_on_cuda(tmp_path: Path, digits_store: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
     """digits-cnn converted and fine-tuned on the GPU (the Triton LIF forward and backward): its
     artifact, loaded on the CPU (the reference LIF), scores what the job reported; char-rwkv
     trains, evaluates and samples on the GPU."""
+    from gpu_kernels import _lif_triton
+
+    forward, backward = (_counted(monkeypatch, _lif_triton, f) for f in ("forward", "backward"))
     ctx = LocalContext(tmp_path / "cnn", store=open_store(Settings(store_url=digits_store.as_uri())))
     res = spiking.run(SpikingSpec(model="digits-cnn", epochs=1, device="cuda"), ctx)
     assert res.environment.device.startswith("cuda") and res.quality_gap < 0.05
+    assert forward and backward  # fine-tuning went through the fused kernel both ways
     art = ctx.workdir / "artifacts"
     model = spiking.load_bytes((art / "spiking.json").read_bytes(),
                                (art / "spiking.safetensors").read_bytes())

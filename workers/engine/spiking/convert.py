@@ -102,7 +102,7 @@ def convert(ann: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, time_s
     """The converted network, fine-tuned ``epochs`` times over the training data; and
     ``{"converted_train_accuracy", "fine_tune_seconds"}``."""
     stages = stages_of(ann)
-    snn = SpikingClassifier(copy.deepcopy(stages), time_steps, beta)
+    snn = SpikingClassifier(copy.deepcopy(stages), time_steps, beta).to(x_train.device)
     calibrate(snn, stages, x_train[:512], percentile)
     before = accuracy(snn, x_train, y_train)
     torch.manual_seed(seed)
