@@ -275,14 +275,23 @@ def measure_all(n: int, d: int, vocab_sizes: Sequence[int], dtype: str, impls: S
         if impl not in ALL_IMPLS:
             raise ValueError(f"unknown implementation {impl!r}; known: {', '.join(ALL_IMPLS)}")
     cases = [(v, impl) for v in vocab_sizes for impl in impls]
-    rows = []
+    rows: list[Row] = []
     for i, (v, impl) in enumerate(cases):
         if on_progress is not None:
-            on_progress(i / len(cases), f"{impl} at V={v} ({i + 1}/{len(cases)})")
+            done = f"; last: {summary(rows[-1])}" if rows else ""
+            on_progress(i / len(cases), f"{impl} at V={v} ({i + 1}/{len(cases)}){done}")
         rows.append(measure_case(impl, n, d, v, dtype, device, repeats, check_grads))
     if on_progress is not None:
-        on_progress(1.0, f"{len(cases)} cases measured")
+        last = f"; last: {summary(rows[-1])}" if rows else ""
+        on_progress(1.0, f"{len(cases)} cases measured{last}")
     return rows
+
+
+def summary(r: Row) -> str:
+    """One finished case in a line: a run cut short still leaves its figures in the log."""
+    if r.error or r.time_ms is None or r.peak_extra_bytes is None:
+        return f"{r.impl} V={r.v}: {r.error or 'no result'}"
+    return f"{r.impl} V={r.v}: {r.time_ms:.1f} ms, {r.peak_extra_bytes / 2**20:.1f} MiB extra"
 
 
 def table(rows: Sequence[Row]) -> list[str]:
