@@ -42,6 +42,32 @@ def queue_for(svc: Services, spec: BaseModel) -> str:
     return "gpu" if gpu else svc.settings.default_queue
 
 
+async def served_queues(svc: Services) -> tuple[int, set[str] | None]:
+    """(live workers, the queues they consume); None where a worker does not say which."""
+    keys = [k async for k in svc.redis.scan_iter(match=records.WORKER_PATTERN, count=100)]
+    queues: set[str] | None = set()
+    for raw in await svc.redis.mget(keys) if keys else []:
+        try:
+            named = json.loads(raw)["queues"] if raw else None
+        except (ValueError, KeyError, TypeError):
+            named = None
+        if queues is not None and named is not None:
+            queues.update(named)
+        elif raw:  # an older worker's key: which queues it serves is unknown
+            queues = None
+    return len(keys), queues
+
+
+async def _waiting_message(svc: Services, queue: str) -> str:
+    _, queues = await served_queues(svc)
+    if queues is None or queue in queues:
+        return "waiting for a worker"
+    how = ("`modelpress worker` on a machine with CUDA" if queue == "gpu" else
+           f"`modelpress worker --queues {queue}`")
+    return (f"waiting for a worker on the `{queue}` queue: none is running now (start one "
+            f"with {how})")
+
+
 def _refs(spec: BaseModel) -> list[tuple[assets.Collection, str]]:
     """The uploaded models and datasets a spec names."""
     out: list[tuple[assets.Collection, str]] = []
@@ -91,7 +117,8 @@ async def create_job(
     job = Job(
         id=job_id, kind=spec.kind, name=body.name, state="queued", spec=spec, queue=queue,
         created_at=records.now(),
-        progress=Progress(stage="queued", message="waiting for a worker", updated_at=records.now()),
+        progress=Progress(stage="queued", message=await _waiting_message(svc, queue),
+                          updated_at=records.now()),
     )
     try:
         seq = int(await svc.redis.incr(records.tenant_seq_key(tenant)))

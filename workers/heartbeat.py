@@ -95,7 +95,11 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     hostname = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
     key = records.worker_key(hostname)
     ttl = max(2, int(settings.worker_heartbeat_s * 3 + 0.999))
-    info = json.dumps({"hostname": hostname, "pid": os.getpid(), "started_at": records.iso()})
+    # The queues it consumes (`-Q`): the API tells a job on a queue nobody serves that it waits.
+    amqp = getattr(getattr(sender, "app", None), "amqp", None)
+    queues = sorted(getattr(getattr(amqp, "queues", None), "consume_from", None) or [])
+    info = json.dumps({"hostname": hostname, "pid": os.getpid(), "started_at": records.iso(),
+                       "queues": queues})
 
     def tick() -> None:
         r.set(key, info, ex=ttl)

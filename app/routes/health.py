@@ -3,8 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app import records
 from app.deps import ServicesDep
+from app.jobs import served_queues
 from app.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -23,8 +23,9 @@ async def readyz(svc: ServicesDep) -> JSONResponse:
     try:
         await svc.redis.ping()
         checks["redis"] = "ok"
-        workers = [k async for k in svc.redis.scan_iter(match=records.WORKER_PATTERN, count=100)]
-        checks["worker"] = f"ok ({len(workers)} alive)" if workers else "no worker alive"
+        alive, queues = await served_queues(svc)
+        served = "" if queues is None else f"; queues {', '.join(sorted(queues))}"
+        checks["worker"] = f"ok ({alive} alive{served})" if alive else "no worker alive"
     except Exception as exc:
         checks["redis"] = f"unreachable: {type(exc).__name__}"
         checks["worker"] = "unknown"

@@ -26,7 +26,15 @@ from app import jobs, records
 from app.config import Settings
 from app.deps import Services
 from app.redis_client import async_client
-from app.schemas import BenchmarkResult, BenchmarkSpec, DatasetRef, Deleted, ModelRef, RunAttempt
+from app.schemas import (
+    BenchmarkResult,
+    BenchmarkSpec,
+    DatasetRef,
+    Deleted,
+    LossBenchmarkSpec,
+    ModelRef,
+    RunAttempt,
+)
 from app.storage import Store, open_store
 from modelpress import (
     APIConnectionError,
@@ -644,9 +652,26 @@ def test_readyz_and_docs(stack: Stack) -> None:
     r = httpx.get(f"{stack.base_url}/readyz")
     assert r.status_code == 200
     assert r.json()["checks"]["worker"].startswith("ok")
+    assert r.json()["checks"]["worker"].endswith("; queues cpu)")  # the stack's worker: -Q cpu
     spec = httpx.get(f"{stack.base_url}/openapi.json").json()
     assert "/v1/jobs/{job_id}/events" in spec["paths"]
     assert httpx.get(f"{stack.base_url}/docs").status_code == 200
+
+
+def test_a_job_for_a_queue_no_worker_serves_says_so(stack: Stack) -> None:
+    """The stack's worker consumes `cpu` only: a `device: cuda` job is accepted and queued on
+    `gpu`, and its progress says that no worker serves that queue and how to start one."""
+    with stack.client() as client:
+        cpu = client.jobs.create(LossBenchmarkSpec(n=8, d=8, vocab_sizes=[16], repeats=1))
+        gpu = client.jobs.create(LossBenchmarkSpec(n=8, d=8, vocab_sizes=[16], device="cuda"))
+        assert (cpu.queue, cpu.progress.message) == ("cpu", "waiting for a worker")
+        assert gpu.queue == "gpu" and gpu.state == "queued"
+        assert gpu.progress.message == (
+            "waiting for a worker on the `gpu` queue: none is running now (start one with "
+            "`modelpress worker` on a machine with CUDA)")
+        assert client.jobs.get(gpu.id).progress.message == gpu.progress.message
+        assert client.jobs.cancel(gpu.id).state == "cancelled"
+        assert client.jobs.wait(cpu.id, timeout=120).state == "succeeded"
 
 
 def test_hf_folder_and_dataset_uploads_run(stack: Stack, tmp_path: Path) -> None:
@@ -689,7 +714,7 @@ def test_hf_folder_and_dataset_uploads_run(stack: Stack, tmp_path: Path) -> None
 
 
 def test_loss_benchmark_job_through_the_api(stack: Stack) -> None:
-    from app.schemas import LossBenchmarkResult, LossBenchmarkSpec
+    from app.schemas import LossBenchmarkResult
 
     with stack.client() as client:
         spec = LossBenchmarkSpec(n=128, d=32, vocab_sizes=[2048], repeats=1,
