@@ -387,6 +387,8 @@ def jobs_submit(ctx: click.Context, spec_file: Any, name: str | None, wait: bool
     with _client(ctx) as c:
         job = c.jobs.create(spec, name=name)
         click.echo(job.id)
+        if job.state == "queued" and job.progress.message != "waiting for a worker":
+            click.echo(f"note: {job.progress.message}", err=True)  # e.g. no worker on its queue
         if wait:
             job = c.jobs.wait(job.id, progress=True, raise_on_failure=False)
             click.echo(format_result(job))
@@ -445,7 +447,8 @@ def jobs_log(ctx: click.Context, job_id: str, tail: int) -> None:
 def jobs_cancel(ctx: click.Context, job_id: str, force: bool) -> None:
     with _client(ctx) as c:
         job = c.jobs.cancel(job_id, force=force)
-        click.echo(f"{job.id} {job.state}" + (" (cancel requested)" if job.cancel_requested else ""))
+        asked = job.cancel_requested and job.state in ("queued", "running")  # not yet stopped
+        click.echo(f"{job.id} {job.state}" + (" (cancel requested)" if asked else ""))
 
 
 @jobs.command("delete")

@@ -784,3 +784,11 @@ def test_cli_submits_from_stdin_downloads_into_a_new_folder_and_deletes(stack: S
     again = subprocess.run([sys.executable, "-m", "modelpress.cli", "jobs", "delete", job_id],
                            env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and f"job '{job_id}' not found" in again.stderr, again.stderr
+    # a job for a queue no worker serves: submitted, and the CLI says why it will wait
+    gpu = subprocess.run([sys.executable, "-m", "modelpress.cli", "jobs", "submit", "-"],
+                         input=json.dumps({"kind": "loss_benchmark", "n": 8, "d": 8,
+                                           "vocab_sizes": [16], "device": "cuda"}),
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert gpu.returncode == 0 and gpu.stdout.startswith("job_"), gpu.stdout + gpu.stderr
+    assert "note: waiting for a worker on the `gpu` queue: none is running now" in gpu.stderr
+    assert cli("jobs", "cancel", gpu.stdout.strip()).strip() == f"{gpu.stdout.strip()} cancelled"
