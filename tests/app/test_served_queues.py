@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,11 +11,9 @@ import redis
 
 from app import records
 from app.config import Settings
-from app.deps import Services
 from app.jobs import served_queues
-from app.redis_client import async_client
-from app.storage import open_store
 from modelpress import _stack
+from tests.app.test_idempotent_delete import run
 from tests.conftest import fresh_db
 
 
@@ -29,15 +26,8 @@ def settings(tmp_path: Path, redis_server: _stack.EmbeddedRedis) -> Iterator[Set
 
 
 def served(settings: Settings) -> tuple[int, set[str] | None]:
-    async def main() -> tuple[int, set[str] | None]:
-        svc = Services(settings, async_client(settings), open_store(settings),
-                       celery=None)  # type: ignore[arg-type]  # nothing is enqueued
-        try:
-            return await served_queues(svc)
-        finally:
-            await svc.redis.aclose()
-
-    return asyncio.run(main())
+    out: tuple[int, set[str] | None] = run(settings, served_queues)
+    return out
 
 
 def test_the_union_of_the_workers_queues_or_unknown(settings: Settings) -> None:
