@@ -93,10 +93,15 @@ _in_store: set[tuple[str, str]] = set()  # (store url, key): known to be there
 
 
 def cached_training(key: str, train: Callable[[], tuple[nn.Module, dict[str, Any]]],
-                    store: Store | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                    store: Store | None, device: torch.device | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A zoo model's trained weights, from this process, the object store, or trained now
     (then cached in both). In the store, weights and meta are one object (the meta in the
-    safetensors header): two workers training the same model at once cannot mix their halves."""
+    safetensors header): two workers training the same model at once cannot mix their halves.
+    ``device``: where ``train`` trains. Weights trained on a GPU differ in their last bits from
+    CPU-trained ones, so they are cached apart (the key gets ``-cuda``)."""
+    if device is not None and device.type != "cpu":
+        key += f"-{device.type}"
     obj = f"{key}/trained.safetensors"
     if store is not None and key not in _memory_cache and store.exists(obj):
         blob = store.get_bytes(obj)

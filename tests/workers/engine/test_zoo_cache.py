@@ -61,3 +61,25 @@ def test_one_object_holds_weights_and_meta(store: Store, tmp_path: Path) -> None
     theirs, their_meta = zoo.cached_training("zoo/test/v1", train, store)
     assert their_meta == {"train_seconds": 9.0}
     assert torch.equal(theirs["weight"], other.weight.detach())
+
+
+def test_weights_trained_on_a_gpu_are_cached_apart(store: Store, tmp_path: Path) -> None:
+    """Only the device's type names the key: ``train`` itself runs wherever it runs (here the
+    CPU), so this needs no GPU."""
+    trained: list[str] = []
+
+    def train(where: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+        trained.append(where)
+        return torch.nn.Linear(2, 2), {"where": where}
+
+    forget()
+    zoo._memory_cache.pop("zoo/test/v1-cuda", None)
+    _, cpu_meta = zoo.cached_training("zoo/test/v1", lambda: train("cpu"), store,
+                                      torch.device("cpu"))
+    _, gpu_meta = zoo.cached_training("zoo/test/v1", lambda: train("cuda"), store,
+                                      torch.device("cuda"))
+    assert trained == ["cpu", "cuda"] and (cpu_meta, gpu_meta) == ({"where": "cpu"},
+                                                                  {"where": "cuda"})
+    files = sorted(p.relative_to(tmp_path / "store").as_posix()
+                   for p in (tmp_path / "store").rglob("*") if p.is_file())
+    assert files == ["zoo/test/v1-cuda/trained.safetensors", "zoo/test/v1/trained.safetensors"]

@@ -62,12 +62,11 @@ def train_teacher(check: Callable[[int], None] | None = None,
 
 def teacher(store: Store | None, check: Callable[[int], None] | None = None,
             device: torch.device | None = None) -> tuple[Denoiser, dict[str, Any]]:
-    """The cached teacher on ``device``; trained there on first use. GPU-trained weights differ
-    from CPU-trained ones in the last bits, so they are cached apart."""
+    """The cached teacher on ``device``; trained there on first use (cached apart from the
+    CPU-trained one, see ``zoo.cached_training``)."""
     device = device or torch.device("cpu")
-    key = f"zoo/digits-diffusion/{TEACHER_VERSION}" + ("" if device.type == "cpu"
-                                                       else f"-{device.type}")
-    state, meta = zoo.cached_training(key, lambda: train_teacher(check, device), store)
+    state, meta = zoo.cached_training(f"zoo/digits-diffusion/{TEACHER_VERSION}",
+                                      lambda: train_teacher(check, device), store, device)
     model = Denoiser(hidden=TEACHER_TRAIN["hidden"], depth=TEACHER_TRAIN["depth"])
     model.load_state_dict(state)
     return model.to(device).eval(), meta

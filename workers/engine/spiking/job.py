@@ -66,11 +66,9 @@ def _rwkv(spec: SpikingSpec, spiking: bool, ctx: JobContext, frac: tuple[float, 
         return model.eval(), {"train": cfg, "train_seconds": round(seconds, 2),
                               "device": device.type}
 
-    # Weights trained on a GPU differ in the last bits from CPU-trained ones: cached apart.
     key = (f"zoo/char-{name}/{RWKV_VERSION}-s{spec.steps}-seed{spec.seed}"
-           + (f"-beta{spec.decay()}" if spiking else "")
-           + ("" if device.type == "cpu" else f"-{device.type}"))
-    state, meta = zoo.cached_training(key, train, ctx.store)
+           + (f"-beta{spec.decay()}" if spiking else ""))
+    state, meta = zoo.cached_training(key, train, ctx.store, device)
     model = RWKVLM(cfg["d_model"], cfg["layers"], spiking, spec.decay())
     model.load_state_dict(state)
     return model.to(device).eval(), meta
