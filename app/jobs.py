@@ -20,6 +20,7 @@ from app.deps import Services
 from app.errors import ApiError, not_found
 from app.schemas import (
     FINAL_STATES,
+    WAITING_FOR_WORKER,
     ArtifactInfo,
     DatasetRef,
     Deleted,
@@ -61,10 +62,10 @@ async def served_queues(svc: Services) -> tuple[int, set[str] | None]:
 async def _waiting_message(svc: Services, queue: str) -> str:
     _, queues = await served_queues(svc)
     if queues is None or queue in queues:
-        return "waiting for a worker"
+        return WAITING_FOR_WORKER
     how = ("`modelpress worker` on a machine with CUDA" if queue == "gpu" else
            f"`modelpress worker --queues {queue}`")
-    return (f"waiting for a worker on the `{queue}` queue: none is running now (start one "
+    return (f"{WAITING_FOR_WORKER} on the `{queue}` queue: none is running now (start one "
             f"with {how})")
 
 

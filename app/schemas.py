@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+# A new job's progress message while a live worker serves its queue (else it says none does).
+WAITING_FOR_WORKER = "waiting for a worker"
 JobKind = Literal["benchmark", "sensitivity", "mixed_precision", "loss_benchmark",
                   "intrinsic_dimension", "spiking", "few_step_distill"]
 ZooModel = Literal["digits-cnn", "minilm-l6", "char-gpt"]

@@ -16,7 +16,14 @@ import redis
 from app.auth import TENANT_RE, create_key, hash_token
 from app.config import Settings
 from app.records import apikey_key
-from app.schemas import FINAL_STATES, Deleted, Job, MixedPrecisionSpec, ModelRef
+from app.schemas import (
+    FINAL_STATES,
+    WAITING_FOR_WORKER,
+    Deleted,
+    Job,
+    MixedPrecisionSpec,
+    ModelRef,
+)
 from modelpress import _stack
 from modelpress._client import Client
 from modelpress._errors import ModelpressError
@@ -387,7 +394,7 @@ def jobs_submit(ctx: click.Context, spec_file: Any, name: str | None, wait: bool
     with _client(ctx) as c:
         job = c.jobs.create(spec, name=name)
         click.echo(job.id)
-        if job.state == "queued" and job.progress.message != "waiting for a worker":
+        if job.state == "queued" and job.progress.message != WAITING_FOR_WORKER:
             click.echo(f"note: {job.progress.message}", err=True)  # e.g. no worker on its queue
         if wait:
             job = c.jobs.wait(job.id, progress=True, raise_on_failure=False)
@@ -447,7 +454,7 @@ def jobs_log(ctx: click.Context, job_id: str, tail: int) -> None:
 def jobs_cancel(ctx: click.Context, job_id: str, force: bool) -> None:
     with _client(ctx) as c:
         job = c.jobs.cancel(job_id, force=force)
-        asked = job.cancel_requested and job.state in ("queued", "running")  # not yet stopped
+        asked = job.cancel_requested and job.state not in FINAL_STATES  # not yet stopped
         click.echo(f"{job.id} {job.state}" + (" (cancel requested)" if asked else ""))
 
 
