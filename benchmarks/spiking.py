@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import write_out
@@ -50,7 +52,7 @@ def rows(r: SpikingResult) -> list[str]:
 
 
 def beta_sweep(betas: list[float], steps: int, out: Path | None) -> None:
-    e = env.environment(__import__("torch").device("cpu"))
+    e = env.environment(torch.device("cpu"))
     lines = [f"# SpikeGPT's membrane decay ({e.device_name}, {e.threads} threads, "
              f"{dt.date.today().isoformat()})", "",
              f"`python benchmarks/spiking.py --beta-sweep {','.join(map(str, betas))} --steps "
@@ -86,7 +88,7 @@ def main() -> None:
             ctx = LocalContext(Path(tmp) / spec.model)
             results.append(job.run(spec, ctx))
             print(f"{spec.model}: {results[-1].seconds:.0f} s", file=sys.stderr)
-    e = env.environment(__import__("torch").device("cpu"))
+    e = env.environment(torch.device("cpu"))
     lines = [f"# Spiking vs twin ({e.device_name}, {e.threads} threads, "
              f"{dt.date.today().isoformat()})", "",
              "`python benchmarks/spiking.py` (job defaults; char-rwkv: "
