@@ -358,16 +358,8 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     _mark_pareto(list(points.values()), higher)
     base_key = config_key({})
     baseline = points[base_key]
-    # fp32 is always inside the budget (see within_budget above), so `inside` is never empty.
-    inside = [(k, p) for k, p in points.items() if p.within_budget]
-    # Latencies within 3% of the fastest are a tie on a shared machine: among those, keep the
-    # best metric (then the smallest model) instead of chasing timer noise.
-    fastest = min(p.latency_ms or 0.0 for _, p in inside)
-    ties = [(k, p) for k, p in inside if (p.latency_ms or 0.0) <= fastest * (1 + TIE)]
-    sign = 1.0 if higher else -1.0
-    chosen_key, chosen = min(ties, key=lambda kp: (-sign * (kp[1].deployed_metric or 0.0),
-                                                   kp[1].size_bytes or 0))
-    why = _explain(chosen, baseline, limit.value, task.metric, len(inside), len(points))
+    chosen_key, why = choose_point(points, base_key, higher, limit.value, task.metric)
+    chosen = points[chosen_key]
     assert baseline.latency_ms and chosen.latency_ms
     reduction = 1.0 - chosen.latency_ms / baseline.latency_ms
 
@@ -629,20 +621,45 @@ def _mark_pareto(points: list[ConfigPoint], higher: bool) -> None:
             for q in points)
 
 
-def _explain(chosen: ConfigPoint, baseline: ConfigPoint, limit: float, metric: str,
-             inside: int, n: int) -> str:
-    """``inside`` counts fp32, which is always within the budget."""
-    if not chosen.config:
-        if n == 1:
-            return ("no quantized configuration was offered (the levels hold only fp32, or no "
-                    "layer can take them); returning the float model")
-        if inside == 1:
-            return (f"none of the {n - 1} quantized configurations kept {metric} within the "
-                    f"threshold {limit:.6f} on the deployed model; returning the float model")
-        return (f"{inside - 1} quantized configurations met the threshold {limit:.6f}, but each "
-                f"measured slower than fp32 ({baseline.latency_ms:.3f} ms) on this backend at "
-                "this batch size; returning the float model")
-    return (f"fastest of the {n} measured configurations whose deployed {metric} "
+def choose_point(points: dict[str, ConfigPoint], base_key: str, higher: bool, limit: float,
+                 metric: str) -> tuple[str, str]:
+    """The key of the point to ship, and why.
+
+    Among the measured points inside the budget (fp32 always is), latencies within ``TIE`` of
+    the fastest are a tie on a shared machine: among those the better metric wins, then the
+    smaller model. A quantized point must also have measured faster than fp32: a slower one is
+    never worth shipping, whatever its metric.
+    """
+    baseline = points[base_key]
+    base_ms = baseline.latency_ms or 0.0
+    inside = [(k, p) for k, p in points.items() if p.within_budget]
+    eligible = [(k, p) for k, p in inside if k == base_key or (p.latency_ms or 0.0) < base_ms]
+    fastest = min(p.latency_ms or 0.0 for _, p in eligible)
+    ties = [(k, p) for k, p in eligible if (p.latency_ms or 0.0) <= fastest * (1 + TIE)]
+    sign = 1.0 if higher else -1.0
+    key, chosen = min(ties, key=lambda kp: (-sign * (kp[1].deployed_metric or 0.0),
+                                            kp[1].size_bytes or 0))
+    n, quantized = len(points), len(inside) - 1
+    if chosen.config:
+        return key, (
+            f"fastest of the {n} measured configurations whose deployed {metric} "
             f"({chosen.deployed_metric:.6f}) meets the threshold {limit:.6f} (latencies within "
             f"{TIE:.0%} count as equal, the better {metric} wins): "
-            f"{chosen.latency_ms:.3f} ms vs fp32 {baseline.latency_ms:.3f} ms")
+            f"{chosen.latency_ms:.3f} ms vs fp32 {base_ms:.3f} ms")
+    if n == 1:
+        return key, ("no quantized configuration was offered (the levels hold only fp32, or no "
+                     "layer can take them); returning the float model")
+    if quantized == 0:
+        return key, (f"none of the {n - 1} quantized configurations kept {metric} within the "
+                     f"threshold {limit:.6f} on the deployed model; returning the float model")
+    faster = len(eligible) - 1
+    if faster == 0:
+        return key, (f"{quantized} quantized configurations met the threshold {limit:.6f}, but "
+                     f"each measured slower than fp32 ({base_ms:.3f} ms) on this backend at "
+                     "this batch size; returning the float model")
+    best = min(p.latency_ms or 0.0 for k, p in eligible if k != base_key)
+    return key, (f"{quantized} quantized configurations met the threshold {limit:.6f}; the "
+                 f"{faster} of them faster than fp32 ({base_ms:.3f} ms) gained at most "
+                 f"{1 - best / base_ms:.1%}, within the {TIE:.0%} counted as equal, and fp32 "
+                 f"has the better {metric} ({baseline.deployed_metric:.6f}); returning the "
+                 "float model")
