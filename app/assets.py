@@ -149,12 +149,7 @@ async def create_model(
                 return earlier, False
         limit = svc.settings.max_unpacked_bytes
         try:
-            if fmt is not None:
-                kind: ModelFormat = fmt
-            else:
-                kind = await anyio.to_thread.run_sync(filechecks.detect_model_format, path)
-            check = filechecks.check_pt2 if kind == "pt2" else filechecks.check_hf_zip
-            details: dict[str, Any] = await anyio.to_thread.run_sync(check, path, limit)
+            kind, details = await anyio.to_thread.run_sync(filechecks.check_model, path, fmt, limit)
         except filechecks.Rejected as exc:
             raise ApiError(422, str(exc), "invalid_model") from None
         await svc.store.put_file_async(records.model_object(tenant, model_id, kind), path)
@@ -180,19 +175,14 @@ async def create_dataset(
                                             digest, DatasetInfo)
             if earlier is not None:
                 return earlier, False
-        if fmt is None:
-            fmt = filechecks.detect_dataset_format(path)
+        limit = svc.settings.max_unpacked_bytes
         try:
-            if fmt == "npz":
-                tensors = await anyio.to_thread.run_sync(
-                    filechecks.check_npz, path, svc.settings.max_unpacked_bytes
-                )
-            else:
-                tensors = await anyio.to_thread.run_sync(filechecks.check_safetensors, path)
+            kind, tensors = await anyio.to_thread.run_sync(filechecks.check_dataset, path, fmt,
+                                                           limit)
         except filechecks.Rejected as exc:
             raise ApiError(422, str(exc), "invalid_dataset") from None
-        await svc.store.put_file_async(records.dataset_object(tenant, dataset_id, fmt), path)
-        info = DatasetInfo(id=dataset_id, name=name, format=fmt, size=size, sha256=digest,
+        await svc.store.put_file_async(records.dataset_object(tenant, dataset_id, kind), path)
+        info = DatasetInfo(id=dataset_id, name=name, format=kind, size=size, sha256=digest,
                            created_at=records.now(), tensors=tensors)
         return await _recorded(svc, "datasets", tenant, info, idempotency_key)
     finally:

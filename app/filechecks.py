@@ -12,12 +12,15 @@ import math
 import re
 import struct
 import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 
-from app.schemas import TensorInfo
+from app.schemas import DatasetFormat, ModelFormat, TensorInfo
 
 MAX_COMPRESSION_RATIO = 200  # a deflate ratio far beyond real weights: a zip bomb
 MAX_MEMBERS = 10_000
@@ -27,6 +30,12 @@ SAFETENSORS_DTYPES = {  # bytes per element
 }  # fmt: skip
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".h5", ".msgpack"}
 HF_ALLOWED_SUFFIXES = {".json", ".safetensors", ".txt", ".model", ".md", ".jinja"}
+# What a dataset's arrays may hold: numbers NumPy loads and torch takes (no bf16 or fp8 in NumPy).
+DATASET_KINDS = "biuf"  # bool, int, uint, float
+DATASET_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+# What parsing a malformed file raises where no check catches it first: the file is bad, not us.
+_MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, EOFError,
+              struct.error, zipfile.BadZipFile, zlib.error, NotImplementedError)
 
 _PT2_MEMBER = re.compile(
     r"^[^/]+/("
@@ -39,6 +48,53 @@ _PT2_MEMBER = re.compile(
 
 class Rejected(ValueError):
     """The file is not acceptable; the message says why and what to send instead."""
+
+
+def check_model(path: Path, fmt: ModelFormat | None, max_unpacked: int
+                ) -> tuple[ModelFormat, dict[str, Any]]:
+    """The model's format (``fmt``, or detected) and what its check read from it."""
+    kind = fmt if fmt is not None else detect_model_format(path)
+    what = "a .pt2 archive (torch.export.save)" if kind == "pt2" else "a zipped Hugging Face folder"
+    with _malformed(what):
+        return kind, (check_pt2 if kind == "pt2" else check_hf_zip)(path, max_unpacked)
+
+
+def check_dataset(path: Path, fmt: DatasetFormat | None, max_unpacked: int
+                  ) -> tuple[DatasetFormat, dict[str, TensorInfo]]:
+    """The dataset's format and tensors, checked as a worker will load them: numeric arrays of at
+    least one dimension that all share their first (sample) dimension."""
+    kind = fmt if fmt is not None else detect_dataset_format(path)
+    with _malformed("an .npz archive" if kind == "npz" else "a .safetensors file"):
+        tensors = (check_npz(path, max_unpacked) if kind == "npz"
+                   else check_safetensors(path, dataset=True))
+    counts = {name: t.shape[0] if t.shape else None for name, t in tensors.items()}
+    for name, n in counts.items():
+        if n is None:
+            raise Rejected(f"array {name!r} is a scalar: every array needs a first dimension "
+                           "that counts the samples")
+    if len(set(counts.values())) > 1:
+        raise Rejected(f"every array must have the same number of samples (first dimension); "
+                       f"got {counts}")
+    return kind, tensors
+
+
+@contextmanager
+def _malformed(what: str) -> Iterator[None]:
+    """A parse error no check anticipated still rejects the file (a 422), never a server error."""
+    try:
+        yield
+    except Rejected:
+        raise
+    except _MALFORMED as exc:
+        raise Rejected(f"the upload could not be read as {what} ({type(exc).__name__}: {exc})"
+                       ) from None
+
+
+def _json_member(zf: zipfile.ZipFile, name: str) -> Any:
+    try:
+        return json.loads(zf.read(name))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Rejected(f"{name!r} is not valid JSON: {exc}") from None
 
 
 def check_archive(zf: zipfile.ZipFile, max_unpacked: int) -> list[zipfile.ZipInfo]:
@@ -94,6 +150,8 @@ def check_pt2(path: Path, max_unpacked: int) -> dict[str, Any]:
         root = roots.pop()
         if f"{root}/models/model.json" not in names:
             raise Rejected(".pt2 archive has no models/model.json: save it with torch.export.save")
+        if f"{root}/archive_format" not in names:
+            raise Rejected(".pt2 archive has no archive_format: save it with torch.export.save")
         if zf.read(f"{root}/archive_format").decode(errors="replace").strip() != "pt2":
             raise Rejected(".pt2 archive_format is not 'pt2'")
         counts = {}
@@ -102,8 +160,14 @@ def check_pt2(path: Path, max_unpacked: int) -> dict[str, Any]:
             if cfg_name not in names:
                 counts[section] = 0
                 continue
-            config = json.loads(zf.read(cfg_name))["config"]
+            doc = _json_member(zf, cfg_name)
+            config = doc.get("config") if isinstance(doc, dict) else None
+            if not isinstance(config, dict):
+                raise Rejected(f"{cfg_name!r} has no 'config' object: save it with "
+                               "torch.export.save")
             for fqn, meta in config.items():
+                if not isinstance(meta, dict):
+                    raise Rejected(f"{section[:-1]} {fqn!r} has unreadable metadata in the .pt2")
                 if meta.get("use_pickle"):
                     raise Rejected(f"{section[:-1]} {fqn!r} is pickled inside the .pt2; re-export "
                                    "with plain tensors")
@@ -189,7 +253,7 @@ def check_hf_zip(path: Path, max_unpacked: int) -> dict[str, Any]:
             raise Rejected("the model folder has no config.json at its top level")
         if not any(n.endswith(".safetensors") for n in rel):
             raise Rejected("the model folder has no .safetensors weights")
-        config = json.loads(zf.read(prefix + "config.json"))
+        config = _json_member(zf, prefix + "config.json")
         if not isinstance(config, dict) or "model_type" not in config:
             raise Rejected("config.json has no model_type")
         if "auto_map" in config:
@@ -197,7 +261,7 @@ def check_hf_zip(path: Path, max_unpacked: int) -> dict[str, Any]:
         for name in rel:
             if name.endswith(".safetensors"):
                 with zf.open(prefix + name) as fh:
-                    _safetensors_header(fh, zf.getinfo(prefix + name).file_size, name)
+                    _safetensors_header(fh, zf.getinfo(prefix + name).file_size, repr(name))
         if "tokenizer.json" not in rel and "vocab.txt" not in rel:
             raise Rejected("the model folder has no tokenizer (tokenizer.json or vocab.txt): "
                            "save it beside the model, tokenizer.save_pretrained(folder)")
@@ -215,41 +279,51 @@ def _common_folder(files: list[str]) -> str:
     return ""
 
 
-def _safetensors_header(fh: Any, size: int, name: str) -> dict[str, TensorInfo]:
+def _safetensors_header(fh: IO[bytes], size: int, name: str,
+                        dtypes: Iterable[str] = SAFETENSORS_DTYPES) -> dict[str, TensorInfo]:
+    """The tensors a safetensors file declares; ``name`` is how messages call the file."""
     raw = fh.read(8)
     if len(raw) != 8:
-        raise Rejected(f"{name!r} is not a safetensors file")
+        raise Rejected(f"{name} is not a safetensors file")
     (n,) = struct.unpack("<Q", raw)
     if n > min(size - 8, 100 * 1024 * 1024):
-        raise Rejected(f"{name!r} has an invalid safetensors header length")
+        raise Rejected(f"{name} has an invalid safetensors header length")
     try:
         header = json.loads(fh.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise Rejected(f"{name!r} has a corrupt safetensors header") from None
+        raise Rejected(f"{name} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise Rejected(f"{name} has a safetensors header that is not a JSON object")
     data_len = size - 8 - n
     out: dict[str, TensorInfo] = {}
     for key, meta in header.items():
         if key == "__metadata__":
             continue
+        if not isinstance(meta, dict):
+            raise Rejected(f"{name}: tensor {key!r} has no dtype, shape and data_offsets")
         dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES or not isinstance(shape, list):
-            raise Rejected(f"{name!r}: tensor {key!r} has an unsupported dtype or shape")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]
-                <= data_len):
-            raise Rejected(f"{name!r}: tensor {key!r} points outside the file")
+        if not isinstance(dtype, str) or dtype not in dtypes or not isinstance(shape, list):
+            raise Rejected(f"{name}: tensor {key!r} has an unsupported dtype or shape "
+                           f"({dtype}; accepted: {', '.join(sorted(dtypes))})")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_len):
+            raise Rejected(f"{name}: tensor {key!r} points outside the file")
         if any(not isinstance(d, int) or d < 0 for d in shape):
-            raise Rejected(f"{name!r}: tensor {key!r} has an invalid shape {shape}")
+            raise Rejected(f"{name}: tensor {key!r} has an invalid shape {shape}")
         needed = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
         if needed != offsets[1] - offsets[0]:
-            raise Rejected(f"{name!r}: tensor {key!r} of shape {shape} needs {needed} bytes but "
+            raise Rejected(f"{name}: tensor {key!r} of shape {shape} needs {needed} bytes but "
                            f"holds {offsets[1] - offsets[0]}")
         out[key] = TensorInfo(shape=shape, dtype=dtype.lower())
     return out
 
 
-def check_safetensors(path: Path) -> dict[str, TensorInfo]:
+def check_safetensors(path: Path, dataset: bool = False) -> dict[str, TensorInfo]:
+    """An uploaded ``.safetensors`` file (``dataset``: of arrays NumPy can load)."""
+    dtypes = DATASET_SAFETENSORS_DTYPES if dataset else SAFETENSORS_DTYPES
     with path.open("rb") as fh:
-        tensors = _safetensors_header(fh, path.stat().st_size, path.name)
+        tensors = _safetensors_header(fh, path.stat().st_size, "the upload", dtypes)
     if not tensors:
         raise Rejected("the safetensors file holds no tensors")
     return tensors
@@ -259,6 +333,10 @@ def check_npz(path: Path, max_unpacked: int) -> dict[str, TensorInfo]:
     """A NumPy ``.npz`` of plain arrays (no object arrays, so no pickle)."""
     with _open_zip(path, "an .npz dataset") as zf:
         check_archive(zf, max_unpacked)
+        if _is_torch_save(zf.namelist()):
+            raise Rejected("this is a torch.save checkpoint (a pickle), and pickles are never "
+                           "loaded: save the arrays with numpy.savez('data.npz', x=inputs, "
+                           "y=labels) or as a .safetensors file")
         out: dict[str, TensorInfo] = {}
         for info in zf.infolist():
             if not info.filename.endswith(".npy"):
@@ -274,6 +352,9 @@ def check_npz(path: Path, max_unpacked: int) -> dict[str, TensorInfo]:
                 held = info.file_size - fh.tell()
             if dtype.hasobject:
                 raise Rejected(f"{info.filename!r} holds Python objects (pickle); not accepted")
+            if dtype.fields is not None or dtype.kind not in DATASET_KINDS:
+                raise Rejected(f"{info.filename!r} holds {dtype} values: a dataset's arrays hold "
+                               "numbers (bool, integer or floating point)")
             needed = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
             if needed != held:
                 raise Rejected(f"{info.filename!r}: shape {list(shape)} of {dtype} needs {needed} "
@@ -285,9 +366,17 @@ def check_npz(path: Path, max_unpacked: int) -> dict[str, TensorInfo]:
 
 
 def detect_dataset_format(path: Path) -> Literal["npz", "safetensors"]:
-    """An ``.npz`` is a zip archive; anything else is read as ``.safetensors`` (whose own
-    check says what is wrong with it)."""
-    return "npz" if zipfile.is_zipfile(path) else "safetensors"
+    """An ``.npz`` is a zip archive; a ``.safetensors`` file starts with its header's 8-byte
+    length and the header's ``{``."""
+    if zipfile.is_zipfile(path):
+        return "npz"
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    hint = " (it looks like a pickle, which is never loaded)" if head[:1] == b"\x80" else ""
+    raise Rejected("a dataset must be an .npz archive (numpy.savez('data.npz', x=inputs, "
+                   f"y=labels)) or a .safetensors file; the bytes sent are neither{hint}")
 
 
 def detect_model_format(path: Path) -> Literal["pt2", "hf"]:

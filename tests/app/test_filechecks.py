@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import struct
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -142,3 +145,116 @@ def test_safetensors_sent_as_npz_says_which_format_to_give(tmp_path: Path) -> No
     with pytest.raises(Rejected, match="format=safetensors"):
         filechecks.check_npz(data, LIMIT)
     assert set(filechecks.check_safetensors(data)) == {"x"}
+
+
+def _safetensors_bytes(header: object, data: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.mark.parametrize("header, message", [
+    ([], "not a JSON object"),
+    ("abc", "not a JSON object"),
+    ({"x": 1}, "has no dtype, shape and data_offsets"),
+    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}}, "points outside the file"),
+    ({"x": {"dtype": 7, "shape": [1], "data_offsets": [0, 4]}}, "unsupported dtype"),
+])
+def test_malformed_safetensors_headers_are_rejected(tmp_path: Path, header: object,
+                                                    message: str) -> None:
+    p = tmp_path / "d.safetensors"
+    p.write_bytes(_safetensors_bytes(header, bytes(4)))
+    with pytest.raises(Rejected, match=message):
+        filechecks.check_dataset(p, "safetensors", LIMIT)
+    hf = tmp_path / "hf.zip"
+    with zipfile.ZipFile(hf, "w") as zf:
+        zf.writestr("config.json", b'{"model_type": "bert"}')
+        zf.writestr("vocab.txt", b"[PAD]\n")
+        zf.writestr("model.safetensors", p.read_bytes())
+    with pytest.raises(Rejected, match=message):
+        filechecks.check_model(hf, None, LIMIT)
+
+
+def _pt2_member(tiny: Path, dst: Path, suffix: str, data: bytes | None) -> Path:
+    return rewrite_zip(tiny, dst, lambda name, old: data if name.endswith(suffix) else old)
+
+
+@pytest.mark.parametrize("suffix, data, message", [
+    ("/archive_format", None, "no archive_format"),
+    ("/model_weights_config.json", b"{not json", "is not valid JSON"),
+    ("/model_weights_config.json", b"{}", "has no 'config' object"),
+    ("/model_weights_config.json", b'{"config": {"w": 1}}', "unreadable metadata"),
+    ("/model_weights_config.json", b'{"config": {"w": {"path_name": "weight_0", '
+                                   b'"tensor_meta": 3}}}', "unreadable tensor metadata"),
+])
+def test_malformed_pt2_members_are_rejected(tmp_path: Path, suffix: str, data: bytes | None,
+                                            message: str) -> None:
+    bad = _pt2_member(export_tiny(tmp_path / "m.pt2"), tmp_path / "bad.pt2", suffix, data)
+    with pytest.raises(Rejected, match=message):
+        filechecks.check_model(bad, None, LIMIT)
+
+
+def test_hf_config_that_is_not_json_is_rejected(tmp_path: Path) -> None:
+    from safetensors.torch import save
+
+    p = tmp_path / "hf.zip"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("m/config.json", b'{"model_type": ')
+        zf.writestr("m/vocab.txt", b"[PAD]\n")
+        zf.writestr("m/model.safetensors", save({"w": torch.zeros(2)}))
+    with pytest.raises(Rejected, match=r"'m/config\.json' is not valid JSON"):
+        filechecks.check_model(p, None, LIMIT)
+
+
+def test_a_parse_error_no_check_anticipated_is_still_a_rejection(tmp_path: Path) -> None:
+    # A deflated member whose bytes are garbage: zipfile raises zlib.error on reading it.
+    p = export_tiny(tmp_path / "m.pt2")
+    broken = tmp_path / "broken.pt2"
+    with zipfile.ZipFile(p) as src, zipfile.ZipFile(broken, "w", zipfile.ZIP_DEFLATED) as dst:
+        for i in src.infolist():
+            dst.writestr(i.filename, src.read(i.filename))
+    raw = bytearray(broken.read_bytes())
+    with zipfile.ZipFile(broken) as zf:
+        info = zf.getinfo(next(n for n in zf.namelist() if n.endswith("/archive_format")))
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start:start + info.compress_size] = b"\xff" * info.compress_size
+    broken.write_bytes(bytes(raw))
+    with pytest.raises(Rejected, match=r"could not be read as a \.pt2 archive \(torch\.export"
+                                       r"\.save\) \(error: "):
+        filechecks.check_model(broken, None, LIMIT)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": np.zeros(3, dtype=[("a", "<f4")])}, "holds .* values: a dataset's arrays hold numbers"),
+    ({"x": np.zeros((3, 2), np.float32), "y": np.array(["a", "b", "c"])}, "holds <U1 values"),
+    ({"x": np.zeros((3, 2), np.float32), "y": np.zeros(4, np.int64)}, "same number of samples"),
+    ({"x": np.float32(1.0)}, "'x' is a scalar"),
+])
+def test_datasets_a_worker_could_not_load_are_rejected(tmp_path: Path, arrays: dict[str, Any],
+                                                       message: str) -> None:
+    p = tmp_path / "d.npz"
+    np.savez(p, **arrays)
+    with pytest.raises(Rejected, match=message):
+        filechecks.check_dataset(p, None, LIMIT)
+
+
+def test_dataset_bytes_of_no_known_format_say_what_to_send(tmp_path: Path) -> None:
+    import pickle
+
+    p = tmp_path / "d"
+    p.write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(Rejected, match=r"an \.npz archive .* or a \.safetensors file; the bytes "
+                                       r"sent are neither \(it looks like a pickle"):
+        filechecks.check_dataset(p, None, LIMIT)
+    ckpt = tmp_path / "ckpt"
+    torch.save({"x": torch.zeros(2)}, ckpt)
+    with pytest.raises(Rejected, match=r"torch\.save checkpoint .* numpy\.savez"):
+        filechecks.check_dataset(ckpt, None, LIMIT)
+    bf16 = tmp_path / "bf16.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(3, dtype=torch.bfloat16)}, str(bf16))
+    with pytest.raises(Rejected, match="unsupported dtype or shape \\(BF16; accepted: BOOL"):
+        filechecks.check_dataset(bf16, None, LIMIT)
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.zeros((4, 3), np.float32), y=np.arange(4))
+    assert filechecks.check_dataset(good, None, LIMIT)[0] == "npz"

@@ -19,7 +19,7 @@ import pytest
 from app.schemas import BenchmarkSpec, ModelRef
 from modelpress import _stack
 from tests.conftest import Stack, make_stack, running
-from tests.helpers import export_tiny, measured
+from tests.helpers import export_tiny, measured, rewrite_zip
 
 pytestmark = pytest.mark.slow
 
@@ -139,6 +139,38 @@ def test_absurd_shapes_are_refused_at_upload(inputs_stack: Stack, store: Path) -
         _refused(r, {422}, "'x'", f"needs {2**42} bytes", "holds 16")
         r = http.post("/v1/models", params={"name": "m"}, content=hf.getvalue(), headers=octet)
         _refused(r, {422}, "model.safetensors", f"needs {2**42} bytes")
+        _nothing_left(s, http, store)
+
+
+def test_malformed_files_are_refused_at_upload(inputs_stack: Stack, store: Path,
+                                               tmp_path: Path) -> None:
+    """Files whose JSON parts have the wrong types or are missing: a 422 saying what is wrong,
+    never the 500 a parse error that no check anticipated would give."""
+    s = inputs_stack
+    listed = json.dumps([]).encode()
+    st_list = struct.pack("<Q", len(listed)) + listed
+    no_format = rewrite_zip(export_tiny(tmp_path / "tiny.pt2"), tmp_path / "bad.pt2",
+                            lambda name, data: None if name.endswith("/archive_format") else data)
+    hf = io.BytesIO()
+    with zipfile.ZipFile(hf, "w") as zf:
+        zf.writestr("config.json", '{"model_type": ')
+        zf.writestr("vocab.txt", "[PAD]\n")
+        zf.writestr("model.safetensors", _safetensors([4], bytes(16)))
+    words = io.BytesIO()
+    np.savez(words, x=np.zeros((3, 2), np.float32), y=np.array(["a", "b", "c"]))
+    octet = {"Content-Type": "application/octet-stream"}
+    with _http(s, s.key()) as http:
+        r = http.post("/v1/datasets", params={"name": "d", "format": "safetensors"},
+                      content=st_list, headers=octet)
+        _refused(r, {422}, "header that is not a JSON object")
+        r = http.post("/v1/models", params={"name": "m"}, content=no_format.read_bytes(),
+                      headers=octet)
+        _refused(r, {422}, "no archive_format")
+        r = http.post("/v1/models", params={"name": "m"}, content=hf.getvalue(), headers=octet)
+        _refused(r, {422}, "'config.json' is not valid JSON")
+        r = http.post("/v1/datasets", params={"name": "d"}, content=words.getvalue(),
+                      headers=octet)
+        _refused(r, {422}, "'y.npy' holds <U1 values")
         _nothing_left(s, http, store)
 
 
