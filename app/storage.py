@@ -128,10 +128,21 @@ class Store:
         for chunk in obstore.get(self._inner, key).stream(min_chunk_size=CHUNK):
             yield bytes(chunk)
 
-    async def stream(self, key: str) -> AsyncIterator[bytes]:
-        result = await obstore.get_async(self._inner, key)
-        async for chunk in result.stream(min_chunk_size=CHUNK):
-            yield bytes(chunk)
+    async def open_stream(self, key: str) -> AsyncIterator[bytes]:
+        """The object's bytes, opened now: a missing object (FileNotFoundError) or a store that
+        fails (StoreError) is raised here, before an HTTP response has sent its headers."""
+        try:
+            result = await obstore.get_async(self._inner, key)
+        except GenericError as exc:
+            reason = str(exc).split("\n", 1)[0]
+            error = StoreUnavailable if self._may_pass(exc) else StoreError
+            raise error(f"the object store {self.url} could not read {key}: {reason}") from None
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for chunk in result.stream(min_chunk_size=CHUNK):
+                yield bytes(chunk)
+
+        return chunks()
 
     async def size_async(self, key: str) -> int:
         meta = await obstore.head_async(self._inner, key)

@@ -9,7 +9,9 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app import jobs, records
 from app.deps import IDEMPOTENCY_KEY_PATTERN, DeleteKeyHeader, PrincipalDep, ServicesDep
+from app.errors import ApiError
 from app.schemas import ArtifactInfo, Deleted, Job, JobCreate, JobKind, JobLog, JobPage, JobState
+from app.storage import StoreError, StoreUnavailable
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -114,8 +116,20 @@ async def download_artifact(
     """Stream an artifact from the object store."""
     info = await jobs.artifact(svc, who.tenant, job_id, name)
     key = records.artifact_object(who.tenant, job_id, name)
+    try:
+        chunks = await svc.store.open_stream(key)
+    except FileNotFoundError:
+        raise ApiError(404, f"artifact {name!r} of job {job_id} is recorded but its file is gone "
+                            "from the object store (removed outside modelpress); run the job "
+                            "again to make it", "artifact_missing") from None
+    except StoreUnavailable as exc:
+        raise ApiError(503, f"could not read artifact {name!r}: {exc}; try again when the object "
+                            "store answers") from None
+    except StoreError as exc:
+        raise ApiError(502, f"the object store refused to read artifact {name!r}: {exc}",
+                       "store_refused") from None
     return StreamingResponse(
-        svc.store.stream(key),
+        chunks,
         media_type=info.media_type,
         headers={
             "Content-Length": str(info.size),

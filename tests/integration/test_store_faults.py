@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from app.schemas import BenchmarkSpec, ModelRef
-from modelpress import Client, InternalServerError, _stack
+from modelpress import Client, InternalServerError, NotFoundError, _stack
 from tests.conftest import Stack, make_stack, running
 from tests.helpers import export_tiny, measured
 from tests.integration.test_service import wait_for
@@ -124,23 +124,35 @@ def test_deleting_while_s3_is_down_keeps_the_job_and_a_repeat_finishes(
             timeout=60)
         moto.stop()
         try:
+            with pytest.raises(InternalServerError) as unread:  # before any header, not a cut body
+                client.jobs.download(job.id, "benchmark.json", tmp_path / "got")
             t0 = time.monotonic()
             with pytest.raises(InternalServerError) as info:
                 client.jobs.delete(job.id)
             took = time.monotonic() - t0
         finally:
             moto.start()
+        assert unread.value.status_code == 503
+        assert "could not read artifact 'benchmark.json'" in str(unread.value)
+        assert not (tmp_path / "got" / "benchmark.json").exists()
         assert info.value.status_code == 503
         assert "Its record is kept; try again" in str(info.value)
         assert took < 30  # the API answers instead of hanging on the store
         assert client.jobs.get(job.id).artifacts == job.artifacts
-        assert client.jobs.delete(job.id).files_removed == len(job.artifacts)
+        # An artifact whose file was removed behind the service's back: a 404 that says so.
+        s3 = moto.client()
+        [gone] = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="prod/")["Contents"]
+                  if job.id in o["Key"] and o["Key"].endswith("/benchmark.json")]
+        s3.delete_object(Bucket=BUCKET, Key=gone)
+        with pytest.raises(NotFoundError, match="recorded but its file is gone"):
+            client.jobs.download(job.id, "benchmark.json", tmp_path / "got")
+        assert client.jobs.delete(job.id).files_removed == len(job.artifacts) - 1
         assert client.models.delete(model.id).files_removed == 1
     keys = [o["Key"] for o in moto.client().list_objects_v2(
         Bucket=BUCKET, Prefix="prod/").get("Contents", [])]
     assert not [k for k in keys if job.id in k or model.id in k]
     measured.append(f"delete with s3 down: 503 after {took:.1f} s, job kept; the repeat "
-                    f"removed {len(job.artifacts)} files")
+                    f"removed {len(job.artifacts) - 1} files (one deleted by hand before)")
 
 
 # ---------------------------------------------------------------- a full disk
