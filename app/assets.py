@@ -25,7 +25,7 @@ from app.storage import StoreError, StoreUnavailable
 log = logging.getLogger("modelpress.api")
 Collection = Literal["models", "datasets"]
 ACCEPTED_TYPES = {"application/octet-stream", "application/zip", "application/x-zip-compressed"}
-NAME_RE = re.compile(r"^[\w][\w .@+-]{0,127}$")
+NAME_RE = re.compile(r"[\w][\w .@+-]{0,127}")  # fullmatch: "$" would let a final "\n" in
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -62,7 +62,7 @@ async def receive_upload(request: Request, svc: Services) -> tuple[Path, int, st
 
 
 def _check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ApiError(422, "name must be 1-128 letters, digits, spaces or . _ - @ +")
     return name
 

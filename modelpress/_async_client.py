@@ -124,8 +124,8 @@ class AsyncModels:
         if path.is_dir():
             with tempfile.TemporaryDirectory() as tmp:
                 zipped = await anyio.to_thread.run_sync(_base.zip_folder, path, Path(tmp))
-                return await self._c._call(
-                    _base.upload_model(zipped, name or path.resolve().name or "model", format or "hf"))
+                name = name or _base.default_name(path.resolve().name)
+                return await self._c._call(_base.upload_model(zipped, name, format or "hf"))
         return await self._c._call(_base.upload_model(path, name, format))
 
     async def list(self, *, limit: int = 100) -> list[ModelInfo]:
@@ -285,7 +285,7 @@ class AsyncJobs:
                             pause = _base.backoff_seconds(attempt, resp)
                         else:
                             expected, digest = _base.etag_sha256(resp), hashlib.sha256()
-                            async with await anyio.open_file(tmp, "wb") as fh:
+                            async with await anyio.open_file(_base.part_file(tmp), "wb") as fh:
                                 async for chunk in resp.aiter_bytes():
                                     digest.update(chunk)
                                     await fh.write(chunk)

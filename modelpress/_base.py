@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 import uuid
 import zipfile
@@ -47,14 +48,25 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 def download_paths(dest: str | Path, name: str) -> tuple[Path, Path]:
     """Where a download goes (``dest``, or ``name`` inside it when it is a folder: one that
-    exists, or one written with a trailing slash, created here) and the ``.part`` file it is
-    streamed to first."""
+    exists, or one written with a trailing slash) and the ``.part`` file it is streamed to
+    first. Missing folders are made by ``part_file`` once the server has answered."""
     path = Path(dest)
-    if str(dest).endswith(("/", os.sep)):
-        path.mkdir(parents=True, exist_ok=True)
-    if path.is_dir():
+    if str(dest).endswith(("/", os.sep)) or path.is_dir():
         path = path / name
     return path, path.with_name(path.name + ".part")
+
+
+def part_file(tmp: Path) -> Path:
+    """``tmp``, its folder made: only now, so a refused download leaves no empty folder."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def default_name(text: str) -> str:
+    """A file's stem or a folder's name as an upload name the API takes (a letter, digit or _
+    first, then those, spaces and . - @ +, at most 128): any other character becomes '_'."""
+    name = re.sub(r"[^\w .@+-]", "_", text).lstrip(" .@+-")[:128]
+    return name or "upload"
 
 
 def etag_sha256(response: httpx.Response) -> str | None:
@@ -251,7 +263,7 @@ def _upload_headers() -> dict[str, str]:
 
 
 def upload_model(path: Path, name: str | None, fmt: str | None) -> Call[ModelInfo]:
-    params = {"name": name or path.stem}
+    params = {"name": name or default_name(path.stem)}
     if fmt:
         params["format"] = fmt
     return Call("POST", "/v1/models", _model(ModelInfo), params=params, upload=path,
@@ -279,7 +291,8 @@ def delete_model(model_id: str) -> Call[Deleted]:
 
 def upload_dataset(path: Path, name: str | None, fmt: str | None) -> Call[DatasetInfo]:
     fmt = fmt or {".npz": "npz", ".safetensors": "safetensors"}.get(path.suffix)
-    params = {"name": name or path.stem, **({"format": fmt} if fmt else {})}  # else detected
+    params = {"name": name or default_name(path.stem),
+              **({"format": fmt} if fmt else {})}  # else detected
     return Call("POST", "/v1/datasets", _model(DatasetInfo), params=params, upload=path,
                 headers=_upload_headers())
 

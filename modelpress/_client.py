@@ -125,8 +125,8 @@ class Models:
         if path.is_dir():
             with tempfile.TemporaryDirectory() as tmp:
                 zipped = _base.zip_folder(path, Path(tmp))
-                return self._c._call(_base.upload_model(zipped, name or path.resolve().name or "model",
-                                                     format or "hf"))
+                name = name or _base.default_name(path.resolve().name)
+                return self._c._call(_base.upload_model(zipped, name, format or "hf"))
         return self._c._call(_base.upload_model(path, name, format))
 
     def list(self, *, limit: int = 100) -> list[ModelInfo]:
@@ -284,7 +284,7 @@ class Jobs:
                         pause = _base.backoff_seconds(attempt, resp)
                     else:
                         expected, digest = _base.etag_sha256(resp), hashlib.sha256()
-                        with tmp.open("wb") as fh:
+                        with _base.part_file(tmp).open("wb") as fh:
                             for chunk in resp.iter_bytes():
                                 digest.update(chunk)
                                 fh.write(chunk)

@@ -106,9 +106,11 @@ def server() -> Iterator[tuple[str, Script]]:
             if status != 200:
                 self._error(status)
                 return
-            self._answer(201, json.dumps({"id": "mdl_1", "name": "x", "format": "hf", "size": size,
-                                          "sha256": "0" * 64, "created_at": "2026-12-01T00:00:00Z"}
-                                         ).encode())
+            record = {"id": "mdl_1", "name": "x", "format": "hf", "size": size,
+                      "sha256": "0" * 64, "created_at": "2026-12-01T00:00:00Z"}
+            if self.path.startswith("/v1/datasets"):
+                record |= {"id": "dst_1", "format": "npz", "tensors": {}}
+            self._answer(201, json.dumps(record).encode())
 
         def log_message(self, *args: object) -> None:
             pass
@@ -212,7 +214,12 @@ def test_event_streams_and_downloads_ride_out_5xx(server: tuple[str, Script],
         script.statuses = [404]
         with pytest.raises(NotFoundError):
             c.jobs.download("job_1", "b.bin", tmp_path / "b.bin")
-    assert len(script.seen) == 3 + 2 + 1
+        with pytest.raises(NotFoundError):  # a folder to make: made only for a file to put in it
+            c.jobs.download("job_1", "b.bin", f"{tmp_path}/new/")
+        assert not (tmp_path / "new").exists()
+        script.statuses = [200]
+        assert c.jobs.download("job_1", "b.bin", f"{tmp_path}/new/") == tmp_path / "new" / "b.bin"
+    assert len(script.seen) == 3 + 2 + 1 + 1 + 1
 
     async def go() -> tuple[list[str | None], bytes]:
         async with AsyncClient(base_url=url, api_key="k") as ac:
@@ -245,6 +252,22 @@ def test_a_retried_upload_reuses_its_idempotency_key_and_a_folder_is_named(
     (path1, headers1, size1), (path2, headers2, size2) = script.posts
     assert "name=my-bert" in path1 and path1 == path2 and size1 == size2 > 0
     assert headers1["Idempotency-Key"] == headers2["Idempotency-Key"]
+
+
+def test_default_upload_names_are_ones_the_api_takes(server: tuple[str, Script],
+                                                     tmp_path: Path) -> None:
+    url, script = server
+    model = tmp_path / "my model (copy).pt2"
+    model.write_bytes(b"x")
+    data = tmp_path / ".data[v2].npz"
+    data.write_bytes(b"x")
+    with Client(base_url=url, api_key="k", max_retries=0) as c:
+        c.models.upload(model)
+        c.models.upload(model, name="chosen")  # a name given is sent as it is
+        c.datasets.upload(data)
+    sent = [httpx.URL(path).params["name"] for path, _, _ in script.posts]
+    assert sent == ["my model _copy_", "chosen", "data_v2_"]
+    assert _base.default_name("(") == "_" and _base.default_name("..") == "upload"
 
 
 def test_retry_after_is_never_negative() -> None:
