@@ -107,13 +107,19 @@ async def create_job(
             if existing is None:
                 continue
             try:
-                return await get_job(svc, tenant, str(existing)), False
+                earlier = await get_job(svc, tenant, str(existing))
             except ApiError as exc:
                 if exc.status != 404:
                     raise
                 # the first request with this key has not written its job yet
                 raise ApiError(409, "a request with this Idempotency-Key is still being "
                                     "processed; retry it in a moment") from None
+            if (earlier.spec.model_dump(mode="json"), earlier.name) != (
+                    spec.model_dump(mode="json"), body.name):
+                raise ApiError(422, f"this Idempotency-Key already made job {earlier.id} from "
+                                    "another spec or name; a retry must send the same request, "
+                                    "and a new job needs a new key", "idempotency_key_reused")
+            return earlier, False
     queue = queue_for(svc, spec)
     job = Job(
         id=job_id, kind=spec.kind, name=body.name, state="queued", spec=spec, queue=queue,

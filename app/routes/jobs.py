@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import AfterValidator
 
 from app import jobs, records
 from app.deps import IDEMPOTENCY_KEY_PATTERN, DeleteKeyHeader, PrincipalDep, ServicesDep
@@ -78,13 +79,23 @@ async def _owned(job_id: str, svc: ServicesDep, who: PrincipalDep) -> None:
     await jobs.get_job(svc, who.tenant, job_id)
 
 
+def _stream_id(value: str | None) -> str | None:
+    """A Redis stream id is two 64-bit parts; a larger one would end the stream in an error
+    after its 200 had been sent."""
+    if value is not None and any(int(part) >= 2**64 for part in value.split("-")):
+        raise ValueError("an event id is two numbers below 2**64 joined by '-', as the events "
+                         "of this stream carry")
+    return value
+
+
 @router.get("/{job_id}/events", response_class=EventSourceResponse,
             dependencies=[Depends(_owned)])
 async def job_events(
     job_id: str,
     svc: ServicesDep,
     who: PrincipalDep,
-    last_event_id: Annotated[str | None, Header(pattern=r"^\d{1,20}-\d{1,20}$")] = None,
+    last_event_id: Annotated[str | None, Header(pattern=r"^\d{1,20}-\d{1,20}$"),
+                             AfterValidator(_stream_id)] = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Live state, progress and log events (Server-Sent Events), replayed from the start or from
     `Last-Event-ID`; the stream ends after the final state."""

@@ -166,6 +166,9 @@ def test_submit_progress_result_artifact(stack: Stack, shared_store: Path) -> No
         mid = events[len(events) // 2]["id"]
         replay = list(client.jobs.events(job.id, last_event_id=mid))
         assert [e.id for e in replay] == ids[len(events) // 2 + 1:]
+        r = httpx.get(f"{stack.base_url}/v1/jobs/{job.id}/events", timeout=10, headers={
+            "Authorization": f"Bearer {key}", "Last-Event-ID": f"{2**64}-0"})
+        assert r.status_code == 422 and "below 2**64" in r.text, r.text
         assert any("succeeded" in line for line in client.jobs.log(job.id))
 
 
@@ -356,6 +359,11 @@ def test_idempotent_create_and_paging(stack: Stack) -> None:
         a = client.jobs.create(spec, idempotency_key="retry-key-0001")
         b = client.jobs.create(spec, idempotency_key="retry-key-0001")
         assert a.id == b.id
+        with pytest.raises(UnprocessableEntityError, match=f"already made job {a.id} from another"):
+            client.jobs.create(spec.model_copy(update={"repeats": 4}),
+                               idempotency_key="retry-key-0001")
+        with pytest.raises(UnprocessableEntityError, match="another spec or name"):
+            client.jobs.create(spec, name="renamed", idempotency_key="retry-key-0001")
         others = [client.jobs.create(spec) for _ in range(2)]
         for j in [a, *others]:
             client.jobs.wait(j.id, timeout=60)
