@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, get_args
 
 import redis
@@ -61,6 +62,17 @@ def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts) or "body"
 
 
+def _field_error(error: Mapping[str, Any]) -> dict[str, Any]:
+    if error.get("type") == "json_invalid":  # its loc is ("body", the character's position)
+        loc = list(error.get("loc", ()))
+        at = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        reason = (error.get("ctx") or {}).get("error", "")
+        return {"field": "body", "message": f"not valid JSON{at}: {reason or 'decode error'}",
+                "type": "json_invalid"}
+    return {"field": _field_path(error.get("loc", ())), "message": error.get("msg", ""),
+            "type": error.get("type")}
+
+
 MAX_HEADER_BYTES = 16 * 1024  # all header names and values together, as h11 allows by default
 MAX_HEADERS = 100  # as Apache's LimitRequestFields
 
@@ -98,10 +110,7 @@ def install(app: FastAPI) -> None:
             # FastAPI reads a non-JSON body as bytes; say what to send, not "not a dictionary"
             return JSONResponse(body(415, "send the body as a JSON object with Content-Type "
                                      f"application/json (got {ctype or 'none'!r})"), 415)
-        fields = [
-            {"field": _field_path(e.get("loc", ())), "message": e.get("msg", ""), "type": e.get("type")}
-            for e in exc.errors()
-        ]
+        fields = [_field_error(e) for e in exc.errors()]
         message = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
         return JSONResponse(body(422, message or "invalid request", fields=fields), 422)
 

@@ -262,6 +262,10 @@ def test_malformed_spec_names_the_field(stack: Stack) -> None:
         err = r.json()["error"]
         assert [f["field"] for f in err["fields"]] == ["spec.batch_size"], err
         assert err["message"].startswith("spec.batch_size: ")
+    r = httpx.post(f"{stack.base_url}/v1/jobs", content=b'{"spec": ', headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["message"] == "body: not valid JSON at character 9: Expecting value"
     with stack.client(key) as client:
         with pytest.raises(UnprocessableEntityError, match="kind"):
             client.jobs.create({"kind": "nope", "model": {"zoo": "digits-cnn"}})
