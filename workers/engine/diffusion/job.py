@@ -78,13 +78,15 @@ def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
         ctx.save_artifact(f"samples-{method}-{steps}.png", quality.png(images[pick], rows=10),
                           "image/png")
 
-    # real data: the floor of the metric (train digits against test digits)
-    n_real = min(len(x_train), len(labels))
+    # real data: the floor of the metric (train digits against test digits), drawn as the
+    # samples are, `samples_per_class` of each digit (fewer where train holds fewer): the
+    # first n train digits are not balanced, and that alone raises the distance
+    real = quality.balanced(y_train, spec.samples_per_class)
+    real_images = quality.to_images(x_train[real])
     rows.append(QualityRow(
         method="real", steps=None,
-        frechet_distance=quality.frechet(
-            quality.features(cnn, quality.to_images(x_train[:n_real])), real_feats),
-        class_accuracy=quality.class_accuracy(cnn, quality.to_images(x_train), y_train),
+        frechet_distance=quality.frechet(quality.features(cnn, real_images), real_feats),
+        class_accuracy=quality.class_accuracy(cnn, real_images, y_train[real]),
         ms_per_sample=None))
 
     def teacher_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,13 @@ def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def balanced(labels: torch.Tensor, per_class: int, classes: int = 10) -> torch.Tensor:
+    """Indices of the first ``per_class`` samples of each class (all of a class with fewer), in
+    class order: real data drawn as the generated samples are, so class balance alone does not
+    move the distance between them."""
+    return torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(classes)])
+
+
 def class_accuracy(cnn: DigitsCNN, images: torch.Tensor, y: torch.Tensor) -> float:
     return float((cnn(images).argmax(1) == y).float().mean())
 

@@ -173,6 +173,13 @@ def test_frechet_distance_on_known_gaussians() -> None:
     assert quality.frechet(a, wide) == pytest.approx(3.0, rel=0.05)
 
 
+def test_real_rows_are_drawn_balanced_by_class() -> None:
+    labels = torch.tensor([3, 3, 3, 0, 1, 3, 0, 2, 1, 1])
+    pick = quality.balanced(labels, 2, classes=4)
+    assert pick.tolist() == [3, 6, 4, 8, 7, 0, 1]  # class 2 has one sample: all of it
+    assert torch.bincount(labels[pick]).tolist() == [2, 2, 1, 2]
+
+
 def test_png_grid_decodes() -> None:
     images = torch.zeros(6, 1, 8, 8)
     images[1] = 1.0
