@@ -58,6 +58,18 @@ def test_search_finds_the_grid_boundary_with_fewer_runs() -> None:
         assert len(fast.runs) <= 2 * 8 + 2 < len(full.runs)
 
 
+@pytest.mark.parametrize("per_seed, expected", [
+    ([250, 250, 300], 250),
+    ([1000, 300], 1000),  # not 650: a d that no run trained
+    ([None, 250, 300], 300),  # a seed that never passed is not dropped
+    ([300, None], None),
+    ([None], None),
+])
+def test_the_reported_d_is_one_a_majority_of_seeds_reached(per_seed: list[int | None],
+                                                            expected: int | None) -> None:
+    assert job.majority_d(per_seed) == expected
+
+
 def test_artifact_rebuilds_the_trained_model_bit_for_bit() -> None:
     tr, te = datasets.digits("train"), datasets.digits("test")
     assert tr.labels is not None and te.labels is not None
@@ -145,3 +157,12 @@ def test_a_projection_larger_than_free_memory_is_refused_before_training(tmp_pat
                                         r"d = 10,000,000 needs about 4113\.\d GiB.*'fastfood'"):
         job.run(spec, LocalContext(tmp_path))
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
+
+
+def test_a_sparse_projection_too_slow_to_draw_is_refused_before_training(tmp_path: Path) -> None:
+    # 55,210 x 10^6 fits in memory (4.4 GiB) but would take ~40 min per draw
+    spec = IntrinsicDimensionSpec(projection="sparse", grid=[10, 1_000_000], epochs=1)
+    with pytest.raises(UserError, match=r"sparse projection of D = 55,210 parameters to "
+                                        r"d = 1,000,000 draws a permutation .*'fastfood'"):
+        job.run(spec, LocalContext(tmp_path))
+    assert 315_402 * max(job.DEFAULT_GRID) < job.SPARSE_DRAW_LIMIT  # the default grid passes
