@@ -35,6 +35,25 @@ def test_oversized_materialized_baseline_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="CUDA"):
         loss_benchmark.run(LossBenchmarkSpec(impls=["triton"], device="cpu"),
                            LocalContext(tmp_path))
+    with pytest.raises(UserError, match="'liger', 'cce_triton' run Triton kernels and need a CUDA"):
+        loss_benchmark.run(LossBenchmarkSpec(impls=["chunked", "liger", "cce_triton"],
+                                             device="cpu"), LocalContext(tmp_path))
+
+
+def test_grad_diff_is_against_an_fp32_reference() -> None:
+    """For bf16 inputs the column is the implementation's error against fp32 on the same values,
+    not its distance to the materialized path run in bf16 too."""
+    row = loss_bench.run_case("chunked", 64, 32, 512, "bfloat16", repeats=1)
+    e, c, t = loss_bench.make_inputs(64, 32, 512, "bfloat16", "cpu")
+    loss_bench.loss_fn("chunked")(e, c, t).backward()
+    e32 = e.detach().float().requires_grad_()
+    c32 = c.detach().float().requires_grad_()
+    loss_bench.loss_fn("torch")(e32, c32, t).backward()
+    assert e.grad is not None and c.grad is not None
+    assert e32.grad is not None and c32.grad is not None
+    expected = max((e.grad.float() - e32.grad).abs().max(), (c.grad.float() - c32.grad).abs().max())
+    assert row.max_abs_grad_diff == pytest.approx(float(expected), rel=1e-6)
+    assert row.max_abs_grad_diff is not None and row.max_abs_grad_diff > 0
 
 
 def test_a_peer_that_is_not_installed_is_left_out_or_marked_not_run(
