@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -19,6 +19,18 @@ ZooModel = Literal["digits-cnn", "minilm-l6", "char-gpt"]
 BuiltinDataset = Literal["digits-test", "digits-calib", "sentences"]
 Device = Literal["auto", "cpu", "cuda"]
 MAX_INPUT_ELEMENTS = 2**28
+_T = TypeVar("_T")
+
+
+def _distinct(values: list[_T]) -> list[_T]:
+    """A list of options or sizes names each once: a repeat would only run the same work twice."""
+    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+        raise ValueError(f"each value may appear once; repeated: {repeated}")
+    return values
+
+
+Distinct = AfterValidator(_distinct)
 # Seeds within numpy's and torch's range, with room for the offsets the engine adds per stream.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
@@ -168,6 +180,13 @@ class SensitivitySpec(_Strict):
         default=True, description="Offer independent evaluations (the inter-layer terms, in "
         "pieces of 8 layers) to idle workers; each is still computed once.")
 
+    @model_validator(mode="after")
+    def _quantized(self) -> SensitivitySpec:
+        if self.precision == "fp32":
+            raise ValueError("precision: fp32 is the reference, so every layer's score would be "
+                             "0; give the format to score (int8, int4, ...)")
+        return self
+
 
 class LoraRecovery(_Strict):
     """Low-rank adapters trained on held-out training data to win back what quantization lost.
@@ -204,7 +223,8 @@ class MixedPrecisionSpec(_Strict):
     dataset: DatasetRef | None = Field(default=None, description="Labeled or unlabeled "
                                        "evaluation data; default: the model's own.")
     budget: Budget = Field(default_factory=Budget)
-    levels: list[Precision] | None = Field(
+    levels: Annotated[list[Precision] | None, AfterValidator(
+        lambda v: v if v is None else _distinct(v))] = Field(
         default=None, min_length=1, max_length=3,
         description="Precisions to descend through, most precise first (fp32 is the start). "
         "Default on onnxruntime-cpu: int8-static then int4 for models with convolutions "
@@ -217,7 +237,7 @@ class MixedPrecisionSpec(_Strict):
         description="Where the frontier is realized and timed: ONNX Runtime's CPU kernels "
         "(artifact model.onnx), or PyTorch's kernels on the CPU or on a GPU worker (artifact "
         "model.safetensors with quantized tensors).")
-    baselines: list[Ordering] = Field(
+    baselines: Annotated[list[Ordering], Distinct] = Field(
         default=["uniform", "hessian", "random"],
         description="Other searches run in the same job for comparison (greedy: small models).")
     sensitivity: SensitivityOptions = Field(default_factory=SensitivityOptions)
@@ -270,10 +290,11 @@ class LossBenchmarkSpec(_Strict):
     kind: Literal["loss_benchmark"] = "loss_benchmark"
     n: int = Field(default=2048, ge=1, le=131072, description="Tokens.")
     d: int = Field(default=512, ge=1, le=16384, description="Hidden size.")
-    vocab_sizes: list[Annotated[int, Field(ge=2, le=1_048_576)]] = Field(
+    vocab_sizes: Annotated[list[Annotated[int, Field(ge=2, le=1_048_576)]], Distinct] = Field(
         default=[32768, 131072], min_length=1, max_length=8)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    impls: list[LossImpl] | None = Field(
+    impls: Annotated[list[LossImpl] | None, AfterValidator(
+        lambda v: v if v is None else _distinct(v))] = Field(
         default=None, description="Default: torch, chunked, cce_torch_compile on CPU; adds "
         "triton, cce_triton and liger on a GPU; the peers only where installed (`pip install -e "
         "'.[bench]'`).")
@@ -305,7 +326,7 @@ class IntrinsicDimensionSpec(_Strict):
         default=None, max_length=1000, description="Candidate d values, ascending; default "
         "10, 20, ..., 100, 150, ..., 1000, 1250, ..., 3000.")
     threshold: float = Field(default=0.9, gt=0, le=1, description="Fraction of full accuracy.")
-    seeds: list[Seed] = Field(default=[0], min_length=1, max_length=8,
+    seeds: Annotated[list[Seed], Distinct] = Field(default=[0], min_length=1, max_length=8,
                              description="One search per seed (theta0 and projection).")
     epochs: int = Field(default=20, ge=1, le=1000)
     lr: float = Field(default=0.01, gt=0, le=1)
@@ -373,10 +394,10 @@ class FewStepDistillSpec(_Strict):
     distillation, each sampled at every step count in `steps`."""
 
     kind: Literal["few_step_distill"] = "few_step_distill"
-    methods: list[Literal["slam", "cd"]] = Field(default=["slam", "cd"], min_length=1,
-                                                 max_length=2)
-    steps: list[Annotated[int, Field(ge=1, le=16)]] = Field(default=[1, 2, 4], min_length=1,
-                                                            max_length=6)
+    methods: Annotated[list[Literal["slam", "cd"]], Distinct] = Field(
+        default=["slam", "cd"], min_length=1, max_length=2)
+    steps: Annotated[list[Annotated[int, Field(ge=1, le=16)]], Distinct] = Field(
+        default=[1, 2, 4], min_length=1, max_length=6)
     teacher_steps: int = Field(default=100, ge=2, le=1000,
                                description="DDIM steps of the teacher's reference sampler.")
     student: Literal["full", "lora"] = Field(
@@ -622,7 +643,10 @@ class IntrinsicDimensionResult(BaseModel):
     parameters: int = Field(description="D, the native parameter count.")
     full_accuracy: float
     target: float
-    d_int90: int | None = Field(description="Median over seeds of the smallest passing d.")
+    d_int90: int | None = Field(description=(
+        "The smallest passing d that more than half of the seeds reach: the upper median over "
+        "seeds, a seed that never passed counting as infinite (None unless more than half "
+        "passed)."))
     d_int90_per_seed: list[int | None]
     curve: list[CurvePoint]
     training_runs: int

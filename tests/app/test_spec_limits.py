@@ -3,14 +3,21 @@ created, with a message that says what to change (each one crashed a job before)
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from app.schemas import (
     BenchmarkSpec,
+    FewStepDistillSpec,
     IntrinsicDimensionSpec,
+    JobSpec,
+    LossBenchmarkSpec,
+    MixedPrecisionSpec,
     ModelRef,
     SensitivityOptions,
+    SensitivitySpec,
     SpikingSpec,
 )
 
@@ -39,3 +46,26 @@ def test_a_random_input_must_fit_a_worker() -> None:
     with pytest.raises(ValidationError, match=r"268,435,456 \(1 GiB of float32\)"):
         BenchmarkSpec(model=ZOO, input_shape=[65536, 65536, 65536])
     assert BenchmarkSpec(model=ZOO, input_shape=[4096, 65536]).input_shape == [4096, 65536]
+
+
+@pytest.mark.parametrize("spec, field", [
+    (FewStepDistillSpec().model_dump() | {"methods": ["slam", "slam"]}, "methods"),
+    (FewStepDistillSpec().model_dump() | {"steps": [16, 16]}, "steps"),
+    (IntrinsicDimensionSpec().model_dump() | {"seeds": [0, 0]}, "seeds"),
+    (LossBenchmarkSpec().model_dump() | {"vocab_sizes": [5, 5]}, "vocab_sizes"),
+    (LossBenchmarkSpec().model_dump() | {"impls": ["torch", "torch"]}, "impls"),
+    (MixedPrecisionSpec(model=ZOO).model_dump() | {"levels": ["int8", "int8"]}, "levels"),
+    (MixedPrecisionSpec(model=ZOO).model_dump() | {"baselines": ["random", "random"]},
+     "baselines"),
+])
+def test_a_repeated_option_or_size_is_refused(spec: dict[str, Any], field: str) -> None:
+    # four identical rows and artifacts written twice, before
+    with pytest.raises(ValidationError, match=rf"{field}\n.*each value may appear once"):
+        TypeAdapter(JobSpec).validate_python(spec)
+
+
+def test_sensitivity_to_fp32_is_refused() -> None:
+    # every perturbation, term and score was 0, and the ranks just followed the layer order
+    with pytest.raises(ValidationError, match="fp32 is the reference"):
+        SensitivitySpec(model=ZOO, precision="fp32")
+    assert SensitivitySpec(model=ZOO, precision="int4").precision == "int4"
