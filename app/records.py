@@ -353,19 +353,24 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: job, a hash of the job   ARGV: field, value
+# KEYS: job, a hash of the job   ARGV: field, value, attempt ('' for any)
 # A worker's write into one of the job's hashes (memo, artifacts, runs), made only while the job
 # exists: a piece or an attempt that finishes after the job was deleted does not bring its keys
-# back (they would have no owner and no TTL). Returns 1 if written.
+# back (they would have no owner and no TTL); with an attempt, only while it is the job's latest
+# (a replaced attempt must not rewrite a run or an artifact of the one that replaced it).
+# Returns 1 if written.
 HSET_IF_JOB = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
-# KEYS: job, log, events   ARGV: line, lines kept, event_json, maxlen
+# KEYS: job, log, events   ARGV: line, lines kept, event_json, maxlen, attempt ('' for any)
+# An attempt that a later one replaced (its worker stalled past its lease) writes no more lines.
 LOG_IF_JOB = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[5] then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[3])
@@ -373,6 +378,9 @@ return 1
 """
 
 
-def hset_if_job(r: Any, job_id: str, hash_key: str, field: str, value: str) -> bool:
-    """HSET_IF_JOB with a synchronous client (the workers')."""
-    return bool(r.eval(HSET_IF_JOB, 2, job_key(job_id), hash_key, field, value))
+def hset_if_job(r: Any, job_id: str, hash_key: str, field: str, value: str,
+                attempt: int | None = None) -> bool:
+    """HSET_IF_JOB with a synchronous client (the workers'); with ``attempt``, only while that
+    attempt is the job's latest."""
+    return bool(r.eval(HSET_IF_JOB, 2, job_key(job_id), hash_key, field, value,
+                       "" if attempt is None else str(attempt)))

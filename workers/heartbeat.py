@@ -31,6 +31,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1
 return 0
 """
 
+# Replaces the key's holder ARGV[1] (known to be gone) by ARGV[2], only if ARGV[1] still holds it.
+TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
 
 class Beat:
     """Calls ``tick`` every ``interval`` seconds on a daemon thread until stopped."""
@@ -64,11 +73,15 @@ class Lease:
         self._r = r
         self.key = records.lease_key(job_id)
         self.holder = holder
-        self._ttl = max(2, int(interval * 3 + 0.999))
+        self.ttl = max(2, int(interval * 3 + 0.999))
         self._beat = Beat(interval, self._refresh)
 
     def acquire(self) -> bool:
-        return bool(self._r.set(self.key, self.holder, nx=True, ex=self._ttl))
+        return bool(self._r.set(self.key, self.holder, nx=True, ex=self.ttl))
+
+    def take_over(self, dead: str) -> bool:
+        """Replaces the lease of ``dead``, a holder known to be gone, with ours."""
+        return bool(self._r.eval(TAKE_OVER, 1, self.key, dead, self.holder, self.ttl))
 
     def current_holder(self) -> str | None:
         value = self._r.get(self.key)
@@ -78,7 +91,7 @@ class Lease:
         self._beat.start()
 
     def _refresh(self) -> None:
-        self._r.eval(RENEW_IF_HELD, 1, self.key, self.holder, self._ttl)
+        self._r.eval(RENEW_IF_HELD, 1, self.key, self.holder, self.ttl)
 
     def release(self) -> None:
         self._beat.stop()
@@ -86,13 +99,15 @@ class Lease:
 
 
 _worker_beat: Beat | None = None
+node_name: str | None = None  # this worker's Celery host name, once it is ready (main process)
 
 
 def _on_ready(sender: Any = None, **_: Any) -> None:
-    global _worker_beat
+    global _worker_beat, node_name
     settings = get_settings()
     r = sync_client(settings)
     hostname = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
+    node_name = hostname
     key = records.worker_key(hostname)
     ttl = max(2, int(settings.worker_heartbeat_s * 3 + 0.999))
     # The queues it consumes (`-Q`): the API tells a job on a queue nobody serves that it waits.

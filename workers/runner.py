@@ -125,7 +125,7 @@ class WorkerContext:
                     records.log_key(self.job_id), records.events_key(self.job_id), line,
                     self.settings.log_lines_kept,
                     records.event_json(self.job_id, "log", message=line),
-                    self.settings.event_stream_maxlen)
+                    self.settings.event_stream_maxlen, str(self.attempt))
 
     def save_artifact(self, name: str, data: bytes | Path, media_type: str) -> ArtifactInfo:
         size = data.stat().st_size if isinstance(data, Path) else len(data)
@@ -142,14 +142,17 @@ class WorkerContext:
         if "/" in name or name.startswith(".") or not name:
             raise ValueError(f"bad artifact name {name!r}")
         key = records.artifact_object(self._tenant, self.job_id, name)
+        if self.r.hget(records.job_key(self.job_id), "attempts") != str(self.attempt):
+            # replaced by a later attempt: the object's key is shared, so not even written
+            raise JobCancelled()
         stored = (self._store.put_file(key, data) if isinstance(data, Path)
                   else self._store.put_bytes(key, data, retry))
         info = ArtifactInfo(name=name, size=stored.size, sha256=stored.sha256,
                             media_type=media_type, created_at=records.now())
         if not records.hset_if_job(self.r, self.job_id, records.artifacts_key(self.job_id), name,
-                                   info.model_dump_json()):
+                                   info.model_dump_json(), self.attempt):
             self._store.delete(key)
-            raise JobCancelled()  # deleted: nobody is left to read what this attempt makes
+            raise JobCancelled()  # deleted (or replaced): nobody reads what this attempt makes
         return info
 
     def memo_get(self, key: str) -> Any | None:
@@ -192,9 +195,11 @@ class WorkerContext:
         return len(items)
 
 
-def _record_run(r: redis.Redis, job_id: str, run: RunAttempt) -> None:
+def _record_run(r: redis.Redis, job_id: str, run: RunAttempt, by: int | None = None) -> None:
+    """Written only while attempt ``by`` (default: the run's own) is the job's latest: an
+    attempt that was replaced, having stalled past its lease, leaves its run marked lost."""
     records.hset_if_job(r, job_id, records.runs_key(job_id), str(run.attempt),
-                        run.model_dump_json())
+                        run.model_dump_json(), run.attempt if by is None else by)
 
 
 def _mark_lost_runs(r: redis.Redis, job_id: str, attempt: int) -> None:
@@ -202,7 +207,7 @@ def _mark_lost_runs(r: redis.Redis, job_id: str, attempt: int) -> None:
         run = RunAttempt.model_validate_json(raw)
         if run.attempt < attempt and run.outcome == "running":
             _record_run(r, job_id, run.model_copy(update={"outcome": "lost",
-                                                          "finished_at": records.now()}))
+                                                          "finished_at": records.now()}), attempt)
 
 
 def execute(job_id: str, worker: str) -> None:
@@ -216,7 +221,7 @@ def execute(job_id: str, worker: str) -> None:
         return
     holder = f"{worker}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     lease = Lease(r, job_id, holder, settings.worker_heartbeat_s)
-    if not lease.acquire():
+    if not lease.acquire() and not _outlive(job_id, lease, worker, settings.worker_heartbeat_s):
         log.info("job %s is held by %s; dropping a duplicate delivery", job_id,
                  lease.current_holder())
         return
@@ -224,6 +229,29 @@ def execute(job_id: str, worker: str) -> None:
         _run_claimed(job_id, worker, h, settings, r, store, lease)
     finally:
         lease.release()
+
+
+def _outlive(job_id: str, lease: Lease, worker: str, heartbeat_s: float) -> bool:
+    """Whether the job's lease, held by someone else, could be taken after all: at once when its
+    holder is a process of this worker that is gone, else by waiting one lease lifetime for
+    it to expire. Acknowledging this delivery while the holder is dead would lose the job: Celery
+    re-delivers a job whose pool process was killed (the OOM killer, say) at once, seconds
+    before the dead process's lease runs out, and that message is the only one left."""
+    held = lease.current_holder()
+    if held is not None:
+        node, _, rest = held.partition(":")
+        pid = rest.split(":", 1)[0]
+        if node == worker and pid.isdigit() and not _alive(int(pid)) and lease.take_over(held):
+            log.info("job %s was held by %s, a process of this worker that is gone; taking it",
+                     job_id, held)
+            return True
+    deadline = time.monotonic() + lease.ttl + heartbeat_s
+    while time.monotonic() < deadline:  # a live holder renews it every heartbeat
+        time.sleep(min(1.0, heartbeat_s))
+        if lease.acquire():
+            log.info("the lease of job %s expired (its holder %s is gone); taking it", job_id, held)
+            return True
+    return False
 
 
 # '+' ends the host name (host names never hold one), so no host's prefix starts another's
@@ -295,6 +323,9 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
             ctx.log.info("attempt %d on %s", attempt, worker)
             if attempt > 1:
                 ctx.log.warning("retrying: an earlier attempt did not finish (worker lost)")
+                # the lost attempt's last stage would otherwise show until the engine reports
+                ctx.progress("retry", 0.0, f"attempt {attempt} on {worker}: an earlier "
+                             "attempt did not finish (its worker was lost)")
             if h.get("cancel_requested") == "1":
                 raise JobCancelled()
             spec = _spec_adapter.validate_json(h["spec"])
@@ -337,6 +368,47 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
 
 
 MEMO_KEEP_S = 86_400
+
+
+def close_killed_attempt(job_id: str, worker: str, limit_s: float) -> bool:
+    """Fails the running attempt of ``job_id`` on ``worker`` whose pool process Celery killed at
+    the hard time limit (it was inside native code, where the soft limit's exception cannot
+    land). Runs in the worker's main process; Celery acknowledges the message, so nobody else
+    would ever close the job. Whether it was closed here."""
+    settings = get_settings()
+    r = sync_client(settings)  # not _services(): the main process has no store to fork away
+    try:
+        h = r.hgetall(records.job_key(job_id))
+        attempt = h.get("attempts", "")
+        raw = r.hget(records.runs_key(job_id), attempt) if attempt else None
+        if h.get("state") != "running" or raw is None:
+            return False
+        run = RunAttempt.model_validate_json(raw)
+        if run.worker != worker or run.outcome != "running":
+            return False
+        error = ErrorInfo(type="time_limit", message=(
+            f"the job ran past its time limit of {limit_s:g} s and its process was killed: it "
+            "was inside a call (native code) that the earlier soft limit could not interrupt"))
+        line = f"{records.iso()} ERROR {error.message}"
+        maxlen = settings.event_stream_maxlen
+        r.eval(records.LOG_IF_JOB, 3, records.job_key(job_id), records.log_key(job_id),
+               records.events_key(job_id), line, settings.log_lines_kept,
+               records.event_json(job_id, "log", message=line), maxlen, attempt)
+        _record_run(r, job_id, run.model_copy(update={"outcome": "failed",
+                                                      "finished_at": records.now()}))
+        r.expire(records.memo_key(job_id), MEMO_KEEP_S)
+        closed = bool(r.eval(
+            records.FINISH, 3, records.job_key(job_id), records.events_key(job_id),
+            records.FINISHED_KEY, attempt, "failed", records.iso(),
+            records.event_json(job_id, "state", state="failed"), maxlen, "",
+            error.model_dump_json(), job_id, time.time()))
+        held = r.get(records.lease_key(job_id))  # the killed process's: nobody renews it now
+        if held is not None and str(held).startswith(f"{worker}:"):
+            r.eval(RELEASE_IF_HELD, 1, records.lease_key(job_id), held)
+        log.error("job %s attempt %s: %s", job_id, attempt, error.message)
+        return closed
+    finally:
+        r.close()
 
 
 def execute_item(job_id: str, attempt: int, item: dict[str, Any], worker: str) -> None:

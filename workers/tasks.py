@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
-from celery.signals import worker_process_init
+from celery.exceptions import TimeLimitExceeded
+from celery.signals import task_failure, worker_process_init
 
 from workers import heartbeat, runner
 
@@ -21,6 +22,17 @@ def _start_pool_process(**_: Any) -> None:
     from workers.engine import env
 
     env.tune_allocator()
+
+
+@task_failure.connect(weak=False)
+def _hard_time_limit(sender: Any = None, task_id: str | None = None, exception: Any = None,
+                     args: Any = None, **_: Any) -> None:
+    """Celery killed a job's pool process at the hard time limit (this runs in the worker's
+    main process): close the job, which its killed attempt could not do."""
+    if (isinstance(exception, TimeLimitExceeded) and getattr(sender, "name", "") == "modelpress.run_job"
+            and args and heartbeat.node_name):
+        limit = float(exception.args[0]) if exception.args else 0.0
+        runner.close_killed_attempt(str(args[0]), heartbeat.node_name, limit)
 
 
 @shared_task(name="modelpress.run_job", bind=True)

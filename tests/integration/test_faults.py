@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from app.schemas import BenchmarkSpec, ModelRef
 from modelpress import Client, _stack
@@ -49,6 +50,37 @@ def test_job_over_its_time_limit_fails_with_reason_and_frees_the_worker(
         assert client.jobs.wait(after.id, timeout=60).state == "succeeded"
         time.sleep(9)  # past the visibility timeout: a failed job is not redelivered
         again = client.jobs.get(long.id)
+    assert again.state == "failed" and again.attempts == 1 and len(again.runs) == 1
+
+
+class _SlowMatmul(torch.nn.Module):
+    """One forward is one ~0.5 TFLOP matmul: seconds inside native code, where the soft time
+    limit's exception cannot land."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.ones(6144, 6144) * x.sum()
+        return (a @ a)[:1, :4]
+
+
+def test_a_job_killed_at_its_hard_time_limit_is_closed_as_failed(fault_stack: Stack,
+                                                                  tmp_path: Path) -> None:
+    s = fault_stack
+    slow = tmp_path / "slow.pt2"
+    torch.export.save(torch.export.export(_SlowMatmul(), (torch.ones(1, 4),)), str(slow))
+    with s.client() as client:
+        model = client.models.upload(slow)
+        job = client.jobs.create(BenchmarkSpec(model=ModelRef(id=model.id), input_shape=[1, 4],
+                                               warmup=0, repeats=2, per_layer=False))
+        after = client.jobs.create(QUICK)
+        done = client.jobs.wait(job.id, timeout=60, raise_on_failure=False)
+        assert done.state == "failed" and done.error is not None, done.state
+        assert done.error.type == "time_limit"
+        assert "time limit of 6 s and its process was killed" in done.error.message
+        assert [(r.attempt, r.outcome) for r in done.runs] == [(1, "failed")]
+        assert any("its process was killed" in line for line in client.jobs.log(job.id))
+        assert client.jobs.wait(after.id, timeout=60).state == "succeeded"  # the worker is free
+        time.sleep(9)  # past the visibility timeout: not redelivered
+        again = client.jobs.get(job.id)
     assert again.state == "failed" and again.attempts == 1 and len(again.runs) == 1
 
 

@@ -3,12 +3,15 @@ visibility timeout, runs to the end exactly once, and its record says it was ret
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from app import records
 from app.schemas import BenchmarkSpec, ModelRef
 from modelpress import _stack
 from tests.conftest import Stack, make_stack, running
@@ -59,3 +62,42 @@ def test_sigkill_mid_job_is_retried_once(crash_stack: Stack) -> None:
     finals = [e for e in events if e["event"] == "state" and e["state"] == "succeeded"]
     assert len(finals) == 1
     assert {a.name for a in done.artifacts} >= {"benchmark.json", "job-attempt2.log"}
+
+
+@pytest.fixture
+def oom_stack(tmp_path: Path, redis_server: _stack.EmbeddedRedis,
+              shared_store: Path) -> Iterator[Stack]:
+    # the default heartbeat: a lease lives 15 s, longer than a new pool process takes to start
+    yield from running(make_stack(tmp_path, redis_server, {
+        "MODELPRESS_STORE_URL": shared_store.as_uri(),
+        "MODELPRESS_WORKER_HEARTBEAT_S": "5",
+    }))
+
+
+def test_a_killed_pool_process_is_retried_at_once(oom_stack: Stack) -> None:
+    """The OOM killer's case: only the pool process dies, its worker lives on. Celery hands the
+    job straight back (reject on worker lost), seconds before the dead process's lease runs
+    out; that delivery is the only message left, so it must run the job, not drop it."""
+    s = oom_stack
+    with s.client() as client:
+        warm = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3,
+                                                per_layer=False))
+        client.jobs.wait(warm.id, timeout=60)
+        job = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
+                                               min_time_s=3, per_layer=False))
+        wait_for(lambda: client.jobs.get(job.id).progress.stage == "measure", 30,
+                 "the first attempt to be measuring")
+        holder = s.redis.get(records.lease_key(job.id))
+        assert holder is not None and holder.startswith("w1@")
+        pid = int(holder.split(":")[1])
+        assert pid != s.workers[0].pid  # a pool process, not the worker itself
+        os.kill(pid, signal.SIGKILL)
+        done = client.jobs.wait(job.id, timeout=60)
+        log = client.jobs.log(job.id, tail=1000)
+
+    assert done.state == "succeeded", done.error
+    assert [(r.attempt, r.outcome) for r in done.runs] == [(1, "lost"), (2, "succeeded")]
+    # taken at once from the dead process, not after its lease or the visibility timeout ran out
+    assert "a process of this worker that is gone; taking it" in s.log("w1").read_text()
+    assert any("attempt 2 on w1@" in line for line in log)
+    assert s.workers[0].poll() is None  # the worker itself lived on
