@@ -261,7 +261,7 @@ async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Jo
                 await svc.redis.eval(records.HSET_IF_JOB, 2, records.job_key(job_id),
                                      records.runs_key(job_id), attempt, run.model_copy(
                     update={"outcome": "cancelled", "finished_at": records.now()}
-                ).model_dump_json())
+                ).model_dump_json(), attempt)
     return await get_job(svc, tenant, job_id)
 
 

@@ -353,7 +353,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: job, a hash of the job   ARGV: field, value, attempt ('' for any)
+# KEYS: job, a hash of the job   ARGV: field, value, attempt ('' or left out: any)
 # A worker's write into one of the job's hashes (memo, artifacts, runs), made only while the job
 # exists: a piece or an attempt that finishes after the job was deleted does not bring its keys
 # back (they would have no owner and no TTL); with an attempt, only while it is the job's latest
@@ -361,16 +361,21 @@ return 0
 # Returns 1 if written.
 HSET_IF_JOB = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[3] then return 0 end
+if ARGV[3] and ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[3] then
+  return 0
+end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
-# KEYS: job, log, events   ARGV: line, lines kept, event_json, maxlen, attempt ('' for any)
+# KEYS: job, log, events   ARGV: line, lines kept, event_json, maxlen, attempt ('' or left
+#       out: any)
 # An attempt that a later one replaced (its worker stalled past its lease) writes no more lines.
 LOG_IF_JOB = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[5] then return 0 end
+if ARGV[5] and ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[5] then
+  return 0
+end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[3])

@@ -12,37 +12,45 @@ from pathlib import Path
 import pytest
 
 from app import records
-from app.schemas import BenchmarkSpec, ModelRef
-from modelpress import _stack
+from app.schemas import BenchmarkSpec, Job, ModelRef
+from modelpress import Client, _stack
 from tests.conftest import Stack, make_stack, running
 from tests.integration.test_service import sse_events, wait_for
 
 pytestmark = pytest.mark.slow
 
 
+def _stack_with(tmp_path: Path, redis_server: _stack.EmbeddedRedis, shared_store: Path,
+                **env: str) -> Iterator[Stack]:
+    yield from running(make_stack(tmp_path, redis_server,
+                                  {"MODELPRESS_STORE_URL": shared_store.as_uri(), **env}))
+
+
 @pytest.fixture
 def crash_stack(tmp_path: Path, redis_server: _stack.EmbeddedRedis,
                 shared_store: Path) -> Iterator[Stack]:
-    yield from running(make_stack(tmp_path, redis_server, {
-        "MODELPRESS_STORE_URL": shared_store.as_uri(),
-        "MODELPRESS_TASK_TIME_LIMIT_S": "8",
-        "MODELPRESS_VISIBILITY_TIMEOUT_S": "10",
-    }))
+    yield from _stack_with(tmp_path, redis_server, shared_store,
+                           MODELPRESS_TASK_TIME_LIMIT_S="8", MODELPRESS_VISIBILITY_TIMEOUT_S="10")
+
+
+def _measuring(client: Client) -> Job:
+    """A digits-cnn benchmark whose first attempt is inside its measuring loop (the zoo cache
+    warmed first by a short job, so the attempt gets there quickly)."""
+    warm = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3,
+                                            per_layer=False))
+    client.jobs.wait(warm.id, timeout=60)
+    job = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
+                                           min_time_s=3, per_layer=False))
+    wait_for(lambda: client.jobs.get(job.id).progress.stage == "measure", 30,
+             "the first attempt to be measuring")
+    return job
 
 
 def test_sigkill_mid_job_is_retried_once(crash_stack: Stack) -> None:
     s = crash_stack
     key = s.key()
     with s.client(key) as client:
-        # Warm the zoo cache so the killed attempt is surely inside the measuring loop.
-        warm = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3,
-                                                per_layer=False))
-        client.jobs.wait(warm.id, timeout=60)
-
-        job = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
-                                               min_time_s=3, per_layer=False))
-        wait_for(lambda: client.jobs.get(job.id).progress.stage == "measure", 30,
-                 "the first attempt to be measuring")
+        job = _measuring(client)
         _stack.kill_process(s.workers[0])  # SIGKILL to the worker's whole process group
         assert client.jobs.get(job.id).state == "running"
 
@@ -68,10 +76,7 @@ def test_sigkill_mid_job_is_retried_once(crash_stack: Stack) -> None:
 def oom_stack(tmp_path: Path, redis_server: _stack.EmbeddedRedis,
               shared_store: Path) -> Iterator[Stack]:
     # the default heartbeat: a lease lives 15 s, longer than a new pool process takes to start
-    yield from running(make_stack(tmp_path, redis_server, {
-        "MODELPRESS_STORE_URL": shared_store.as_uri(),
-        "MODELPRESS_WORKER_HEARTBEAT_S": "5",
-    }))
+    yield from _stack_with(tmp_path, redis_server, shared_store, MODELPRESS_WORKER_HEARTBEAT_S="5")
 
 
 def test_a_killed_pool_process_is_retried_at_once(oom_stack: Stack) -> None:
@@ -80,13 +85,7 @@ def test_a_killed_pool_process_is_retried_at_once(oom_stack: Stack) -> None:
     out; that delivery is the only message left, so it must run the job, not drop it."""
     s = oom_stack
     with s.client() as client:
-        warm = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3,
-                                                per_layer=False))
-        client.jobs.wait(warm.id, timeout=60)
-        job = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
-                                               min_time_s=3, per_layer=False))
-        wait_for(lambda: client.jobs.get(job.id).progress.stage == "measure", 30,
-                 "the first attempt to be measuring")
+        job = _measuring(client)
         holder = s.redis.get(records.lease_key(job.id))
         assert holder is not None and holder.startswith("w1@")
         pid = int(holder.split(":")[1])
