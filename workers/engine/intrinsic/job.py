@@ -147,7 +147,7 @@ def run_item(spec: IntrinsicDimensionSpec, ctx: JobContext, item: dict[str, Any]
 
 
 # A sparse projection draws one permutation of all D parameters per column, in Python-level
-# steps: D x d = 55,210 x 20,000 (1.1e9) took 46 s on a 2-core Xeon, and it is drawn again for
+# steps: D x d = 55,210 x 20,000 (1.1e9) took 46 s on a 2-core EPYC, and it is drawn again for
 # every training run; this bound keeps a draw under a minute (the default grid on digits-cnn,
 # 315,402 x 3,000, is within it).
 SPARSE_DRAW_LIMIT = 2**30
