@@ -22,9 +22,9 @@ MAX_INPUT_ELEMENTS = 2**28
 _T = TypeVar("_T")
 
 
-def _distinct(values: list[_T]) -> list[_T]:
+def _distinct(values: list[_T] | None) -> list[_T] | None:
     """A list of options or sizes names each once: a repeat would only run the same work twice."""
-    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    repeated = [v for i, v in enumerate(values) if v in values[:i]] if values else []
     if repeated:
         raise ValueError(f"each value may appear once; repeated: {repeated}")
     return values
@@ -223,8 +223,7 @@ class MixedPrecisionSpec(_Strict):
     dataset: DatasetRef | None = Field(default=None, description="Labeled or unlabeled "
                                        "evaluation data; default: the model's own.")
     budget: Budget = Field(default_factory=Budget)
-    levels: Annotated[list[Precision] | None, AfterValidator(
-        lambda v: v if v is None else _distinct(v))] = Field(
+    levels: Annotated[list[Precision] | None, Distinct] = Field(
         default=None, min_length=1, max_length=3,
         description="Precisions to descend through, most precise first (fp32 is the start). "
         "Default on onnxruntime-cpu: int8-static then int4 for models with convolutions "
@@ -293,8 +292,7 @@ class LossBenchmarkSpec(_Strict):
     vocab_sizes: Annotated[list[Annotated[int, Field(ge=2, le=1_048_576)]], Distinct] = Field(
         default=[32768, 131072], min_length=1, max_length=8)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    impls: Annotated[list[LossImpl] | None, AfterValidator(
-        lambda v: v if v is None else _distinct(v))] = Field(
+    impls: Annotated[list[LossImpl] | None, Distinct] = Field(
         default=None, description="Default: torch, chunked, cce_torch_compile on CPU; adds "
         "triton, cce_triton and liger on a GPU; the peers only where installed (`pip install -e "
         "'.[bench]'`).")

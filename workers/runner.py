@@ -121,11 +121,7 @@ class WorkerContext:
             raise JobCancelled()
 
     def append_log(self, line: str) -> None:
-        self.r.eval(records.LOG_IF_JOB, 3, records.job_key(self.job_id),
-                    records.log_key(self.job_id), records.events_key(self.job_id), line,
-                    self.settings.log_lines_kept,
-                    records.event_json(self.job_id, "log", message=line),
-                    self.settings.event_stream_maxlen, str(self.attempt))
+        _append_log(self.r, self.settings, self.job_id, self.attempt, line)
 
     def save_artifact(self, name: str, data: bytes | Path, media_type: str) -> ArtifactInfo:
         size = data.stat().st_size if isinstance(data, Path) else len(data)
@@ -193,6 +189,32 @@ class WorkerContext:
                                        queue=self.queue, immutable=True)
                   for item in items).apply_async()
         return len(items)
+
+
+def _append_log(r: redis.Redis, settings: Settings, job_id: str, attempt: int, line: str) -> None:
+    """A line for the job's capped log and its event stream, while ``attempt`` is its latest."""
+    r.eval(records.LOG_IF_JOB, 3, records.job_key(job_id), records.log_key(job_id),
+           records.events_key(job_id), line, settings.log_lines_kept,
+           records.event_json(job_id, "log", message=line), settings.event_stream_maxlen,
+           str(attempt))
+
+
+def _finish(r: redis.Redis, settings: Settings, job_id: str, run: RunAttempt, outcome: str,
+            result: str | None, error: ErrorInfo | None) -> bool:
+    """Ends the attempt ``run``: its run's outcome, then the job's final state (only while that
+    attempt holds the job). Whether the job was closed by this call."""
+    # The run's outcome is written before the job's final state, so whoever sees the job
+    # final also sees how its run ended (written after, a reader could see 'running').
+    _record_run(r, job_id, run.model_copy(update={"outcome": outcome,
+                                                  "finished_at": records.now()}))
+    # The memo only serves re-runs of an unfinished job; kept a day after the end for
+    # inspection, then Redis drops it.
+    r.expire(records.memo_key(job_id), MEMO_KEEP_S)
+    return bool(int(r.eval(
+        records.FINISH, 3, records.job_key(job_id), records.events_key(job_id),
+        records.FINISHED_KEY, str(run.attempt), outcome, records.iso(),
+        records.event_json(job_id, "state", state=outcome), settings.event_stream_maxlen,
+        result or "", error.model_dump_json() if error else "", job_id, time.time())))
 
 
 def _record_run(r: redis.Redis, job_id: str, run: RunAttempt, by: int | None = None) -> None:
@@ -297,10 +319,9 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
                  r: redis.Redis, store: Store, lease: Lease) -> None:
     from workers.engine import registry  # imports torch; keep it out of the API's import path
 
-    maxlen = settings.event_stream_maxlen
     state, attempt = r.eval(records.START, 2, records.job_key(job_id), records.events_key(job_id),
                             records.iso(), records.event_json(job_id, "state", state="running"),
-                            maxlen)
+                            settings.event_stream_maxlen)
     if state != "running":
         log.info("job %s is %s; not starting it", job_id, state)
         return
@@ -350,20 +371,7 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
             engine_log.removeHandler(handler)
         # no second wait on a store that just failed the job for not answering
         _save_log(ctx, handler.lines, retry=not (error and error.type == StoreUnavailable.type))
-        # The run's outcome is written before the job's final state, so whoever sees the job
-        # final also sees how its run ended (written after, a reader could see 'running').
-        _record_run(r, job_id, run.model_copy(update={"outcome": outcome,
-                                                      "finished_at": records.now()}))
-        # The memo only serves re-runs of an unfinished job; kept a day after the end for
-        # inspection, then Redis drops it.
-        r.expire(records.memo_key(job_id), MEMO_KEEP_S)
-        finished = r.eval(
-            records.FINISH, 3, records.job_key(job_id), records.events_key(job_id),
-            records.FINISHED_KEY, str(attempt), outcome, records.iso(),
-            records.event_json(job_id, "state", state=outcome), maxlen, result or "",
-            error.model_dump_json() if error else "", job_id, time.time(),
-        )
-        if not int(finished):
+        if not _finish(r, settings, job_id, run, outcome, result, error):
             log.warning("job %s attempt %d finished after it was closed elsewhere", job_id, attempt)
 
 
@@ -389,19 +397,8 @@ def close_killed_attempt(job_id: str, worker: str, limit_s: float) -> bool:
         error = ErrorInfo(type="time_limit", message=(
             f"the job ran past its time limit of {limit_s:g} s and its process was killed: it "
             "was inside a call (native code) that the earlier soft limit could not interrupt"))
-        line = f"{records.iso()} ERROR {error.message}"
-        maxlen = settings.event_stream_maxlen
-        r.eval(records.LOG_IF_JOB, 3, records.job_key(job_id), records.log_key(job_id),
-               records.events_key(job_id), line, settings.log_lines_kept,
-               records.event_json(job_id, "log", message=line), maxlen, attempt)
-        _record_run(r, job_id, run.model_copy(update={"outcome": "failed",
-                                                      "finished_at": records.now()}))
-        r.expire(records.memo_key(job_id), MEMO_KEEP_S)
-        closed = bool(r.eval(
-            records.FINISH, 3, records.job_key(job_id), records.events_key(job_id),
-            records.FINISHED_KEY, attempt, "failed", records.iso(),
-            records.event_json(job_id, "state", state="failed"), maxlen, "",
-            error.model_dump_json(), job_id, time.time()))
+        _append_log(r, settings, job_id, run.attempt, f"{records.iso()} ERROR {error.message}")
+        closed = _finish(r, settings, job_id, run, "failed", None, error)
         held = r.get(records.lease_key(job_id))  # the killed process's: nobody renews it now
         if held is not None and str(held).startswith(f"{worker}:"):
             r.eval(RELEASE_IF_HELD, 1, records.lease_key(job_id), held)

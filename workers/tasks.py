@@ -29,7 +29,7 @@ def _hard_time_limit(sender: Any = None, task_id: str | None = None, exception: 
                      args: Any = None, **_: Any) -> None:
     """Celery killed a job's pool process at the hard time limit (this runs in the worker's
     main process): close the job, which its killed attempt could not do."""
-    if (isinstance(exception, TimeLimitExceeded) and getattr(sender, "name", "") == "modelpress.run_job"
+    if (isinstance(exception, TimeLimitExceeded) and getattr(sender, "name", "") == run_job.name
             and args and heartbeat.node_name):
         limit = float(exception.args[0]) if exception.args else 0.0
         runner.close_killed_attempt(str(args[0]), heartbeat.node_name, limit)

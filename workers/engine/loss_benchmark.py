@@ -50,15 +50,11 @@ def run(spec: LossBenchmarkSpec, ctx: JobContext) -> LossBenchmarkResult:
         for peer in (loss_bench.PEERS_GPU if device.type == "cuda" else loss_bench.PEERS_CPU):
             if peer not in impls:
                 ctx.log.info("peer %s left out: %s", peer, loss_bench.missing_peer(peer))
-    if "triton" in impls and device.type != "cuda":
-        raise UserError("impl 'triton' needs a CUDA worker (set device 'cuda'); on the CPU the "
-                        "chunked path is the fused implementation")
-    gpu_peers = [i for i in impls if i in loss_bench.PEERS_GPU and i not in loss_bench.PEERS_CPU
-                 and i != "triton"]
-    if gpu_peers and device.type != "cuda":
-        raise UserError(f"{', '.join(map(repr, gpu_peers))} run Triton kernels and need a CUDA "
-                        "worker (set device 'cuda'); on the CPU the peers are 'torch' and "
-                        "'cce_torch_compile'")
+    gpu_only = [i for i in impls if i not in loss_bench.PEERS_CPU]  # Triton kernels
+    if gpu_only and device.type != "cuda":
+        raise UserError(f"{', '.join(map(repr, gpu_only))} run Triton kernels and need a CUDA "
+                        "worker (set device 'cuda'); on the CPU the fused implementation is "
+                        "'chunked' and the peers are 'torch' and 'cce_torch_compile'")
     free = loss_bench.available_bytes(device.type)
     inputs = min(loss_bench.inputs_bytes(spec.n, spec.d, v, spec.dtype) for v in spec.vocab_sizes)
     if inputs > 0.8 * free:  # not even the smallest case's inputs fit: no case could run
