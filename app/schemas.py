@@ -73,6 +73,25 @@ class DatasetRef(_Strict):
         return self
 
 
+# The built-in datasets each zoo model can read (char-gpt reads only its own text windows).
+ZOO_DATASETS: dict[str, tuple[str, ...]] = {
+    "digits-cnn": ("digits-test", "digits-calib"),
+    "minilm-l6": ("sentences",),
+    "char-gpt": (),
+}
+
+
+def _zoo_reads(model: ModelRef, dataset: DatasetRef | None) -> None:
+    """Refuse a zoo model with a built-in dataset it cannot read, before a worker loads both."""
+    if model.zoo is None or dataset is None or dataset.builtin is None:
+        return
+    fits = ZOO_DATASETS[model.zoo]
+    if dataset.builtin not in fits:
+        hint = (f"use {' or '.join(fits)}" if fits else "leave `dataset` out to use its own")
+        raise ValueError(f"dataset: zoo model {model.zoo} cannot read the built-in dataset "
+                         f"{dataset.builtin}; {hint}, or upload a dataset")
+
+
 # ---------------------------------------------------------------- job specs, one per kind
 
 
@@ -108,6 +127,7 @@ class BenchmarkSpec(_Strict):
 
     @model_validator(mode="after")
     def _input_fits(self) -> BenchmarkSpec:
+        _zoo_reads(self.model, self.dataset)
         elements = math.prod(self.input_shape or ())
         if elements > MAX_INPUT_ELEMENTS:
             raise ValueError(
@@ -182,6 +202,7 @@ class SensitivitySpec(_Strict):
 
     @model_validator(mode="after")
     def _quantized(self) -> SensitivitySpec:
+        _zoo_reads(self.model, self.dataset)
         if self.precision == "fp32":
             raise ValueError("precision: fp32 is the reference, so every layer's score would be "
                              "0; give the format to score (int8, int4, ...)")
@@ -261,6 +282,7 @@ class MixedPrecisionSpec(_Strict):
 
     @model_validator(mode="after")
     def _levels_run_on_backend(self) -> MixedPrecisionSpec:
+        _zoo_reads(self.model, self.dataset)
         runs = BACKEND_PRECISIONS[self.backend]
         wrong = [p for p in self.levels or [] if p not in runs]
         if wrong:

@@ -69,6 +69,16 @@ class Store:
         return (isinstance(exc, GenericError) and isinstance(self._inner, S3Store)
                 and "Client error" not in str(exc).split("\n", 1)[0])
 
+    def _lasting(self, exc: GenericError, what: str, key: str) -> StoreError | None:
+        """The error to raise for a failure that repeating cannot mend; None when it may pass."""
+        reason = str(exc).split("\n", 1)[0]
+        if "os error 28" in str(exc):  # ENOSPC
+            return StoreFull(f"the object store {self.url} is full: could not {what} {key}: "
+                             f"{reason}")
+        if not self._may_pass(exc):
+            return StoreError(f"the object store {self.url} could not {what} {key}: {reason}")
+        return None
+
     def _call(self, what: str, key: str, fn: Callable[[], T], retry: bool = True) -> T:
         start, delay, tries = time.monotonic(), 0.5, 0
         while True:
@@ -77,12 +87,8 @@ class Store:
                 return fn()
             except GenericError as exc:
                 reason = str(exc).split("\n", 1)[0]
-                if "os error 28" in str(exc):  # ENOSPC
-                    raise StoreFull(f"the object store {self.url} is full: could not {what} "
-                                    f"{key}: {reason}") from None
-                if not self._may_pass(exc):
-                    raise StoreError(f"the object store {self.url} could not {what} {key}: "
-                                     f"{reason}") from None
+                if (lasting := self._lasting(exc, what, key)) is not None:
+                    raise lasting from None
                 waited = time.monotonic() - start
                 if not retry or waited + delay > self.retry_s:
                     raise StoreUnavailable(
@@ -133,10 +139,10 @@ class Store:
         fails (StoreError) is raised here, before an HTTP response has sent its headers."""
         try:
             result = await obstore.get_async(self._inner, key)
-        except GenericError as exc:
+        except GenericError as exc:  # no retry: the client waits on this response
             reason = str(exc).split("\n", 1)[0]
-            error = StoreUnavailable if self._may_pass(exc) else StoreError
-            raise error(f"the object store {self.url} could not read {key}: {reason}") from None
+            raise self._lasting(exc, "read", key) or StoreUnavailable(
+                f"the object store {self.url} could not read {key}: {reason}") from None
 
         async def chunks() -> AsyncIterator[bytes]:
             async for chunk in result.stream(min_chunk_size=CHUNK):

@@ -69,3 +69,22 @@ def test_sensitivity_to_fp32_is_refused() -> None:
     with pytest.raises(ValidationError, match="fp32 is the reference"):
         SensitivitySpec(model=ZOO, precision="fp32")
     assert SensitivitySpec(model=ZOO, precision="int4").precision == "int4"
+
+
+@pytest.mark.parametrize("kind", ["benchmark", "sensitivity", "mixed_precision"])
+def test_a_zoo_model_with_a_builtin_dataset_it_cannot_read_is_refused(kind: str) -> None:
+    # these were accepted and failed in the worker after loading the model
+    spec = TypeAdapter(JobSpec)
+    for model, dataset, hint in (("digits-cnn", "sentences", "use digits-test or digits-calib"),
+                                 ("minilm-l6", "digits-test", "use sentences"),
+                                 ("char-gpt", "digits-calib", "leave `dataset` out")):
+        with pytest.raises(ValidationError, match=f"cannot read the built-in dataset {dataset}; "
+                                                  f"{hint}"):
+            spec.validate_python({"kind": kind, "model": {"zoo": model},
+                                  "dataset": {"builtin": dataset}})
+    for model, dataset in (("digits-cnn", "digits-calib"), ("minilm-l6", "sentences")):
+        ok = spec.validate_python({"kind": kind, "model": {"zoo": model},
+                                   "dataset": {"builtin": dataset}})
+        assert ok.dataset is not None and ok.dataset.builtin == dataset
+    # uploads are checked when a worker reads them
+    assert spec.validate_python({"kind": kind, "model": {"zoo": "char-gpt"}}).dataset is None
