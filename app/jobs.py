@@ -244,25 +244,43 @@ async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Jo
         lambda: svc.celery.control.revoke(job_id, terminate=terminate, signal="SIGKILL")
     )
     if terminate:
-        err = ErrorInfo(type="cancelled", message="cancelled by force; the worker was stopped")
-        # read now, not before CANCEL: FINISH closes only for the current attempt. One that
-        # starts after this read cancels itself at its first progress (cancel_requested is set).
+        await _close_cancelled(svc, job_id, event, "cancelled by force; the worker was stopped",
+                               run_outcome="cancelled")
+    elif outcome == "requested":
+        # The attempt is read before the lease: a delivery that claims the job later holds the
+        # lease first (so it is seen here) or bumps the attempt after (so FINISH refuses ours).
         attempt = await svc.redis.hget(records.job_key(job_id), "attempts") or "0"
-        closed = await svc.redis.eval(
-            records.FINISH, 3, records.job_key(job_id), records.events_key(job_id),
-            records.FINISHED_KEY, attempt, "cancelled", records.iso(), event,
-            maxlen, "", err.model_dump_json(), job_id, time.time(),
-        )
-        # the killed attempt cannot record how its run ended: the API does (if it closed it)
-        raw = await svc.redis.hget(records.runs_key(job_id), attempt) if int(closed) else None
-        if raw is not None:
-            run = RunAttempt.model_validate_json(raw)
-            if run.outcome == "running":
-                await svc.redis.eval(records.HSET_IF_JOB, 2, records.job_key(job_id),
-                                     records.runs_key(job_id), attempt, run.model_copy(
-                    update={"outcome": "cancelled", "finished_at": records.now()}
-                ).model_dump_json(), attempt)
+        if not await svc.redis.exists(records.lease_key(job_id)):
+            # No heartbeat renews the lease: the worker running it died. Nothing would read the
+            # flag until the queue redelivers the job, so close it now (that delivery is dropped).
+            await _close_cancelled(
+                svc, job_id, event, "cancelled; its worker had stopped (no heartbeat), so the "
+                "job was closed at once", run_outcome="lost", attempt=attempt)
     return await get_job(svc, tenant, job_id)
+
+
+async def _close_cancelled(svc: Services, job_id: str, event: str, message: str,
+                           run_outcome: str, attempt: str | None = None) -> None:
+    """Closes a running job as cancelled for an attempt that cannot: one killed by force, or one
+    whose worker died. FINISH accepts only the current attempt, so one that started since
+    ``attempt`` was read goes on and cancels itself at its first progress (the flag is set)."""
+    err = ErrorInfo(type="cancelled", message=message)
+    if attempt is None:
+        attempt = await svc.redis.hget(records.job_key(job_id), "attempts") or "0"
+    closed = await svc.redis.eval(
+        records.FINISH, 3, records.job_key(job_id), records.events_key(job_id),
+        records.FINISHED_KEY, attempt, "cancelled", records.iso(), event,
+        svc.settings.event_stream_maxlen, "", err.model_dump_json(), job_id, time.time(),
+    )
+    # the attempt cannot record how its run ended: the API does (if it closed the job)
+    raw = await svc.redis.hget(records.runs_key(job_id), attempt) if int(closed) else None
+    if raw is not None:
+        run = RunAttempt.model_validate_json(raw)
+        if run.outcome == "running":
+            await svc.redis.eval(records.HSET_IF_JOB, 2, records.job_key(job_id),
+                                 records.runs_key(job_id), attempt, run.model_copy(
+                update={"outcome": run_outcome, "finished_at": records.now()}
+            ).model_dump_json(), attempt)
 
 
 async def delete_job(svc: Services, tenant: str, job_id: str,
@@ -321,10 +339,12 @@ async def events(
     key = records.events_key(job_id)
     last = last_event_id or "0-0"
     while True:
-        resp = await svc.redis.xread({key: last}, count=200, block=10_000)
+        # FINISH writes the final state and its event in one step: a final job's stream holds
+        # all it ever will, so it is read without blocking (a resume after the end ends at once)
+        final = await svc.redis.hget(records.job_key(job_id), "state") in FINAL_STATES
+        resp = await svc.redis.xread({key: last}, count=200, block=None if final else 10_000)
         if not resp:
-            state = await svc.redis.hget(records.job_key(job_id), "state")
-            if state in FINAL_STATES:
+            if final or await svc.redis.hget(records.job_key(job_id), "state") in FINAL_STATES:
                 return
             yield ServerSentEvent(comment="keep-alive")
             continue

@@ -166,6 +166,13 @@ def test_submit_progress_result_artifact(stack: Stack, shared_store: Path) -> No
         mid = events[len(events) // 2]["id"]
         replay = list(client.jobs.events(job.id, last_event_id=mid))
         assert [e.id for e in replay] == ids[len(events) // 2 + 1:]
+        # Resuming after the final event: the stream holds nothing more and ends at once, not
+        # after a 10 s wait for events a finished job will never send.
+        t0 = time.monotonic()
+        r = httpx.get(f"{stack.base_url}/v1/jobs/{job.id}/events", timeout=30, headers={
+            "Authorization": f"Bearer {key}", "Last-Event-ID": ids[-1]})
+        assert r.status_code == 200 and "data:" not in r.text
+        assert time.monotonic() - t0 < 5
         r = httpx.get(f"{stack.base_url}/v1/jobs/{job.id}/events", timeout=10, headers={
             "Authorization": f"Bearer {key}", "Last-Event-ID": f"{2**64}-0"})
         assert r.status_code == 422 and "below 2**64" in r.text, r.text

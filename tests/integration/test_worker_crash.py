@@ -100,3 +100,41 @@ def test_a_killed_pool_process_is_retried_at_once(oom_stack: Stack) -> None:
     assert "a process of this worker that is gone; taking it" in s.log("w1").read_text()
     assert any("attempt 2 on w1@" in line for line in log)
     assert s.workers[0].poll() is None  # the worker itself lived on
+
+
+@pytest.fixture
+def dead_worker_stack(tmp_path: Path, redis_server: _stack.EmbeddedRedis,
+                      shared_store: Path) -> Iterator[Stack]:
+    # a one-second heartbeat: a dead worker's lease runs out after three seconds
+    yield from _stack_with(tmp_path, redis_server, shared_store,
+                           MODELPRESS_TASK_TIME_LIMIT_S="8", MODELPRESS_VISIBILITY_TIMEOUT_S="10",
+                           MODELPRESS_WORKER_HEARTBEAT_S="1")
+
+
+def test_a_plain_cancel_closes_a_dead_workers_job_once_its_lease_is_gone(
+        dead_worker_stack: Stack) -> None:
+    s = dead_worker_stack
+    with s.client() as client:
+        job = _measuring(client)
+        _stack.kill_process(s.workers[0])
+        # While the lease lives, the worker may be alive: a plain cancel only sets the flag.
+        assert s.redis.exists(records.lease_key(job.id))
+        asked = client.jobs.cancel(job.id)
+        assert asked.state == "running" and asked.cancel_requested
+        wait_for(lambda: not s.redis.exists(records.lease_key(job.id)), 10,
+                 "the dead worker's lease to run out")
+
+        closed = client.jobs.cancel(job.id)
+        assert closed.state == "cancelled" and closed.finished_at is not None
+        assert closed.error is not None and "no heartbeat" in closed.error.message
+        assert [(r.attempt, r.outcome) for r in closed.runs] == [(1, "lost")]
+        assert client.jobs.wait(job.id, timeout=5, raise_on_failure=False).state == "cancelled"
+
+        # The queue still holds the unacknowledged delivery: a new worker gets it after the
+        # visibility timeout and drops it instead of running the job again.
+        s.start_worker("w2")
+        wait_for(lambda: f"job {job.id} is already cancelled; dropping a repeated delivery"
+                 in s.log("w2").read_text(),
+                 60, "the redelivered job to be dropped")
+        after = client.jobs.get(job.id)
+        assert after.state == "cancelled" and after.attempts == 1 and after.runs == closed.runs
