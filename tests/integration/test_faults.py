@@ -54,11 +54,12 @@ def test_job_over_its_time_limit_fails_with_reason_and_frees_the_worker(
 
 
 class _SlowMatmul(torch.nn.Module):
-    """One forward is one ~0.5 TFLOP matmul: seconds inside native code, where the soft time
-    limit's exception cannot land."""
+    """One forward is one ~3.7 TFLOP matmul: far longer inside native code (where the soft time
+    limit's exception cannot land) than the 6 s limit, so no forward ends between the soft and
+    the hard limit however the machine's load shifts the start (0.5 TFLOP did, under load)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = torch.ones(6144, 6144) * x.sum()
+        a = torch.ones(12288, 12288) * x.sum()
         return (a @ a)[:1, :4]
 
 
