@@ -34,8 +34,12 @@ HF_ALLOWED_SUFFIXES = {".json", ".safetensors", ".txt", ".model", ".md", ".jinja
 DATASET_KINDS = "biuf"  # bool, int, uint, float
 DATASET_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
 # What parsing a malformed file raises where no check catches it first: the file is bad, not us.
+# RecursionError: json.loads of a document nested thousands deep.
 _MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, EOFError,
-              struct.error, zipfile.BadZipFile, zlib.error, NotImplementedError)
+              struct.error, zipfile.BadZipFile, zlib.error, NotImplementedError, RecursionError)
+_LABEL_CHUNK = 1 << 20  # elements read at a time when scanning labels
+_SAFETENSORS_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+                      "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
 
 _PT2_MEMBER = re.compile(
     r"^[^/]+/("
@@ -53,7 +57,8 @@ class Rejected(ValueError):
 def check_model(path: Path, fmt: ModelFormat | None, max_unpacked: int
                 ) -> tuple[ModelFormat, dict[str, Any]]:
     """The model's format (``fmt``, or detected) and what its check read from it."""
-    kind = fmt if fmt is not None else detect_model_format(path)
+    with _malformed("a .pt2 archive or a zipped Hugging Face folder"):
+        kind = fmt if fmt is not None else detect_model_format(path)
     what = "a .pt2 archive (torch.export.save)" if kind == "pt2" else "a zipped Hugging Face folder"
     with _malformed(what):
         return kind, (check_pt2 if kind == "pt2" else check_hf_zip)(path, max_unpacked)
@@ -64,7 +69,8 @@ def check_dataset(path: Path, fmt: DatasetFormat | None, max_unpacked: int
     """The dataset's format and tensors, checked as a worker will load them: numeric arrays of at
     least one dimension that all share their first (sample) dimension."""
     kind = fmt if fmt is not None else detect_dataset_format(path)
-    with _malformed("an .npz archive" if kind == "npz" else "a .safetensors file"):
+    what = "an .npz archive" if kind == "npz" else "a .safetensors file"
+    with _malformed(what):
         tensors = (check_npz(path, max_unpacked) if kind == "npz"
                    else check_safetensors(path, dataset=True))
     counts = {name: t.shape[0] if t.shape else None for name, t in tensors.items()}
@@ -75,7 +81,76 @@ def check_dataset(path: Path, fmt: DatasetFormat | None, max_unpacked: int
     if len(set(counts.values())) > 1:
         raise Rejected(f"every array must have the same number of samples (first dimension); "
                        f"got {counts}")
+    if 0 in counts.values():  # a job would evaluate nothing and report a meaningless baseline
+        raise Rejected("the dataset has no samples (its arrays' first dimension is 0)")
+    # Workers take `y`, else `labels`, as the labels (workers/engine/datasets.py); the rest are
+    # inputs.
+    label = "y" if "y" in tensors else "labels" if "labels" in tensors else None
+    if label is not None:
+        if len(tensors) == 1:
+            raise Rejected(f"the dataset has no input tensors, only labels {label!r}: save the "
+                           "inputs beside them, numpy.savez('data.npz', x=inputs, y=labels)")
+        with _malformed(what):
+            _check_labels(path, kind, label)
     return kind, tensors
+
+
+def _check_labels(path: Path, kind: str, name: str) -> None:
+    """Labels are class indices: every metric that reads them (accuracy, perplexity, the
+    cross-entropy of sensitivity and training) casts them to int64, so a float label would be
+    truncated silently (0.5 -> class 0), and a negative one matches no class and fails the
+    cross-entropy. cosine and mse compare with the float model's outputs and never read labels.
+    The upper bound (the model's class count) is the job's to check: it needs the model."""
+    with _open_array(path, kind, name) as (dtype, fh, count):
+        if dtype.kind not in "biu":
+            raise Rejected(f"labels {name!r} hold {dtype} values: labels are integer class "
+                           f"indices (numpy.savez(..., {name}=labels.astype('int64'))); to compare "
+                           "with the float model's outputs instead (metric cosine or mse), leave "
+                           f"{name!r} out")
+        if dtype.kind != "i":
+            return
+        for chunk in _read_chunks(fh, dtype, count):
+            bad = chunk[chunk < 0]
+            if bad.size:
+                raise Rejected(f"labels {name!r} hold the negative label {int(bad[0])}: labels "
+                               "are class indices 0, 1, ...")
+
+
+@contextmanager
+def _open_array(path: Path, kind: str, name: str
+                ) -> Iterator[tuple[np.dtype[Any], IO[bytes], int]]:
+    """Array ``name`` of a checked dataset: its dtype, a stream at its first value, and its
+    number of values (read in chunks from there: a large array is never held whole)."""
+    if kind == "npz":
+        with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as fh:
+            shape, dtype = _npy_header(fh)
+            yield dtype, fh, math.prod(shape)
+        return
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        meta = json.loads(fh.read(n))[name]
+        dtype = np.dtype(_SAFETENSORS_NUMPY[meta["dtype"]])
+        start, end = meta["data_offsets"]
+        fh.seek(8 + n + start)
+        yield dtype, fh, (end - start) // dtype.itemsize
+
+
+def _npy_header(fh: IO[bytes]) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    version = np.lib.format.read_magic(fh)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read(fh)
+    return shape, dtype
+
+
+def _read_chunks(fh: IO[bytes], dtype: np.dtype[Any], count: int) -> Iterator[Any]:
+    while count > 0:
+        k = min(count, _LABEL_CHUNK)
+        raw = fh.read(k * dtype.itemsize)
+        if len(raw) != k * dtype.itemsize:
+            raise Rejected("an array ends before its declared shape")
+        yield np.frombuffer(raw, dtype)
+        count -= k
 
 
 @contextmanager
@@ -95,6 +170,8 @@ def _json_member(zf: zipfile.ZipFile, name: str) -> Any:
         return json.loads(zf.read(name))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Rejected(f"{name!r} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise Rejected(f"{name!r} is not valid JSON: nested too deeply") from None
 
 
 def check_archive(zf: zipfile.ZipFile, max_unpacked: int) -> list[zipfile.ZipInfo]:
@@ -109,6 +186,9 @@ def check_archive(zf: zipfile.ZipFile, max_unpacked: int) -> list[zipfile.ZipInf
             raise Rejected(f"archive member {name!r} has an unsafe path")
         if (info.external_attr >> 16) & 0o170000 == 0o120000:
             raise Rejected(f"archive member {name!r} is a symbolic link")
+        if info.flag_bits & 0x1:  # zipfile would refuse to read it without a password
+            raise Rejected(f"archive member {name!r} is encrypted: encrypted archives are not "
+                           "accepted; zip the files without a password")
         total += info.file_size
         ratio = info.file_size / max(info.compress_size, 1)
         if info.file_size > 1024 * 1024 and ratio > MAX_COMPRESSION_RATIO:
@@ -154,6 +234,7 @@ def check_pt2(path: Path, max_unpacked: int) -> dict[str, Any]:
             raise Rejected(".pt2 archive has no archive_format: save it with torch.export.save")
         if zf.read(f"{root}/archive_format").decode(errors="replace").strip() != "pt2":
             raise Rejected(".pt2 archive_format is not 'pt2'")
+        _check_program(_json_member(zf, f"{root}/models/model.json"))
         counts = {}
         for section in ("weights", "constants"):
             cfg_name = f"{root}/data/{section}/model_{section}_config.json"
@@ -182,6 +263,43 @@ def check_pt2(path: Path, max_unpacked: int) -> dict[str, Any]:
             if "/data/sample_inputs/" in name:
                 _load_weights_only(zf.read(name), name)
         return {"weights": counts["weights"], "constants": counts["constants"]}
+
+
+def _check_program(doc: Any) -> None:
+    """models/model.json has the shape torch.export.save writes (torch/_export/serde/schema.py,
+    ExportedProgram), so a file that merely has the right names fails here with a message, not
+    in a worker with an opaque deserialization error. Structure only: nothing is deserialized."""
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    def need(obj: Any, keys: dict[str, type], where: str) -> dict[str, Any]:
+        if not isinstance(obj, dict):
+            raise Rejected(f"models/model.json is not an exported program: {where} is not a "
+                           "JSON object; save the model with torch.export.save")
+        for key, kind in keys.items():
+            if not isinstance(obj.get(key), kind):
+                raise Rejected(f"models/model.json is not an exported program: {where} has no "
+                               f"{key!r} {kind.__name__}; save the model with torch.export.save")
+        return obj
+
+    top = need(doc, {"graph_module": dict, "opset_version": dict, "range_constraints": dict,
+                     "schema_version": dict}, "the document")
+    gm = need(top["graph_module"], {"graph": dict, "signature": dict, "module_call_graph": list},
+              "graph_module")
+    need(gm["graph"], {"inputs": list, "outputs": list, "nodes": list}, "graph_module.graph")
+    need(gm["signature"], {"input_specs": list, "output_specs": list}, "graph_module.signature")
+    version = need(top["schema_version"], {"major": int, "minor": int}, "schema_version")
+    # torch.export.load refuses another major version (0.0 is its "unversioned" exception).
+    if version["major"] not in (SCHEMA_VERSION[0], 0):
+        raise Rejected(f"the .pt2 was saved with export schema version {version['major']}."
+                       f"{version['minor']}, which this server's torch (schema "
+                       f"{SCHEMA_VERSION[0]}.x) cannot load; re-export it with torch "
+                       f"{_torch_version()}")
+
+
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__).split("+", 1)[0]
 
 
 def _check_stored_tensor(zf: zipfile.ZipFile, names: list[str], folder: str, what: str, fqn: str,
@@ -292,6 +410,9 @@ def _safetensors_header(fh: IO[bytes], size: int, name: str,
         header = json.loads(fh.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise Rejected(f"{name} has a corrupt safetensors header") from None
+    except RecursionError:
+        raise Rejected(f"{name} has a corrupt safetensors header (JSON nested too deeply)"
+                       ) from None
     if not isinstance(header, dict):
         raise Rejected(f"{name} has a safetensors header that is not a JSON object")
     data_len = size - 8 - n
@@ -343,10 +464,7 @@ def check_npz(path: Path, max_unpacked: int) -> dict[str, TensorInfo]:
                 raise Rejected(f"unexpected member {info.filename!r} in .npz")
             with zf.open(info) as fh:
                 try:
-                    version = np.lib.format.read_magic(fh)
-                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                            else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read(fh)
+                    shape, dtype = _npy_header(fh)
                 except ValueError as exc:
                     raise Rejected(f"{info.filename!r} is not a valid .npy array: {exc}") from None
                 held = info.file_size - fh.tell()

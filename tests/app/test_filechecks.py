@@ -258,3 +258,162 @@ def test_dataset_bytes_of_no_known_format_say_what_to_send(tmp_path: Path) -> No
     good = tmp_path / "good.npz"
     np.savez(good, x=np.zeros((4, 3), np.float32), y=np.arange(4))
     assert filechecks.check_dataset(good, None, LIMIT)[0] == "npz"
+
+
+# ---- defects found against a live API: each was a 500 or an upload accepted that no job can use
+
+
+def _hf_zip(path: Path, config: bytes) -> Path:
+    from safetensors.torch import save
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("m/config.json", config)
+        zf.writestr("m/vocab.txt", b"[PAD]\n")
+        zf.writestr("m/model.safetensors", save({"w": torch.zeros(2)}))
+    return path
+
+
+def test_deeply_nested_json_is_rejected_not_a_recursion_error(tmp_path: Path) -> None:
+    deep_obj = b'{"x":' * 50_000 + b"1" + b"}" * 50_000
+    deep_list = b"[" * 100_000 + b"]" * 100_000
+    st = tmp_path / "d.safetensors"
+    st.write_bytes(struct.pack("<Q", len(deep_obj)) + deep_obj)
+    with pytest.raises(Rejected, match=r"corrupt safetensors header .*nested too deeply"):
+        filechecks.check_dataset(st, None, LIMIT)
+    hf = _hf_zip(tmp_path / "hf.zip", deep_list)
+    with pytest.raises(Rejected, match=r"'m/config\.json' is not valid JSON: nested too deeply"):
+        filechecks.check_model(hf, None, LIMIT)
+    pt2 = _pt2_member(export_tiny(tmp_path / "m.pt2"), tmp_path / "deep.pt2",
+                      "/model_weights_config.json", deep_list)
+    with pytest.raises(Rejected, match=r"model_weights_config\.json' is not valid JSON: nested too deeply"):
+        filechecks.check_model(pt2, None, LIMIT)
+
+
+def _encrypt_flag(src: Path, dst: Path) -> Path:
+    """A copy of a stored (uncompressed) zip with the 'encrypted' bit set in every local and
+    central header, as a password-protected archive has it."""
+    raw = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as zf:
+        infos = zf.infolist()
+    for info in infos:
+        assert info.compress_type == zipfile.ZIP_STORED
+        raw[info.header_offset + 6] |= 1  # local header: general-purpose flags at +6
+    cd = raw.find(b"PK\x01\x02")
+    while cd != -1:
+        raw[cd + 8] |= 1  # central header: general-purpose flags at +8
+        cd = raw.find(b"PK\x01\x02", cd + 46)
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+def test_encrypted_archives_are_rejected(tmp_path: Path) -> None:
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x=np.zeros((4, 3), np.float32), y=np.arange(4))
+    bad_npz = _encrypt_flag(npz, tmp_path / "enc.npz")
+    with pytest.raises(Rejected, match="encrypted archives are not accepted"):
+        filechecks.check_dataset(bad_npz, None, LIMIT)
+    pt2 = rewrite_zip(export_tiny(tmp_path / "m.pt2"), tmp_path / "stored.pt2",
+                      lambda name, data: data)  # rewrite_zip stores members uncompressed
+    bad_pt2 = _encrypt_flag(pt2, tmp_path / "enc.pt2")
+    with pytest.raises(Rejected, match="encrypted archives are not accepted"):
+        filechecks.check_model(bad_pt2, None, LIMIT)
+
+
+def test_corrupt_central_directory_is_rejected_when_the_format_is_detected(tmp_path: Path
+                                                                           ) -> None:
+    junk = bytes(range(100))
+    # An end-of-central-directory record naming one entry at offset 0, over the junk.
+    eocd = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(junk), 0, 0)
+    p = tmp_path / "m.pt2"
+    p.write_bytes(junk + eocd)
+    for fmt in (None, "pt2", "hf"):
+        with pytest.raises(Rejected, match="could not be read as"):
+            filechecks.check_model(p, fmt, LIMIT)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": np.zeros((0, 1, 8, 8), np.float32), "y": np.zeros(0, np.int64)}, "no samples"),
+    ({"x": np.zeros((0, 1, 8, 8), np.float32)}, "no samples"),
+    ({"x": np.zeros((3, 2), np.float32), "y": np.array([0.5, 1.0, 2.0])},
+     r"labels 'y' hold float64 values: labels are integer class indices"),
+    ({"x": np.zeros((3, 2), np.float32), "labels": np.ones(3, np.float32)},
+     "labels 'labels' hold float32 values"),
+    ({"x": np.zeros((3, 2), np.float32), "y": np.array([0, -1, 2])}, "negative label -1"),
+    ({"y": np.arange(3)}, "no input tensors"),
+])
+def test_datasets_no_job_could_use_are_rejected(tmp_path: Path, arrays: dict[str, Any],
+                                                message: str) -> None:
+    p = tmp_path / "d.npz"
+    np.savez(p, **arrays)
+    with pytest.raises(Rejected, match=message):
+        filechecks.check_dataset(p, None, LIMIT)
+    from safetensors.numpy import save_file
+
+    st = tmp_path / "d.safetensors"
+    save_file(arrays, str(st))
+    with pytest.raises(Rejected, match=message):
+        filechecks.check_dataset(st, None, LIMIT)
+
+
+def test_labels_a_job_can_use_pass(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    n = 3 * 2**20 + 5  # more than one read chunk, with the negative one in the last
+    rng = np.random.default_rng(0)  # random: compressed, zeros would look like a zip bomb
+    ok = {"x": rng.integers(0, 255, (n, 1), np.uint8), "y": rng.integers(0, 10, n)}
+    p = tmp_path / "ok.npz"
+    np.savez_compressed(p, **ok)
+    assert filechecks.check_dataset(p, None, LIMIT)[1]["y"].shape == [n]
+    bad = {"x": ok["x"], "y": ok["y"].copy()}
+    bad["y"][-1] = -3
+    np.savez_compressed(p, **bad)
+    with pytest.raises(Rejected, match="negative label -3"):
+        filechecks.check_dataset(p, None, LIMIT)
+    st = tmp_path / "bad.safetensors"
+    save_file(bad, str(st))
+    with pytest.raises(Rejected, match="negative label -3"):
+        filechecks.check_dataset(st, None, LIMIT)
+    np.savez(p, x=np.zeros((3, 2), np.float32), y=np.array([0, -100, 1]))  # no ignore index
+    with pytest.raises(Rejected, match="negative label -100"):
+        filechecks.check_dataset(p, None, LIMIT)
+    # Big-endian, unsigned and bool labels, and a `labels` array that is an input beside `y`:
+    # all load as the class indices a job uses.
+    for y in (np.array([0, 1, 2], ">i4"), np.array([0, 1, 2], np.uint16),
+              np.array([True, False, True])):
+        np.savez(p, x=np.zeros((3, 2), np.float32), y=y)
+        assert filechecks.check_dataset(p, None, LIMIT)[0] == "npz"
+    np.savez(p, x=np.zeros((3, 2), np.float32), y=np.arange(3),
+             labels=np.full(3, 0.5, np.float32))
+    assert filechecks.check_dataset(p, None, LIMIT)[0] == "npz"
+    np.savez(p, x=np.zeros((3, 2), np.float32))  # unlabeled: cosine / mse to the float model
+    assert filechecks.check_dataset(p, None, LIMIT)[0] == "npz"
+
+
+def test_pt2_with_an_empty_model_json_is_rejected(tmp_path: Path) -> None:
+    p = tmp_path / "fake.pt2"  # the names of an export, and nothing of a program
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("a/models/model.json", b"{}")
+        zf.writestr("a/archive_format", b"pt2")
+    with pytest.raises(Rejected, match="not an exported program: the document has no "
+                                       "'graph_module'"):
+        filechecks.check_model(p, None, LIMIT)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: [], "not an exported program: the document is not a JSON object"),
+    (lambda d: {k: v for k, v in d.items() if k != "schema_version"}, "schema_version"),
+    (lambda d: {**d, "graph_module": {**d["graph_module"], "graph": []}}, "graph"),
+    (lambda d: {**d, "graph_module": {**d["graph_module"], "signature": {"input_specs": []}}},
+     "signature"),
+    (lambda d: {**d, "schema_version": {"major": 999, "minor": 0}}, "schema version 999"),
+])
+def test_pt2_whose_model_json_is_not_a_program_is_rejected(tmp_path: Path, edit: Any,
+                                                           message: str) -> None:
+    tiny = export_tiny(tmp_path / "m.pt2")
+    with zipfile.ZipFile(tiny) as zf:
+        [name] = [n for n in zf.namelist() if n.endswith("/models/model.json")]
+        doc = json.loads(zf.read(name))
+    bad = _pt2_member(tiny, tmp_path / "bad.pt2", "/models/model.json",
+                      json.dumps(edit(doc)).encode())
+    with pytest.raises(Rejected, match=message):
+        filechecks.check_model(bad, None, LIMIT)
