@@ -119,7 +119,13 @@ def load_uploaded(path: Path, fmt: str) -> TensorData:
     for k, v in inputs.items():
         if v.dtype == torch.float64:
             inputs[k] = v.float()
-    n = {int(v.shape[0]) for v in inputs.values()}
-    if len(n) != 1 or (labels is not None and int(labels.shape[0]) not in n):
+    n = {int(v.shape[0]) if v.dim() else 0 for v in inputs.values()}
+    if len(n) != 1 or (labels is not None and (labels.ndim == 0 or int(labels.shape[0]) not in n)):
         raise UserError("all dataset tensors must have the same number of samples (first dim)")
+    if n == {0}:
+        raise UserError("the dataset holds 0 samples")
+    if labels is not None and labels.dtype.kind not in "iub":
+        # .long() would truncate 0.5 to 0 and score a model against labels nobody gave
+        raise UserError(f"labels (`y`) must be integer class or token ids, not {labels.dtype}; "
+                        "store them as int64")
     return TensorData(inputs, None if labels is None else torch.from_numpy(labels).long())

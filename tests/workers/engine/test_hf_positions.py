@@ -51,3 +51,24 @@ def test_max_tokens_from_the_config_and_the_position_table() -> None:
     with pytest.raises(UserError, match="no room"):
         models.max_tokens({"max_position_embeddings": 2}, _with_positions(
             nn.Embedding(2, 4, padding_idx=1)))
+
+
+def test_a_tokenizer_that_cannot_run_is_the_users_error(tmp_path: Path) -> None:
+    folder = tiny_hf_folder(tmp_path / "bert", "bert", 40)
+    (folder / "tokenizer.json").unlink()  # the tokenizer is built from vocab.txt, which lacks [UNK]
+    # too few words for the sentences, and no [UNK] to stand for the rest
+    (folder / "vocab.txt").write_text("[PAD]\n[CLS]\n[SEP]\n[MASK]\nthe\n")
+    path = _base.zip_folder(folder, tmp_path)
+    with pytest.raises(UserError, match=r"tokenizer does not run \(.*UNK"):
+        models._load_hf_zip("m", path, tmp_path / "unpacked")
+
+
+def test_a_pt2_torch_cannot_load_is_the_users_error(tmp_path: Path) -> None:
+    import zipfile
+
+    path = tmp_path / "fake.pt2"  # the layout of an archive, but no program in it
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("a/archive_format", "pt2")
+        zf.writestr("a/models/model.json", "{}")
+    with pytest.raises(UserError, match=r"not a program torch\.export can load"):
+        models._load_pt2("m", path)

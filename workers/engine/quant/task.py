@@ -71,9 +71,13 @@ def threshold(baseline: float, mode: str, value: float, higher_is_better: bool) 
     if mode == "absolute":
         t = baseline - value if higher_is_better else baseline + value
     else:
-        if baseline == 0 and not higher_is_better:
-            raise UserError("a relative budget on a lower-is-better metric whose baseline is 0 "
-                            "allows nothing; give an absolute budget (mode 'absolute')")
+        if baseline == 0:
+            # a share of 0 is 0: lower-is-better allows no change, higher-is-better allows any
+            raise UserError("the float model's metric is 0 on the evaluation data, so a relative "
+                            "budget is meaningless (" + ("it allows any config" if
+                            higher_is_better else "it allows no change") + "); check that "
+                            "the labels match the model's outputs, or give an absolute budget "
+                            "(mode 'absolute')")
         # a share of the baseline's magnitude, so a negative baseline moves the right way too
         slack = abs(baseline) * (1.0 - value)
         t = baseline - slack if higher_is_better else baseline + slack
@@ -107,7 +111,28 @@ class QuantTask:
         # forward would consume the records. The evaluation one (512 samples by default) on
         # first use, outside any simulation (``memoized_unless_taken``): a worker computing
         # inter-layer terms for the job never needs it.
-        self._ref_calib = self.forward(self.calib_inputs)
+        try:
+            self._ref_calib = self.forward(self.calib_inputs)
+        except Exception as exc:  # the user's data does not fit the user's model
+            raise UserError(f"the model does not run on the dataset's inputs "
+                            f"{[list(t.shape) for t in self.calib_inputs]}: {exc}") from None
+        if self.metric in LABELED:
+            self._check_labels(self.eval_labels, len(self.eval_inputs[0]))
+            self._check_labels(self.calib_labels, len(self.calib_inputs[0]))
+
+    def _check_labels(self, labels: torch.Tensor | None, n: int) -> None:
+        """Labels scored against the outputs: one class (or token) id per output row, in
+        range; else cross-entropy fails deep in a search, or accuracy compares nonsense."""
+        assert self._ref_calib is not None and labels is not None
+        out = self._ref_calib
+        want = [n, *out.shape[1:-1]]
+        if list(labels.shape) != want:
+            raise UserError(f"labels (`y`) have shape {list(labels.shape)}; the model's outputs "
+                            f"{list(out.shape)} need one id per output row, shape {want}")
+        classes = int(out.shape[-1])
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            raise UserError(f"labels (`y`) must lie in [0, {classes}) for a model with {classes} "
+                            f"outputs; found {int(labels.min())} to {int(labels.max())}")
 
     @property
     def labeled(self) -> bool:

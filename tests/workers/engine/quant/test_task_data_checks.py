@@ -1,0 +1,73 @@
+"""A user's dataset that does not fit the user's model is refused before the search, with what
+to fix, instead of failing deep inside it or scoring against labels nobody gave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from workers.engine.context import UserError
+from workers.engine.datasets import load_uploaded
+from workers.engine.quant.task import QuantTask, quantizable_layers, threshold
+
+
+def _task(x: torch.Tensor, y: torch.Tensor | None, metric: str = "accuracy") -> QuantTask:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    return QuantTask(model, quantizable_layers(model), (x,), y, (x,), y, metric)
+
+
+def test_fitting_data_builds_a_task() -> None:
+    task = _task(torch.randn(8, 1, 8, 8), torch.arange(8) % 10)
+    assert task.calib_reference.shape == (8, 10)
+
+
+def test_inputs_the_model_cannot_take_are_refused() -> None:
+    with pytest.raises(UserError, match=r"does not run on the dataset's inputs \[\[4, 2\]\]"):
+        _task(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("label", [99, -3])
+def test_labels_outside_the_outputs_are_refused(label: int) -> None:
+    y = torch.zeros(8, dtype=torch.long)
+    y[3] = label
+    with pytest.raises(UserError, match=r"must lie in \[0, 10\)"):
+        _task(torch.randn(8, 1, 8, 8), y)
+
+
+def test_labels_of_the_wrong_shape_are_refused() -> None:
+    with pytest.raises(UserError, match=r"have shape \[8, 2\].*shape \[8\]"):
+        _task(torch.randn(8, 1, 8, 8), torch.zeros(8, 2, dtype=torch.long))
+
+
+def test_unlabeled_metrics_ignore_labels() -> None:
+    _task(torch.randn(8, 1, 8, 8), torch.full((8,), 99), metric="cosine")
+
+
+def _npz(tmp_path: Path, **arrays: np.ndarray) -> Path:
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path
+
+
+def test_float_labels_are_refused_not_truncated(tmp_path: Path) -> None:
+    path = _npz(tmp_path, x=np.zeros((4, 1, 8, 8), np.float32), y=np.full(4, 0.5))
+    with pytest.raises(UserError, match="integer class or token ids, not float64"):
+        load_uploaded(path, "npz")
+
+
+def test_an_empty_dataset_is_refused(tmp_path: Path) -> None:
+    path = _npz(tmp_path, x=np.zeros((0, 1, 8, 8), np.float32), y=np.zeros(0, np.int64))
+    with pytest.raises(UserError, match="0 samples"):
+        load_uploaded(path, "npz")
+
+
+@pytest.mark.parametrize("higher", [True, False])
+def test_a_relative_budget_on_a_zero_baseline_is_refused(higher: bool) -> None:
+    with pytest.raises(UserError, match="relative budget is meaningless"):
+        threshold(0.0, "relative", 0.999, higher)
+    assert threshold(0.0, "absolute", 0.01, higher).value == (-0.01 if higher else 0.01)
