@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -47,6 +48,12 @@ def _own_threads() -> Iterator[None]:
 
 
 def run(spec: AnySpec, ctx: JobContext) -> BaseModel:
+    threads, cores = getattr(spec, "threads", None), os.cpu_count() or 1
+    if threads and threads > cores:
+        # applied as given (the spec may be meant for another worker), but the timings it
+        # yields measure threads waiting for cores: say so where the user reads the job
+        ctx.log.warning("threads %d is more than this worker's %d cores: latencies will include "
+                        "the threads' contention for them; give at most %d", threads, cores, cores)
     with _own_threads():
         return ENGINES[spec.kind](spec, ctx)
 

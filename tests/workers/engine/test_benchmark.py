@@ -84,3 +84,18 @@ def test_p90_is_a_measured_time() -> None:
     assert timing.p90([float(i) for i in range(10, 0, -1)]) == 9.0  # nearest rank, not the max
     assert timing.p90([1.0, 2.0, 3.0, 4.0, 5.0]) == 5.0  # never past the slowest run
     assert timing.p90([3.0]) == 3.0
+
+
+def test_threads_above_the_cores_are_applied_with_a_warning(
+        tmp_path: Path, shared_store: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import os
+
+    from workers.engine import registry
+
+    cores = os.cpu_count() or 1
+    spec = BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3, warmup=0, per_layer=False,
+                         threads=cores + 1)
+    with caplog.at_level("WARNING"):
+        res = registry.run(spec, ctx_for(tmp_path, shared_store))
+    assert isinstance(res, BenchmarkResult) and res.environment.threads == cores + 1
+    assert f"threads {cores + 1} is more than this worker's {cores} cores" in caplog.text
