@@ -47,19 +47,26 @@ async def principal(
     who = await auth.authenticate(svc.redis, token)
     if who is None:
         raise ApiError(401, "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
-    limit = svc.settings.rate_limit_per_minute
-    if limit:
-        minute = int(time.time() // 60)
-        key = records.ratelimit_key(who.token_hash, minute)
-        pipe = svc.redis.pipeline()
-        pipe.incr(key)
-        pipe.expire(key, 120)
-        count, _ = await pipe.execute()
-        if int(count) > limit:
-            retry = str(60 - int(time.time()) % 60)
-            raise ApiError(429, f"rate limit of {limit} requests per minute reached",
-                           headers={"Retry-After": retry})
+    await check_rate_limit(svc, who)
     return who
+
+
+async def check_rate_limit(svc: Services, who: auth.Principal) -> None:
+    """Counts one request against the key's per-minute limit; 429 once it is spent. Shared by the
+    API (``principal``) and the dashboard, so a key has one budget whichever way it is used."""
+    limit = svc.settings.rate_limit_per_minute
+    if not limit:
+        return
+    minute = int(time.time() // 60)
+    key = records.ratelimit_key(who.token_hash, minute)
+    pipe = svc.redis.pipeline()
+    pipe.incr(key)
+    pipe.expire(key, 120)
+    count, _ = await pipe.execute()
+    if int(count) > limit:
+        retry = str(60 - int(time.time()) % 60)
+        raise ApiError(429, f"rate limit of {limit} requests per minute reached",
+                       headers={"Retry-After": retry})
 
 
 PrincipalDep = Annotated[auth.Principal, Depends(principal)]

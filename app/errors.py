@@ -54,7 +54,7 @@ def body(status: int, message: str, type_: str | None = None, **extra: Any) -> d
     return {"error": detail}
 
 
-def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     # Drop the "body" root and pydantic's union tag (the job kind) so the path reads like the JSON.
     parts = [str(p) for p in loc if p != "body"]
     if len(parts) >= 2 and parts[0] == "spec" and parts[1] in get_args(JobKind):
@@ -69,7 +69,7 @@ def _field_error(error: Mapping[str, Any]) -> dict[str, Any]:
         reason = (error.get("ctx") or {}).get("error", "")
         return {"field": "body", "message": f"not valid JSON{at}: {reason or 'decode error'}",
                 "type": "json_invalid"}
-    return {"field": _field_path(error.get("loc", ())), "message": error.get("msg", ""),
+    return {"field": field_path(error.get("loc", ())), "message": error.get("msg", ""),
             "type": error.get("type")}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,8 +16,8 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
 from app import assets, auth, jobs
-from app.deps import ServicesDep
-from app.errors import ApiError
+from app.deps import ServicesDep, check_rate_limit
+from app.errors import ApiError, field_path
 from app.schemas import DatasetInfo, Job, JobCreate, ModelInfo, ModelRef
 
 COOKIE = "modelpress_key"
@@ -29,18 +30,56 @@ KINDS = ["mixed_precision", "sensitivity", "benchmark", "loss_benchmark", "intri
 STATES = ["queued", "running", "succeeded", "failed", "cancelled"]
 ZOO = ["digits-cnn", "minilm-l6", "char-gpt"]
 BUILTIN_DATA = ["digits-test", "digits-calib", "sentences"]
+JOB_ID = re.compile(r"job_[0-9a-f]{32}")
+
+# What /ui/login?error=CODE shows. Only these fixed texts: a message taken from the URL would let
+# anyone link to the real login page saying whatever they like ("log in at http://evil...").
+LOGIN_MESSAGES = {
+    "key_invalid": "The key this browser saved is no longer valid (revoked, or the service's "
+                   "data was reset). Paste a current key.",
+}
 
 
 class LoginRequired(Exception):
-    pass
+    def __init__(self, code: str = "") -> None:
+        super().__init__(code)
+        self.code = code  # a LOGIN_MESSAGES key, or "" for none
 
 
-async def _who(request: Request, svc: ServicesDep) -> auth.Principal:
+class RateLimited(Exception):
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+async def _who(request: Request, svc: ServicesDep, counted: bool = True) -> auth.Principal:
+    """The cookie's key, counted against its per-minute limit like an API call when ``counted``.
+
+    Page loads and the user's posts (submit, cancel, delete) count; the fragments the job page
+    fetches by itself (the log every 2 s while the job runs, the result once) do not: an open
+    tab would otherwise spend 30 requests a minute of the key's budget with nobody at it, and
+    lock its owner's API clients out. They are small reads of one job. The page's SSE stream and
+    artifact downloads go to /v1 and count there."""
     token = request.cookies.get(COOKIE)
     who = await auth.authenticate(svc.redis, token) if token else None
     if who is None:
-        raise LoginRequired
+        raise LoginRequired("key_invalid" if token else "")
+    if counted:
+        try:
+            await check_rate_limit(svc, who)
+        except ApiError as exc:
+            raise RateLimited(exc) from None
     return who
+
+
+def _htmx(request: Request) -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def _fragment(request: Request, body: str, status: int, htmx_status: int = 200) -> HTMLResponse:
+    """An error shown in place of a fragment. htmx 2 swaps no 4xx/5xx answer (the click would
+    seem to do nothing), so htmx gets ``htmx_status``; other callers the true status."""
+    return HTMLResponse(body, status_code=htmx_status if _htmx(request) else status)
 
 
 def _page(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
@@ -71,7 +110,7 @@ async def static(name: str) -> FileResponse:
 
 @router.get("/ui/login", response_class=HTMLResponse)
 async def login_form(request: Request, error: str = "") -> HTMLResponse:
-    return _page(request, "login.html", error=error)
+    return _page(request, "login.html", error=LOGIN_MESSAGES.get(error, ""))
 
 
 @router.post("/ui/login")
@@ -136,20 +175,49 @@ async def jobs_page(
     state: Annotated[str | None, Query()] = None,
     kind: Annotated[str | None, Query()] = None,
     again: Annotated[str | None, Query(alias="from")] = None,
-    deleted: Annotated[str | None, Query(pattern=r"^job_[0-9a-f]{32}$")] = None,
-    error: str = "",
+    deleted: Annotated[str | None, Query()] = None,
 ) -> HTMLResponse:
     who = await _who(request, svc)
+    prefill, error, status = "", "", 200
+    if again:
+        try:
+            src = await jobs.get_job(svc, who.tenant, again)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            # not the id from the URL in the message: it is text anyone could put in a link
+            error, status = "The job to run again was not found (deleted, or not yours).", 404
+        else:
+            prefill = json.dumps(src.spec.model_dump(mode="json", exclude_none=True), indent=2)
+    # the notice after a delete; anything but a job id (a hand-edited link) is ignored
+    notice = deleted if deleted and JOB_ID.fullmatch(deleted) else None
+    return await _jobs_view(request, svc, who, state=state, kind=kind, prefill=prefill,
+                            deleted=notice, error=error, status=status)
+
+
+async def _jobs_view(request: Request, svc: ServicesDep, who: auth.Principal, *,
+                     state: str | None = None, kind: str | None = None, prefill: str = "",
+                     deleted: str | None = None, error: str = "", status: int = 200
+                     ) -> HTMLResponse:
     page = await jobs.list_jobs(svc, who.tenant, 100, None, state or None, kind or None)
     models, data = await _assets(svc, who.tenant)
-    prefill = ""
-    if again:
-        src = await jobs.get_job(svc, who.tenant, again)
-        prefill = json.dumps(src.spec.model_dump(mode="json", exclude_none=True), indent=2)
-    return _page(request, "jobs.html", jobs=page.items, state=state or "", kind=kind or "",
-                 kinds=KINDS, states=STATES, zoo=ZOO, builtin=BUILTIN_DATA, models=models,
-                 datasets=data, prefill=prefill, error=error, summary=_summary,
+    return _page(request, "jobs.html", status=status, jobs=page.items, state=state or "",
+                 kind=kind or "", kinds=KINDS, states=STATES, zoo=ZOO, builtin=BUILTIN_DATA,
+                 models=models, datasets=data, prefill=prefill, error=error, summary=_summary,
                  model_label=_model_label, tenant=who.tenant, deleted=deleted)
+
+
+class _FormError(Exception):
+    pass
+
+
+def _budget(text: str) -> float:
+    # a str field checked here: a float Form() field answers a typo with the API's 422 JSON
+    try:
+        return float(text)
+    except ValueError:
+        raise _FormError("the budget must be a number, e.g. 0.999 to keep 99.9% of the "
+                         "baseline's quality") from None
 
 
 @router.post("/ui/jobs")
@@ -158,7 +226,7 @@ async def submit(
     kind: Annotated[str, Form()] = "mixed_precision",
     model: Annotated[str, Form()] = "zoo:digits-cnn",
     dataset: Annotated[str, Form()] = "",
-    budget: Annotated[float, Form()] = 0.999,
+    budget: Annotated[str, Form()] = "0.999",
     name: Annotated[str, Form()] = "",
     spec_json: Annotated[str, Form()] = "",
 ) -> Response:
@@ -175,16 +243,27 @@ async def submit(
                     spec["dataset"] = ({"builtin": dataset[8:]} if dataset.startswith("builtin:")
                                        else {"id": dataset})
             if kind == "mixed_precision":
-                spec["budget"] = {"mode": "relative", "value": budget}
+                spec["budget"] = {"mode": "relative", "value": _budget(budget)}
         body = JobCreate.model_validate({"spec": spec, "name": name or None})
-    except (ValueError, ValidationError) as exc:
-        msg = (exc.errors()[0]["msg"] + " at " + ".".join(str(p) for p in exc.errors()[0]["loc"])
-               if isinstance(exc, ValidationError) else f"the spec is not JSON: {exc}")
-        page = await jobs_page(request, svc, error=f"Could not submit: {msg}")
-        page.status_code = 422
-        return page
-    job, _ = await jobs.create_job(svc, who.tenant, body)
-    return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
+    except ValidationError as exc:  # before ValueError, its base class
+        first = exc.errors()[0]
+        msg, status = f"{first['msg']} at {field_path(first['loc'])}", 422
+    except _FormError as exc:
+        msg, status = str(exc), 422
+    except RecursionError:  # json.loads on deeply nested arrays or objects
+        msg, status = "the spec is nested too deeply to be a job spec", 422
+    except ValueError as exc:
+        msg, status = f"the spec is not JSON: {exc}", 422
+    else:
+        try:
+            job, _ = await jobs.create_job(svc, who.tenant, body)
+        except ApiError as exc:  # an uploaded model or dataset that is gone, the queue down, ...
+            msg, status = exc.message, exc.status
+        else:
+            return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
+    # the form again, with the message and the JSON the user typed (to fix, not retype)
+    return await _jobs_view(request, svc, who, prefill=spec_json, error=f"Could not submit: {msg}",
+                            status=status)
 
 
 @router.get("/ui/jobs/{job_id}", response_class=HTMLResponse)
@@ -195,29 +274,48 @@ async def job_page(request: Request, job_id: str, svc: ServicesDep) -> HTMLRespo
     except ApiError as exc:
         if exc.status != 404:
             raise
-        # Another tenant's job looks exactly like one that does not exist.
-        return _page(request, "404.html", status=404, what=f"job {job_id}")
+        # Another tenant's job looks exactly like one that does not exist. Only an id is
+        # echoed: the path is text anyone could put in a link.
+        what = f"job {job_id}" if JOB_ID.fullmatch(job_id) else "such job"
+        return _page(request, "404.html", status=404, what=what)
     return _page(request, "job.html", job=job, tenant=who.tenant)
 
 
 @router.get("/ui/jobs/{job_id}/result", response_class=HTMLResponse)
 async def job_result(request: Request, job_id: str, svc: ServicesDep) -> HTMLResponse:
-    who = await _who(request, svc)
-    job = await jobs.get_job(svc, who.tenant, job_id)
+    who = await _who(request, svc, counted=False)  # fetched by the page itself (see _who)
+    try:
+        job = await jobs.get_job(svc, who.tenant, job_id)
+    except ApiError as exc:  # deleted from another tab while this page was open
+        return _fragment(request, f'<div class="card error" id="result-error">'
+                                  f"{html.escape(exc.message)}</div>", exc.status)
     return _page(request, "_result.html", job=job)
 
 
 @router.get("/ui/jobs/{job_id}/log", response_class=HTMLResponse)
 async def job_log(request: Request, job_id: str, svc: ServicesDep) -> HTMLResponse:
-    who = await _who(request, svc)
-    lines = await jobs.log_lines(svc, who.tenant, job_id, 40)
+    who = await _who(request, svc, counted=False)  # polled every 2 s (see _who)
+    try:
+        lines = await jobs.log_lines(svc, who.tenant, job_id, 40)
+    except ApiError as exc:
+        # 286: htmx swaps it and stops polling; a job that is gone does not come back
+        return _fragment(request, f'<pre class="log" id="log">{html.escape(exc.message)}</pre>',
+                         exc.status, 286 if exc.status == 404 else 200)
     return _page(request, "_log.html", lines=lines)
 
 
 @router.post("/ui/jobs/{job_id}/cancel", response_class=HTMLResponse)
 async def cancel(request: Request, job_id: str, svc: ServicesDep) -> HTMLResponse:
     who = await _who(request, svc)
-    job = await jobs.cancel_job(svc, who.tenant, job_id, False)
+    try:
+        job = await jobs.cancel_job(svc, who.tenant, job_id, False)
+    except ApiError as exc:
+        if exc.status == 404:  # deleted from another tab, as in delete: back to the list
+            return HTMLResponse(html.escape(exc.message), status_code=404,
+                                headers={"HX-Redirect": "/ui/jobs"})
+        # 409: it ended before the click arrived (the page's state was behind); the message
+        # takes the button's place (200: htmx swaps no 4xx)
+        return HTMLResponse(f'<span id="cancel-status">{html.escape(exc.message)}</span>')
     msg = ("Cancelled." if job.state == "cancelled" else
            "Cancel requested: the job stops at its next step.")
     return HTMLResponse(f'<span id="cancel-status">{msg}</span>')
@@ -244,4 +342,22 @@ def install(app: Any) -> None:
 
     @app.exception_handler(LoginRequired)
     async def _login(request: Request, exc: LoginRequired) -> Response:
-        return RedirectResponse("/ui/login", status_code=303)
+        url = f"/ui/login?error={exc.code}" if exc.code else "/ui/login"
+        if _htmx(request):
+            # a redirect would be followed inside the XHR and the login page swapped into a
+            # fragment's place; HX-Redirect makes htmx load it as the whole page
+            return Response(headers={"HX-Redirect": url})
+        return RedirectResponse(url, status_code=303)
+
+    @app.exception_handler(RateLimited)
+    async def _limited(request: Request, exc: RateLimited) -> Response:
+        headers = dict(exc.error.headers or {})
+        retry = headers.get("Retry-After", "60")
+        message = f"Too many requests for this key ({exc.error.message}). Try again in {retry} s."
+        if _htmx(request):
+            # htmx swaps no 429: a 200 shown in base.html's flash box instead of the fragment's
+            # target, so the clicked button stays for a retry
+            headers |= {"HX-Retarget": "#flash", "HX-Reswap": "innerHTML"}
+            return HTMLResponse(html.escape(message), headers=headers)
+        return templates.TemplateResponse(request, "429.html", {"message": message},
+                                          status_code=429, headers=headers)
