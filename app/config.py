@@ -94,7 +94,10 @@ class Settings(BaseSettings):
     )
     log_lines_kept: int = Field(default=5000, gt=0, description="Log lines kept per job in Redis.")
     rate_limit_per_minute: int = Field(
-        default=600, ge=0, description="Requests per minute per API key (0 disables)."
+        default=600, ge=0, description=(
+            "Requests per minute per API key, API calls and dashboard pages and buttons "
+            "together; the log and result fragments a job page fetches by itself are not "
+            "counted (0 disables).")
     )
 
     @model_validator(mode="after")
