@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import hashlib
+import os
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from pathlib import Path
@@ -30,7 +31,9 @@ from modelpress import _base
 from modelpress._errors import (
     APIConnectionError,
     APITimeoutError,
+    InternalServerError,
     JobFailedError,
+    RateLimitError,
     status_error,
 )
 from modelpress._progress import ProgressPrinter
@@ -84,13 +87,19 @@ class AsyncClient:
             try:
                 if call.upload is not None:
                     async with await anyio.open_file(call.upload, "rb") as fh:
-                        data = _chunks(fh)
+                        # The size up front, as the sync client's file body sends it (httpx
+                        # would stream an iterator chunked): the server can refuse an upload
+                        # over its limit before reading it, and say how large it was.
+                        size = os.fstat(fh.wrapped.fileno()).st_size
                         response = await self._http.request(
                             call.method, call.path, params=call.params,
-                            headers=dict(call.headers), content=data)
+                            headers={**call.headers, "Content-Length": str(size)},
+                            content=_chunks(fh))
                 else:
                     response = await self._http.request(call.method, call.path, params=call.params,
                                                         json=call.json, headers=dict(call.headers))
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+                raise _base.bad_url(exc) from exc  # the same on every try: not retried
             except httpx.TimeoutException as exc:
                 if attempt >= self.max_retries:
                     raise APITimeoutError(f"timed out: {exc}", request=exc.request) from exc
@@ -235,12 +244,18 @@ class AsyncJobs:
                                     return
                             if deadline is not None:
                                 deadline.check()
-                        # The server closed the stream before the final state (restart, proxy
-                        # timeout): reconnect from the last event id.
+                        # Closed without a final state event. A job that had already ended
+                        # when we resumed after its last event has none left to send: ask.
+                        if await self._ended(job_id):
+                            return
+                        # Else the server closed it early (restart, proxy timeout): reconnect
+                        # from the last event id.
                         if attempt >= self._c.max_retries:
                             raise APIConnectionError(
                                 f"event stream of {job_id} ended before the job did")
                         pause = _base.backoff_seconds(attempt, None)
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+                raise _base.bad_url(exc) from exc
             except httpx.TransportError as exc:
                 if deadline is not None:
                     deadline.check()
@@ -251,6 +266,14 @@ class AsyncJobs:
             if deadline is not None:
                 deadline.check()
             attempt += 1
+
+    async def _ended(self, job_id: str) -> bool:
+        """Whether the job is in a final state; False when that cannot be told now (the API
+        restarting), so the caller reconnects as before. A 404 (deleted) is raised."""
+        try:
+            return (await self.get(job_id)).state in FINAL_STATES
+        except (APIConnectionError, InternalServerError, RateLimitError):
+            return False
 
     async def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None,
                    raise_on_failure: bool = True) -> Job:

@@ -11,11 +11,12 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
@@ -37,6 +38,7 @@ from modelpress._errors import (
     APIConnectionError,
     APITimeoutError,
     IntegrityError,
+    InvalidArgumentError,
     WaitTimeoutError,
 )
 
@@ -46,10 +48,22 @@ DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
+def segment(value: str, what: str) -> str:
+    """``value`` as one percent-encoded URL path segment. An id or artifact name with a path
+    separator, or one that is empty, '.' or '..', is refused: in a URL it would name another
+    route (``../models`` turns an artifact download into ``GET /v1/models``), and as a file
+    name it would write outside the destination folder."""
+    if not isinstance(value, str) or value in ("", ".", "..") or "/" in value or "\\" in value:
+        raise InvalidArgumentError(f"{value!r} is not a valid {what}: it must be non-empty, not "
+                                   "'.' or '..', and contain no '/' or '\\'")
+    return quote(value, safe="")
+
+
 def download_paths(dest: str | Path, name: str) -> tuple[Path, Path]:
     """Where a download goes (``dest``, or ``name`` inside it when it is a folder: one that
     exists, or one written with a trailing slash) and the ``.part`` file it is streamed to
     first. Missing folders are made by ``part_file`` once the server has answered."""
+    segment(name, "artifact name")  # joined to dest below: no separators, no '..'
     path = Path(dest)
     if str(dest).endswith(("/", os.sep)) or path.is_dir():
         path = path / name
@@ -83,14 +97,24 @@ def cleaned_up(tmp: Path, name: str) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise APITimeoutError(f"the download of {name} timed out: {exc}") from exc
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+        _discard(tmp)
+        raise bad_url(exc) from exc
     except httpx.TransportError as exc:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise APIConnectionError(f"the download of {name} failed: {exc}") from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp: Path) -> None:
+    # NotADirectoryError: the destination's folder is a file (the very error being handled);
+    # the error to report is that one, not this cleanup's.
+    with suppress(FileNotFoundError, NotADirectoryError):
+        tmp.unlink()
 
 
 def finish_download(tmp: Path, dest: Path, name: str, expected: str | None, actual: str) -> Path:
@@ -131,7 +155,27 @@ def resolve_auth(api_key: str | None, base_url: str | None) -> tuple[str, str | 
     key = api_key or os.environ.get("MODELPRESS_API_KEY")
     if key is None and (data_dir / "api-key").exists():
         key = (data_dir / "api-key").read_text().strip()
-    return (url or DEFAULT_BASE_URL).rstrip("/"), key
+    return check_base_url((url or DEFAULT_BASE_URL).rstrip("/")), key
+
+
+def check_base_url(url: str) -> str:
+    """``url`` if it is an absolute http(s) address. Anything else (no scheme, ``ftp://``)
+    fails the same way on every try: refused here, before any request, not retried."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise InvalidArgumentError(f"base URL {url!r} is not a valid URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidArgumentError(
+            f"base URL {url!r} is not an http:// or https:// address with a host "
+            "(e.g. http://127.0.0.1:8000)")
+    return url
+
+
+def bad_url(exc: httpx.UnsupportedProtocol | httpx.InvalidURL) -> InvalidArgumentError:
+    """httpx's refusal of a URL (say, an http_client whose base_url was changed afterwards):
+    a configuration error that a retry cannot fix."""
+    return InvalidArgumentError(f"the request URL is not usable: {exc}")
 
 
 def default_url_hint(base_url: str | None) -> str:
@@ -276,7 +320,7 @@ def list_models(limit: int) -> Call[list[ModelInfo]]:
 
 
 def get_model(model_id: str) -> Call[ModelInfo]:
-    return Call("GET", f"/v1/models/{model_id}", _model(ModelInfo))
+    return Call("GET", f"/v1/models/{segment(model_id, 'model id')}", _model(ModelInfo))
 
 
 def _delete_key() -> dict[str, str]:
@@ -286,7 +330,8 @@ def _delete_key() -> dict[str, str]:
 
 
 def delete_model(model_id: str) -> Call[Deleted]:
-    return Call("DELETE", f"/v1/models/{model_id}", _model(Deleted), headers=_delete_key())
+    return Call("DELETE", f"/v1/models/{segment(model_id, 'model id')}", _model(Deleted),
+                headers=_delete_key())
 
 
 def upload_dataset(path: Path, name: str | None, fmt: str | None) -> Call[DatasetInfo]:
@@ -303,11 +348,12 @@ def list_datasets(limit: int) -> Call[list[DatasetInfo]]:
 
 
 def get_dataset(dataset_id: str) -> Call[DatasetInfo]:
-    return Call("GET", f"/v1/datasets/{dataset_id}", _model(DatasetInfo))
+    return Call("GET", f"/v1/datasets/{segment(dataset_id, 'dataset id')}", _model(DatasetInfo))
 
 
 def delete_dataset(dataset_id: str) -> Call[Deleted]:
-    return Call("DELETE", f"/v1/datasets/{dataset_id}", _model(Deleted), headers=_delete_key())
+    return Call("DELETE", f"/v1/datasets/{segment(dataset_id, 'dataset id')}", _model(Deleted),
+                headers=_delete_key())
 
 
 def create_job(spec: BaseModel | Mapping[str, Any], name: str | None,
@@ -320,8 +366,12 @@ def create_job(spec: BaseModel | Mapping[str, Any], name: str | None,
     return Call("POST", "/v1/jobs", _model(Job), json=body, headers={"Idempotency-Key": key})
 
 
+def _job_path(job_id: str) -> str:
+    return f"/v1/jobs/{segment(job_id, 'job id')}"
+
+
 def get_job(job_id: str) -> Call[Job]:
-    return Call("GET", f"/v1/jobs/{job_id}", _model(Job))
+    return Call("GET", _job_path(job_id), _model(Job))
 
 
 def list_jobs(limit: int, cursor: str | None, state: str | None, kind: str | None
@@ -332,22 +382,23 @@ def list_jobs(limit: int, cursor: str | None, state: str | None, kind: str | Non
 
 
 def cancel_job(job_id: str, force: bool) -> Call[Job]:
-    return Call("POST", f"/v1/jobs/{job_id}/cancel", _model(Job),
+    return Call("POST", f"{_job_path(job_id)}/cancel", _model(Job),
                 params={"force": "true"} if force else None)
 
 
 def delete_job(job_id: str) -> Call[Deleted]:
-    return Call("DELETE", f"/v1/jobs/{job_id}", _model(Deleted), headers=_delete_key())
+    return Call("DELETE", _job_path(job_id), _model(Deleted), headers=_delete_key())
 
 
 def job_log(job_id: str, tail: int) -> Call[list[str]]:
-    return Call("GET", f"/v1/jobs/{job_id}/log",
+    return Call("GET", f"{_job_path(job_id)}/log",
                 lambda r: JobLog.model_validate_json(r.content).lines, params={"tail": tail})
 
 
 def list_artifacts(job_id: str) -> Call[list[ArtifactInfo]]:
     adapter = TypeAdapter(list[ArtifactInfo])
-    return Call("GET", f"/v1/jobs/{job_id}/artifacts", lambda r: adapter.validate_json(r.content))
+    return Call("GET", f"{_job_path(job_id)}/artifacts",
+                lambda r: adapter.validate_json(r.content))
 
 
 def health(path: str) -> Call[Health]:
@@ -355,8 +406,8 @@ def health(path: str) -> Call[Health]:
 
 
 def events_path(job_id: str) -> str:
-    return f"/v1/jobs/{job_id}/events"
+    return f"{_job_path(job_id)}/events"
 
 
 def artifact_path(job_id: str, name: str) -> str:
-    return f"/v1/jobs/{job_id}/artifacts/{name}"
+    return f"{_job_path(job_id)}/artifacts/{segment(name, 'artifact name')}"

@@ -29,7 +29,9 @@ from modelpress import _base
 from modelpress._errors import (
     APIConnectionError,
     APITimeoutError,
+    InternalServerError,
     JobFailedError,
+    RateLimitError,
     status_error,
 )
 from modelpress._progress import ProgressPrinter
@@ -96,6 +98,8 @@ class Client:
                 else:
                     response = self._http.request(call.method, call.path, params=call.params,
                                                   json=call.json, headers=dict(call.headers))
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+                raise _base.bad_url(exc) from exc  # the same on every try: not retried
             except httpx.TimeoutException as exc:
                 if attempt >= self.max_retries:
                     raise APITimeoutError(f"timed out: {exc}", request=exc.request) from exc
@@ -234,12 +238,18 @@ class Jobs:
                                     return
                             if deadline is not None:
                                 deadline.check()
-                        # The server closed the stream before the final state (restart, proxy
-                        # timeout): reconnect from the last event id.
+                        # Closed without a final state event. A job that had already ended
+                        # when we resumed after its last event has none left to send: ask.
+                        if self._ended(job_id):
+                            return
+                        # Else the server closed it early (restart, proxy timeout): reconnect
+                        # from the last event id.
                         if attempt >= self._c.max_retries:
                             raise APIConnectionError(
                                 f"event stream of {job_id} ended before the job did")
                         pause = _base.backoff_seconds(attempt, None)
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+                raise _base.bad_url(exc) from exc
             except httpx.TransportError as exc:
                 if deadline is not None:
                     deadline.check()
@@ -250,6 +260,14 @@ class Jobs:
             if deadline is not None:
                 deadline.check()
             attempt += 1
+
+    def _ended(self, job_id: str) -> bool:
+        """Whether the job is in a final state; False when that cannot be told now (the API
+        restarting), so the caller reconnects as before. A 404 (deleted) is raised."""
+        try:
+            return self.get(job_id).state in FINAL_STATES
+        except (APIConnectionError, InternalServerError, RateLimitError):
+            return False
 
     def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None,
              raise_on_failure: bool = True) -> Job:

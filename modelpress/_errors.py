@@ -11,6 +11,12 @@ class ModelpressError(Exception):
     """Base class of every error this SDK raises."""
 
 
+class InvalidArgumentError(ModelpressError, ValueError):
+    """An argument refused before anything is sent: an id or artifact name that is not one
+    path segment (it would reach another route or write outside the destination), or a base
+    URL that is not http(s). Retrying cannot help, so none is made."""
+
+
 class APIConnectionError(ModelpressError):
     """The service could not be reached (after retries)."""
 

@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import redis
+from pydantic_settings import BaseSettings
 
 from app.auth import TENANT_RE, create_key, hash_token
 from app.config import Settings
@@ -31,11 +33,22 @@ from modelpress._errors import ModelpressError
 LOCAL_TENANT = "local"
 
 
+class _DataDirOnly(BaseSettings):
+    """The data folder, found as the server's Settings finds it (environment, then .env), and
+    nothing else: a client command must not fail on a server setting it has no use for (say a
+    visibility timeout below the task time limit, which Settings refuses)."""
+
+    model_config = Settings.model_config
+    data_dir: Path = Settings.model_fields["data_dir"].default
+
+
 def _client(ctx: click.Context) -> Client:
     obj: dict[str, Any] = ctx.ensure_object(dict)
-    # What a local serve wrote, found in the data folder serve used (Settings: .env too)
-    data_dir = Settings().data_dir
     base_url, api_key = obj.get("base_url"), obj.get("api_key")
+    if base_url is not None and api_key is not None:
+        return Client(base_url=base_url, api_key=api_key)
+    # What a local serve wrote, found in the data folder serve used
+    data_dir = _DataDirOnly().data_dir
     if base_url is None and (data_dir / "url").exists():
         base_url = (data_dir / "url").read_text().strip()
     if api_key is None and (data_dir / "api-key").exists():
@@ -91,12 +104,19 @@ def format_result(job: Job) -> str:
     if res.kind == "loss_benchmark":
         return f"job {job.id} {job.state} — loss_benchmark\n{res.table}"
     if res.kind == "intrinsic_dimension":
+        # None: the target was not reached (by more than half of the seeds, or by this seed);
+        # then there is no artifact to rebuild either.
+        per_seed = ", ".join("not reached" if d is None else str(d) for d in res.d_int90_per_seed)
+        d_int90 = "not reached" if res.d_int90 is None else str(res.d_int90)
+        if res.rebuilt_accuracy is None or res.compression_ratio is None:
+            rebuilt = "no model rebuilt (the target was not reached)"
+        else:
+            rebuilt = (f"rebuilt from the artifact: accuracy {res.rebuilt_accuracy}, compression "
+                       f"{round(res.compression_ratio)}x")
         return (f"job {job.id} {job.state} — intrinsic_dimension of {res.model} "
                 f"({res.projection})\n  full accuracy {res.full_accuracy:.4f}, target "
-                f"{res.target:.4f}\n  d_int90 {res.d_int90} of D {res.parameters:,} "
-                f"(per seed {res.d_int90_per_seed}), {res.training_runs} training runs\n"
-                f"  rebuilt from the artifact: accuracy {res.rebuilt_accuracy}, compression "
-                f"{res.compression_ratio and round(res.compression_ratio)}x")
+                f"{res.target:.4f}\n  d_int90 {d_int90} of D {res.parameters:,} "
+                f"(per seed [{per_seed}]), {res.training_runs} training runs\n  {rebuilt}")
     if res.kind == "few_step_distill":
         rows = [f"  {r.method:8} {r.steps if r.steps is not None else '-':>4} steps  FD "
                 f"{r.frechet_distance:8.2f}  class accuracy {r.class_accuracy:.3f}"
@@ -178,10 +198,18 @@ def serve(demo: bool, exit_after: bool, port: int | None) -> None:
             (data_dir / "redis-url").write_text(redis_url + "\n")
             click.echo(f"redis    embedded redis-server at {redis_url} (AOF in {data_dir / 'redis'})")
         else:
-            click.echo(f"redis    {redis_url}")
+            click.echo(f"redis    {_redacted(redis_url)}")
         r = redis.Redis.from_url(redis_url)
-        r.ping()
-        key = _local_key(r, data_dir / "api-key")
+        try:
+            r.ping()
+            key = _local_key(r, data_dir / "api-key")
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            where = "the embedded redis-server" if embedded else "MODELPRESS_REDIS_URL"
+            fix = ("see its log under " + str(data_dir / "redis") if embedded else
+                   "start that Redis, correct the URL, or unset MODELPRESS_REDIS_URL (and "
+                   "REDIS_URL) to have serve start an embedded one")
+            raise click.ClickException(f"could not reach Redis at {_redacted(redis_url)} "
+                                       f"({where}): {str(exc).rstrip('.')}; {fix}") from None
 
         host = settings.api_host
         api_port = port or settings.api_port
@@ -220,6 +248,16 @@ def serve(demo: bool, exit_after: bool, port: int | None) -> None:
         click.echo("stopping")
     finally:
         shutdown()
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL with its password (if any) masked, to print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return parts._replace(netloc=f"{user}***@{netloc}").geturl()
 
 
 def _demo(base_url: str, key: str) -> None:
@@ -480,11 +518,16 @@ def jobs_download(ctx: click.Context, job_id: str, name: str, output: str) -> No
 
 
 def run() -> None:
-    """Entry point that turns SDK errors into one clear line and exit code 1."""
+    """Entry point that turns SDK errors, and OS errors (a download to a folder that cannot
+    be made or written), into one clear line and exit code 1."""
     try:
         main(standalone_mode=True)
     except ModelpressError as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        what = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        click.echo(f"error: {what}", err=True)
         sys.exit(1)
 
 

@@ -1,0 +1,196 @@
+"""What the SDK and CLI refuse or say without a running service: path segments, base URLs,
+client commands under broken server settings, serve's unreachable Redis, result lines, and an
+event stream that closes after a job has ended."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from app.schemas import Environment, IntrinsicDimensionResult, Job
+from modelpress import AsyncClient, Client, InvalidArgumentError, ModelpressError, _base
+from modelpress._stack import free_port
+from modelpress.cli import format_result, main
+
+JOB_ID = "job_" + "0" * 32
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "../models", "a/b", "a\\b", "/"])
+def test_ids_and_names_must_be_one_path_segment(bad: str) -> None:
+    builders: list[Callable[[str], object]] = [
+        _base.get_job, _base.get_model, _base.get_dataset, _base.delete_job, _base.delete_model,
+        _base.delete_dataset, _base.events_path, _base.list_artifacts,
+        lambda i: _base.job_log(i, 10), lambda i: _base.cancel_job(i, False)]
+    for build in builders:
+        with pytest.raises(InvalidArgumentError, match=r"is not a valid .* id"):
+            build(bad)
+    with pytest.raises(InvalidArgumentError, match="not a valid artifact name"):
+        _base.artifact_path(JOB_ID, bad)
+    with pytest.raises(InvalidArgumentError, match="not a valid artifact name"):
+        _base.download_paths("/tmp/x/a/b/", bad)
+    assert issubclass(InvalidArgumentError, ValueError) and issubclass(InvalidArgumentError,
+                                                                       ModelpressError)
+
+
+def test_path_segments_are_percent_encoded() -> None:
+    assert _base.get_job(JOB_ID).path == f"/v1/jobs/{JOB_ID}"
+    assert _base.artifact_path(JOB_ID, "model.onnx") == f"/v1/jobs/{JOB_ID}/artifacts/model.onnx"
+    assert _base.artifact_path(JOB_ID, "a b?#%.json").endswith("/artifacts/a%20b%3F%23%25.json")
+    assert _base.events_path("x..y") == "/v1/jobs/x..y/events"
+    assert _base.download_paths("/tmp/out/", "b.json") == (Path("/tmp/out/b.json"),
+                                                           Path("/tmp/out/b.json.part"))
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8765", "ftp://127.0.0.1:8765", "localhost",
+                                 "http://", "http://[::1"])
+def test_a_base_url_that_is_not_http_fails_at_once(url: str, monkeypatch: pytest.MonkeyPatch
+                                                   ) -> None:
+    start = time.monotonic()
+    with pytest.raises(InvalidArgumentError, match="base URL"):
+        Client(base_url=url, api_key="k").jobs.list()
+    with pytest.raises(InvalidArgumentError, match="base URL"):
+        AsyncClient(base_url=url, api_key="k")
+    monkeypatch.setenv("MODELPRESS_BASE_URL", url)
+    with pytest.raises(InvalidArgumentError, match="base URL"):
+        Client(api_key="k")
+    assert time.monotonic() - start < 1.0  # was 4 attempts and 3.5 s of backoff
+    assert Client(base_url="https://example.invalid/prefix/", api_key="k").base_url == \
+        "https://example.invalid/prefix"
+
+
+def test_an_unusable_request_url_is_not_retried() -> None:
+    # the check at construction bypassed (an http_client's base_url changed afterwards)
+    with Client(base_url="http://127.0.0.1:1", api_key="k") as c:
+        c._http.base_url = "ftp://127.0.0.1:1"  # type: ignore[assignment]
+        start = time.monotonic()
+        with pytest.raises(InvalidArgumentError, match="not usable"):
+            c.jobs.list()
+        with pytest.raises(InvalidArgumentError, match="not usable"):
+            list(c.jobs.events(JOB_ID))
+        assert time.monotonic() - start < 1.0
+
+
+@pytest.mark.parametrize("setting", [{"MODELPRESS_VISIBILITY_TIMEOUT_S": "10"},
+                                     {"MODELPRESS_RATE_LIMIT_PER_MINUTE": "abc"}])
+def test_client_commands_ignore_server_settings(setting: dict[str, str], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    dead = f"http://127.0.0.1:{free_port()}"
+    for auth in (["--base-url", dead, "--api-key", "k"], ["--base-url", dead], []):
+        env = {**setting, "MODELPRESS_DATA_DIR": str(tmp_path / "data"),
+               "MODELPRESS_BASE_URL": "", "MODELPRESS_API_KEY": ""}
+        result = CliRunner().invoke(main, [*auth, "jobs", "get", JOB_ID], env=env)
+        # it got as far as the connection: the SDK's error, not the settings' ValidationError
+        assert isinstance(result.exception, ModelpressError), result.exception
+
+
+def test_client_commands_find_the_data_folder_in_dot_env(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MODELPRESS_DATA_DIR", raising=False)
+    (tmp_path / ".env").write_text("MODELPRESS_DATA_DIR=elsewhere\nMODELPRESS_VISIBILITY_TIMEOUT_S=1\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "url").write_text("127.0.0.1:9\n")  # refused: proves it was read
+    result = CliRunner().invoke(main, ["jobs", "get", JOB_ID],
+                                env={"MODELPRESS_BASE_URL": "", "MODELPRESS_API_KEY": ""})
+    assert isinstance(result.exception, InvalidArgumentError)
+    assert "'127.0.0.1:9'" in str(result.exception)
+
+
+def test_serve_names_an_unreachable_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    result = CliRunner().invoke(main, ["serve", "--exit"],
+                                env={"MODELPRESS_REDIS_URL": url,
+                                     "MODELPRESS_DATA_DIR": str(tmp_path / "data")})
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    said = " ".join(result.output.split())
+    assert f"could not reach Redis at {url.replace('hunter2', '***')}" in said
+    assert "unset MODELPRESS_REDIS_URL" in said and "hunter2" not in said
+
+
+def _intrinsic_job(d_int90: int | None, per_seed: list[int | None], rebuilt: float | None,
+                   ratio: float | None) -> Job:
+    env = Environment(device="cpu", device_name="cpu", threads=1, versions={}, host="h")
+    res = IntrinsicDimensionResult(
+        model="digits-mlp", projection="dense", parameters=12345, full_accuracy=0.97,
+        target=0.873, d_int90=d_int90, d_int90_per_seed=per_seed, curve=[], training_runs=6,
+        rebuilt_accuracy=rebuilt, compression_ratio=ratio, seconds=1.0, method="m",
+        environment=env)
+    return Job.model_validate({
+        "id": JOB_ID, "kind": "intrinsic_dimension", "state": "succeeded", "queue": "cpu",
+        "spec": {"kind": "intrinsic_dimension", "model": "digits-mlp"},
+        "created_at": "2026-12-01T00:00:00Z", "progress": {}, "result": res.model_dump()})
+
+
+def test_intrinsic_dimension_not_reached_reads_as_such() -> None:
+    text = format_result(_intrinsic_job(None, [None, 400], None, None))
+    assert "None" not in text, text
+    assert "d_int90 not reached of D 12,345 (per seed [not reached, 400])" in text
+    assert "no model rebuilt (the target was not reached)" in text
+    text = format_result(_intrinsic_job(400, [400], 0.88, 30.4))
+    assert "d_int90 400 of D 12,345 (per seed [400])" in text
+    assert "rebuilt from the artifact: accuracy 0.88, compression 30x" in text
+
+
+@pytest.fixture
+def closing_stream() -> Iterator[tuple[str, list[str]]]:
+    """An events route that sends one progress event and closes (no final state event), and
+    a job route that says the job has succeeded: a server that ends the stream of a job that
+    had ended before the client resumed."""
+    seen: list[str] = []
+    progress = json.dumps({"id": "5-0", "type": "progress", "job_id": JOB_ID,
+                           "at": "2026-12-01T00:00:00Z", "fraction": 1.0})
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            if self.path.endswith("/events"):
+                body = f"id: 5-0\ndata: {progress}\n\n".encode()
+                ctype = "text/event-stream"
+            else:
+                body = json.dumps({
+                    "id": JOB_ID, "kind": "benchmark", "state": "succeeded", "queue": "cpu",
+                    "spec": {"kind": "benchmark", "model": {"id": "mdl_" + "0" * 32}},
+                    "created_at": "2026-12-01T00:00:00Z", "progress": {}}).encode()
+                ctype = "application/json"
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
+    httpd.shutdown()
+
+
+def test_a_stream_that_closes_after_the_job_ended_stops(closing_stream: tuple[str, list[str]]
+                                                        ) -> None:
+    url, seen = closing_stream
+    start = time.monotonic()
+    with Client(base_url=url, api_key="k") as c:
+        assert [e.type for e in c.jobs.events(JOB_ID, last_event_id="4-0")] == ["progress"]
+
+    async def via_async() -> list[str]:
+        async with AsyncClient(base_url=url, api_key="k") as ac:
+            return [e.type async for e in ac.jobs.events(JOB_ID, last_event_id="4-0")]
+
+    assert asyncio.run(via_async()) == ["progress"]
+    assert time.monotonic() - start < 2.0  # no reconnects with backoff
+    assert seen == [f"/v1/jobs/{JOB_ID}/events", f"/v1/jobs/{JOB_ID}"] * 2
