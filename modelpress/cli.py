@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import click
 import redis
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from app.auth import TENANT_RE, create_key, hash_token
@@ -176,7 +177,7 @@ def format_result(job: Job) -> str:
 @click.option("--port", type=int, default=None, help="API port (default MODELPRESS_API_PORT).")
 def serve(demo: bool, exit_after: bool, port: int | None) -> None:
     """Run Redis (embedded unless REDIS_URL is set), one worker and the API on this machine."""
-    settings = Settings()
+    settings = _settings()
     data_dir = settings.data_dir.resolve()
     logs = data_dir / "logs"
     embedded: _stack.EmbeddedRedis | None = None
@@ -280,7 +281,7 @@ def _demo(base_url: str, key: str) -> None:
 @click.option("--name", default="worker", show_default=True)
 def worker(queues: str | None, concurrency: int, name: str) -> None:
     """Run a Celery worker in the foreground (needs MODELPRESS_REDIS_URL)."""
-    settings = Settings()
+    settings = _settings()
     if settings.redis_url is None:
         raise click.UsageError("set MODELPRESS_REDIS_URL (or use `modelpress serve`)")
     import torch
@@ -297,7 +298,7 @@ def worker(queues: str | None, concurrency: int, name: str) -> None:
 @click.option("--port", type=int, default=None)
 def api(host: str | None, port: int | None) -> None:
     """Run the API server in the foreground (needs MODELPRESS_REDIS_URL)."""
-    settings = Settings()
+    settings = _settings()
     if settings.redis_url is None:
         raise click.UsageError("set MODELPRESS_REDIS_URL (or use `modelpress serve`)")
     import uvicorn
@@ -318,7 +319,7 @@ def keys() -> None:
 @click.option("--name", default="default", show_default=True, help="A label for the key.")
 def keys_create(tenant: str, name: str) -> None:
     """Create a key for TENANT and print it (only its hash is stored)."""
-    settings = Settings()
+    settings = _settings()
     if not TENANT_RE.fullmatch(tenant):
         raise click.BadParameter("lowercase letters, digits, '-' and '_' (1-63)", param_hint="--tenant")
     url, local = settings.redis_url, settings.data_dir / "redis-url"
@@ -515,6 +516,21 @@ def jobs_download(ctx: click.Context, job_id: str, name: str, output: str) -> No
     """Download artifact NAME of JOB_ID."""
     with _client(ctx) as c:
         click.echo(c.jobs.download(job_id, name, output))
+
+
+def _settings() -> Settings:
+    """The server's settings, or one line per bad one (the variable to fix and why) instead of
+    pydantic's traceback."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = err.get("loc") or ()
+            where = f"MODELPRESS_{str(loc[0]).upper()}: " if loc else ""
+            lines.append(f"{where}{err['msg'].removeprefix('Value error, ')}")
+        raise click.ClickException("invalid settings (environment or .env): "
+                                   + "; ".join(lines)) from None
 
 
 def run() -> None:

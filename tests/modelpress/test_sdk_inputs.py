@@ -118,6 +118,24 @@ def test_serve_names_an_unreachable_redis(tmp_path: Path, monkeypatch: pytest.Mo
     assert "unset MODELPRESS_REDIS_URL" in said and "hunter2" not in said
 
 
+@pytest.mark.parametrize("command", [["api"], ["worker"], ["serve", "--exit"],
+                                     ["keys", "create", "--tenant", "t"]])
+def test_server_commands_name_a_bad_setting_in_one_line(command: list[str], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for env, says in [
+        ({"MODELPRESS_VISIBILITY_TIMEOUT_S": "10"},
+         "MODELPRESS_VISIBILITY_TIMEOUT_S (10) must be larger than"),
+        ({"MODELPRESS_RATE_LIMIT_PER_MINUTE": "abc"},
+         "MODELPRESS_RATE_LIMIT_PER_MINUTE: Input should be a valid integer"),
+    ]:
+        result = CliRunner().invoke(main, command, env=env)
+        assert result.exit_code == 1, result.exception
+        assert not isinstance(result.exception, ValueError), result.exception  # no traceback
+        said = " ".join(result.output.split())
+        assert f"invalid settings (environment or .env): {says}" in said, said
+
+
 def _intrinsic_job(d_int90: int | None, per_seed: list[int | None], rebuilt: float | None,
                    ratio: float | None) -> Job:
     env = Environment(device="cpu", device_name="cpu", threads=1, versions={}, host="h")
