@@ -37,6 +37,7 @@ DATASET_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U
 # RecursionError: json.loads of a document nested thousands deep.
 _MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, EOFError,
               struct.error, zipfile.BadZipFile, zlib.error, NotImplementedError, RecursionError)
+IGNORE_INDEX = -100  # a label that marks a position to skip (torch's cross_entropy default)
 _LABEL_CHUNK = 1 << 20  # elements read at a time when scanning labels
 _SAFETENSORS_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
@@ -99,21 +100,24 @@ def _check_labels(path: Path, kind: str, name: str) -> None:
     """Labels are class indices: every metric that reads them (accuracy, perplexity, the
     cross-entropy of sensitivity and training) casts them to int64, so a float label would be
     truncated silently (0.5 -> class 0), and a negative one matches no class and fails the
-    cross-entropy. cosine and mse compare with the float model's outputs and never read labels.
+    cross-entropy; but IGNORE_INDEX (-100) marks positions to skip (padding), as in PyTorch and
+    Hugging Face. cosine and mse compare with the float model's outputs and never read labels.
     The upper bound (the model's class count) is the job's to check: it needs the model."""
     with _open_array(path, kind, name) as (dtype, fh, count):
         if dtype.kind not in "biu":
             raise Rejected(f"labels {name!r} hold {dtype} values: labels are integer class "
-                           f"indices (numpy.savez(..., {name}=labels.astype('int64'))); to compare "
-                           "with the float model's outputs instead (metric cosine or mse), leave "
-                           f"{name!r} out")
+                           f"indices; if these are whole numbers, store them as integers "
+                           f"(numpy.rint(labels).astype('int64') once you have checked that), "
+                           "and if they are not class indices, leave them out (metric cosine or "
+                           "mse compares with the float model's outputs instead)")
         if dtype.kind != "i":
             return
         for chunk in _read_chunks(fh, dtype, count):
-            bad = chunk[chunk < 0]
+            bad = chunk[(chunk < 0) & (chunk != IGNORE_INDEX)]
             if bad.size:
                 raise Rejected(f"labels {name!r} hold the negative label {int(bad[0])}: labels "
-                               "are class indices 0, 1, ...")
+                               f"are class indices 0, 1, ..., or {IGNORE_INDEX} for a position "
+                               "to skip")
 
 
 @contextmanager

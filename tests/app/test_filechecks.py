@@ -373,9 +373,11 @@ def test_labels_a_job_can_use_pass(tmp_path: Path) -> None:
     save_file(bad, str(st))
     with pytest.raises(Rejected, match="negative label -3"):
         filechecks.check_dataset(st, None, LIMIT)
-    np.savez(p, x=np.zeros((3, 2), np.float32), y=np.array([0, -100, 1]))  # no ignore index
-    with pytest.raises(Rejected, match="negative label -100"):
+    np.savez(p, x=np.zeros((3, 2), np.float32), y=np.array([0, -101, 1]))
+    with pytest.raises(Rejected, match="negative label -101"):
         filechecks.check_dataset(p, None, LIMIT)
+    np.savez(p, x=np.zeros((3, 2), np.float32), y=np.array([0, -100, 1]))  # the ignore index
+    filechecks.check_dataset(p, None, LIMIT)
     # Big-endian, unsigned and bool labels, and a `labels` array that is an input beside `y`:
     # all load as the class indices a job uses.
     for y in (np.array([0, 1, 2], ">i4"), np.array([0, 1, 2], np.uint16),

@@ -13,7 +13,7 @@ from torch import nn
 
 from app.schemas import BenchmarkResult, BenchmarkSpec, LayerLatency
 from workers.engine import env, models
-from workers.engine.context import JobContext, UserError
+from workers.engine.context import JobContext, UserError, inputs_at_fault
 from workers.engine.timing import PeakMemory, measure
 
 PER_LAYER_PASSES = 20
@@ -46,14 +46,12 @@ def run(spec: BenchmarkSpec, ctx: JobContext) -> BenchmarkResult:
     # The memory window opens before the first inference, so it sees activations and
     # workspaces being allocated (later runs reuse them and would show no increase).
     with PeakMemory(device) as mem:
-        try:
+        hint = ""
+        if model.source == "pt2":
+            hint = (f"; the program was exported for inputs {model.info.get('inputs')}: export "
+                    "with a dynamic batch dimension (torch.export.Dim) to run other batch sizes")
+        with inputs_at_fault("the model does not run on the given inputs", hint):
             forward()
-        except Exception as exc:
-            hint = ""
-            if model.source == "pt2":
-                hint = (f"; the program was exported for inputs {model.info.get('inputs')}: export "
-                        "with a dynamic batch dimension (torch.export.Dim) to run other batch sizes")
-            raise UserError(f"the model does not run on the given inputs: {exc}{hint}") from None
         ctx.progress("warmup", 0.05, f"{spec.warmup} warm-up runs")
         timing = measure(forward, warmup=spec.warmup, repeats=spec.repeats, device=device,
                          min_time_s=spec.min_time_s, on_step=on_step)

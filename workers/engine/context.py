@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from app.schemas import ArtifactInfo
-from app.storage import Store
+from app.storage import Store, StoreError
 
 
 class JobCancelled(Exception):
@@ -25,6 +25,38 @@ class UserError(Exception):
     """A failure the user can fix (bad input, incompatible model); its message is shown as is."""
 
     type = "invalid_input"
+
+
+def _not_the_inputs() -> tuple[type[BaseException], ...]:
+    """Exceptions that say nothing about the user's model or data, whatever they interrupt: a
+    cancel, the store, and the worker's soft time limit (Celery's; absent when the engine runs
+    as a plain library without it)."""
+    kinds: list[type[BaseException]] = [UserError, JobCancelled, StoreError]
+    try:
+        from celery.exceptions import SoftTimeLimitExceeded
+    except ImportError:  # pragma: no cover - the worker always has celery
+        pass
+    else:
+        kinds.append(SoftTimeLimitExceeded)
+    return tuple(kinds)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+@contextmanager
+def inputs_at_fault(what: str, advice: str = "") -> Iterator[None]:
+    """A failure inside is the user's model or data failing (``what``, then the error's first
+    line and ``advice``): a failed job the user can act on, not a traceback. A cancel, the time
+    limit or the store still fail the job as themselves."""
+    try:
+        yield
+    except _not_the_inputs():
+        raise
+    except Exception as exc:
+        raise UserError(f"{what} ({first_line(exc)}){advice}") from None
 
 
 class JobContext(Protocol):

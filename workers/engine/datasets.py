@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file as load_safetensors_np
 
+from app.filechecks import IGNORE_INDEX
 from workers.engine.context import UserError
 
 DIGITS_TEST_FRACTION = 0.2
@@ -126,6 +127,23 @@ def load_uploaded(path: Path, fmt: str) -> TensorData:
         raise UserError("the dataset holds 0 samples")
     if labels is not None and labels.dtype.kind not in "iub":
         # .long() would truncate 0.5 to 0 and score a model against labels nobody gave
-        raise UserError(f"labels (`y`) must be integer class or token ids, not {labels.dtype}; "
-                        "store them as int64")
+        raise UserError(f"the labels must be integer class or token ids, not {labels.dtype}; "
+                        "store them as int64, or leave them out")
     return TensorData(inputs, None if labels is None else torch.from_numpy(labels).long())
+
+
+def check_class_labels(labels: torch.Tensor, outputs: torch.Tensor, n: int,
+                       skip_ignored: bool) -> None:
+    """Labels scored against a model's outputs [n, ..., classes]: one class (or token) id per
+    output row, in range (``IGNORE_INDEX`` too where ``skip_ignored``: cross-entropy and
+    accuracy skip it). Else cross-entropy fails deep in a job, or accuracy compares nonsense."""
+    want = [n, *outputs.shape[1:-1]]
+    if list(labels.shape) != want:
+        raise UserError(f"the labels have shape {list(labels.shape)}; the model's outputs "
+                        f"{list(outputs.shape)} need one id per output row, shape {want}")
+    classes = int(outputs.shape[-1])
+    scored = labels[labels != IGNORE_INDEX] if skip_ignored else labels
+    if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= classes):
+        skip = f", or {IGNORE_INDEX} to skip a position" if skip_ignored else ""
+        raise UserError(f"the labels must lie in [0, {classes}) for a model with {classes} "
+                        f"outputs{skip}; found {int(scored.min())} to {int(scored.max())}")

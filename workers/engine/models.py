@@ -18,7 +18,7 @@ from torch import nn
 from app import filechecks
 from app.schemas import DatasetRef, ModelRef
 from workers.engine import char_lm, datasets, graph_layers, zoo
-from workers.engine.context import JobContext, UserError
+from workers.engine.context import JobContext, UserError, inputs_at_fault
 from workers.engine.datasets import TensorData
 
 Task = Literal["classification", "embedding", "language_model"]
@@ -97,21 +97,14 @@ def _load_uploaded(model_id: str, ctx: JobContext) -> LoadedModel:
     return _load_hf_zip(model_id, path, ctx.workdir / "hf" / model_id)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def _load_pt2(model_id: str, path: Path) -> LoadedModel:
     # The upload check sees only the archive's layout; what torch cannot read is still the
     # file's fault, so it is the user's error (a failed job with advice, not a traceback).
-    try:
+    with inputs_at_fault("the .pt2 is not a program torch.export can load",
+                         "; save it with torch.export.save(torch.export.export(model, "
+                         f"example_args), path) using torch {torch.__version__.split('+')[0]} "
+                         "or close to it"):
         ep = torch.export.load(path)
-    except Exception as exc:
-        raise UserError("the .pt2 is not a program torch.export can load "
-                        f"({_first_line(exc)}); save it with "
-                        "torch.export.save(torch.export.export(model, example_args), path) "
-                        f"using torch {torch.__version__.split('+')[0]} or close to it") from None
     names = [s.arg.name for s in ep.graph_signature.input_specs
              if s.kind == torch.export.graph_signature.InputKind.USER_INPUT
              and hasattr(s.arg, "name")]
@@ -155,23 +148,18 @@ def _load_hf_zip(model_id: str, path: Path, dest: Path) -> LoadedModel:
             target = dest / name[len(prefix):]
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(zf.read(name))
-    try:
+    # as for .pt2: the folder passed the layout check, not necessarily this
+    with inputs_at_fault("the model folder could not be loaded",
+                         "; check it loads with transformers' AutoModel.from_pretrained and its "
+                         "tokenizer with AutoTokenizer.from_pretrained"):
         module, tok = zoo.load_hf_encoder(dest)
-    except UserError:
-        raise
-    except Exception as exc:  # as for .pt2: the folder passed the layout check but not this
-        raise UserError(f"the model folder could not be loaded ({_first_line(exc)}); check it "
-                        "loads with transformers' AutoModel.from_pretrained and its tokenizer "
-                        "with AutoTokenizer.from_pretrained") from None
     if tok is None:
         raise UserError("the model folder has no tokenizer (tokenizer.json or vocab.txt)")
     length = max_tokens(json.loads((dest / "config.json").read_text()), module)
-    try:
+    # e.g. a vocab.txt without [UNK]: WordPiece cannot run
+    with inputs_at_fault("the model folder's tokenizer does not run",
+                         "; check it with AutoTokenizer.from_pretrained(folder)(['a sentence'])"):
         data = TensorData(zoo.tokenize(tok, datasets.sentences(), max_length=length))
-    except Exception as exc:  # e.g. a vocab.txt without [UNK]: WordPiece cannot run
-        raise UserError(f"the model folder's tokenizer does not run ({_first_line(exc)}); "
-                        "check it with AutoTokenizer.from_pretrained(folder)(['a sentence'])"
-                        ) from None
     task: Task = "classification" if isinstance(module, zoo._LogitsOnly) else "embedding"
     return LoadedModel(model_id, module, ["input_ids", "attention_mask"], task, data,
                        source="hf", tokenizer=tok, info={"max_length": length})

@@ -80,9 +80,7 @@ def _problem(spec: IntrinsicDimensionSpec, ctx: JobContext, report: bool = True)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise UserError("intrinsic dimension needs a classifier: the model must return logits "
                         f"[batch, classes], got {getattr(out, 'shape', type(out).__name__)}")
-    if int(data.labels.max()) >= out.shape[1] or int(data.labels.min()) < 0:
-        raise UserError(f"labels must lie in [0, {out.shape[1]}) for a model with "
-                        f"{out.shape[1]} outputs")
+    datasets.check_class_labels(data.labels, out, n, skip_ignored=False)
     covered, total = reset_coverage(loaded.module)
     ctx.log.info("%s: %d of %d parameters re-initialized for theta0; the rest keep their "
                  "uploaded values", loaded.name, covered, total)

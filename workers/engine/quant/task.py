@@ -13,8 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.filechecks import IGNORE_INDEX
 from workers.engine.char_lm import perplexity
-from workers.engine.context import JobContext, UserError, compute_once, memo_key
+from workers.engine.context import (
+    JobContext,
+    UserError,
+    compute_once,
+    inputs_at_fault,
+    memo_key,
+)
+from workers.engine.datasets import check_class_labels
 from workers.engine.quant.fake import simulate
 from workers.engine.quant.formats import LayerFormat
 
@@ -29,7 +37,8 @@ def quantizable_layers(module: nn.Module) -> dict[str, nn.Module]:
 
 def _accuracy(out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor) -> float:
     assert labels is not None
-    return float((out.argmax(dim=-1) == labels).float().mean())
+    scored = labels != IGNORE_INDEX  # positions to skip, as cross-entropy skips them
+    return float((out.argmax(dim=-1) == labels)[scored].float().mean())
 
 
 def _cosine(out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor) -> float:
@@ -111,28 +120,14 @@ class QuantTask:
         # forward would consume the records. The evaluation one (512 samples by default) on
         # first use, outside any simulation (``memoized_unless_taken``): a worker computing
         # inter-layer terms for the job never needs it.
-        try:
+        with inputs_at_fault("the model does not run on the dataset's inputs "
+                             f"{[list(t.shape) for t in self.calib_inputs]}"):
             self._ref_calib = self.forward(self.calib_inputs)
-        except Exception as exc:  # the user's data does not fit the user's model
-            raise UserError(f"the model does not run on the dataset's inputs "
-                            f"{[list(t.shape) for t in self.calib_inputs]}: {exc}") from None
         if self.metric in LABELED:
-            self._check_labels(self.eval_labels, len(self.eval_inputs[0]))
-            self._check_labels(self.calib_labels, len(self.calib_inputs[0]))
-
-    def _check_labels(self, labels: torch.Tensor | None, n: int) -> None:
-        """Labels scored against the outputs: one class (or token) id per output row, in
-        range; else cross-entropy fails deep in a search, or accuracy compares nonsense."""
-        assert self._ref_calib is not None and labels is not None
-        out = self._ref_calib
-        want = [n, *out.shape[1:-1]]
-        if list(labels.shape) != want:
-            raise UserError(f"labels (`y`) have shape {list(labels.shape)}; the model's outputs "
-                            f"{list(out.shape)} need one id per output row, shape {want}")
-        classes = int(out.shape[-1])
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            raise UserError(f"labels (`y`) must lie in [0, {classes}) for a model with {classes} "
-                            f"outputs; found {int(labels.min())} to {int(labels.max())}")
+            for labels, inputs in ((self.eval_labels, self.eval_inputs),
+                                   (self.calib_labels, self.calib_inputs)):
+                assert labels is not None
+                check_class_labels(labels, self._ref_calib, len(inputs[0]), skip_ignored=True)
 
     @property
     def labeled(self) -> bool:

@@ -40,8 +40,20 @@ def test_labels_outside_the_outputs_are_refused(label: int) -> None:
 
 
 def test_labels_of_the_wrong_shape_are_refused() -> None:
-    with pytest.raises(UserError, match=r"have shape \[8, 2\].*shape \[8\]"):
+    with pytest.raises(UserError, match=r"labels have shape \[8, 2\].*shape \[8\]"):
         _task(torch.randn(8, 1, 8, 8), torch.zeros(8, 2, dtype=torch.long))
+
+
+def test_the_ignore_index_is_skipped_by_the_checks_and_by_accuracy() -> None:
+    x = torch.randn(8, 1, 8, 8)
+    predicted = _task(x, torch.zeros(8, dtype=torch.long)).calib_reference.argmax(-1)
+    y = predicted.clone()
+    y[:3] = -100  # padding: not scored
+    task = _task(x, y)
+    assert task.evaluate({}) == 1.0  # 5 of 5 scored positions right, not 5 of 8
+    y[0] = -101
+    with pytest.raises(UserError, match=r"or -100 to skip a position; found -101"):
+        _task(x, y)
 
 
 def test_unlabeled_metrics_ignore_labels() -> None:
@@ -71,3 +83,18 @@ def test_a_relative_budget_on_a_zero_baseline_is_refused(higher: bool) -> None:
     with pytest.raises(UserError, match="relative budget is meaningless"):
         threshold(0.0, "relative", 0.999, higher)
     assert threshold(0.0, "absolute", 0.01, higher).value == (-0.01 if higher else 0.01)
+
+
+def test_only_the_inputs_failing_is_the_users_error() -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from workers.engine.context import JobCancelled, inputs_at_fault
+
+    with (pytest.raises(UserError, match=r"^the model broke \(RuntimeError: shapes\); fix it$"),
+          inputs_at_fault("the model broke", "; fix it")):
+        raise RuntimeError("shapes\nmore detail")
+    # a cancel or the time limit landing inside is what it is, not the user's data
+    for exc in (JobCancelled(), SoftTimeLimitExceeded(), UserError("already clear")):
+        with pytest.raises(type(exc)) as caught, inputs_at_fault("the model broke"):
+            raise exc
+        assert caught.value is exc
