@@ -253,9 +253,11 @@ async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Jo
         if not await svc.redis.exists(records.lease_key(job_id)):
             # No heartbeat renews the lease: the worker running it died. Nothing would read the
             # flag until the queue redelivers the job, so close it now (that delivery is dropped).
+            lease_s = records.lease_ttl_s(svc.settings.worker_heartbeat_s)
             await _close_cancelled(
-                svc, job_id, event, "cancelled; its worker had stopped (no heartbeat), so the "
-                "job was closed at once", run_outcome="lost", attempt=attempt)
+                svc, job_id, event, f"cancelled; its worker sent no heartbeat for {lease_s} s "
+                "(it stopped or stalled), so the job was closed at once", run_outcome="lost",
+                attempt=attempt)
     return await get_job(svc, tenant, job_id)
 
 

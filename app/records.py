@@ -51,6 +51,11 @@ def lease_key(job_id: str) -> str:
     return f"{P}:job:{job_id}:lease"
 
 
+def lease_ttl_s(heartbeat_s: float) -> int:
+    """A job lease lives three heartbeats: a worker that sent none for that long is gone."""
+    return max(2, int(heartbeat_s * 3 + 0.999))
+
+
 def memo_key(job_id: str) -> str:
     """Finished evaluations of a job, so a re-run after a crash resumes instead of redoing them."""
     return f"{P}:job:{job_id}:memo"

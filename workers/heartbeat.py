@@ -73,7 +73,7 @@ class Lease:
         self._r = r
         self.key = records.lease_key(job_id)
         self.holder = holder
-        self.ttl = max(2, int(interval * 3 + 0.999))
+        self.ttl = records.lease_ttl_s(interval)
         self._beat = Beat(interval, self._refresh)
 
     def acquire(self) -> bool:

@@ -70,7 +70,8 @@ async def cancel_job(
     who: PrincipalDep,
     force: Annotated[bool, Query(description="Kill the worker process if it does not stop")] = False,
 ) -> Job:
-    """Queued jobs are cancelled at once; running ones stop at the engine's next step."""
+    """Queued jobs are cancelled at once; running ones stop at the engine's next step, and
+    one whose worker died (no heartbeat renews its lease) is closed at once."""
     return await jobs.cancel_job(svc, who.tenant, job_id, force)
 
 
