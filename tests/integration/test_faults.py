@@ -54,20 +54,38 @@ def test_job_over_its_time_limit_fails_with_reason_and_frees_the_worker(
 
 
 class _SlowMatmul(torch.nn.Module):
-    """One forward is one ~3.7 TFLOP matmul: far longer inside native code (where the soft time
-    limit's exception cannot land) than the 6 s limit, so no forward ends between the soft and
-    the hard limit however the machine's load shifts the start (0.5 TFLOP did, under load)."""
+    """One forward is one matmul of side ``n``: seconds inside native code, where the soft time
+    limit's exception cannot land."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = torch.ones(12288, 12288) * x.sum()
+        a = torch.ones(self.n, self.n) * x.sum()
         return (a @ a)[:1, :4]
+
+
+def _matmul_side(seconds: float) -> int:
+    """The side of a float32 matmul that takes about ``seconds`` on this machine, timed on a
+    small one: far longer than the 6 s limit, so no forward ends between the soft and the hard
+    limit on a fast machine or a loaded one (a fixed 0.5 TFLOP did, under load). Capped so
+    the three matrices stay under 5 GB."""
+    a = torch.ones(1024, 1024)
+    a @ a  # warm the kernel up
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    flops_per_s = 3 * 2 * 1024**3 / (time.perf_counter() - t0)
+    return min(int((seconds * flops_per_s / 2) ** (1 / 3)), 20_000)
 
 
 def test_a_job_killed_at_its_hard_time_limit_is_closed_as_failed(fault_stack: Stack,
                                                                   tmp_path: Path) -> None:
     s = fault_stack
     slow = tmp_path / "slow.pt2"
-    torch.export.save(torch.export.export(_SlowMatmul(), (torch.ones(1, 4),)), str(slow))
+    torch.export.save(torch.export.export(_SlowMatmul(_matmul_side(30.0)), (torch.ones(1, 4),)),
+                      str(slow))
     with s.client() as client:
         model = client.models.upload(slow)
         job = client.jobs.create(BenchmarkSpec(model=ModelRef(id=model.id), input_shape=[1, 4],
