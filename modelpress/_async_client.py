@@ -31,9 +31,7 @@ from modelpress import _base
 from modelpress._errors import (
     APIConnectionError,
     APITimeoutError,
-    InternalServerError,
     JobFailedError,
-    RateLimitError,
     status_error,
 )
 from modelpress._progress import ProgressPrinter
@@ -246,7 +244,7 @@ class AsyncJobs:
                                 deadline.check()
                         # Closed without a final state event. A job that had already ended
                         # when we resumed after its last event has none left to send: ask.
-                        if await self._ended(job_id):
+                        if await self._ended(job_id, deadline):
                             return
                         # Else the server closed it early (restart, proxy timeout): reconnect
                         # from the last event id.
@@ -267,13 +265,16 @@ class AsyncJobs:
                 deadline.check()
             attempt += 1
 
-    async def _ended(self, job_id: str) -> bool:
-        """Whether the job is in a final state; False when that cannot be told now (the API
-        restarting), so the caller reconnects as before. A 404 (deleted) is raised."""
+    async def _ended(self, job_id: str, deadline: _base.Deadline | None) -> bool:
+        """Whether the job is in a final state, by one GET within the wait's deadline; False
+        when that cannot be told now (the API restarting), so the caller reconnects as before.
+        A 404 (deleted) is raised."""
         try:
-            return (await self.get(job_id)).state in FINAL_STATES
-        except (APIConnectionError, InternalServerError, RateLimitError):
+            resp = await self._c._http.get(_base.get_job(job_id).path,
+                                           timeout=_base.ended_probe_timeout(deadline))
+        except httpx.TransportError:
             return False
+        return _base.job_ended(resp)
 
     async def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None,
                    raise_on_failure: bool = True) -> Job:

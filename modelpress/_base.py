@@ -22,6 +22,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from app.schemas import (
+    FINAL_STATES,
     ArtifactInfo,
     DatasetInfo,
     DatasetList,
@@ -40,6 +41,7 @@ from modelpress._errors import (
     IntegrityError,
     InvalidArgumentError,
     WaitTimeoutError,
+    status_error,
 )
 
 T = TypeVar("T")
@@ -249,6 +251,23 @@ def stream_timeout(deadline: Deadline | None) -> httpx.Timeout:
     and no longer than the wait has left."""
     read = 120.0 if deadline is None else max(0.05, min(120.0, deadline.left() + 0.05))
     return httpx.Timeout(60.0, read=read)
+
+
+def ended_probe_timeout(deadline: Deadline | None) -> httpx.Timeout:
+    """One GET of the job, asked when its stream closed without a final event: short, and no
+    longer than the wait has left (a ``wait(timeout=...)`` is not held by a slow API)."""
+    limit = 10.0 if deadline is None else max(0.05, min(10.0, deadline.left()))
+    return httpx.Timeout(limit)
+
+
+def job_ended(resp: httpx.Response) -> bool:
+    """Whether that GET says the job is in a final state. A 404 (deleted) is raised; any other
+    failure is False (the API restarting, rate limiting): the caller reconnects as before."""
+    if resp.status_code == 404:
+        raise status_error(resp)
+    if not resp.is_success:
+        return False
+    return Job.model_validate_json(resp.content).state in FINAL_STATES
 
 
 def pause_within(pause: float, deadline: Deadline | None) -> float:

@@ -48,10 +48,11 @@ def _own_threads() -> Iterator[None]:
 
 
 def run(spec: AnySpec, ctx: JobContext) -> BaseModel:
-    threads, cores = getattr(spec, "threads", None), os.cpu_count() or 1
+    threads, cores = getattr(spec, "threads", None), len(os.sched_getaffinity(0))
     if threads and threads > cores:
         # applied as given (the spec may be meant for another worker), but the timings it
-        # yields measure threads waiting for cores: say so where the user reads the job
+        # yields measure threads waiting for cores: say so where the user reads the job.
+        # The cores this process may run on (affinity, cpusets), not the host's count.
         ctx.log.warning("threads %d is more than this worker's %d cores: latencies will include "
                         "the threads' contention for them; give at most %d", threads, cores, cores)
     with _own_threads():

@@ -92,7 +92,7 @@ def test_threads_above_the_cores_are_applied_with_a_warning(
 
     from workers.engine import registry
 
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))
     spec = BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3, warmup=0, per_layer=False,
                          threads=cores + 1)
     with caplog.at_level("WARNING"):
