@@ -28,6 +28,7 @@ from app.schemas import (
     Job,
     JobCreate,
     JobPage,
+    ModelInfo,
     ModelRef,
     Progress,
     RunAttempt,
@@ -82,10 +83,26 @@ def _refs(spec: BaseModel) -> list[tuple[assets.Collection, str]]:
     return out
 
 
+# The built-in datasets an uploaded model of each format can read: a Hugging Face folder takes
+# token ids (the sentences, through its tokenizer), a .pt2 has no tokenizer.
+UPLOAD_BUILTINS: dict[str, tuple[str, ...]] = {"hf": ("sentences",),
+                                               "pt2": ("digits-test", "digits-calib")}
+
+
 async def _check_refs(svc: Services, tenant: str, spec: BaseModel) -> None:
-    """Every uploaded model or dataset a spec names must exist and belong to the caller."""
+    """Every uploaded model or dataset a spec names must exist and belong to the caller; an
+    uploaded model with a built-in dataset it cannot read is refused here, not in a worker."""
     for collection, asset_id in _refs(spec):
         await assets.require_asset(svc, collection, tenant, asset_id)
+    model, dataset = getattr(spec, "model", None), getattr(spec, "dataset", None)
+    if (isinstance(model, ModelRef) and model.id and isinstance(dataset, DatasetRef)
+            and dataset.builtin):
+        info = await assets.get_asset(svc, "models", tenant, model.id, ModelInfo)
+        fits = UPLOAD_BUILTINS[info.format]
+        if dataset.builtin not in fits:
+            raise ApiError(422, f"dataset: an uploaded {info.format} model cannot read the "
+                                f"built-in dataset {dataset.builtin}; use {' or '.join(fits)}, "
+                                "or upload a dataset")
 
 
 async def create_job(

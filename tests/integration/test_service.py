@@ -706,6 +706,14 @@ def test_hf_folder_and_dataset_uploads_run(stack: Stack, tmp_path: Path) -> None
         assert res.input_shapes[0][0] == 4 and len(res.input_shapes) == 2  # ids and mask
 
         mlp = client.models.upload(export_tiny(tmp_path / "tiny.pt2"), name="tiny")
+        # An uploaded model with a built-in dataset its format cannot read: refused at submit.
+        for model, builtin, fits in ((hf, "digits-test", "sentences"),
+                                     (mlp, "sentences", "digits-test or digits-calib")):
+            with pytest.raises(UnprocessableEntityError,
+                               match=f"uploaded {model.format} model cannot read the built-in "
+                                     f"dataset {builtin}; use {fits}"):
+                client.jobs.create(BenchmarkSpec(model=ModelRef(id=model.id),
+                                                 dataset={"builtin": builtin}))  # type: ignore[arg-type]
         data = tmp_path / "data.npz"
         np.savez(data, x=np.random.default_rng(0).standard_normal((64, 16), dtype=np.float32),
                  y=np.arange(64) % 4)
