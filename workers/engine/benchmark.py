@@ -46,11 +46,8 @@ def run(spec: BenchmarkSpec, ctx: JobContext) -> BenchmarkResult:
     # The memory window opens before the first inference, so it sees activations and
     # workspaces being allocated (later runs reuse them and would show no increase).
     with PeakMemory(device) as mem:
-        hint = ""
-        if model.source == "pt2":
-            hint = (f"; the program was exported for inputs {model.info.get('inputs')}: export "
-                    "with a dynamic batch dimension (torch.export.Dim) to run other batch sizes")
-        with inputs_at_fault("the model does not run on the given inputs", hint):
+        with inputs_at_fault("the model does not run on the given inputs",
+                             exported_for=model.info.get("inputs")):
             forward()
         ctx.progress("warmup", 0.05, f"{spec.warmup} warm-up runs")
         timing = measure(forward, warmup=spec.warmup, repeats=spec.repeats, device=device,
@@ -108,7 +105,9 @@ def per_layer_latency(module: nn.Module, forward: object, device: torch.device
                       ) -> list[LayerLatency]:
     """Median wall time of each leaf module's forward over a few passes (hooks add a little
     overhead to every layer alike, so shares are comparable; totals are in the main latency)."""
-    leaves = [(n, m) for n, m in module.named_modules() if n and not list(m.children())]
+    # torch.export's input guard check is a module of the program, not a layer of the model
+    leaves = [(n, m) for n, m in module.named_modules()
+              if n and not list(m.children()) and n != "_guards_fn"]
     times: dict[str, list[float]] = defaultdict(list)
     starts: dict[str, float] = {}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -46,17 +46,35 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def input_advice(exc: BaseException, exported_for: Any = None) -> str:
+    """What to fix, read from the error of a model run on the user's inputs (``exported_for``:
+    the input shapes a .pt2 was exported with, when known)."""
+    text = str(exc)
+    if "Guard failed" in text or ("shape" in text.lower() and exported_for is not None):
+        seen = f" for inputs {exported_for}" if exported_for is not None else ""
+        return (f"; the program was exported{seen}: give inputs of those shapes, or export with "
+                "torch.export.Dim for each dimension that varies (the batch, at least)")
+    if "same dtype" in text or "scalar type" in text or "dtype" in text.lower():
+        return ("; the inputs' dtype is not the model's: float32 arrays for a float model, "
+                "int64 token ids for an embedding layer")
+    if "index out of range" in text or "out of bounds" in text:
+        return "; an input id is at or past the end of a table (a token id >= the vocabulary size?)"
+    return ""
+
+
 @contextmanager
-def inputs_at_fault(what: str, advice: str = "") -> Iterator[None]:
+def inputs_at_fault(what: str, advice: str | None = None,
+                    exported_for: Any = None) -> Iterator[None]:
     """A failure inside is the user's model or data failing (``what``, then the error's first
-    line and ``advice``): a failed job the user can act on, not a traceback. A cancel, the time
-    limit or the store still fail the job as themselves."""
+    line and ``advice``, by default read from the error): a failed job the user can act on, not
+    a traceback. A cancel, the time limit or the store still fail the job as themselves."""
     try:
         yield
     except _not_the_inputs():
         raise
     except Exception as exc:
-        raise UserError(f"{what} ({first_line(exc)}){advice}") from None
+        tail = input_advice(exc, exported_for) if advice is None else advice
+        raise UserError(f"{what} ({first_line(exc)}){tail}") from None
 
 
 class JobContext(Protocol):

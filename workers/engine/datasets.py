@@ -125,6 +125,13 @@ def load_uploaded(path: Path, fmt: str) -> TensorData:
         raise UserError("all dataset tensors must have the same number of samples (first dim)")
     if n == {0}:
         raise UserError("the dataset holds 0 samples")
+    for k, v in inputs.items():
+        # NaN in, NaN out: a metric of NaN compares false with everything, and quantization
+        # grids fail on it; refuse rather than report figures of nothing
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise UserError(f"dataset array {k!r} holds {bad} NaN or infinite values; give "
+                            "finite inputs")
     if labels is not None and labels.dtype.kind not in "iub":
         # .long() would truncate 0.5 to 0 and score a model against labels nobody gave
         raise UserError(f"the labels must be integer class or token ids, not {labels.dtype}; "

@@ -22,7 +22,7 @@ from torch import nn
 
 from app.schemas import CurvePoint, IntrinsicDimensionResult, IntrinsicDimensionSpec, ModelRef
 from workers.engine import datasets, env, models
-from workers.engine.context import JobContext, UserError, compute_once
+from workers.engine.context import JobContext, UserError, compute_once, inputs_at_fault
 from workers.engine.intrinsic import search as idsearch
 from workers.engine.intrinsic.projections import Kind, memory_bytes
 from workers.engine.intrinsic.subspace import (
@@ -75,13 +75,22 @@ def _problem(spec: IntrinsicDimensionSpec, ctx: JobContext, report: bool = True)
                         "20% test)")
     cut = int(n * 0.8)
     xs = data.ordered(loaded.input_names)
-    with torch.no_grad():
-        out = loaded.module(*(t[:2] for t in xs))
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+    # a training batch's worth (the trainers' default batch), so a program exported for a fixed
+    # batch fails here with advice rather than in the first step
+    with torch.no_grad(), inputs_at_fault("the model does not run on the dataset's inputs",
+                                          exported_for=loaded.info.get("inputs")):
+        out = loaded.module(*(t[:min(64, cut)] for t in xs))
+    if (not isinstance(out, torch.Tensor) or out.dim() != 2
+            or loaded.task != "classification"):
+        got = ("pooled embeddings" if loaded.task == "embedding" and isinstance(out, torch.Tensor)
+               and out.dim() == 2 else getattr(out, "shape", type(out).__name__))
         raise UserError("intrinsic dimension needs a classifier: the model must return logits "
-                        f"[batch, classes], got {getattr(out, 'shape', type(out).__name__)}")
-    datasets.check_class_labels(data.labels, out, n, skip_ignored=False)
+                        f"[batch, classes], got {got}")
+    datasets.check_class_labels(data.labels, out, n, skip_ignored=False)  # out: [batch, C]
     covered, total = reset_coverage(loaded.module)
+    if covered == 0:
+        raise UserError("no layer of this model can be re-initialized (theta0 would be the "
+                        "trained weights): intrinsic dimension needs Linear or Conv layers")
     ctx.log.info("%s: %d of %d parameters re-initialized for theta0; the rest keep their "
                  "uploaded values", loaded.name, covered, total)
     return (loaded.name, reinit_factory(loaded.module),

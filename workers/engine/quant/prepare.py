@@ -9,7 +9,7 @@ from app.schemas import DatasetRef, ModelRef
 from workers.engine import datasets, models
 from workers.engine.context import JobContext, UserError
 from workers.engine.datasets import TensorData
-from workers.engine.quant.task import QuantTask, quantizable_layers
+from workers.engine.quant.task import LABELED, QuantTask, quantizable_layers
 
 
 def _split(data: TensorData, names: list[str], n_eval: int, n_calib: int
@@ -54,6 +54,10 @@ def build_task(model_ref: ModelRef, dataset_ref: DatasetRef | None, metric: str 
         labeled = ev_y is not None
         metric = ("accuracy" if labeled and loaded.task == "classification" else
                   "perplexity" if labeled and loaded.task == "language_model" else "cosine")
+    if metric in LABELED and loaded.source == "hf" and loaded.task == "embedding":
+        raise UserError(f"metric {metric!r} scores class logits, but this model returns pooled "
+                        "embeddings (a Hugging Face encoder without a classification head): use "
+                        "metric 'cosine' or 'mse', or upload a *ForSequenceClassification model")
     module = loaded.for_inference(torch.device("cpu"))
     layers = quantizable_layers(module)
     if not layers:

@@ -84,9 +84,9 @@ def threshold(baseline: float, mode: str, value: float, higher_is_better: bool) 
             # a share of 0 is 0: lower-is-better allows no change, higher-is-better allows any
             raise UserError("the float model's metric is 0 on the evaluation data, so a relative "
                             "budget is meaningless (" + ("it allows any config" if
-                            higher_is_better else "it allows no change") + "); check that "
-                            "the labels match the model's outputs, or give an absolute budget "
-                            "(mode 'absolute')")
+                            higher_is_better else "it allows no change") + "); check the data "
+                            "(for accuracy or perplexity, that the labels match the model's "
+                            "outputs), or give an absolute budget (mode 'absolute')")
         # a share of the baseline's magnitude, so a negative baseline moves the right way too
         slack = abs(baseline) * (1.0 - value)
         t = baseline - slack if higher_is_better else baseline + slack
@@ -156,7 +156,12 @@ class QuantTask:
         outs = []
         with torch.inference_mode():
             for i in range(0, len(inputs[0]), self.batch_size):
-                outs.append(self.module(*(t[i:i + self.batch_size] for t in inputs)))
+                out = self.module(*(t[i:i + self.batch_size] for t in inputs))
+                if not isinstance(out, torch.Tensor):
+                    raise UserError("the model must return one tensor (its logits or "
+                                    f"embeddings), not a {type(out).__name__}: export it "
+                                    "returning only that tensor")
+                outs.append(out)
         return torch.cat(outs).float()
 
     def score(self, outputs: torch.Tensor) -> float:

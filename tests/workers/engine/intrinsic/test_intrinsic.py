@@ -166,3 +166,52 @@ def test_a_sparse_projection_too_slow_to_draw_is_refused_before_training(tmp_pat
                                         r"d = 1,000,000 draws a permutation .*'fastfood'"):
         job.run(spec, LocalContext(tmp_path))
     assert 315_402 * max(job.DEFAULT_GRID) < job.SPARSE_DRAW_LIMIT  # the default grid passes
+
+
+def _uploaded_problem(tmp_path: Path, model_file: Path, x: torch.Tensor, y: torch.Tensor
+                      ) -> None:
+    """``job._problem`` on a model and labeled dataset stored the way the API stores uploads."""
+    import numpy as np
+
+    from app.config import Settings
+    from app.schemas import DatasetRef, ModelRef
+    from app.storage import open_store
+
+    store = open_store(Settings(store_url=(tmp_path / "store").as_uri()))
+    mdl, dst = "mdl_" + "0" * 32, "dst_" + "0" * 32
+    store.put_file(f"tenants/local/models/{mdl}/model.pt2", model_file)
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy())
+    store.put_file(f"tenants/local/datasets/{dst}/data.npz", tmp_path / "d.npz")
+    spec = IntrinsicDimensionSpec(model=ModelRef(id=mdl), dataset=DatasetRef(id=dst),
+                                  grid=[2, 4], epochs=1)
+    job._problem(spec, LocalContext(tmp_path / "work", store=store))
+
+
+def test_an_uploaded_model_that_cannot_take_the_data_is_the_users_error(tmp_path: Path) -> None:
+    fixed = torch.export.export(torch.nn.Linear(16, 4).eval(), (torch.randn(1, 16),))
+    torch.export.save(fixed, str(tmp_path / "fixed.pt2"))  # exported for a batch of 1 only
+    x, y = torch.randn(40, 16), torch.arange(40) % 4
+    with pytest.raises(UserError, match=r"does not run on the dataset's inputs \(.*Guard.*"
+                                        r"exported for inputs \{'input': \[1, 16\]\}.*torch\.export\.Dim"):
+        _uploaded_problem(tmp_path, tmp_path / "fixed.pt2", x, y)
+    from tests.helpers import export_tiny
+
+    with pytest.raises(UserError, match=r"inputs' dtype is not the model's"):
+        _uploaded_problem(tmp_path, export_tiny(tmp_path / "tiny.pt2"), x.long(), y)
+
+
+def test_a_model_with_nothing_to_reinitialize_is_refused(tmp_path: Path) -> None:
+    class Scale(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :4] * self.w
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(Scale().eval(), (torch.randn(2, 16),), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(ep, str(tmp_path / "scale.pt2"))
+    with pytest.raises(UserError, match="no layer of this model can be re-initialized"):
+        _uploaded_problem(tmp_path, tmp_path / "scale.pt2", torch.randn(40, 16),
+                          torch.arange(40) % 4)

@@ -98,3 +98,37 @@ def test_only_the_inputs_failing_is_the_users_error() -> None:
         with pytest.raises(type(exc)) as caught, inputs_at_fault("the model broke"):
             raise exc
         assert caught.value is exc
+
+
+def test_non_finite_inputs_are_refused(tmp_path: Path) -> None:
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    x[1, 0, 2, 3], x[2, 0, 0, 0] = np.nan, np.inf
+    path = _npz(tmp_path, x=x, y=np.zeros(4, np.int64))
+    with pytest.raises(UserError, match="'x' holds 2 NaN or infinite values"):
+        load_uploaded(path, "npz")
+
+
+def test_a_model_that_returns_a_tuple_is_refused() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.fc(x.flatten(1))
+            return y, y
+
+    model = Pair().eval()
+    x = torch.randn(8, 1, 8, 8)
+    with pytest.raises(UserError, match=r"must return one tensor .* not a tuple"):
+        QuantTask(model, quantizable_layers(model), (x,), None, (x,), None, "cosine")
+
+
+def test_advice_is_read_from_the_error() -> None:
+    from workers.engine.context import input_advice
+
+    guard = input_advice(AssertionError("Guard failed: x.size()[0] == 1"), {"x": [1, 16]})
+    assert "exported for inputs {'x': [1, 16]}" in guard and "torch.export.Dim" in guard
+    assert "int64 token ids" in input_advice(RuntimeError("mat1 and mat2 must have the same dtype"))
+    assert "vocabulary" in input_advice(IndexError("index out of range in self"))
+    assert input_advice(RuntimeError("something else")) == ""
