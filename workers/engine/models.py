@@ -155,14 +155,18 @@ def _load_hf_zip(model_id: str, path: Path, dest: Path) -> LoadedModel:
         module, tok = zoo.load_hf_encoder(dest)
     if tok is None:
         raise UserError("the model folder has no tokenizer (tokenizer.json or vocab.txt)")
-    length = max_tokens(json.loads((dest / "config.json").read_text()), module)
+    config = json.loads((dest / "config.json").read_text())
+    length = max_tokens(config, module)
+    limits = {"max_tokens": max_tokens(config, module, default=1 << 30)}  # the table's room
+    if isinstance(config.get("vocab_size"), int):
+        limits["vocab_size"] = config["vocab_size"]
     # e.g. a vocab.txt without [UNK]: WordPiece cannot run
     with inputs_at_fault("the model folder's tokenizer does not run",
                          "; check it with AutoTokenizer.from_pretrained(folder)(['a sentence'])"):
         data = TensorData(zoo.tokenize(tok, datasets.sentences(), max_length=length))
     task: Task = "classification" if isinstance(module, zoo._LogitsOnly) else "embedding"
     return LoadedModel(model_id, module, ["input_ids", "attention_mask"], task, data,
-                       source="hf", tokenizer=tok, info={"max_length": length})
+                       source="hf", tokenizer=tok, info={"max_length": length, **limits})
 
 
 def load_dataset(ref: DatasetRef, ctx: JobContext, model: LoadedModel | None) -> TensorData:
@@ -175,4 +179,23 @@ def load_dataset(ref: DatasetRef, ctx: JobContext, model: LoadedModel | None) ->
                                        max_length=model.info.get("max_length", 64)))
     assert ref.id is not None
     path = _fetch(ctx, f"tenants/{ctx.tenant}/datasets/{ref.id}/", "dataset")
-    return datasets.load_uploaded(path, path.suffix.lstrip("."))
+    data = datasets.load_uploaded(path, path.suffix.lstrip("."))
+    if model is not None and model.source == "hf":
+        _fits_the_text_model(data, model.info)
+    return data
+
+
+def _fits_the_text_model(data: TensorData, info: dict[str, Any]) -> None:
+    """Token ids an HF model can embed: no longer than its position table, each below its
+    vocabulary (else an index error deep in the embedding, with no word of which limit)."""
+    ids = data.inputs.get("input_ids")
+    if ids is None or ids.dim() != 2:
+        return
+    if ids.shape[1] > info.get("max_tokens", ids.shape[1]):
+        raise UserError(f"the dataset's sequences are {ids.shape[1]} tokens; this model takes at "
+                        f"most {info['max_tokens']} (its position table): truncate them")
+    vocab = info.get("vocab_size")
+    if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise UserError(f"the dataset's input_ids run from {int(ids.min())} to {int(ids.max())}; "
+                        f"this model's vocabulary has {vocab} ids (0 to {vocab - 1}): tokenize "
+                        "with the model's own tokenizer")

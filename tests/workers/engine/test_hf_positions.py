@@ -72,3 +72,20 @@ def test_a_pt2_torch_cannot_load_is_the_users_error(tmp_path: Path) -> None:
         zf.writestr("a/models/model.json", "{}")
     with pytest.raises(UserError, match=r"not a program torch\.export can load"):
         models._load_pt2("m", path)
+
+
+def test_uploaded_token_ids_must_fit_the_model(tmp_path: Path) -> None:
+    from workers.engine.datasets import TensorData
+
+    path = _base.zip_folder(tiny_hf_folder(tmp_path / "bert", "bert", 40), tmp_path)
+    info = models._load_hf_zip("m", path, tmp_path / "unpacked").info
+    assert info["max_tokens"] == 40 and info["vocab_size"] == 30522
+
+    def ids(t: torch.Tensor) -> TensorData:
+        return TensorData({"input_ids": t, "attention_mask": torch.ones_like(t)})
+
+    models._fits_the_text_model(ids(torch.full((2, 40), 30521)), info)  # the last that fits
+    with pytest.raises(UserError, match="sequences are 41 tokens; this model takes at most 40"):
+        models._fits_the_text_model(ids(torch.zeros(2, 41, dtype=torch.long)), info)
+    with pytest.raises(UserError, match=r"input_ids run from 0 to 30522; .* has 30522 ids"):
+        models._fits_the_text_model(ids(torch.tensor([[0, 30522]])), info)

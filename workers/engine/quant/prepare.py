@@ -54,6 +54,10 @@ def build_task(model_ref: ModelRef, dataset_ref: DatasetRef | None, metric: str 
         labeled = ev_y is not None
         metric = ("accuracy" if labeled and loaded.task == "classification" else
                   "perplexity" if labeled and loaded.task == "language_model" else "cosine")
+        if labeled and metric == "cosine":  # say so: the user gave labels for a reason
+            ctx.log.warning("the dataset's labels are not scored: this model's outputs are not "
+                            "[batch, classes] logits, so the metric is cosine to the float model; "
+                            "give metric 'perplexity' (token logits) or 'accuracy' to score them")
     if metric in LABELED and loaded.source == "hf" and loaded.task == "embedding":
         raise UserError(f"metric {metric!r} scores class logits, but this model returns pooled "
                         "embeddings (a Hugging Face encoder without a classification head): use "
