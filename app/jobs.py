@@ -20,6 +20,7 @@ from app.deps import Services
 from app.errors import ApiError, not_found
 from app.schemas import (
     FINAL_STATES,
+    UPLOAD_DATASETS,
     WAITING_FOR_WORKER,
     ArtifactInfo,
     DatasetRef,
@@ -32,6 +33,7 @@ from app.schemas import (
     ModelRef,
     Progress,
     RunAttempt,
+    unreadable_builtin,
 )
 from app.storage import StoreError
 
@@ -83,12 +85,6 @@ def _refs(spec: BaseModel) -> list[tuple[assets.Collection, str]]:
     return out
 
 
-# The built-in datasets an uploaded model of each format can read: a Hugging Face folder takes
-# token ids (the sentences, through its tokenizer), a .pt2 has no tokenizer.
-UPLOAD_BUILTINS: dict[str, tuple[str, ...]] = {"hf": ("sentences",),
-                                               "pt2": ("digits-test", "digits-calib")}
-
-
 async def _check_refs(svc: Services, tenant: str, spec: BaseModel) -> None:
     """Every uploaded model or dataset a spec names must exist and belong to the caller; an
     uploaded model with a built-in dataset it cannot read is refused here, not in a worker."""
@@ -98,11 +94,10 @@ async def _check_refs(svc: Services, tenant: str, spec: BaseModel) -> None:
     if (isinstance(model, ModelRef) and model.id and isinstance(dataset, DatasetRef)
             and dataset.builtin):
         info = await assets.get_asset(svc, "models", tenant, model.id, ModelInfo)
-        fits = UPLOAD_BUILTINS[info.format]
-        if dataset.builtin not in fits:
-            raise ApiError(422, f"dataset: an uploaded {info.format} model cannot read the "
-                                f"built-in dataset {dataset.builtin}; use {' or '.join(fits)}, "
-                                "or upload a dataset")
+        why = unreadable_builtin(f"an uploaded {info.format} model",
+                                 UPLOAD_DATASETS[info.format], dataset.builtin)
+        if why:
+            raise ApiError(422, why)
 
 
 async def create_job(
@@ -270,11 +265,10 @@ async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Jo
         if not await svc.redis.exists(records.lease_key(job_id)):
             # No heartbeat renews the lease: the worker running it died. Nothing would read the
             # flag until the queue redelivers the job, so close it now (that delivery is dropped).
-            lease_s = records.lease_ttl_s(svc.settings.worker_heartbeat_s)
             await _close_cancelled(
-                svc, job_id, event, f"cancelled; its worker sent no heartbeat for {lease_s} s "
-                "(it stopped or stalled), so the job was closed at once", run_outcome="lost",
-                attempt=attempt)
+                svc, job_id, event, "cancelled; its worker sent no heartbeat for the lease's "
+                "lifetime (three heartbeats: it stopped or stalled), so the job was closed at "
+                "once", run_outcome="lost", attempt=attempt)
     return await get_job(svc, tenant, job_id)
 
 

@@ -81,15 +81,28 @@ ZOO_DATASETS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The same for an uploaded model, by format: a Hugging Face folder takes token ids (the
+# sentences, through its tokenizer); a .pt2 has no tokenizer. Checked by the API, which knows
+# the upload's format (app/jobs.py).
+UPLOAD_DATASETS: dict[str, tuple[str, ...]] = {"hf": ("sentences",),
+                                               "pt2": ("digits-test", "digits-calib")}
+
+
+def unreadable_builtin(model: str, fits: tuple[str, ...], builtin: str) -> str | None:
+    """Why ``model`` (described) cannot read the built-in dataset ``builtin``, or None."""
+    if builtin in fits:
+        return None
+    hint = f"use {' or '.join(fits)}" if fits else "leave `dataset` out to use its own"
+    return f"dataset: {model} cannot read the built-in dataset {builtin}; {hint}, or upload a dataset"
+
+
 def _zoo_reads(model: ModelRef, dataset: DatasetRef | None) -> None:
     """Refuse a zoo model with a built-in dataset it cannot read, before a worker loads both."""
     if model.zoo is None or dataset is None or dataset.builtin is None:
         return
-    fits = ZOO_DATASETS[model.zoo]
-    if dataset.builtin not in fits:
-        hint = (f"use {' or '.join(fits)}" if fits else "leave `dataset` out to use its own")
-        raise ValueError(f"dataset: zoo model {model.zoo} cannot read the built-in dataset "
-                         f"{dataset.builtin}; {hint}, or upload a dataset")
+    why = unreadable_builtin(f"zoo model {model.zoo}", ZOO_DATASETS[model.zoo], dataset.builtin)
+    if why:
+        raise ValueError(why)
 
 
 # ---------------------------------------------------------------- job specs, one per kind
@@ -331,8 +344,9 @@ class IntrinsicDimensionSpec(_Strict):
     kind: Literal["intrinsic_dimension"] = "intrinsic_dimension"
     model: Literal["digits-mlp", "digits-cnn"] | ModelRef = Field(
         default="digits-mlp", description="Architecture trained from its seeded random init: "
-        "a built-in one, or an uploaded classifier ({\"id\": \"mdl_...\"}) whose Linear, Conv, "
-        "norm and embedding layers are re-initialized (with `dataset`).")
+        "a built-in one, or an uploaded classifier ({\"id\": \"mdl_...\"}, with `dataset`) whose "
+        "layers are re-initialized: all Linear, Conv, norm and embedding layers of a Hugging "
+        "Face folder; the Linear and Conv layers of a .pt2.")
     dataset: DatasetRef | None = Field(
         default=None, description="Labeled data for an uploaded model: the first 80% train, "
         "the last 20% measure accuracy. Built-in models use digits train / test.")

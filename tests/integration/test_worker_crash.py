@@ -117,10 +117,13 @@ def test_a_plain_cancel_closes_a_dead_workers_job_once_its_lease_is_gone(
     with s.client() as client:
         job = _measuring(client)
         lease = records.lease_key(job.id)
+        holder = s.redis.get(lease)
+        assert holder is not None
         _stack.kill_process(s.workers[0])
         # While the lease lives, the worker may be alive: a plain cancel only sets the flag.
-        # (Lengthened here so the check does not race the dead worker's last three seconds.)
-        assert s.redis.expire(lease, 60)
+        # (Set again here, as the dead worker held it, so the check does not race its last
+        # three seconds.)
+        s.redis.set(lease, holder, ex=60)
         asked = client.jobs.cancel(job.id)
         assert asked.state == "running" and asked.cancel_requested
         s.redis.expire(lease, 1)  # then let it run out, as it would with nobody renewing it

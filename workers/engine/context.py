@@ -4,9 +4,11 @@ workers may compute independent pieces of the same job (claims make sure each is
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -31,7 +33,11 @@ def _not_the_inputs() -> tuple[type[BaseException], ...]:
     """Exceptions that say nothing about the user's model or data, whatever they interrupt: a
     cancel, the store, and the worker's soft time limit (Celery's; absent when the engine runs
     as a plain library without it)."""
-    kinds: list[type[BaseException]] = [UserError, JobCancelled, StoreError]
+    import torch  # here: needed only once an exception is being classified
+
+    # the machine's limits, not the inputs: memory (torch's OOM is a RuntimeError subclass)
+    kinds: list[type[BaseException]] = [UserError, JobCancelled, StoreError, MemoryError,
+                                        torch.OutOfMemoryError]
     try:
         from celery.exceptions import SoftTimeLimitExceeded
     except ImportError:  # pragma: no cover - the worker always has celery
@@ -50,11 +56,16 @@ def input_advice(exc: BaseException, exported_for: Any = None) -> str:
     """What to fix, read from the error of a model run on the user's inputs (``exported_for``:
     the input shapes a .pt2 was exported with, when known)."""
     text = str(exc)
-    if "Guard failed" in text or ("shape" in text.lower() and exported_for is not None):
-        seen = f" for inputs {exported_for}" if exported_for is not None else ""
-        return (f"; the program was exported{seen}: give inputs of those shapes, or export with "
-                "torch.export.Dim for each dimension that varies (the batch, at least)")
-    if "same dtype" in text or "scalar type" in text or "dtype" in text.lower():
+    seen = f" for inputs {exported_for}" if exported_for is not None else ""
+    guard = re.search(r"Guard failed: \w+\.size\(\)\[(\d+)\]", text)
+    if guard and guard.group(1) == "0":
+        return (f"; the program was exported for a fixed batch{seen}: export it with "
+                "torch.export.Dim for the batch dimension to run other batch sizes")
+    if guard or ("shape" in text.lower() and exported_for is not None):
+        return (f"; the program was exported{seen}: give inputs of those shapes (or export "
+                "with torch.export.Dim for each dimension that varies)")
+    if ("same dtype" in text or "scalar type" in text or "Input type" in text
+            or "dtype" in text.lower()):
         return ("; the inputs' dtype is not the model's: float32 arrays for a float model, "
                 "int64 token ids for an embedding layer")
     if "index out of range" in text or "out of bounds" in text:
@@ -72,6 +83,11 @@ def inputs_at_fault(what: str, advice: str | None = None,
         yield
     except _not_the_inputs():
         raise
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # a full disk is not the model's fault
+            raise
+        tail = input_advice(exc, exported_for) if advice is None else advice
+        raise UserError(f"{what} ({first_line(exc)}){tail}") from None
     except Exception as exc:
         tail = input_advice(exc, exported_for) if advice is None else advice
         raise UserError(f"{what} ({first_line(exc)}){tail}") from None

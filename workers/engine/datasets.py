@@ -127,11 +127,11 @@ def load_uploaded(path: Path, fmt: str) -> TensorData:
         raise UserError("the dataset holds 0 samples")
     for k, v in inputs.items():
         # NaN in, NaN out: a metric of NaN compares false with everything, and quantization
-        # grids fail on it; refuse rather than report figures of nothing
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            bad = int((~torch.isfinite(v)).sum())
-            raise UserError(f"dataset array {k!r} holds {bad} NaN or infinite values; give "
-                            "finite inputs")
+        # grids fail on it; refuse rather than report figures of nothing. (Not inf: -inf is
+        # how an additive attention mask says "never".)
+        if v.is_floating_point() and bool(torch.isnan(v).any()):
+            raise UserError(f"dataset array {k!r} holds {int(torch.isnan(v).sum())} NaN values; "
+                            "give numbers")
     if labels is not None and labels.dtype.kind not in "iub":
         # .long() would truncate 0.5 to 0 and score a model against labels nobody gave
         raise UserError(f"the labels must be integer class or token ids, not {labels.dtype}; "
@@ -150,6 +150,10 @@ def check_class_labels(labels: torch.Tensor, outputs: torch.Tensor, n: int,
                         f"{list(outputs.shape)} need one id per output row, shape {want}")
     classes = int(outputs.shape[-1])
     scored = labels[labels != IGNORE_INDEX] if skip_ignored else labels
+    if skip_ignored and labels.numel() and not scored.numel():
+        raise UserError(f"every label is {IGNORE_INDEX} (skip): nothing would be scored")
+    if not skip_ignored and bool((labels == IGNORE_INDEX).any()):
+        raise UserError(f"this job scores every label: drop the samples labelled {IGNORE_INDEX}")
     if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= classes):
         skip = f", or {IGNORE_INDEX} to skip a position" if skip_ignored else ""
         raise UserError(f"the labels must lie in [0, {classes}) for a model with {classes} "

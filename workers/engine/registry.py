@@ -47,8 +47,15 @@ def _own_threads() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (affinity, cpusets) where the OS says; else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def run(spec: AnySpec, ctx: JobContext) -> BaseModel:
-    threads, cores = getattr(spec, "threads", None), len(os.sched_getaffinity(0))
+    threads, cores = getattr(spec, "threads", None), usable_cores()
     if threads and threads > cores:
         # applied as given (the spec may be meant for another worker), but the timings it
         # yields measure threads waiting for cores: say so where the user reads the job.

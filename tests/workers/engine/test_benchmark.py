@@ -88,11 +88,10 @@ def test_p90_is_a_measured_time() -> None:
 
 def test_threads_above_the_cores_are_applied_with_a_warning(
         tmp_path: Path, shared_store: Path, caplog: pytest.LogCaptureFixture) -> None:
-    import os
 
     from workers.engine import registry
 
-    cores = len(os.sched_getaffinity(0))
+    cores = registry.usable_cores()
     spec = BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3, warmup=0, per_layer=False,
                          threads=cores + 1)
     with caplog.at_level("WARNING"):

@@ -75,11 +75,11 @@ def _problem(spec: IntrinsicDimensionSpec, ctx: JobContext, report: bool = True)
                         "20% test)")
     cut = int(n * 0.8)
     xs = data.ordered(loaded.input_names)
-    # a training batch's worth (the trainers' default batch), so a program exported for a fixed
-    # batch fails here with advice rather than in the first step
+    # the largest batch the trainers run (evaluation's 256; training takes 64), so a program
+    # exported for a fixed or bounded batch fails here with advice, not mid-training
     with torch.no_grad(), inputs_at_fault("the model does not run on the dataset's inputs",
                                           exported_for=loaded.info.get("inputs")):
-        out = loaded.module(*(t[:min(64, cut)] for t in xs))
+        out = loaded.module(*(t[:min(256, n)] for t in xs))
     if (not isinstance(out, torch.Tensor) or out.dim() != 2
             or loaded.task != "classification"):
         got = ("pooled embeddings" if loaded.task == "embedding" and isinstance(out, torch.Tensor)

@@ -57,8 +57,12 @@ def build_task(model_ref: ModelRef, dataset_ref: DatasetRef | None, metric: str 
         if labeled and metric == "cosine":  # say so: the user gave labels for a reason
             ctx.log.warning("the dataset's labels are not scored: this model's outputs are not "
                             "[batch, classes] logits, so the metric is cosine to the float model; "
-                            "give metric 'perplexity' (token logits) or 'accuracy' to score them")
-    if metric in LABELED and loaded.source == "hf" and loaded.task == "embedding":
+                            + ("an encoder's pooled embeddings cannot score labels (upload a "
+                               "*ForSequenceClassification model for that)"
+                               if loaded.tokenizer is not None else
+                               "give metric 'perplexity' (token logits) or 'accuracy' to score "
+                               "them"))
+    if metric in LABELED and loaded.tokenizer is not None and loaded.task == "embedding":
         raise UserError(f"metric {metric!r} scores class logits, but this model returns pooled "
                         "embeddings (a Hugging Face encoder without a classification head): use "
                         "metric 'cosine' or 'mse', or upload a *ForSequenceClassification model")
@@ -68,5 +72,5 @@ def build_task(model_ref: ModelRef, dataset_ref: DatasetRef | None, metric: str 
         raise UserError("the model has no Linear or Conv layers to quantize")
     batch = 64 if loaded.name == "digits-cnn" else 32
     task = QuantTask(module, layers, ev_x, ev_y, cb_x, cb_y, metric, batch_size=batch, ctx=ctx,
-                     train_inputs=train_x)
+                     train_inputs=train_x, exported_for=loaded.info.get("inputs"))
     return loaded, task

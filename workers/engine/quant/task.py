@@ -106,6 +106,8 @@ class QuantTask:
     ctx: JobContext | None = None
     # Training data for LoRA recovery (from the end of the data, disjoint from evaluation).
     train_inputs: tuple[torch.Tensor, ...] | None = None
+    # the input shapes a .pt2 was exported with, for the advice when the data does not fit
+    exported_for: Any = None
     # memo key -> the worker that computed it, for values computed in this run of the job
     computed: dict[str, str] = field(default_factory=dict)
     _ref_eval: torch.Tensor | None = field(default=None, repr=False)
@@ -121,7 +123,8 @@ class QuantTask:
         # first use, outside any simulation (``memoized_unless_taken``): a worker computing
         # inter-layer terms for the job never needs it.
         with inputs_at_fault("the model does not run on the dataset's inputs "
-                             f"{[list(t.shape) for t in self.calib_inputs]}"):
+                             f"{[list(t.shape) for t in self.calib_inputs]}",
+                             exported_for=self.exported_for):
             self._ref_calib = self.forward(self.calib_inputs)
         if self.metric in LABELED:
             for labels, inputs in ((self.eval_labels, self.eval_inputs),

@@ -192,7 +192,8 @@ def test_an_uploaded_model_that_cannot_take_the_data_is_the_users_error(tmp_path
     torch.export.save(fixed, str(tmp_path / "fixed.pt2"))  # exported for a batch of 1 only
     x, y = torch.randn(40, 16), torch.arange(40) % 4
     with pytest.raises(UserError, match=r"does not run on the dataset's inputs \(.*Guard.*"
-                                        r"exported for inputs \{'input': \[1, 16\]\}.*torch\.export\.Dim"):
+                                        r"fixed batch for inputs \{'input': \[1, 16\]\}.*"
+                                        r"torch\.export\.Dim"):
         _uploaded_problem(tmp_path, tmp_path / "fixed.pt2", x, y)
     from tests.helpers import export_tiny
 

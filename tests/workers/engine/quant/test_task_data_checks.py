@@ -100,12 +100,25 @@ def test_only_the_inputs_failing_is_the_users_error() -> None:
         assert caught.value is exc
 
 
-def test_non_finite_inputs_are_refused(tmp_path: Path) -> None:
+def test_nan_inputs_are_refused_infinities_are_not(tmp_path: Path) -> None:
     x = np.zeros((4, 1, 8, 8), np.float32)
-    x[1, 0, 2, 3], x[2, 0, 0, 0] = np.nan, np.inf
-    path = _npz(tmp_path, x=x, y=np.zeros(4, np.int64))
-    with pytest.raises(UserError, match="'x' holds 2 NaN or infinite values"):
-        load_uploaded(path, "npz")
+    x[2, 0, 0, 0] = -np.inf  # an additive attention mask's "never": a legitimate input
+    load_uploaded(_npz(tmp_path, x=x, y=np.zeros(4, np.int64)), "npz")
+    x[1, 0, 2, 3] = x[3, 0, 1, 1] = np.nan
+    with pytest.raises(UserError, match="'x' holds 2 NaN values"):
+        load_uploaded(_npz(tmp_path, x=x, y=np.zeros(4, np.int64)), "npz")
+
+
+def test_labels_that_are_all_skipped_are_refused() -> None:
+    with pytest.raises(UserError, match="every label is -100"):
+        _task(torch.randn(8, 1, 8, 8), torch.full((8,), -100))
+
+
+def test_a_job_that_scores_every_label_refuses_the_skip_label() -> None:
+    from workers.engine.datasets import check_class_labels
+
+    with pytest.raises(UserError, match="drop the samples labelled -100"):
+        check_class_labels(torch.tensor([0, -100, 1]), torch.zeros(3, 4), 3, skip_ignored=False)
 
 
 def test_a_model_that_returns_a_tuple_is_refused() -> None:
@@ -127,8 +140,14 @@ def test_a_model_that_returns_a_tuple_is_refused() -> None:
 def test_advice_is_read_from_the_error() -> None:
     from workers.engine.context import input_advice
 
-    guard = input_advice(AssertionError("Guard failed: x.size()[0] == 1"), {"x": [1, 16]})
-    assert "exported for inputs {'x': [1, 16]}" in guard and "torch.export.Dim" in guard
+    batch = input_advice(AssertionError("Guard failed: x.size()[0] == 1"), {"x": [1, 16]})
+    assert "fixed batch for inputs {'x': [1, 16]}" in batch and "torch.export.Dim" in batch
+    # a feature dimension that does not fit: the data is wrong, not the batch
+    width = input_advice(AssertionError("Guard failed: x.size()[1] == 16"), {"x": [1, 16]})
+    assert "give inputs of those shapes" in width and "fixed batch" not in width
+    conv = input_advice(RuntimeError("Input type (unsigned char) and bias type (float) should "
+                                     "be the same"))
+    assert "float32 arrays for a float model" in conv
     assert "int64 token ids" in input_advice(RuntimeError("mat1 and mat2 must have the same dtype"))
     assert "vocabulary" in input_advice(IndexError("index out of range in self"))
     assert input_advice(RuntimeError("something else")) == ""
