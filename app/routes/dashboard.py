@@ -76,6 +76,12 @@ def _htmx(request: Request) -> bool:
     return request.headers.get("HX-Request") == "true"
 
 
+def _said(exc: ApiError, job_id: str) -> str:
+    """An error's message for a page about ``job_id``: a path that is no job id gets a fixed
+    text, so a link cannot make the page say what it likes (it can only be a 404)."""
+    return exc.message if JOB_ID.fullmatch(job_id) else "no such job"
+
+
 def _fragment(request: Request, body: str, status: int, htmx_status: int = 200) -> HTMLResponse:
     """An error shown in place of a fragment. htmx 2 swaps no 4xx/5xx answer (the click would
     seem to do nothing), so htmx gets ``htmx_status``; other callers the true status."""
@@ -288,7 +294,7 @@ async def job_result(request: Request, job_id: str, svc: ServicesDep) -> HTMLRes
         job = await jobs.get_job(svc, who.tenant, job_id)
     except ApiError as exc:  # deleted from another tab while this page was open
         return _fragment(request, f'<div class="card error" id="result-error">'
-                                  f"{html.escape(exc.message)}</div>", exc.status)
+                                  f"{html.escape(_said(exc, job_id))}</div>", exc.status)
     return _page(request, "_result.html", job=job)
 
 
@@ -299,7 +305,7 @@ async def job_log(request: Request, job_id: str, svc: ServicesDep) -> HTMLRespon
         lines = await jobs.log_lines(svc, who.tenant, job_id, 40)
     except ApiError as exc:
         # 286: htmx swaps it and stops polling; a job that is gone does not come back
-        return _fragment(request, f'<pre class="log" id="log">{html.escape(exc.message)}</pre>',
+        return _fragment(request, f'<pre class="log" id="log">{html.escape(_said(exc, job_id))}</pre>',
                          exc.status, 286 if exc.status == 404 else 200)
     return _page(request, "_log.html", lines=lines)
 
@@ -311,11 +317,11 @@ async def cancel(request: Request, job_id: str, svc: ServicesDep) -> HTMLRespons
         job = await jobs.cancel_job(svc, who.tenant, job_id, False)
     except ApiError as exc:
         if exc.status == 404:  # deleted from another tab, as in delete: back to the list
-            return HTMLResponse(html.escape(exc.message), status_code=404,
+            return HTMLResponse(html.escape(_said(exc, job_id)), status_code=404,
                                 headers={"HX-Redirect": "/ui/jobs"})
         # 409: it ended before the click arrived (the page's state was behind); the message
         # takes the button's place (200: htmx swaps no 4xx)
-        return HTMLResponse(f'<span id="cancel-status">{html.escape(exc.message)}</span>')
+        return HTMLResponse(f'<span id="cancel-status">{html.escape(_said(exc, job_id))}</span>')
     msg = ("Cancelled." if job.state == "cancelled" else
            "Cancel requested: the job stops at its next step.")
     return HTMLResponse(f'<span id="cancel-status">{msg}</span>')
@@ -328,10 +334,10 @@ async def delete(request: Request, job_id: str, svc: ServicesDep) -> Response:
         await jobs.delete_job(svc, who.tenant, job_id)
     except ApiError as exc:
         if exc.status == 404:  # gone already (another tab), or never this tenant's: the list
-            return HTMLResponse(html.escape(exc.message), status_code=404,
+            return HTMLResponse(html.escape(_said(exc, job_id)), status_code=404,
                                 headers={"HX-Redirect": "/ui/jobs"})
         # 409 (not finished), 5xx (the store): shown beside the button, which stays for a retry
-        return HTMLResponse(html.escape(exc.message))
+        return HTMLResponse(html.escape(_said(exc, job_id)))
     # htmx follows HX-Redirect with a full page load
     return Response(status_code=204, headers={"HX-Redirect": f"/ui/jobs?deleted={job_id}"})
 

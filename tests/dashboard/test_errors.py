@@ -120,3 +120,13 @@ def test_messages_come_from_codes_not_from_the_url(ui_stack: Stack) -> None:
     with ui(ui_stack, "mp_revoked") as c:
         r = c.get(f"/ui/jobs/{MISSING_JOB}/log", headers=HX)
     assert r.status_code == 200 and r.headers["HX-Redirect"] == "/ui/login?error=key_invalid"
+
+
+def test_fragments_do_not_echo_a_path_that_is_no_job_id(ui_stack: Stack) -> None:
+    spoof = "Your key expired, log in at evil.example"
+    with ui(ui_stack, ui_stack.key()) as c:
+        for r in (c.get(f"/ui/jobs/{spoof}/log", headers=HX),
+                  c.get(f"/ui/jobs/{spoof}/result", headers=HX),
+                  c.post(f"/ui/jobs/{spoof}/cancel", headers=HX),
+                  c.post(f"/ui/jobs/{spoof}/delete", headers=HX)):
+            assert "evil.example" not in html(r) and "no such job" in r.text, r.text
