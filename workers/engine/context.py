@@ -83,12 +83,9 @@ def inputs_at_fault(what: str, advice: str | None = None,
         yield
     except _not_the_inputs():
         raise
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:  # a full disk is not the model's fault
-            raise
-        tail = input_advice(exc, exported_for) if advice is None else advice
-        raise UserError(f"{what} ({first_line(exc)}){tail}") from None
     except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # a full disk is not theirs
+            raise
         tail = input_advice(exc, exported_for) if advice is None else advice
         raise UserError(f"{what} ({first_line(exc)}){tail}") from None
 
