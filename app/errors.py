@@ -97,6 +97,17 @@ class HeaderLimit:
         await self.app(scope, receive, send)
 
 
+REDIS_DOWN = "the job store (Redis) is unavailable; try again shortly"
+REDIS_RETRY_S = "5"
+
+
+async def redis_down(request: Request, exc: Exception) -> JSONResponse:
+    # Redis unreachable past the client's retries (a restart that takes long): the request can
+    # succeed later, so say so instead of answering 500
+    log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(body(503, REDIS_DOWN), 503, {"Retry-After": REDIS_RETRY_S})
+
+
 def install(app: FastAPI) -> None:
     app.add_middleware(HeaderLimit)
     @app.exception_handler(ApiError)
@@ -120,14 +131,8 @@ def install(app: FastAPI) -> None:
             body(exc.status_code, str(exc.detail)), exc.status_code, getattr(exc, "headers", None)
         )
 
-    @app.exception_handler(redis.ConnectionError)
-    @app.exception_handler(redis.TimeoutError)
-    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
-        # Redis unreachable past the client's retries (a restart that takes long): the request
-        # can succeed later, so say so instead of answering 500
-        log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse(body(503, "the job store (Redis) is unavailable; try again shortly"),
-                            503, {"Retry-After": "5"})
+    app.add_exception_handler(redis.ConnectionError, redis_down)
+    app.add_exception_handler(redis.TimeoutError, redis_down)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -14,10 +14,12 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
+from redis import ConnectionError as RedisConnectionError
+from redis import TimeoutError as RedisTimeoutError
 
 from app import assets, auth, jobs
 from app.deps import ServicesDep, check_rate_limit
-from app.errors import ApiError, field_path
+from app.errors import REDIS_DOWN, REDIS_RETRY_S, ApiError, field_path, redis_down
 from app.schemas import DatasetInfo, Job, JobCreate, ModelInfo, ModelRef
 
 COOKIE = "modelpress_key"
@@ -343,8 +345,24 @@ async def delete(request: Request, job_id: str, svc: ServicesDep) -> Response:
 
 
 def install(app: Any) -> None:
-    """Routes, plus HTML answers (login redirect, 404 page) for the dashboard's paths."""
+    """Routes, plus HTML answers (login redirect, 404 page, 429 and 503) for the dashboard's
+    paths."""
     app.include_router(router)
+
+    async def _store_down(request: Request, exc: Exception) -> Response:
+        if not request.url.path.startswith("/ui/"):
+            return await redis_down(request, exc)  # the API's JSON answer
+        await redis_down(request, exc)  # logged the same way
+        headers = {"Retry-After": REDIS_RETRY_S}
+        if _htmx(request):  # as for 429: htmx swaps no 5xx, so say it in the flash box
+            headers |= {"HX-Retarget": "#flash", "HX-Reswap": "innerHTML"}
+            return HTMLResponse(f"{REDIS_DOWN[:1].upper()}{REDIS_DOWN[1:]}.", headers=headers)
+        return templates.TemplateResponse(request, "503.html", {}, status_code=503,
+                                          headers=headers)
+
+    # replaces errors.install's JSON-only handlers for these two
+    app.add_exception_handler(RedisConnectionError, _store_down)
+    app.add_exception_handler(RedisTimeoutError, _store_down)
 
     @app.exception_handler(LoginRequired)
     async def _login(request: Request, exc: LoginRequired) -> Response:
