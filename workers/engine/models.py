@@ -217,3 +217,13 @@ def _fits_the_text_model(data: TensorData, info: dict[str, Any]) -> None:
         raise UserError(f"the dataset's input_ids run from {int(ids.min())} to {int(ids.max())}; "
                         f"this model's vocabulary has {vocab} ids (0 to {vocab - 1}): tokenize "
                         "with the model's own tokenizer")
+    mask = data.inputs.get("attention_mask")
+    if mask is not None and mask.shape == ids.shape:
+        # a sample with every token masked has no embedding (mean pooling over nothing is 0 for
+        # every precision): the metric and every sensitivity score would be 0, silently
+        empty = (mask == 0).all(dim=1).nonzero().flatten().tolist()
+        if empty:
+            shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+            raise UserError(f"{len(empty)} sample(s) have an attention_mask of all zeros (every "
+                            f"token masked; samples {shown}): set 1 for each real token, or "
+                            "drop them")

@@ -89,3 +89,8 @@ def test_uploaded_token_ids_must_fit_the_model(tmp_path: Path) -> None:
         models._fits_the_text_model(ids(torch.zeros(2, 41, dtype=torch.long)), info)
     with pytest.raises(UserError, match=r"input_ids run from 0 to 30522; .* has 30522 ids"):
         models._fits_the_text_model(ids(torch.tensor([[0, 30522]])), info)
+    masked = TensorData({"input_ids": torch.ones(3, 4, dtype=torch.long),
+                         "attention_mask": torch.tensor([[1, 1, 0, 0], [0] * 4, [0] * 4])})
+    with pytest.raises(UserError, match=r"2 sample\(s\) have an attention_mask of all zeros .*"
+                       r"samples 1, 2\)"):
+        models._fits_the_text_model(masked, info)
