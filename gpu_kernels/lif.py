@@ -45,6 +45,8 @@ def lif_reference(x_seq: torch.Tensor, beta: float = 0.9, threshold: float = 1.0
                   reset: Reset = "subtract", surrogate: Surrogate = "atan", alpha: float = 2.0
                   ) -> torch.Tensor:
     """The CPU path: a Python loop over T; autograd goes through the surrogate spike."""
+    if x_seq.shape[0] == 0:
+        return x_seq * 0
     u = torch.zeros_like(x_seq[0])
     out = []
     for x in x_seq:
@@ -83,8 +85,8 @@ def lif(x_seq: torch.Tensor, beta: float = 0.9, threshold: float = 1.0,
         impl: Literal["auto", "triton", "torch"] = "auto", *, tau: float | None = None
         ) -> torch.Tensor:
     """Spikes (T, ...) of LIF neurons driven by ``x_seq`` (T, ...), zero initial membrane;
-    differentiable through the surrogate. ``impl``: auto (Triton on CUDA, else the reference
-    loop over T), triton, torch."""
+    differentiable through the surrogate; T = 0 gives an empty (0, ...) result. ``impl``: auto
+    (Triton on CUDA, else the reference loop over T), triton, torch."""
     if tau is not None:
         if tau <= 0:
             raise ValueError("tau must be positive")
@@ -93,9 +95,11 @@ def lif(x_seq: torch.Tensor, beta: float = 0.9, threshold: float = 1.0,
         raise ValueError(f"unknown reset {reset!r} or surrogate {surrogate!r}")
     if impl == "auto":
         impl = "triton" if x_seq.is_cuda else "torch"
+    if impl not in ("torch", "triton"):
+        raise ValueError(f"unknown implementation {impl!r}")
+    if x_seq.shape[0] == 0:  # no time steps: no spikes (still differentiable, all empty)
+        return x_seq * 0
     if impl == "torch":
         return lif_reference(x_seq, beta, threshold, reset, surrogate, alpha)
-    if impl != "triton":
-        raise ValueError(f"unknown implementation {impl!r}")
     out: torch.Tensor = _LIF.apply(x_seq, beta, threshold, reset, surrogate, alpha)
     return out

@@ -62,9 +62,14 @@ def default_filter_eps(dtype: torch.dtype) -> float:
 
 def reference(e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
               softcap: float | None = None, reduction: Reduction = "mean") -> torch.Tensor:
-    """Materialized logits: N x V memory (the baseline)."""
+    """Materialized logits: N x V memory (the baseline). Same semantics as the other paths:
+    int32 or int64 targets, and "mean" is 0 (gradients 0) when every target is ignored."""
     logits = _softcap((e @ c.T).float(), softcap)
-    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+    t = targets.long()
+    if reduction != "mean":
+        return F.cross_entropy(logits, t, ignore_index=ignore_index, reduction=reduction)
+    total = F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
+    return total / (t != ignore_index).sum().clamp(min=1)
 
 
 def _reduce(loss: torch.Tensor, valid: torch.Tensor, reduction: Reduction) -> torch.Tensor:
@@ -223,6 +228,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None if grad_c is None else grad_c.to(c.dtype), None, None)
 
 
+def _check_targets(t: torch.Tensor, v: int, ignore_index: int) -> None:
+    """Class indices in [0, V) or ``ignore_index``: anything else would index the classifier out
+    of bounds (a crash, or a device-side assert on CUDA) or, negative, wrap around silently."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"targets must be integer class indices, not {t.dtype}")
+    bad = (t != ignore_index) & ((t < 0) | (t >= v))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target {int(t[i])} (position {i}) is outside the vocabulary "
+                         f"[0, {v}) and is not ignore_index ({ignore_index})")
+
+
 def linear_cross_entropy(
     embeddings: torch.Tensor,
     classifier: torch.Tensor,
@@ -242,7 +259,10 @@ def linear_cross_entropy(
 
     fp32 / bf16 / fp16 inputs, accumulation in fp32, autograd for both inputs; leading
     dimensions of ``embeddings`` and ``targets`` are flattened (``reduction="none"`` returns
-    ``targets``' shape, 0 on ignored positions). ``impl="auto"``: Triton on CUDA, the chunked
+    ``targets``' shape, 0 on ignored positions; ``"mean"`` averages over the positions not
+    ignored, and is 0 with zero gradients when all are). ``targets``: int32 or int64, each in
+    [0, V) or ``ignore_index`` (else ValueError; the check costs one synchronization on CUDA).
+    ``softcap``: None or positive. ``impl="auto"``: Triton on CUDA, the chunked
     path elsewhere. ``filter_eps``: gradient-filtering threshold (None: the dtype's eps / 32;
     0 disables filtering). ``chunk_rows`` / ``vocab_block``: the chunked path's block (its
     extra memory is a few such fp32 blocks).
@@ -256,6 +276,9 @@ def linear_cross_entropy(
         raise ValueError(f"{e.shape[0]} embeddings but {t.shape[0]} targets")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive (or None), not {softcap}")
+    _check_targets(t, classifier.shape[0], ignore_index)
     if impl == "auto":
         impl = "triton" if e.is_cuda else "chunked"
     if impl == "torch":

@@ -27,6 +27,19 @@ def _check(bits: int, in_features: int, group_size: int) -> None:
                          f"{group_size}, an even number")
 
 
+def _check_params(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  bits: int, in_features: int, group_size: int) -> None:
+    """``scales`` (and ``zeros``) must have the layout of ``bits`` and ``group_size``: the Triton
+    kernel reads them by offset, so a mismatch would read the wrong groups (or out of bounds)."""
+    _check(bits, in_features, group_size)
+    out_f = qweight.shape[0]
+    want = (out_f,) if bits == 8 else (out_f, in_features // group_size)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t is not None and tuple(t.shape) != want:
+            raise ValueError(f"{name} {tuple(t.shape)} do not match the {bits}-bit weight "
+                             f"({out_f} x {in_features}, group_size {group_size}): want {want}")
+
+
 def quantize_weight(w: torch.Tensor, bits: Bits = 8, group_size: int = 128,
                     symmetric: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -97,6 +110,7 @@ def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if qweight.shape[1] * (2 if bits == 4 else 1) != in_f:
         raise ValueError(f"x has {in_f} input features, the {bits}-bit weight "
                          f"{tuple(qweight.shape)} does not match")
+    _check_params(qweight, scales, zeros, bits, in_f, group_size)
     if impl == "auto":
         impl = "triton" if x.is_cuda else "torch"
     lead = x.shape[:-1]
@@ -106,7 +120,6 @@ def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     elif impl == "triton":
         from gpu_kernels import _qmatmul_triton
 
-        _check(bits, in_f, group_size)
         out = _qmatmul_triton.qmatmul(x2, qweight, scales, zeros, bits, group_size)
     else:
         raise ValueError(f"unknown implementation {impl!r}")

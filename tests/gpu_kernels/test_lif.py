@@ -58,6 +58,17 @@ def test_surrogates_peak_at_the_threshold() -> None:
         assert abs(area - 1.0) < 2e-3
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_zero_time_steps_give_no_spikes(impl: str) -> None:
+    # used to fail: an IndexError (x_seq[0]) on the reference, a reshape error on Triton
+    x = torch.randn(0, 3, 5, requires_grad=True)
+    out = lif(x, impl=impl)  # type: ignore[arg-type]
+    assert out.shape == (0, 3, 5) and out.dtype == x.dtype
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert lif_reference(torch.zeros(0, 4)).shape == (0, 4)
+
+
 @pytest.mark.gpu
 def test_triton_on_cuda() -> None:
     x = torch.randn(16, 4096) * 0.8 + 0.4

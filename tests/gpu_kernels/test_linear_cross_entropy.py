@@ -150,6 +150,44 @@ def test_api_shapes_auto_and_errors() -> None:
         linear_cross_entropy(e, c, t, impl="cuda")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("impl", ["torch", "chunked", "triton"])
+def test_int32_targets_and_all_ignored_mean_agree_across_paths(impl: str) -> None:
+    """The three paths are one function: int32 targets work on each (the reference used to
+    refuse them), and a mean over no target is 0 with zero gradients on each (the reference
+    used to return NaN where the fused paths return 0)."""
+    e, c, t = make(9, 12, 40, torch.float32, seed=5)
+    for reduction in ("mean", "sum", "none"):
+        want, ge64, gc64 = ref64(e, c, t, reduction=reduction)
+        got, ge, gc = run(impl, e, c, t.to(torch.int32), reduction, filter_eps=0.0)
+        assert rel(got, want) <= LOSS_TOL and rel(ge, ge64) <= 1e-5 and rel(gc, gc64) <= 1e-5
+        got, ge, gc = run(impl, e, c, torch.full((9,), -100, dtype=torch.int32), reduction)
+        assert torch.all(got == 0), (reduction, got)
+        assert torch.all(ge == 0) and torch.all(gc == 0), reduction
+
+
+@pytest.mark.parametrize("impl", ["torch", "chunked", "triton"])
+def test_targets_outside_the_vocabulary_are_a_clear_error(impl: str) -> None:
+    """A negative target other than ignore_index used to wrap around to the last classifier
+    row (a silently wrong loss); one >= V was an IndexError from deep inside (a device-side
+    assert on CUDA)."""
+    e, c, t = make(6, 8, 20, torch.float32, ignore=False)
+    for bad in (-1, 20, 1000):
+        t2 = t.clone()
+        t2[3] = bad
+        with pytest.raises(ValueError, match=f"target {bad} \\(position 3\\) is outside"):
+            linear_cross_entropy(e, c, t2, impl=impl)  # type: ignore[arg-type]
+    t2 = t.clone()
+    t2[3] = -1  # fine where -1 is the ignored index
+    a = linear_cross_entropy(e, c, t2, ignore_index=-1, impl=impl)  # type: ignore[arg-type]
+    b = linear_cross_entropy(e[t2 != -1], c, t2[t2 != -1], impl="torch")
+    assert rel(a, b) < 1e-6
+    with pytest.raises(ValueError, match="integer class indices"):
+        linear_cross_entropy(e, c, t.float(), impl=impl)  # type: ignore[arg-type]
+    # softcap 0 used to mean "no cap" in the Triton kernel and a constant 0 logit elsewhere
+    with pytest.raises(ValueError, match="softcap must be positive"):
+        linear_cross_entropy(e, c, t, softcap=0.0, impl=impl)  # type: ignore[arg-type]
+
+
 def test_triton_kernels_really_run_interpreted_on_cpu() -> None:
     """Guards the set-up: without CUDA the kernels must be the interpreter's, not compiled ones
     (which would fail with no driver) and not silently replaced by the torch path."""

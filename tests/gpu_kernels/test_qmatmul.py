@@ -62,10 +62,28 @@ def test_int4_packing_by_hand() -> None:
         qmatmul(torch.randn(2, 8), packed, s, None, 4, 4)
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_scales_of_another_layout_are_refused(impl: str) -> None:
+    """The Triton kernel reads scales and zeros by offset: scales of another group size (or too
+    few channels) used to give a silently wrong product there (and read past the tensor)."""
+    w, x = torch.randn(8, 128), torch.randn(2, 128)
+    q4, s4, z4 = quantize_weight(w, 4, 32, symmetric=False)
+    assert z4 is not None
+    with pytest.raises(ValueError, match=r"scales \(8, 4\) do not match"):
+        qmatmul(x, q4, s4, z4, 4, 64, impl=impl)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"zeros \(8, 2\) do not match"):
+        qmatmul(x, q4, s4, z4[:, :2], 4, 32, impl=impl)  # type: ignore[arg-type]
+    q8, s8, _ = quantize_weight(w, 8)
+    with pytest.raises(ValueError, match=r"scales \(4,\) do not match.*want \(8,\)"):
+        qmatmul(x, q8, s8[:4], None, 8, impl=impl)  # type: ignore[arg-type]
+    assert qmatmul(x, q4, s4, z4, 4, 32, impl=impl).shape == (2, 8)  # type: ignore[arg-type]
+
+
 @pytest.mark.gpu
 def test_triton_on_cuda() -> None:
     w, x = torch.randn(300, 512), torch.randn(40, 512)
     q, s, z = quantize_weight(w, 4, 128, symmetric=False)
+    assert z is not None
     want = x.double() @ dequantize(q, s, z, 4, 128).double().T
     got = qmatmul(x.cuda().half(), q.cuda(), s.cuda(), z.cuda(), 4, 128)
     assert float((got.cpu().double() - want).norm() / want.norm()) < TOL[torch.float16]
