@@ -31,12 +31,13 @@ def _logits_block(e_ptr: Any, c_ptr: Any, rows: Any, cols: Any, rmask: Any, cmas
                   stride_e: Any, stride_c: Any, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr) -> Any:
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    # offsets in int64 here and below: N x D or V x D can pass 2**31 elements (1M tokens x 4096)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         dmask = ds[None, :] < D
-        e = tl.load(e_ptr + rows[:, None] * stride_e + ds[None, :],
+        e = tl.load(e_ptr + rows[:, None].to(tl.int64) * stride_e + ds[None, :],
                     mask=rmask[:, None] & dmask, other=0.0)
-        c = tl.load(c_ptr + cols[:, None] * stride_c + ds[None, :],
+        c = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_c + ds[None, :],
                     mask=cmask[:, None] & dmask, other=0.0)
         acc += dot(e, tl.trans(c), UPCAST)
     return acc
@@ -117,13 +118,13 @@ def _backward_kernel(e_ptr: Any, c_ptr: Any, t_ptr: Any, lse_ptr: Any, g_ptr: An
             for d0 in range(0, D, BLOCK_D):
                 ds = d0 + tl.arange(0, BLOCK_D)
                 dmask = ds[None, :] < D
-                c = tl.load(c_ptr + cols[:, None] * stride_c + ds[None, :],
+                c = tl.load(c_ptr + cols[:, None].to(tl.int64) * stride_c + ds[None, :],
                             mask=cmask[:, None] & dmask, other=0.0)
-                e = tl.load(e_ptr + rows[:, None] * stride_e + ds[None, :],
+                e = tl.load(e_ptr + rows[:, None].to(tl.int64) * stride_e + ds[None, :],
                             mask=rmask[:, None] & dmask, other=0.0)
-                tl.atomic_add(ge_ptr + rows[:, None] * D + ds[None, :],
+                tl.atomic_add(ge_ptr + rows[:, None].to(tl.int64) * D + ds[None, :],
                               dot(d, c, UPCAST), mask=rmask[:, None] & dmask)
-                tl.atomic_add(gc_ptr + cols[:, None] * D + ds[None, :],
+                tl.atomic_add(gc_ptr + cols[:, None].to(tl.int64) * D + ds[None, :],
                               dot(tl.trans(d), e, UPCAST),
                               mask=cmask[:, None] & dmask)
         elif COUNT:

@@ -15,13 +15,14 @@ def _fwd(x_ptr: Any, s_ptr: Any, v_ptr: Any, T: Any, M: Any, beta: Any, thr: Any
          SUBTRACT: tl.constexpr, BLOCK: tl.constexpr) -> None:
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < M
+    M64 = tl.cast(M, tl.int64)  # T x M can pass 2**31 elements; M may be a constexpr (1)
     u = tl.zeros((BLOCK,), dtype=tl.float32)
     for t in range(0, T):
-        x = tl.load(x_ptr + t * M + idx, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + t * M64 + idx, mask=mask, other=0.0).to(tl.float32)
         v = beta * u + x
         s = (v - thr >= 0).to(tl.float32)
-        tl.store(v_ptr + t * M + idx, v, mask=mask)
-        tl.store(s_ptr + t * M + idx, s, mask=mask)
+        tl.store(v_ptr + t * M64 + idx, v, mask=mask)
+        tl.store(s_ptr + t * M64 + idx, s, mask=mask)
         if SUBTRACT:
             u = v - s * thr
         else:
@@ -33,12 +34,13 @@ def _bwd(g_ptr: Any, s_ptr: Any, v_ptr: Any, gx_ptr: Any, T: Any, M: Any, beta: 
          alpha: Any, SUBTRACT: tl.constexpr, ATAN: tl.constexpr, BLOCK: tl.constexpr) -> None:
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < M
+    M64 = tl.cast(M, tl.int64)  # T x M can pass 2**31 elements; M may be a constexpr (1)
     grad_u = tl.zeros((BLOCK,), dtype=tl.float32)  # dL/du_t, flowing back from t + 1
     for i in range(0, T):
         t = T - 1 - i
-        g = tl.load(g_ptr + t * M + idx, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + t * M + idx, mask=mask, other=0.0)
-        s = tl.load(s_ptr + t * M + idx, mask=mask, other=0.0)
+        g = tl.load(g_ptr + t * M64 + idx, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + t * M64 + idx, mask=mask, other=0.0)
+        s = tl.load(s_ptr + t * M64 + idx, mask=mask, other=0.0)
         z = v - thr
         if ATAN:
             k = 1.5707963267948966 * alpha * z
@@ -51,7 +53,7 @@ def _bwd(g_ptr: Any, s_ptr: Any, v_ptr: Any, gx_ptr: Any, T: Any, M: Any, beta: 
         else:
             du_dv = 1.0 - s
         grad_v = g * sg + grad_u * du_dv
-        tl.store(gx_ptr + t * M + idx, grad_v, mask=mask)
+        tl.store(gx_ptr + t * M64 + idx, grad_v, mask=mask)
         grad_u = grad_v * beta
 
 

@@ -30,7 +30,7 @@ def _kernel(x_ptr: Any, w_ptr: Any, s_ptr: Any, z_ptr: Any, o_ptr: Any, M: Any, 
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         kmask = rk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :],
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_x + rk[None, :],
                     mask=mmask[:, None] & kmask[None, :], other=0.0)
         if BITS == 8:
             q = tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :],
@@ -52,7 +52,7 @@ def _kernel(x_ptr: Any, w_ptr: Any, s_ptr: Any, z_ptr: Any, o_ptr: Any, M: Any, 
                 q = q - 8.0
         part = dot(x, tl.trans(q.to(x_ptr.dtype.element_ty)), UPCAST)
         acc += part * s[None, :]
-    tl.store(o_ptr + rm[:, None] * stride_o + rn[None, :], acc.to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + rm[:, None].to(tl.int64) * stride_o + rn[None, :], acc.to(o_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
 
 
