@@ -61,7 +61,8 @@ class _FWHT(torch.autograd.Function):
 def fwht(x: torch.Tensor, normalize: bool = True,
          impl: Literal["auto", "triton", "torch"] = "auto") -> torch.Tensor:
     """FWHT of ``x (..., n)``; ``impl``: auto (Triton on CUDA, else the butterfly in torch),
-    triton, torch."""
+    triton, torch. The Triton kernel computes in fp32 whatever the input dtype (a float64 input
+    comes back as float64 at fp32 precision, relative error ~1e-7); torch keeps the dtype."""
     _check(x.shape[-1])
     if impl == "auto":
         impl = "triton" if x.is_cuda else "torch"
