@@ -20,7 +20,7 @@ from app import filechecks, records
 from app.deps import Services
 from app.errors import ApiError, not_found
 from app.schemas import FINAL_STATES, DatasetFormat, DatasetInfo, Deleted, ModelFormat, ModelInfo
-from app.storage import StoreError, StoreUnavailable
+from app.storage import StoreError, StoreFull, StoreUnavailable
 
 log = logging.getLogger("modelpress.api")
 Collection = Literal["models", "datasets"]
@@ -41,6 +41,7 @@ async def receive_upload(request: Request, svc: Services) -> tuple[Path, int, st
         raise ApiError(413, f"upload of {declared} bytes is over the limit of {limit} bytes")
     tmp_dir = svc.settings.data_dir / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
+    await anyio.to_thread.run_sync(sweep_stale_uploads, tmp_dir)
     path = tmp_dir / f"upload-{uuid.uuid4().hex}"
     digest = hashlib.sha256()
     size = 0
@@ -59,6 +60,26 @@ async def receive_upload(request: Request, svc: Services) -> tuple[Path, int, st
         path.unlink(missing_ok=True)
         raise ApiError(400, "the upload is empty: send the file as the request body")
     return path, size, digest.hexdigest()
+
+
+STALE_UPLOAD_S = 86_400  # no upload is received, checked and stored for this long
+
+
+def sweep_stale_uploads(tmp_dir: Path) -> int:
+    """Removes the temporary files of uploads that an API process killed mid-request (a
+    restart, the OOM killer) never removed, up to ``max_upload_bytes`` each; how many. Only old
+    ones: another API process sharing the data folder may be receiving one now."""
+    removed, cutoff = 0, time.time() - STALE_UPLOAD_S
+    for path in tmp_dir.glob("upload-*"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+    if removed:
+        log.info("removed %d temporary upload file(s) left by an interrupted request", removed)
+    return removed
 
 
 def _check_name(name: str) -> str:
@@ -152,7 +173,7 @@ async def create_model(
             kind, details = await anyio.to_thread.run_sync(filechecks.check_model, path, fmt, limit)
         except filechecks.Rejected as exc:
             raise ApiError(422, str(exc), "invalid_model") from None
-        await svc.store.put_file_async(records.model_object(tenant, model_id, kind), path)
+        await store_upload(svc, records.model_object(tenant, model_id, kind), path, "model")
         info = ModelInfo(id=model_id, name=name, format=kind, size=size, sha256=digest,
                          created_at=records.now(), details=details)
         return await _recorded(svc, "models", tenant, info, idempotency_key)
@@ -181,12 +202,28 @@ async def create_dataset(
                                                            limit)
         except filechecks.Rejected as exc:
             raise ApiError(422, str(exc), "invalid_dataset") from None
-        await svc.store.put_file_async(records.dataset_object(tenant, dataset_id, kind), path)
+        await store_upload(svc, records.dataset_object(tenant, dataset_id, kind), path, "dataset")
         info = DatasetInfo(id=dataset_id, name=name, format=kind, size=size, sha256=digest,
                            created_at=records.now(), tensors=tensors)
         return await _recorded(svc, "datasets", tenant, info, idempotency_key)
     finally:
         path.unlink(missing_ok=True)
+
+
+async def store_upload(svc: Services, key: str, path: Path, what: str) -> None:
+    """The checked upload into the object store; a store that fails is a 503 (no answer, or a
+    5xx: the upload can be sent again later), 507 (full) or 502 (it refused), never a 500."""
+    try:
+        await svc.store.put_file_async(key, path)
+    except StoreUnavailable as exc:
+        raise ApiError(503, f"could not store the {what}: {exc}; nothing was recorded, send it "
+                            "again when the object store answers") from None
+    except StoreFull as exc:
+        raise ApiError(507, f"could not store the {what}: {exc}", "store_full") from None
+    except StoreError as exc:
+        raise ApiError(502, f"the object store refused the {what}: {exc}. Nothing was recorded; "
+                            "check the store's settings and permissions (the service needs to "
+                            "write objects)", "store_refused") from None
 
 
 async def get_asset(svc: Services, collection: Collection, tenant: str, asset_id: str,

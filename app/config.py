@@ -36,9 +36,12 @@ class Settings(BaseSettings):
         description="Object store: unset -> local folder `<data_dir>/store`; `file:///abs/path`; "
         "or `s3://bucket[/prefix]` with the S3 settings below.",
     )
-    s3_endpoint: str | None = Field(default=None, description="S3 endpoint URL (MinIO, moto...).")
+    s3_endpoint: str | None = Field(
+        default=None, description="S3 endpoint URL (MinIO, moto...); unset: AWS's.")
     s3_region: str = Field(default="us-east-1", description="S3 region.")
-    s3_access_key_id: str | None = Field(default=None, description="S3 access key id.")
+    s3_access_key_id: str | None = Field(
+        default=None, description="S3 access key id (with the secret key; both unset: the "
+        "`AWS_*` variables or the instance's role).")
     s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
     s3_allow_http: bool = Field(default=False, description="Allow a plain-http S3 endpoint.")
 

@@ -5,23 +5,27 @@ Keys are laid out per tenant so that a key can never name another tenant's objec
 built-in zoo cache lives under ``zoo/``.
 
 Failures come out as :class:`StoreError` subclasses whose ``type`` a failed job reports. The
-workers' store retries S3 calls that fail for want of an answer (connection refused, 5xx) with
-backoff for ``store_retry_s`` seconds, logging each retry (so it shows in the job log); a full
-disk is reported at once, as retrying cannot help. Writes are whole or absent: S3 puts are
-atomic, and the local store writes a staging file that it removes on failure.
+workers' store retries S3 calls that fail for want of an answer (connection refused, 5xx, 408,
+429) with backoff for ``store_retry_s`` seconds, logging each retry (so it shows in the job log);
+a refusal (another 4xx: a wrong key, a missing permission or bucket) and a full disk are
+reported at once, as retrying cannot help. Writes are whole or absent: S3 puts are atomic, and
+the local store writes a staging file that it removes on failure; one that a process killed
+mid-write leaves is never listed, so never read, and a prefix delete removes it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import obstore
 from obstore.exceptions import BaseError, GenericError
@@ -30,6 +34,8 @@ from obstore.store import LocalStore, ObjectStore, S3Store
 from app.config import Settings
 
 CHUNK = 1024 * 1024
+_STATUS = re.compile(r"(?:non-2xx status code:|Client error with status) (\d{3})")
+_STAGING = re.compile(r"#\d+$")  # obstore's local staging file: "<name>#<n>"
 log = logging.getLogger("modelpress.store")
 T = TypeVar("T")
 
@@ -65,12 +71,22 @@ class Store:
 
     def _may_pass(self, exc: BaseError) -> bool:
         """Whether a failed call may succeed if repeated: S3 gave no answer or a 5xx. A 4xx
-        answer, another kind of obstore error or a local file system error will not change."""
-        return (isinstance(exc, GenericError) and isinstance(self._inner, S3Store)
-                and "Client error" not in str(exc).split("\n", 1)[0])
+        answer (but 408 and 429), another kind of obstore error or a local file system error
+        will not change. obstore words a 4xx as "Client error" or, for a list call's (a wrong
+        bucket's 404, a 403), "Server returned non-2xx status code: 403 Forbidden"."""
+        if not (isinstance(exc, GenericError) and isinstance(self._inner, S3Store)):
+            return False
+        first = str(exc).split("\n", 1)[0]
+        status = _STATUS.search(first)
+        if status is not None:
+            code = int(status.group(1))
+            return not 400 <= code < 500 or code in (408, 429)
+        return "Client error" not in first
 
-    def _lasting(self, exc: GenericError, what: str, key: str) -> StoreError | None:
-        """The error to raise for a failure that repeating cannot mend; None when it may pass."""
+    def _lasting(self, exc: BaseError, what: str, key: str) -> StoreError | None:
+        """The error to raise for a failure that repeating cannot mend; None when it may pass.
+        Not only GenericError: S3 answering 401 or 403 (a wrong key, a missing permission) comes
+        as obstore's UnauthenticatedError or PermissionDeniedError."""
         reason = str(exc).split("\n", 1)[0]
         if "os error 28" in str(exc):  # ENOSPC
             return StoreFull(f"the object store {self.url} is full: could not {what} {key}: "
@@ -85,7 +101,7 @@ class Store:
             tries += 1
             try:
                 return fn()
-            except GenericError as exc:
+            except BaseError as exc:
                 reason = str(exc).split("\n", 1)[0]
                 if (lasting := self._lasting(exc, what, key)) is not None:
                     raise lasting from None
@@ -103,15 +119,34 @@ class Store:
     def put_file(self, key: str, path: Path) -> StoredObject:
         """Upload a local file (multipart for big files); the write is atomic."""
         digest = _sha256_file(path)
-        self._call("write", key, lambda: obstore.put(self._inner, key, path))
+        self._write(key, lambda: obstore.put(self._inner, key, path))
         return StoredObject(key=key, size=path.stat().st_size, sha256=digest)
 
     def put_bytes(self, key: str, data: bytes, retry: bool = True) -> StoredObject:
-        self._call("write", key, lambda: obstore.put(self._inner, key, data), retry)
+        self._write(key, lambda: obstore.put(self._inner, key, data), retry)
         return StoredObject(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
+    def _write(self, key: str, fn: Callable[[], object], retry: bool = True) -> None:
+        try:
+            self._call("write", key, fn, retry)
+        except FileNotFoundError as exc:  # S3's 404 to a put: the bucket is not there
+            raise self._no_bucket(exc, key) from None
+
+    def _no_bucket(self, exc: FileNotFoundError, key: str) -> StoreError:
+        reason = str(exc).split("\n", 1)[0]
+        hint = " (does the bucket exist?)" if isinstance(self._inner, S3Store) else ""
+        return StoreError(f"the object store {self.url} could not write {key}: {reason}{hint}")
+
     async def put_file_async(self, key: str, path: Path) -> None:
-        await obstore.put_async(self._inner, key, path)
+        """As :meth:`put_file`, for the API (no retries of ours): StoreError when it fails."""
+        try:
+            await obstore.put_async(self._inner, key, path)
+        except FileNotFoundError as exc:
+            raise self._no_bucket(exc, key) from None
+        except BaseError as exc:
+            reason = str(exc).split("\n", 1)[0]
+            raise self._lasting(exc, "write", key) or StoreUnavailable(
+                f"the object store {self.url} could not write {key}: {reason}") from None
 
     # ---- reads
     def get_bytes(self, key: str) -> bytes:
@@ -139,7 +174,7 @@ class Store:
         fails (StoreError) is raised here, before an HTTP response has sent its headers."""
         try:
             result = await obstore.get_async(self._inner, key)
-        except GenericError as exc:  # no retry: the client waits on this response
+        except BaseError as exc:  # no retry: the client waits on this response
             reason = str(exc).split("\n", 1)[0]
             raise self._lasting(exc, "read", key) or StoreUnavailable(
                 f"the object store {self.url} could not read {key}: {reason}") from None
@@ -194,7 +229,34 @@ class Store:
             cls = StoreUnavailable if self._may_pass(exc) else StoreError
             raise cls(f"the object store {self.url} could not delete under {prefix}: "
                       f"{str(exc).splitlines()[0]}") from None
+        if isinstance(self._inner, LocalStore):
+            try:
+                await asyncio.to_thread(self._remove_staging, prefix)
+            except OSError as exc:  # the objects are gone; leftovers are only disk space
+                log.warning("could not remove staging files under %s: %s", prefix, exc)
         return len(keys)
+
+    def _remove_staging(self, prefix: str) -> None:
+        """The local store's staging files under ``prefix`` (``<name>#<n>``), which a process
+        killed mid-write leaves behind; obstore's list never shows them, so without this a
+        deleted job or upload would keep them, and its folder, for ever. Then the empty folders."""
+        folder = self._local_root() / prefix
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.rglob("*"), reverse=True):  # children before their folders
+            if path.is_file() and _STAGING.search(path.name):
+                path.unlink(missing_ok=True)
+            elif path.is_dir():
+                with contextlib.suppress(OSError):  # not empty: an object written meanwhile
+                    path.rmdir()
+        root = self._local_root()
+        with contextlib.suppress(OSError):  # and the emptied parents, as automatic_cleanup does
+            while folder != root and root in folder.parents:
+                folder.rmdir()
+                folder = folder.parent
+
+    def _local_root(self) -> Path:
+        return Path(unquote(urlparse(self.url).path))
 
     def list_keys(self, prefix: str) -> list[str]:
         def fetch() -> list[str]:
@@ -215,26 +277,54 @@ def open_store(settings: Settings, retry: bool = False) -> Store:
     url = settings.resolved_store_url()
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        root = Path(parsed.path)
+        if parsed.netloc not in ("", "localhost"):  # file://data/store: "data" is a host name
+            raise ValueError(f"MODELPRESS_STORE_URL {url!r} names a host; a local store is "
+                             "file:///an/absolute/path (three slashes)")
+        # as_uri() (the default store's URL) percent-encodes: "my data" -> "my%20data"
+        root = Path(unquote(parsed.path))
         root.mkdir(parents=True, exist_ok=True)
         # automatic_cleanup: deleting a job's or an upload's files also removes its empty folders
         return Store(LocalStore(prefix=root, mkdir=True, automatic_cleanup=True), url)
     if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"MODELPRESS_STORE_URL {url!r} names no bucket: s3://bucket[/prefix]")
         prefix = parsed.path.strip("/") or None
+        # Only what is set: obstore refuses None, and an unset key or endpoint means its own
+        # default (AWS's endpoint; credentials from AWS_* variables or the instance's role).
+        config: dict[str, str] = {"region": settings.s3_region}
+        if settings.s3_endpoint:
+            config["endpoint"] = _checked_endpoint(settings.s3_endpoint, settings.s3_allow_http)
         secret = settings.s3_secret_access_key
+        if bool(settings.s3_access_key_id) != bool(secret):
+            raise ValueError("set both MODELPRESS_S3_ACCESS_KEY_ID and "
+                             "MODELPRESS_S3_SECRET_ACCESS_KEY, or neither (then the AWS_* "
+                             "variables or the instance's role give the credentials)")
+        if settings.s3_access_key_id and secret:
+            config["access_key_id"] = settings.s3_access_key_id
+            config["secret_access_key"] = secret.get_secret_value()
         s3 = S3Store(
             parsed.netloc,
             prefix=prefix,
-            endpoint=settings.s3_endpoint,
-            region=settings.s3_region,
-            access_key_id=settings.s3_access_key_id,
-            secret_access_key=secret.get_secret_value() if secret else None,
+            config=config,  # type: ignore[arg-type]  # S3Config's keys, built up above
             client_options={"allow_http": settings.s3_allow_http},
             # one retry layer, ours, so each retry is logged and the total wait is bounded
             retry_config={"max_retries": 0} if retry else None,
         )
         return Store(s3, url, settings.store_retry_s if retry else 0.0)
     raise ValueError(f"MODELPRESS_STORE_URL must start with file:// or s3://, got {url!r}")
+
+
+def _checked_endpoint(endpoint: str, allow_http: bool) -> str:
+    """MODELPRESS_S3_ENDPOINT, checked at start-up: obstore takes any string and fails at the
+    first call (one without a scheme, such as ``minio:9000``, with a Rust panic)."""
+    parsed = urlparse(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"MODELPRESS_S3_ENDPOINT must be an http(s) URL such as "
+                         f"https://s3.example.com or http://minio:9000, got {endpoint!r}")
+    if parsed.scheme == "http" and not allow_http:
+        raise ValueError(f"MODELPRESS_S3_ENDPOINT {endpoint!r} is plain http: set "
+                         "MODELPRESS_S3_ALLOW_HTTP=true to use it, or use https")
+    return endpoint
 
 
 def _sha256_file(path: Path) -> str:
