@@ -38,7 +38,7 @@ def new_token() -> str:
 
 def create_key(r: redis.Redis, tenant: str, name: str, token: str | None = None) -> str:
     """Store a new key for ``tenant`` and return the plain token (shown once)."""
-    if not TENANT_RE.match(tenant):
+    if not TENANT_RE.fullmatch(tenant):  # match() lets "$" accept a trailing newline
         raise ValueError("tenant must be 1-63 chars of a-z, 0-9, '_' or '-', starting alphanumeric")
     token = token or new_token()
     digest = hash_token(token)

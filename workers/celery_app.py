@@ -65,7 +65,13 @@ def validate(app: Celery) -> None:
 def __getattr__(name: str) -> Any:
     # Built on first use so importing this module never needs a configured Redis.
     if name == "celery_app":
-        app = create_celery(get_settings())
+        settings = get_settings()
+        app = create_celery(settings)
+        # A worker refuses to start with a store setting every job would fail on (the store is
+        # built, which checks the settings; nothing is called). Its tasks open their own later.
+        from app.storage import open_store
+
+        open_store(settings)
         globals()["celery_app"] = app
         return app
     raise AttributeError(name)

@@ -67,3 +67,10 @@ def test_the_final_comparison_is_compare_digest_and_it_decides(
     calls.clear()
     assert _authenticate(redis_server, token) is None
     assert calls == [("0" * 64, digest)]
+
+
+def test_a_tenant_name_with_a_trailing_newline_is_refused(
+        redis_server: _stack.EmbeddedRedis) -> None:
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    with pytest.raises(ValueError, match="tenant must be"):
+        auth.create_key(r, "acme\n", "test")

@@ -280,3 +280,15 @@ def test_an_upload_removes_the_temporary_files_of_uploads_a_killed_api_left(
     finally:
         r.flushdb()
         r.close()
+
+
+def test_a_worker_with_a_wrong_store_setting_does_not_start(tmp_path: Path) -> None:
+    """Jobs would each fail on it; the worker says so at start-up instead of taking them."""
+    env = {**os.environ, "MODELPRESS_REDIS_URL": "redis://127.0.0.1:6379/15",
+           "MODELPRESS_DATA_DIR": str(tmp_path), "MODELPRESS_STORE_URL": "s3://b",
+           "MODELPRESS_S3_ENDPOINT": "minio:9000"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
+         "-Q", "cpu", "--pool", "solo"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "MODELPRESS_S3_ENDPOINT must be an http(s) URL" in proc.stderr
