@@ -382,6 +382,12 @@ class IntrinsicDimensionSpec(_Strict):
                              "or an uploaded model's id; zoo models are not re-initialized here")
         if isinstance(self.model, ModelRef) and self.dataset is None:
             raise ValueError("an uploaded model needs a labeled `dataset` to train on")
+        if not isinstance(self.model, ModelRef) and self.dataset is not None:
+            # the built-in architectures train on digits train / test whatever `dataset` says:
+            # accepting one would report digits figures as if they were the user's data
+            raise ValueError(f"dataset: the built-in {self.model} trains and measures on digits "
+                             "train / test; leave `dataset` out, or upload a model "
+                             "({\"id\": \"mdl_...\"}) to train on your own data")
         return self
 
 
@@ -691,8 +697,9 @@ class IntrinsicDimensionResult(BaseModel):
         default=None, description="Uploaded models: parameters redrawn for theta0; the rest "
         "keep their uploaded values.")
     rebuilt_accuracy: float | None = Field(
-        default=None, description="Accuracy of the model rebuilt from the artifact (seed 0), on the "
-        "CPU whatever device trained it.")
+        default=None, description="Accuracy of the model rebuilt from the artifact, "
+        "on the CPU whatever device trained it. The artifact is the first of `seeds` at its own "
+        "d_int90 (None, and no artifact, where that seed never passed).")
     compression_ratio: float | None = Field(
         default=None, description="fp32 bytes of the full model / bytes of the artifact.")
     seconds: float
@@ -751,7 +758,10 @@ class SpikingResult(BaseModel):
 
 class QualityRow(BaseModel):
     method: Literal["teacher", "slam", "cd", "real"]
-    steps: int | None = Field(description="Network evaluations per sample (None: real data).")
+    steps: int | None = Field(description=(
+        "Sampling steps per sample (None: real data). A student's are its network evaluations; "
+        "the teacher's are DDIM steps, after which it denoises once more at the grid's end: "
+        "steps + 1 network evaluations."))
     frechet_distance: float = Field(description="In digits-cnn features, against digits test.")
     class_accuracy: float = Field(description="digits-cnn accuracy on the conditioning labels.")
     ms_per_sample: float | None

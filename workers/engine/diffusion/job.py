@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from safetensors.torch import save as save_st_bytes
@@ -32,6 +34,18 @@ from workers.engine.diffusion.schedule import solve
 from workers.engine.diffusion.teacher import TEACHER_TRAIN, digits_flat, teacher
 
 GRID_PER_CLASS = 8
+
+
+def timed(device: torch.device, fn: Callable[..., torch.Tensor], *args: Any
+          ) -> tuple[torch.Tensor, float]:
+    """``fn(*args)`` and its wall time in seconds. CUDA runs kernels asynchronously, so the
+    clock is read only once the device has finished (else it times the kernel launches alone)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = fn(*args)
+    sync()
+    return out, time.perf_counter() - t0
 
 
 def lora_norms(model: Denoiser) -> list[LoraNorm]:
@@ -93,13 +107,15 @@ def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
         out: torch.Tensor = net(x, t, y)
         return out
 
+    def labelled_teacher(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return teacher_fn(x, t, labels)
+
     ctx.progress("teacher", 0.22, f"sampling the teacher at {spec.teacher_steps} steps")
     for steps in sorted({spec.teacher_steps, *spec.steps}, reverse=True):
         noise = torch.randn(len(labels), dim,
                             generator=torch.Generator().manual_seed(spec.seed)).to(device)
-        t0 = time.perf_counter()
-        gen = solve(lambda x, t: teacher_fn(x, t, labels), noise, steps)
-        measure("teacher", steps, gen, time.perf_counter() - t0)
+        gen, seconds = timed(device, solve, labelled_teacher, noise, steps)
+        measure("teacher", steps, gen, seconds)
 
     students: list[StudentInfo] = []
     for k, method in enumerate(spec.methods):
@@ -119,9 +135,8 @@ def run(spec: FewStepDistillSpec, ctx: JobContext) -> FewStepDistillResult:
         ctx.log.info("%s student: %d iterations in %.1f s, final loss %.4g", method,
                      spec.iterations, info["seconds"], info["final_loss"])
         for steps in spec.steps:
-            t0 = time.perf_counter()
-            gen = sample(student, labels, steps, dim, spec.seed)
-            measure(method, steps, gen, time.perf_counter() - t0)
+            gen, seconds = timed(device, sample, student, labels, steps, dim, spec.seed)
+            measure(method, steps, gen, seconds)
         students.append(StudentInfo(method=method, seconds=info["seconds"],
                                     final_loss=info["final_loss"],
                                     trainable_parameters=int(info["trainable_parameters"]),
