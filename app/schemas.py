@@ -35,7 +35,16 @@ Distinct = AfterValidator(_distinct)
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
-class _Strict(BaseModel):
+class _Model(BaseModel):
+    """Every schema here. A figure that came out NaN or infinite (a user's model that computes
+    log(0)) is written as the JSON string "NaN" / "Infinity" / "-Infinity", which reads back as
+    the float: pydantic's default writes null, which a required float then refuses, so the job
+    could not be read at all."""
+
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
+
+class _Strict(_Model):
     """Request bodies reject unknown fields so a typo is a 422 naming it, not a silent default."""
 
     model_config = ConfigDict(extra="forbid")
@@ -483,7 +492,7 @@ class JobCreate(_Strict):
 # ---------------------------------------------------------------- results, one per kind
 
 
-class Environment(BaseModel):
+class Environment(_Model):
     """Where a figure was measured."""
 
     device: str
@@ -494,7 +503,7 @@ class Environment(BaseModel):
     allocator: str = "default"  # CPU memory allocator settings the timings ran under
 
 
-class LatencyStats(BaseModel):
+class LatencyStats(_Model):
     median_ms: float
     p90_ms: float
     mean_ms: float
@@ -503,14 +512,14 @@ class LatencyStats(BaseModel):
     warmup: int
 
 
-class LayerLatency(BaseModel):
+class LayerLatency(_Model):
     name: str
     type: str
     median_ms: float
     share: float = Field(description="Fraction of the summed per-layer medians.")
 
 
-class BenchmarkResult(BaseModel):
+class BenchmarkResult(_Model):
     kind: Literal["benchmark"] = "benchmark"
     model: str
     backend: str
@@ -527,7 +536,7 @@ class BenchmarkResult(BaseModel):
     environment: Environment
 
 
-class LayerSensitivity(BaseModel):
+class LayerSensitivity(_Model):
     name: str
     type: str
     parameters: int
@@ -541,7 +550,7 @@ class LayerSensitivity(BaseModel):
     rank: int = Field(description="0 = least sensitive.")
 
 
-class SensitivityResult(BaseModel):
+class SensitivityResult(_Model):
     kind: Literal["sensitivity"] = "sensitivity"
     model: str
     precision: str
@@ -559,7 +568,7 @@ class SensitivityResult(BaseModel):
     environment: Environment
 
 
-class ConfigPoint(BaseModel):
+class ConfigPoint(_Model):
     """One per-layer configuration with what it scored."""
 
     label: str
@@ -573,7 +582,7 @@ class ConfigPoint(BaseModel):
     pareto: bool = False
 
 
-class SearchRun(BaseModel):
+class SearchRun(_Model):
     ordering: str
     order: list[str] = Field(description="Layers, least sensitive first.")
     boundaries: dict[str, int] = Field(description="Precision -> layers moved to it.")
@@ -582,7 +591,7 @@ class SearchRun(BaseModel):
     seconds: float
 
 
-class LoraNorm(BaseModel):
+class LoraNorm(_Model):
     """The quantities the LoRA-limits paper bounds: largest entries of a layer's inputs, frozen
     weight and adapters."""
 
@@ -594,7 +603,7 @@ class LoraNorm(BaseModel):
     update_fro: float = Field(description="Frobenius norm of the learned update (alpha/r) B A.")
 
 
-class LoraRecoveryReport(BaseModel):
+class LoraRecoveryReport(_Model):
     """What recovery bought: the recovered search next to the plain one, both deployed."""
 
     options: LoraRecovery
@@ -610,7 +619,7 @@ class LoraRecoveryReport(BaseModel):
     norms: list[LoraNorm] = Field(description="Per adapted layer of the recovered config.")
 
 
-class MixedPrecisionResult(BaseModel):
+class MixedPrecisionResult(_Model):
     kind: Literal["mixed_precision"] = "mixed_precision"
     model: str
     backend: str
@@ -647,7 +656,7 @@ class MixedPrecisionResult(BaseModel):
     environment: Environment
 
 
-class LossRow(BaseModel):
+class LossRow(_Model):
     impl: str
     n: int
     d: int
@@ -662,7 +671,7 @@ class LossRow(BaseModel):
     error: str | None = None
 
 
-class LossBenchmarkResult(BaseModel):
+class LossBenchmarkResult(_Model):
     kind: Literal["loss_benchmark"] = "loss_benchmark"
     rows: list[LossRow]
     table: str = Field(description="The rows as a Markdown table with ratios to `torch`.")
@@ -670,13 +679,13 @@ class LossBenchmarkResult(BaseModel):
     environment: Environment
 
 
-class CurvePoint(BaseModel):
+class CurvePoint(_Model):
     d: int
     seed: int
     accuracy: float
 
 
-class IntrinsicDimensionResult(BaseModel):
+class IntrinsicDimensionResult(_Model):
     kind: Literal["intrinsic_dimension"] = "intrinsic_dimension"
     model: str
     projection: str
@@ -707,7 +716,7 @@ class IntrinsicDimensionResult(BaseModel):
     environment: Environment
 
 
-class SpikingLayer(BaseModel):
+class SpikingLayer(_Model):
     name: str
     input: Literal["spikes", "analog"]
     input_spike_rate: float | None = Field(description="Active fraction of its spike inputs.")
@@ -716,13 +725,13 @@ class SpikingLayer(BaseModel):
     spiking_macs: int
 
 
-class TextSample(BaseModel):
+class TextSample(_Model):
     prompt: str
     twin: str
     spiking: str
 
 
-class SpikingResult(BaseModel):
+class SpikingResult(_Model):
     kind: Literal["spiking"] = "spiking"
     model: str
     metric: Literal["accuracy", "bits_per_char"]
@@ -756,7 +765,7 @@ class SpikingResult(BaseModel):
     environment: Environment
 
 
-class QualityRow(BaseModel):
+class QualityRow(_Model):
     method: Literal["teacher", "slam", "cd", "real"]
     steps: int | None = Field(description=(
         "Sampling steps per sample (None: real data). A student's are its network evaluations; "
@@ -767,7 +776,7 @@ class QualityRow(BaseModel):
     ms_per_sample: float | None
 
 
-class StudentInfo(BaseModel):
+class StudentInfo(_Model):
     method: Literal["slam", "cd"]
     seconds: float
     final_loss: float
@@ -775,7 +784,7 @@ class StudentInfo(BaseModel):
     lora: list[LoraNorm] = Field(default_factory=list)
 
 
-class FewStepDistillResult(BaseModel):
+class FewStepDistillResult(_Model):
     kind: Literal["few_step_distill"] = "few_step_distill"
     rows: list[QualityRow]
     students: list[StudentInfo]
@@ -797,19 +806,19 @@ JobResult = Annotated[BenchmarkResult | SensitivityResult | MixedPrecisionResult
 # ---------------------------------------------------------------- job records
 
 
-class Progress(BaseModel):
+class Progress(_Model):
     stage: str = "queued"
     fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     message: str = ""
     updated_at: datetime | None = None
 
 
-class ErrorInfo(BaseModel):
+class ErrorInfo(_Model):
     type: str
     message: str
 
 
-class ArtifactInfo(BaseModel):
+class ArtifactInfo(_Model):
     name: str
     size: int
     sha256: str
@@ -817,7 +826,7 @@ class ArtifactInfo(BaseModel):
     created_at: datetime
 
 
-class RunAttempt(BaseModel):
+class RunAttempt(_Model):
     attempt: int
     worker: str
     started_at: datetime
@@ -825,7 +834,7 @@ class RunAttempt(BaseModel):
     outcome: Literal["running", "succeeded", "failed", "cancelled", "lost"] = "running"
 
 
-class Job(BaseModel):
+class Job(_Model):
     id: str
     kind: JobKind
     name: str | None = None
@@ -852,14 +861,14 @@ class Job(BaseModel):
         return self.state in FINAL_STATES
 
 
-class JobPage(BaseModel):
+class JobPage(_Model):
     items: list[Job]
     next_cursor: str | None = Field(
         default=None, description="Pass as `cursor` for the next page; null on the last page."
     )
 
 
-class JobEvent(BaseModel):
+class JobEvent(_Model):
     """One Server-Sent Event of a job's stream; ``id`` is the SSE id, usable as Last-Event-ID."""
 
     id: str
@@ -871,7 +880,7 @@ class JobEvent(BaseModel):
     message: str | None = None
 
 
-class JobLog(BaseModel):
+class JobLog(_Model):
     job_id: str
     lines: list[str]
 
@@ -882,12 +891,12 @@ ModelFormat = Literal["pt2", "hf"]
 DatasetFormat = Literal["npz", "safetensors"]
 
 
-class TensorInfo(BaseModel):
+class TensorInfo(_Model):
     shape: list[int]
     dtype: str
 
 
-class ModelInfo(BaseModel):
+class ModelInfo(_Model):
     id: str
     name: str
     format: ModelFormat
@@ -897,7 +906,7 @@ class ModelInfo(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
-class DatasetInfo(BaseModel):
+class DatasetInfo(_Model):
     id: str
     name: str
     format: DatasetFormat
@@ -907,15 +916,15 @@ class DatasetInfo(BaseModel):
     tensors: dict[str, TensorInfo]
 
 
-class ModelList(BaseModel):
+class ModelList(_Model):
     items: list[ModelInfo]
 
 
-class DatasetList(BaseModel):
+class DatasetList(_Model):
     items: list[DatasetInfo]
 
 
-class Deleted(BaseModel):
+class Deleted(_Model):
     """The answer to a DELETE: what is gone, and how many stored files went with it."""
 
     id: str
@@ -928,7 +937,7 @@ class Deleted(BaseModel):
 # ---------------------------------------------------------------- service
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(_Model):
     """Every 4xx/5xx body: ``{"error": {"type": ..., "message": ...}}``."""
 
     class Detail(BaseModel):
@@ -939,12 +948,12 @@ class ErrorBody(BaseModel):
     error: Detail
 
 
-class Health(BaseModel):
+class Health(_Model):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
 
 
-class ApiKeyCreated(BaseModel):
+class ApiKeyCreated(_Model):
     tenant: str
     name: str
     key: str = Field(description="Shown once; only its hash is stored.")

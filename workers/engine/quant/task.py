@@ -126,6 +126,7 @@ class QuantTask:
                              f"{[list(t.shape) for t in self.calib_inputs]}",
                              exported_for=self.exported_for):
             self._ref_calib = self.forward(self.calib_inputs)
+        self._check_finite(self._ref_calib, "calibration")
         if self.metric in LABELED:
             for labels, inputs in ((self.eval_labels, self.eval_inputs),
                                    (self.calib_labels, self.calib_inputs)):
@@ -146,8 +147,24 @@ class QuantTask:
     def reference(self) -> torch.Tensor:
         """The float model's outputs on the evaluation data."""
         if self._ref_eval is None:
-            self._ref_eval = self.forward(self.eval_inputs)
+            self._ref_eval = self._check_finite(self.forward(self.eval_inputs), "evaluation")
         return self._ref_eval
+
+    def _check_finite(self, outputs: torch.Tensor, which: str) -> torch.Tensor:
+        """The float model's outputs, refused where no figure could be measured against them:
+        NaN anywhere (a log or a division by zero inside the model) gives a NaN metric that
+        compares false with every budget; +inf breaks softmax, and any inf breaks the distance
+        metrics (inf - inf). -inf logits are fine for cross-entropy (a masked class)."""
+        nan = int(torch.isnan(outputs).sum())
+        inf = int((torch.isinf(outputs) if self.metric not in LABELED
+                   else outputs == float("inf")).sum())
+        if nan or inf:
+            what = " and ".join(f"{v} {k}" for k, v in (("NaN", nan), ("infinite", inf)) if v)
+            raise UserError(f"the float model's outputs on the {which} samples hold {what} "
+                            f"values (of {outputs.numel()}): no {self.metric} can be measured "
+                            "against them. Check the model on these inputs (a log or a division "
+                            "of zero, an overflow) or the data")
+        return outputs
 
     @property
     def calib_reference(self) -> torch.Tensor:

@@ -151,3 +151,35 @@ def test_advice_is_read_from_the_error() -> None:
     assert "int64 token ids" in input_advice(RuntimeError("mat1 and mat2 must have the same dtype"))
     assert "vocabulary" in input_advice(IndexError("index out of range in self"))
     assert input_advice(RuntimeError("something else")) == ""
+
+
+class _Log(nn.Module):
+    """A user's model that takes the log of its logits: NaN where they are negative."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc(x).log()
+        return out
+
+
+def test_a_model_whose_float_outputs_are_nan_is_refused() -> None:
+    torch.manual_seed(0)
+    model = _Log().eval()
+    x = torch.randn(16, 4)
+    with pytest.raises(UserError, match=r"outputs on the calibration samples hold \d+ NaN "
+                                        r"values \(of 48\): no cosine can be measured"):
+        QuantTask(model, quantizable_layers(model), (x,), None, (x,), None, "cosine")
+
+
+def test_minus_inf_logits_pass_for_cross_entropy_but_not_for_distances() -> None:
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[0].bias[2] = -float("inf")  # class 2 masked out
+    x, y = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
+    task = QuantTask(model, quantizable_layers(model), (x,), y, (x,), y, "accuracy")
+    assert 0.0 <= task.evaluate({}) <= 1.0
+    with pytest.raises(UserError, match=r"hold 8 infinite values \(of 24\): no mse"):
+        QuantTask(model, quantizable_layers(model), (x,), None, (x,), None, "mse")
