@@ -70,16 +70,20 @@ class Backend(Protocol):
 
 def interleaved_latency(deployed: Mapping[str, Deployed], inputs: Sequence[torch.Tensor],
                         warmup: int, repeats: int, rounds: int = 5) -> dict[str, list[float]]:
-    """Time several models round-robin: ``rounds`` passes, each running every model
-    ``repeats / rounds`` times. On a machine whose load drifts (other jobs, other tenants),
-    drift then hits every configuration alike instead of whichever was timed last."""
+    """Time several models round-robin: ``rounds`` passes (fewer where ``repeats`` is
+    smaller), each running every model about ``repeats / rounds`` times, ``repeats`` timed
+    runs per model in all (what the reports say). On a machine whose load drifts (other jobs,
+    other tenants), drift then hits every configuration alike instead of whichever was timed
+    last."""
     for d in deployed.values():
         d.latency_ms(inputs, warmup, 0)
-    per_round = max(1, -(-repeats // rounds))
+    repeats = max(1, repeats)
+    rounds = max(1, min(rounds, repeats))
+    per_round, extra = divmod(repeats, rounds)
     samples: dict[str, list[float]] = {k: [] for k in deployed}
-    for _ in range(rounds):
+    for r in range(rounds):
         for key, d in deployed.items():
-            samples[key] += d.latency_ms(inputs, 0, per_round)
+            samples[key] += d.latency_ms(inputs, 0, per_round + (r < extra))
     return samples
 
 

@@ -292,11 +292,12 @@ class Session:
         # cores from whatever is timed next (another session of the frontier, say).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # Next to a static int8 layer (a DequantizeLinear on its input), ORT's MatMulAddFusion
-        # quietly quantizes a *float* layer's weight to int8; a layer configured fp32 stays fp32.
+        # and WeightBiasQuantization quietly quantize a *float* layer's weight to int8 (a float
+        # Conv between two static layers, say); a layer configured fp32 stays fp32.
         static = any(n.op_type.startswith("QLinear") for n in model.graph.node)
-        self.sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                         providers=["CPUExecutionProvider"],
-                                         disabled_optimizers=["MatMulAddFusion"] if static else None)
+        self.sess = ort.InferenceSession(
+            model.SerializeToString(), opts, providers=["CPUExecutionProvider"],
+            disabled_optimizers=["MatMulAddFusion", "WeightBiasQuantization"] if static else None)
         self.input_names = [i.name for i in self.sess.get_inputs()]
         self.model = model
         self.size_bytes = model.ByteSize()

@@ -207,10 +207,22 @@ def _static_output(fmt: LayerFormat, grids: StaticGrids):  # type: ignore[no-unt
     return hook
 
 
+def _set_weight(mod: nn.Module, w: torch.Tensor) -> None:
+    """``w`` as ``mod``'s weight: a parameter where the weight is one (frozen if new)."""
+    if "weight" in mod._parameters and not isinstance(w, nn.Parameter):
+        w = nn.Parameter(w, requires_grad=False)
+    mod.weight = w
+
+
 @contextmanager
 def simulate(layers: Mapping[str, nn.Module], config: Mapping[str, LayerFormat]
              ) -> Iterator[None]:
-    """Within the block, the layers named in ``config`` compute in their formats."""
+    """Within the block, the layers named in ``config`` compute in their formats.
+
+    Each quantized weight is a new tensor put in the layer's place (the float one is put back
+    on exit), not written into the float one: a weight tied to another module (a language
+    model's head and its embedding, two tied layers) stays float there, as the backends deploy
+    it, and two tied layers in one config cannot leave the float model quantized."""
     saved: dict[str, torch.Tensor] = {}
     saved_bias: dict[str, torch.Tensor] = {}
     hooks = []
@@ -222,8 +234,8 @@ def simulate(layers: Mapping[str, nn.Module], config: Mapping[str, LayerFormat]
                 mod = layers[name]
                 weight = mod.weight  # type: ignore[union-attr]
                 assert isinstance(weight, torch.Tensor)
-                saved[name] = weight.detach().clone()
-                weight.copy_(quantize_weight(weight, fmt))
+                saved[name] = weight
+                _set_weight(mod, quantize_weight(weight.detach(), fmt))
                 if fmt.quantizes_activations or fmt.compute_dtype != "fp32":
                     hooks.append(mod.register_forward_pre_hook(_quantize_input(fmt)))
                 if fmt.compute_dtype != "fp32":
@@ -245,6 +257,6 @@ def simulate(layers: Mapping[str, nn.Module], config: Mapping[str, LayerFormat]
             h.remove()
         with torch.no_grad():
             for name, w in saved.items():
-                layers[name].weight.copy_(w)  # type: ignore[union-attr, operator]
+                _set_weight(layers[name], w)
             for name, b in saved_bias.items():
                 layers[name].bias.copy_(b)  # type: ignore[union-attr, operator]

@@ -85,7 +85,10 @@ def bisection_search(evaluate: Callable[[Mapping[str, LayerFormat]], float], lim
         boundaries[name] = k
         if k:
             config = cfg_at(k)
-            metric = cache[k] if k in cache else evaluate(config)
+            if k not in cache:  # the floor, known to hold but not evaluated yet
+                cache[k] = evaluate(config)
+                evals += 1
+            metric = cache[k]
     return SearchOutcome(ordering, config, metric, boundaries,
                          {name: lvl.order for name, lvl in levels}, evals,
                          time.perf_counter() - t0)
