@@ -310,6 +310,11 @@ class MixedPrecisionSpec(_Strict):
         if wrong:
             raise ValueError(f"backend {self.backend} does not run {', '.join(wrong)}; its "
                              f"precisions are {', '.join(runs)}")
+        if self.backend == "onnxruntime-cpu" and {"int8", "int8-static"} <= set(self.levels or []):
+            # ORT's dynamic pass re-quantizes the glue the static pass already quantized (a
+            # Flatten between a static conv and a dynamic Linear): an invalid model
+            raise ValueError("onnxruntime-cpu cannot mix int8 (dynamic) and int8-static layers "
+                             "in one model: give one of them (with int4, say)")
         if (self.backend == "torch-cpu" and "int4" in (self.levels or [])
                 and self.int4_group_size not in (32, 64, 128, 256)):
             raise ValueError("torch-cpu's int4 kernel takes int4_group_size 32, 64, 128 or 256")

@@ -88,3 +88,11 @@ def test_a_zoo_model_with_a_builtin_dataset_it_cannot_read_is_refused(kind: str)
         assert ok.dataset is not None and ok.dataset.builtin == dataset
     # uploads are checked when a worker reads them
     assert spec.validate_python({"kind": kind, "model": {"zoo": "char-gpt"}}).dataset is None
+
+
+def test_onnxruntime_cannot_mix_static_and_dynamic_int8() -> None:
+    # ORT built an invalid model ("Duplicate definition of name (view_quantized)") for a static
+    # conv before a dynamic Linear, and the job failed at its latency gate
+    with pytest.raises(ValidationError, match="cannot mix int8 \\(dynamic\\) and int8-static"):
+        MixedPrecisionSpec(model=ZOO, levels=["int8-static", "int8", "int4"])
+    assert MixedPrecisionSpec(model=ZOO, levels=["int8-static", "int4"]).levels
