@@ -18,6 +18,7 @@ from torch import nn
 from app import filechecks
 from app.schemas import DatasetRef, ModelRef
 from workers.engine import char_lm, datasets, graph_layers, zoo
+from workers.engine.backends.base import state_bytes
 from workers.engine.context import JobContext, UserError, inputs_at_fault
 from workers.engine.datasets import TensorData
 
@@ -52,8 +53,8 @@ class LoadedModel:
         return sum(p.numel() for p in self.module.parameters())
 
     def state_bytes(self) -> int:
-        tensors = list(self.module.state_dict().values())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of the weights and buffers, a tied tensor (head and embedding) once."""
+        return state_bytes(self.module.state_dict())
 
 
 def load_model(ref: ModelRef, ctx: JobContext) -> LoadedModel:

@@ -1,5 +1,6 @@
 """Wall-clock measurement shared by every job that reports a latency: warm-up, repeats, median
-and p90, with device synchronization, and peak memory during the measured runs."""
+and p90, with device synchronization, and peak memory (in a window of its own: its CPU sampler
+must not run beside timed runs)."""
 
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ class PeakMemory:
     def method(self) -> str:
         if self.device.type == "cuda":
             return ("torch.cuda.max_memory_allocated above the loaded model, "
-                    "first inference through the timed runs")
-        return ("peak process RSS above the loaded model, first inference through the timed runs, "
+                    "first inference and warm-up runs")
+        return ("peak process RSS above the loaded model, first inference and warm-up runs, "
                 "sampled every 1 ms")
 
     def __enter__(self) -> PeakMemory:

@@ -87,6 +87,34 @@ def interleaved_latency(deployed: Mapping[str, Deployed], inputs: Sequence[torch
     return samples
 
 
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of a state dict's tensors, each counted once: tied parameters (a language
+    model's head and embedding) appear under several names but are stored once."""
+    return sum(t.numel() * t.element_size() for t in unique_tensors(state).values())
+
+
+def tied_names(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Each name of ``state`` that aliases a tensor listed under an earlier name (the same
+    memory with the same dtype, shape and strides: tied parameters) -> that earlier name."""
+    first: dict[tuple[object, ...], str] = {}
+    out: dict[str, str] = {}
+    for name, t in state.items():
+        if not t.numel():
+            continue
+        key = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
+
+
+def unique_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the names :func:`tied_names` finds."""
+    tied = tied_names(state)
+    return {k: v for k, v in state.items() if k not in tied}
+
+
 def run_batched(model: Deployed, inputs: Sequence[torch.Tensor], batch: int) -> np.ndarray:
     outs = [model.run(tuple(t[i:i + batch] for t in inputs)) for i in range(0, len(inputs[0]), batch)]
     return np.concatenate(outs).astype("float32")

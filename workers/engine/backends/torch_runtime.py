@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from workers.engine import timing
+from workers.engine.backends.base import state_bytes, tied_names
 from workers.engine.env import needs_reduce_range
 from workers.engine.quant.fake import int4_codes, int8_codes
 from workers.engine.quant.formats import LayerFormat, parse
@@ -50,14 +51,24 @@ class _Cast(nn.Module):
 
     bias: torch.Tensor | None
 
-    def __init__(self, layer: nn.Module, precision: str) -> None:
+    def __init__(self, layer: nn.Module, precision: str,
+                 cast: dict[tuple[int, torch.dtype], nn.Parameter] | None = None) -> None:
         super().__init__()
         self.dtype = DTYPE[precision]
         bias = layer.bias
         self.register_buffer("bias", bias.detach().float().clone()
                              if isinstance(bias, torch.Tensor) else None)
         layer.bias = None  # type: ignore[assignment]
-        self.layer = layer.to(self.dtype)
+        # New parameters, not ``layer.to(dtype)``: that converts a Parameter in place, and a
+        # tied one (a head sharing its embedding's weight) would turn the other layer to this
+        # dtype too. ``cast`` (one per realized model) keeps layers tied to each other tied.
+        cast = {} if cast is None else cast
+        for name, p in list(layer.named_parameters(recurse=False)):
+            key = (id(p), self.dtype)
+            if key not in cast:
+                cast[key] = nn.Parameter(p.detach().to(self.dtype), requires_grad=p.requires_grad)
+            setattr(layer, name, cast[key])
+        self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.layer(x.to(self.dtype)).to(x.dtype)
@@ -206,9 +217,10 @@ class _Fp8(_Quantized):
         return self._bias(y).reshape(*lead, self.out_features).to(x.dtype)
 
 
-def _quantized(layer: nn.Module, fmt: LayerFormat, cpu: bool) -> nn.Module:
+def _quantized(layer: nn.Module, fmt: LayerFormat, cpu: bool,
+               cast: dict[tuple[int, torch.dtype], nn.Parameter] | None = None) -> nn.Module:
     if fmt.precision in ("bf16", "fp16"):
-        return _Cast(layer, fmt.precision)
+        return _Cast(layer, fmt.precision, cast)
     assert isinstance(layer, nn.Linear)
     kind = {"fp8": _Fp8, "int4": _Int4Weight}.get(fmt.precision) or (
         _Int8Dynamic if fmt.quantizes_activations else _Int8Weight)
@@ -229,8 +241,7 @@ class TorchModel:
         self.device = device
         self.backend = backend
         self.config = dict(config)
-        state = module.state_dict()
-        self.size_bytes = sum(t.numel() * t.element_size() for t in state.values())
+        self.size_bytes = state_bytes(module.state_dict())  # tied tensors once, as shipped
 
     def _inputs(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return tuple(t.to(self.device) for t in inputs)
@@ -250,11 +261,15 @@ class TorchModel:
     def artifact(self) -> tuple[str, bytes]:
         from safetensors.torch import save
 
-        # Cloned: tied parameters share storage, which safetensors refuses.
+        full = self.module.state_dict()
+        # A tied tensor is stored once; its other names are listed and filled in by ``load``.
+        tied = tied_names(full)
+        # Cloned: distinct views of one storage are refused by safetensors.
         state = {k: v.detach().cpu().clone().contiguous()
-                 for k, v in self.module.state_dict().items()}
+                 for k, v in full.items() if k not in tied}
         config = {n: f.label() for n, f in self.config.items() if f.precision != "fp32"}
         meta = {"backend": self.backend, "config": json.dumps(config, sort_keys=True),
+                "tied": json.dumps(tied, sort_keys=True),
                 "formats": json.dumps({n: _format_json(f) for n, f in self.config.items()
                                        if f.precision != "fp32"}, sort_keys=True)}
         return "model.safetensors", save(state, metadata=meta)
@@ -318,13 +333,14 @@ class TorchBackend:
 
     def realize(self, config: Mapping[str, LayerFormat]) -> TorchModel:
         module = copy.deepcopy(self.module)
+        cast: dict[tuple[int, torch.dtype], nn.Parameter] = {}
         for name, fmt in config.items():
             if fmt.precision == "fp32":
                 continue
             if not self.supports(name, fmt):
                 raise ValueError(f"{self.name} does not run {fmt.label()} on layer {name}")
             _replace(module, name, _quantized(module.get_submodule(name), fmt,
-                                              self.device.type == "cpu"))
+                                              self.device.type == "cpu", cast))
         return TorchModel(module.to(self.device), self.device, self.name, config)
 
     def rebuilt(self, module: nn.Module) -> TorchBackend:
@@ -360,7 +376,10 @@ def load(module: nn.Module, data: bytes) -> nn.Module:
     backend = TorchBackend(meta["backend"], module, quantizable_layers(module))
     formats = {n: _parse_format(f) for n, f in json.loads(meta["formats"]).items()}
     realized = backend.realize(formats).module
-    realized.load_state_dict({k: v.to(backend.device) for k, v in load_tensors(data).items()})
+    tensors = load_tensors(data)
+    for alias, name in json.loads(meta.get("tied", "{}")).items():
+        tensors[alias] = tensors[name]
+    realized.load_state_dict({k: v.to(backend.device) for k, v in tensors.items()})
     for m in realized.modules():
         if isinstance(m, _Quantized):
             m.refresh()
