@@ -87,7 +87,8 @@ class Settings(BaseSettings):
     )
     api_host: str = Field(default="127.0.0.1", description="Address the API binds to.")
     api_port: int = Field(
-        default=8000, description="Port the API binds to (`serve` picks a free one if taken)."
+        default=8000, ge=0, le=65535,
+        description="Port the API binds to (`serve` picks a free one if taken).",
     )
     public_url: str | None = Field(
         default=None, description="URL users reach the API at (printed by `serve`)."

@@ -9,7 +9,7 @@ COPY app ./app
 COPY workers ./workers
 COPY gpu_kernels ./gpu_kernels
 COPY modelpress ./modelpress
-RUN pip install . && useradd --system --uid 10001 modelpress \
+RUN pip install . && useradd --system --create-home --uid 10001 modelpress \
     && mkdir -p /data && chown modelpress /data
 USER modelpress
 ENV MODELPRESS_DATA_DIR=/data MODELPRESS_API_HOST=0.0.0.0 MODELPRESS_API_PORT=8000

@@ -174,26 +174,55 @@ def format_result(job: Job) -> str:
               help="Submit the main job through the SDK, show its progress and result.")
 @click.option("--exit", "exit_after", is_flag=True,
               help="Stop the service after the demo instead of serving until Ctrl-C.")
-@click.option("--port", type=int, default=None, help="API port (default MODELPRESS_API_PORT).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="API port (default MODELPRESS_API_PORT).")
 def serve(demo: bool, exit_after: bool, port: int | None) -> None:
     """Run Redis (embedded unless REDIS_URL is set), one worker and the API on this machine."""
     settings = _settings()
+    _check_store(settings)  # before starting anything: the worker and the API would refuse it
+    import torch
+
+    queues = settings.queues_for_worker(torch.cuda.is_available())
+    if settings.default_queue not in queues:
+        raise click.ClickException(
+            f"the worker would consume {','.join(queues)} but jobs go to the default queue "
+            f"`{settings.default_queue}`: set MODELPRESS_WORKER_QUEUES to include it (or "
+            "MODELPRESS_DEFAULT_QUEUE to one of them)")
     data_dir = settings.data_dir.resolve()
     logs = data_dir / "logs"
     embedded: _stack.EmbeddedRedis | None = None
     procs: dict[str, Any] = {}
 
+    def stop_on_signal(*_: object) -> None:
+        sys.exit(0)
+
+    # From the first process started on, SIGTERM and SIGHUP (a closed terminal) stop everything
+    # as Ctrl-C does: their default action would end serve alone and leave its children (each
+    # in a session of its own) running.
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGHUP, stop_on_signal)
+
     def shutdown(*_: object) -> None:
-        for what in ("api", "worker"):
-            _stack.stop_process(procs.get(what))
-        if embedded is not None:
-            (data_dir / "redis-url").unlink(missing_ok=True)
-            embedded.stop()
+        # a second Ctrl-C or SIGTERM must not cut the clean-up short and leave processes behind
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            for what in ("api", "worker"):
+                _stack.stop_process(procs.get(what))
+            if embedded is not None:
+                (data_dir / "redis-url").unlink(missing_ok=True)
+                embedded.stop()
+        finally:  # as they were (serve may run inside another program: a test's CliRunner)
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
     try:
         redis_url = settings.redis_url
         if redis_url is None:
-            embedded = _stack.EmbeddedRedis(data_dir / "redis").start()
+            # assigned before it starts, so that an interrupted start is stopped too
+            embedded = _stack.EmbeddedRedis(data_dir / "redis")
+            embedded.start()
             redis_url = embedded.url
             # its port is new each start: written for `modelpress keys create`
             (data_dir / "redis-url").write_text(redis_url + "\n")
@@ -221,9 +250,6 @@ def serve(demo: bool, exit_after: bool, port: int | None) -> None:
         base_url = f"http://{host}:{api_port}"
         env = {"MODELPRESS_REDIS_URL": redis_url, "MODELPRESS_DATA_DIR": str(data_dir),
                "MODELPRESS_API_HOST": host, "MODELPRESS_API_PORT": str(api_port)}
-        import torch
-
-        queues = settings.queues_for_worker(torch.cuda.is_available())
         procs["worker"] = _stack.spawn_worker(env, logs / "worker.log", queues, "local")
         procs["api"] = _stack.spawn_api(env, logs / "api.log", host, api_port)
         _stack.wait_ready(base_url, 120.0, procs,
@@ -240,13 +266,14 @@ def serve(demo: bool, exit_after: bool, port: int | None) -> None:
         if exit_after:
             return
         click.echo("serving; Ctrl-C stops everything")
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(p.poll() is None for p in procs.values()):
             time.sleep(1.0)
         dead = [w for w, p in procs.items() if p.poll() is not None]
         raise click.ClickException(f"{', '.join(dead)} exited; see {logs}")
     except KeyboardInterrupt:
         click.echo("stopping")
+    except RuntimeError as exc:  # no redis-server to run, a process that died or never got ready
+        raise click.ClickException(str(exc)) from None
     finally:
         shutdown()
 
@@ -284,9 +311,14 @@ def worker(queues: str | None, concurrency: int, name: str) -> None:
     settings = _settings()
     if settings.redis_url is None:
         raise click.UsageError("set MODELPRESS_REDIS_URL (or use `modelpress serve`)")
+    _check_store(settings)
     import torch
 
-    qs = queues.split(",") if queues else settings.queues_for_worker(torch.cuda.is_available())
+    # stripped as MODELPRESS_WORKER_QUEUES is: "cpu, gpu" made Celery consume " gpu"
+    qs = ([q.strip() for q in queues.split(",") if q.strip()] if queues
+          else settings.queues_for_worker(torch.cuda.is_available()))
+    if not qs:
+        raise click.BadParameter("name at least one queue, e.g. cpu or gpu", param_hint="--queues")
     args = [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
             "-Q", ",".join(qs), "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO",
             "--without-gossip", "--without-mingle"]
@@ -295,12 +327,13 @@ def worker(queues: str | None, concurrency: int, name: str) -> None:
 
 @main.command()
 @click.option("--host", default=None)
-@click.option("--port", type=int, default=None)
+@click.option("--port", type=click.IntRange(0, 65535), default=None)
 def api(host: str | None, port: int | None) -> None:
     """Run the API server in the foreground (needs MODELPRESS_REDIS_URL)."""
     settings = _settings()
     if settings.redis_url is None:
         raise click.UsageError("set MODELPRESS_REDIS_URL (or use `modelpress serve`)")
+    _check_store(settings)
     import uvicorn
 
     uvicorn.run("app.main:app", factory=True, host=host or settings.api_host,
@@ -516,6 +549,17 @@ def jobs_download(ctx: click.Context, job_id: str, name: str, output: str) -> No
     """Download artifact NAME of JOB_ID."""
     with _client(ctx) as c:
         click.echo(c.jobs.download(job_id, name, output))
+
+
+def _check_store(settings: Settings) -> None:
+    """The object-store settings, checked as the worker and the API check them at start-up
+    (nothing is called), so a wrong one is one line here, not a child process's traceback."""
+    from app.storage import open_store
+
+    try:
+        open_store(settings)
+    except Exception as exc:  # ValueError for a wrong setting; obstore's own, a folder's OSError
+        raise click.ClickException(f"invalid store setting: {exc}") from None
 
 
 def _settings() -> Settings:

@@ -40,3 +40,15 @@ def test_compose_file_is_valid() -> None:
         assert int(env["MODELPRESS_VISIBILITY_TIMEOUT_S"]) > int(env["MODELPRESS_TASK_TIME_LIMIT_S"])
     for df in ("api.Dockerfile", "worker-cuda.Dockerfile"):
         assert (ROOT / "docker" / df).read_text().count("torch==2.13.0") == 1
+
+
+def test_images_run_as_a_user_with_a_home() -> None:
+    """Both images run as `modelpress`, never root, and that user has a home directory: Triton
+    (the worker's kernels) caches what it compiles under ~/.triton, and `useradd --system`
+    alone makes none, so the first kernel call died on a PermissionError creating it."""
+    for df in ("api.Dockerfile", "worker-cuda.Dockerfile"):
+        text = (ROOT / "docker" / df).read_text()
+        useradd = next(line for line in text.splitlines() if "useradd" in line)
+        assert "--create-home" in useradd.split() or "-m" in useradd.split(), (df, useradd)
+        users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+        assert users == ["modelpress"], (df, users)

@@ -18,14 +18,22 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 async def readyz(svc: ServicesDep) -> JSONResponse:
-    """Ready to take jobs: Redis answers, the object store answers, a worker is alive."""
+    """Ready to take jobs: Redis answers, the object store answers, a worker is alive and
+    consumes the default queue (where jobs with device `auto`/`cpu` go)."""
     checks: dict[str, str] = {}
     try:
         await svc.redis.ping()
         checks["redis"] = "ok"
         alive, queues = await served_queues(svc)
         served = "" if queues is None else f"; queues {', '.join(sorted(queues))}"
-        checks["worker"] = f"ok ({alive} alive{served})" if alive else "no worker alive"
+        default = svc.settings.default_queue
+        if not alive:
+            checks["worker"] = "no worker alive"
+        elif queues is not None and default not in queues:
+            checks["worker"] = (f"no worker consumes the default queue `{default}` "
+                                f"({alive} alive{served})")
+        else:
+            checks["worker"] = f"ok ({alive} alive{served})"
     except Exception as exc:
         checks["redis"] = f"unreachable: {type(exc).__name__}"
         checks["worker"] = "unknown"
