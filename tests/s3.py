@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -42,9 +43,13 @@ class Moto:
                 "MODELPRESS_S3_ALLOW_HTTP": "true", **extra}
 
 
-def started(bucket: str) -> Moto:
-    """A running server with ``bucket`` created."""
+def serving(bucket: str) -> Iterator[Moto]:
+    """A running server with ``bucket`` created, stopped afterwards: a module fixture's body is
+    ``yield from serving(BUCKET)``."""
     m = Moto()
     m.start()
-    m.client().create_bucket(Bucket=bucket)
-    return m
+    try:
+        m.client().create_bucket(Bucket=bucket)
+        yield m
+    finally:
+        m.stop()

@@ -14,7 +14,7 @@ from app.schemas import BenchmarkSpec, ModelRef
 from modelpress import _stack
 from tests.conftest import Stack, make_stack, running
 from tests.helpers import export_tiny
-from tests.s3 import Moto, started
+from tests.s3 import Moto, serving
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +23,7 @@ BUCKET = "modelpress-artifacts"
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[Moto]:
-    m = started(BUCKET)
-    yield m
-    m.stop()
+    yield from serving(BUCKET)
 
 
 @pytest.fixture(scope="module")

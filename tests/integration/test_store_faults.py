@@ -21,7 +21,7 @@ from modelpress import Client, InternalServerError, NotFoundError, _stack
 from tests.conftest import Stack, make_stack, running
 from tests.helpers import export_tiny, measured
 from tests.integration.test_service import wait_for
-from tests.s3 import Moto, started
+from tests.s3 import Moto, serving
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,7 @@ RETRY_S = 10  # the workers' MODELPRESS_STORE_RETRY_S here
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[Moto]:
-    m = started(BUCKET)
-    yield m
-    m.stop()
+    yield from serving(BUCKET)
 
 
 @pytest.fixture(scope="module")

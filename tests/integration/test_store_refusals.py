@@ -30,7 +30,7 @@ from app.main import create_app
 from app.storage import StoreError, StoreUnavailable, open_store
 from modelpress import _stack
 from tests.conftest import fresh_db
-from tests.s3 import CREDS, Moto, started
+from tests.s3 import CREDS, Moto, serving
 from workers.runner import WorkerContext
 
 BUCKET = "modelpress-review"
@@ -38,9 +38,7 @@ BUCKET = "modelpress-review"
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[Moto]:
-    m = started(BUCKET)
-    yield m
-    m.stop()
+    yield from serving(BUCKET)
 
 
 @contextmanager
