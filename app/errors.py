@@ -101,10 +101,14 @@ REDIS_DOWN = "the job store (Redis) is unavailable; try again shortly"
 REDIS_RETRY_S = "5"
 
 
+def log_redis_down(request: Request, exc: Exception) -> None:
+    log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+
+
 async def redis_down(request: Request, exc: Exception) -> JSONResponse:
     # Redis unreachable past the client's retries (a restart that takes long): the request can
     # succeed later, so say so instead of answering 500
-    log.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+    log_redis_down(request, exc)
     return JSONResponse(body(503, REDIS_DOWN), 503, {"Retry-After": REDIS_RETRY_S})
 
 

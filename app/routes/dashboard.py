@@ -19,7 +19,14 @@ from redis import TimeoutError as RedisTimeoutError
 
 from app import assets, auth, jobs
 from app.deps import ServicesDep, check_rate_limit
-from app.errors import REDIS_DOWN, REDIS_RETRY_S, ApiError, field_path, redis_down
+from app.errors import (
+    REDIS_DOWN,
+    REDIS_RETRY_S,
+    ApiError,
+    field_path,
+    log_redis_down,
+    redis_down,
+)
 from app.schemas import DatasetInfo, Job, JobCreate, ModelInfo, ModelRef
 
 COOKIE = "modelpress_key"
@@ -352,7 +359,7 @@ def install(app: Any) -> None:
     async def _store_down(request: Request, exc: Exception) -> Response:
         if not request.url.path.startswith("/ui/"):
             return await redis_down(request, exc)  # the API's JSON answer
-        await redis_down(request, exc)  # logged the same way
+        log_redis_down(request, exc)
         headers = {"Retry-After": REDIS_RETRY_S}
         if _htmx(request):  # as for 429: htmx swaps no 5xx, so say it in the flash box
             headers |= {"HX-Retarget": "#flash", "HX-Reswap": "innerHTML"}
