@@ -681,7 +681,8 @@ def test_a_job_for_a_queue_no_worker_serves_says_so(stack: Stack) -> None:
     """The stack's worker consumes `cpu` only: a `device: cuda` job is accepted and queued on
     `gpu`, and its progress says that no worker serves that queue and how to start one."""
     with stack.client() as client:
-        cpu = client.jobs.create(LossBenchmarkSpec(n=8, d=8, vocab_sizes=[16], repeats=1))
+        cpu = client.jobs.create(LossBenchmarkSpec(n=8, d=8, vocab_sizes=[16], repeats=1,
+                                                   impls=["torch"]))
         gpu = client.jobs.create(LossBenchmarkSpec(n=8, d=8, vocab_sizes=[16], device="cuda"))
         assert (cpu.queue, cpu.progress.message) == ("cpu", "waiting for a worker")
         assert gpu.queue == "gpu" and gpu.state == "queued"
