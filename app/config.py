@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         description="Finished jobs older than this many days are deleted with their artifacts "
         "and logs by the API (0: kept until deleted). Uploads are never deleted by it.",
     )
+    worker_stop_grace_s: float = Field(
+        default=10.0, ge=0, description="On SIGTERM a worker lets its running job go on this "
+        "many seconds, then stops it and hands it back to the queue at once (another worker "
+        "resumes it; it is not stranded until the visibility timeout). Keep it below the "
+        "supervisor's grace period (Docker's stop_grace_period, Kubernetes' "
+        "terminationGracePeriodSeconds).",
+    )
     worker_heartbeat_s: float = Field(
         default=5.0, gt=0, description="Worker heartbeat and job-lease refresh period (seconds)."
     )

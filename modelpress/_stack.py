@@ -103,13 +103,25 @@ def _spawn(args: list[str], env: Mapping[str, str], log_path: Path) -> subproces
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+# Read by billiard when Celery is imported: SIGTERM becomes Celery's cold shutdown, which gives
+# the running job `worker_soft_shutdown_timeout` seconds, then cancels it and puts its message
+# back on the queue. A warm shutdown (Celery's default) waits for the job however long it runs,
+# and the supervisor's SIGKILL then strands it until the visibility timeout (hours).
+WORKER_ENV = {"REMAP_SIGTERM": "SIGQUIT"}
+
+
+def worker_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with the worker's signal mapping, unless the caller chose one."""
+    return {**WORKER_ENV, **env}
+
+
 def spawn_worker(env: Mapping[str, str], log_path: Path, queues: list[str], name: str,
                  concurrency: int = 1) -> subprocess.Popen[bytes]:
     return _spawn(
         [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
          "-Q", ",".join(queues), "-c", str(concurrency), "-n", f"{name}@%h",
          "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
-        env, log_path,
+        worker_env({**os.environ, **env}), log_path,
     )
 
 
@@ -129,6 +141,19 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) ->
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=timeout)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        kill_process(proc)
+
+
+def stop_worker(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
+    """SIGTERM to the worker's main process only, as Docker and Kubernetes send it: Celery
+    gives the job ``grace`` seconds, hands it back and stops its pool (a SIGTERM to the whole
+    group would kill the pool process at once). SIGKILL to the group if it is not gone by then."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=grace + 10)
     except (subprocess.TimeoutExpired, ProcessLookupError):
         kill_process(proc)
 

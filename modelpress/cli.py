@@ -208,8 +208,8 @@ def serve(demo: bool, exit_after: bool, port: int | None) -> None:
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         try:
-            for what in ("api", "worker"):
-                _stack.stop_process(procs.get(what))
+            _stack.stop_process(procs.get("api"))
+            _stack.stop_worker(procs.get("worker"), settings.worker_stop_grace_s)
             if embedded is not None:
                 (data_dir / "redis-url").unlink(missing_ok=True)
                 embedded.stop()
@@ -271,7 +271,8 @@ def serve(demo: bool, exit_after: bool, port: int | None) -> None:
         dead = [w for w, p in procs.items() if p.poll() is not None]
         raise click.ClickException(f"{', '.join(dead)} exited; see {logs}")
     except KeyboardInterrupt:
-        click.echo("stopping")
+        click.echo(f"stopping (a running job gets up to {settings.worker_stop_grace_s:g} s, then "
+                   "goes back to the queue for the next start)")
     except RuntimeError as exc:  # no redis-server to run, a process that died or never got ready
         raise click.ClickException(str(exc)) from None
     finally:
@@ -322,7 +323,7 @@ def worker(queues: str | None, concurrency: int, name: str) -> None:
     args = [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
             "-Q", ",".join(qs), "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO",
             "--without-gossip", "--without-mingle"]
-    os.execv(sys.executable, args)
+    os.execve(sys.executable, args, _stack.worker_env(os.environ))
 
 
 @main.command()

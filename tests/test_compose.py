@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -40,6 +41,17 @@ def test_compose_file_is_valid() -> None:
         assert int(env["MODELPRESS_VISIBILITY_TIMEOUT_S"]) > int(env["MODELPRESS_TASK_TIME_LIMIT_S"])
     for df in ("api.Dockerfile", "worker-cuda.Dockerfile"):
         assert (ROOT / "docker" / df).read_text().count("torch==2.13.0") == 1
+    # the worker hands its job back before Docker's SIGKILL ends the grace period
+    worker = cfg["services"]["worker"]
+    assert float(worker["environment"]["MODELPRESS_WORKER_STOP_GRACE_S"]) + 5 <= _seconds(
+        worker["stop_grace_period"])
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration: "60s" as written, "1m0s" as compose v2 prints it."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
 
 
 def test_images_run_as_a_user_with_a_home() -> None:

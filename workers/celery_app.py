@@ -46,6 +46,10 @@ def create_celery(settings: Settings) -> Celery:
         # Pool processes import the engine (torch, ONNX Runtime: ~4 s) as they start (see
         # workers.tasks); Celery's default 4 s wait for a new process would kill them.
         worker_proc_alive_timeout=60.0,
+        # With REMAP_SIGTERM=SIGQUIT in the worker's environment (set by `modelpress worker`
+        # and serve), SIGTERM is a cold shutdown: the job gets this long to end, then it is
+        # cancelled and its unacknowledged message goes back to the queue at once.
+        worker_soft_shutdown_timeout=settings.worker_stop_grace_s,
     )
     validate(app)
     return app

@@ -172,7 +172,8 @@ def test_api_port_must_be_a_port() -> None:
 
 def test_worker_queues_option_is_stripped_like_the_setting(redis_url: str, tmp_path: Path) -> None:
     """`modelpress worker --queues "cpu, gpu"` consumes `gpu`, not ` gpu` (a queue no job is
-    sent to), as MODELPRESS_WORKER_QUEUES="cpu, gpu" does; the worker's heartbeat says which."""
+    sent to), as MODELPRESS_WORKER_QUEUES="cpu, gpu" does; the worker's heartbeat says which.
+    SIGTERM is remapped to Celery's cold shutdown."""
     env = _serve_env(tmp_path, MODELPRESS_REDIS_URL=redis_url,
                      MODELPRESS_STORE_URL=(tmp_path / "store").as_uri(),
                      MODELPRESS_WORKER_HEARTBEAT_S="1")
@@ -189,6 +190,10 @@ def test_worker_queues_option_is_stripped_like_the_setting(redis_url: str, tmp_p
             time.sleep(0.2)
         assert keys, f"no worker heartbeat (exit code {proc.poll()})"
         assert json.loads(r.get(keys[0]) or "{}")["queues"] == ["cpu", "gpu"]
+        # the CLI exec'd Celery (same pid) with SIGTERM as the cold shutdown that hands a
+        # running job back (tests/integration/test_worker_stop.py)
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        assert b"REMAP_SIGTERM=SIGQUIT" in environ
     finally:
         _stack.stop_process(proc)  # its own process group: the worker and its pool
 

@@ -1,0 +1,66 @@
+"""A worker stopped with SIGTERM in the middle of a job (as Docker, Kubernetes and `modelpress
+serve` stop it): it gives the job its grace period, hands it back to the queue and exits; another
+worker takes the job at once instead of after the visibility timeout (hours in production)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.schemas import BenchmarkSpec, ModelRef
+from modelpress import _stack
+from tests.conftest import Stack, make_stack, running
+from tests.helpers import measured
+from tests.integration.test_service import wait_for
+
+pytestmark = pytest.mark.slow
+
+GRACE_S = 2.0
+VISIBILITY_S = 300
+
+
+@pytest.fixture
+def stop_stack(tmp_path: Path, redis_server: _stack.EmbeddedRedis,
+               shared_store: Path) -> Iterator[Stack]:
+    yield from running(make_stack(tmp_path, redis_server, {
+        "MODELPRESS_STORE_URL": shared_store.as_uri(),
+        "MODELPRESS_WORKER_STOP_GRACE_S": str(GRACE_S),
+        "MODELPRESS_TASK_TIME_LIMIT_S": str(VISIBILITY_S - 1),
+        "MODELPRESS_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S)}))
+
+
+def test_a_stopped_worker_hands_its_job_back_at_once(stop_stack: Stack) -> None:
+    s = stop_stack
+    with s.client() as client:
+        warm = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3,
+                                                per_layer=False))
+        client.jobs.wait(warm.id, timeout=120)
+        # measures for two minutes: far longer than the grace period
+        job = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
+                                               min_time_s=120, per_layer=False))
+        wait_for(lambda: client.jobs.get(job.id).progress.stage == "measure", 30,
+                 "the first attempt to be measuring")
+        w1 = s.workers[0]
+        t_stop = time.monotonic()
+        _stack.stop_worker(w1, GRACE_S)  # SIGTERM to the main process; SIGKILL after grace + 10
+        stopped = time.monotonic() - t_stop
+        assert w1.returncode != -9, "the worker did not exit on SIGTERM; it was killed"
+        assert stopped < GRACE_S + 8, stopped
+        assert client.jobs.get(job.id).state == "running"  # nobody has it yet; not failed
+
+        s.start_worker("w2")
+        wait_for(lambda: client.jobs.get(job.id).attempts == 2, 60, "a second attempt")
+        taken = time.monotonic() - t_stop
+        assert taken < VISIBILITY_S / 4, taken  # handed back, not left to the visibility timeout
+        running_job = client.jobs.get(job.id)
+        assert [(r.attempt, r.outcome) for r in running_job.runs] == [(1, "lost"), (2, "running")]
+        assert running_job.runs[0].worker.startswith("w1@")
+        assert running_job.runs[1].worker.startswith("w2@")
+        assert client.jobs.wait(client.jobs.cancel(job.id).id, timeout=60,
+                                raise_on_failure=False).state == "cancelled"
+    measured.append(f"worker stop: SIGTERM mid-job, exited in {stopped:.1f} s (grace {GRACE_S} s); "
+                    f"a new worker started the job's second attempt {taken:.1f} s after the "
+                    f"SIGTERM (visibility timeout {VISIBILITY_S} s)")
