@@ -48,9 +48,16 @@ def queue_for(svc: Services, spec: BaseModel) -> str:
 
 async def served_queues(svc: Services) -> tuple[int, set[str] | None]:
     """(live workers, the queues they consume); None where a worker does not say which."""
-    keys = [k async for k in svc.redis.scan_iter(match=records.WORKER_PATTERN, count=100)]
+    names = sorted(await svc.redis.smembers(records.WORKERS_KEY))
+    raws = await svc.redis.mget([records.worker_key(n) for n in names]) if names else []
+    dead = [n for n, raw in zip(names, raws, strict=True) if raw is None]
+    if dead:  # names whose key expired; one that beat again meanwhile stays
+        await svc.redis.eval(records.FORGET_DEAD_WORKERS, 1 + len(dead), records.WORKERS_KEY,
+                             *(records.worker_key(n) for n in dead), *dead)
     queues: set[str] | None = set()
-    for raw in await svc.redis.mget(keys) if keys else []:
+    for raw in raws:
+        if raw is None:
+            continue
         try:
             named = json.loads(raw)["queues"] if raw else None
         except (ValueError, KeyError, TypeError):
@@ -59,7 +66,7 @@ async def served_queues(svc: Services) -> tuple[int, set[str] | None]:
             queues.update(named)
         elif raw:  # an older worker's key: which queues it serves is unknown
             queues = None
-    return len(keys), queues
+    return len(names) - len(dead), queues
 
 
 async def _waiting_message(svc: Services, queue: str) -> str:

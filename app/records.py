@@ -98,6 +98,16 @@ def worker_key(worker: str) -> str:
 
 
 WORKER_PATTERN = f"{P}:worker:*"
+# The names of the workers that announced themselves: read instead of SCANning the keyspace for
+# worker keys (0.65 s at 300k keys, on every submit). A name whose key has expired is dead.
+WORKERS_KEY = f"{P}:workers"
+# KEYS: the set, then n worker keys; ARGV: their n names. Drops a name only if its key is gone.
+FORGET_DEAD_WORKERS = """
+for i = 1, #ARGV do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then redis.call('SREM', KEYS[1], ARGV[i]) end
+end
+return 0
+"""
 
 
 IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key answers for a create, upload or delete

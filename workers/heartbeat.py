@@ -98,6 +98,21 @@ class Lease:
         self._r.eval(RELEASE_IF_HELD, 1, self.key, self.holder)
 
 
+def announce(r: redis.Redis, hostname: str, info: str, ttl: int) -> None:
+    """This worker is alive for ``ttl`` more seconds; ``info`` says which queues it consumes."""
+    with r.pipeline(transaction=False) as pipe:
+        pipe.sadd(records.WORKERS_KEY, hostname)
+        pipe.set(records.worker_key(hostname), info, ex=ttl)
+        pipe.execute()
+
+
+def withdraw(r: redis.Redis, hostname: str) -> None:
+    with r.pipeline(transaction=False) as pipe:
+        pipe.delete(records.worker_key(hostname))
+        pipe.srem(records.WORKERS_KEY, hostname)
+        pipe.execute()
+
+
 _worker_beat: Beat | None = None
 node_name: str | None = None  # this worker's Celery host name, once it is ready (main process)
 
@@ -108,7 +123,6 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     r = sync_client(settings)
     hostname = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
     node_name = hostname
-    key = records.worker_key(hostname)
     ttl = max(2, int(settings.worker_heartbeat_s * 3 + 0.999))
     # The queues it consumes (`-Q`): the API tells a job on a queue nobody serves that it waits.
     amqp = getattr(getattr(sender, "app", None), "amqp", None)
@@ -117,7 +131,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
                        "queues": queues})
 
     def tick() -> None:
-        r.set(key, info, ex=ttl)
+        announce(r, hostname, info, ttl)
 
     tick()
     _worker_beat = Beat(settings.worker_heartbeat_s, tick).start()
@@ -125,7 +139,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     def stop(**_: Any) -> None:
         if _worker_beat:
             _worker_beat.stop()
-        r.delete(key)
+        withdraw(r, hostname)
 
     worker_shutdown.connect(stop, weak=False)
 

@@ -27,6 +27,7 @@ from app.routes.health import readyz
 from app.storage import open_store
 from modelpress import _stack
 from tests.conftest import fresh_db
+from workers.heartbeat import announce
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +58,7 @@ def test_readyz_wants_a_worker_on_the_default_queue(redis_url: str, tmp_path: Pa
     settings = Settings(redis_url=redis_url, store_url=(tmp_path / "store").as_uri())
     r = redis.Redis.from_url(redis_url)
     assert _ready(settings)[0] == 503  # no worker at all
-    r.set(records.worker_key("g@h"), json.dumps({"hostname": "g@h", "queues": ["gpu"]}))
+    announce(r, "g@h", json.dumps({"hostname": "g@h", "queues": ["gpu"]}), 60)
     status, checks = _ready(settings)
     assert status == 503, checks
     assert checks["worker"] == "no worker consumes the default queue `cpu` (1 alive; queues gpu)"
@@ -65,7 +66,7 @@ def test_readyz_wants_a_worker_on_the_default_queue(redis_url: str, tmp_path: Pa
                            default_queue="gpu")
     assert _ready(gpu_default) == (200, {"redis": "ok", "worker": "ok (1 alive; queues gpu)",
                                          "store": "ok"})
-    r.set(records.worker_key("c@h"), json.dumps({"hostname": "c@h", "queues": ["cpu"]}))
+    announce(r, "c@h", json.dumps({"hostname": "c@h", "queues": ["cpu"]}), 60)
     assert _ready(settings)[1]["worker"] == "ok (2 alive; queues cpu, gpu)"
 
 
