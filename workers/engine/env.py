@@ -114,4 +114,17 @@ def tune_allocator() -> str:
 def environment(device: torch.device) -> Environment:
     return Environment(device=str(device), device_name=device_name(device),
                        threads=torch.get_num_threads(),
-                       versions=versions(), host=platform.node(), allocator=_allocator)
+                       versions=versions() | cuda_versions(device), host=platform.node(),
+                       allocator=_allocator)
+
+
+def cuda_versions(device: torch.device) -> dict[str, str]:
+    """The CUDA runtime torch was built with and the cuDNN it loaded, for a figure measured on
+    a GPU (a kernel's speed depends on them as much as on torch's own version)."""
+    if device.type != "cuda":
+        return {}
+    out = {"cuda": str(torch.version.cuda)}
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    if cudnn is not None:
+        out["cudnn"] = str(cudnn)
+    return out

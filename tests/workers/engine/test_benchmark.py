@@ -98,3 +98,19 @@ def test_threads_above_the_cores_are_applied_with_a_warning(
         res = registry.run(spec, ctx_for(tmp_path, shared_store))
     assert isinstance(res, BenchmarkResult) and res.environment.threads == cores + 1
     assert f"threads {cores + 1} is more than this worker's {cores} cores" in caplog.text
+
+
+def test_per_layer_table_of_an_uploaded_export(tmp_path: Path) -> None:
+    """An exported program calls its layers as functions; the table lists the Linear and Conv
+    layers it restores (activations stay functions of the graph: not rows)."""
+    from tests.workers.engine.quant.test_conv1d_upload import exported
+
+    store = open_store(Settings(store_url=(tmp_path / "store").as_uri()))
+    store.put_file(f"tenants/local/models/mdl_{'c' * 32}/model.pt2", exported(tmp_path / "m.pt2"))
+    res = benchmark.run(BenchmarkSpec.model_validate({
+        "model": {"id": "mdl_" + "c" * 32}, "input_shape": [8, 4, 64], "repeats": 3}),
+        LocalContext(tmp_path / "work", store=store))
+    assert sorted((layer.name, layer.type) for layer in res.per_layer) == [
+        ("c1", "Conv1d"), ("c2", "Conv1d"), ("head", "Linear")]
+    assert sum(layer.share for layer in res.per_layer) == pytest.approx(1.0, abs=1e-3)
+    assert all(layer.median_ms > 0 for layer in res.per_layer)

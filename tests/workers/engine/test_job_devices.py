@@ -178,3 +178,19 @@ def test_few_step_distill_job_on_cuda(tmp_path: Path, digits_store: Path) -> Non
     assert all(r.frechet_distance >= 0 for r in res.rows)
     weights = load_file(ctx.workdir / "artifacts" / "student-slam.safetensors")
     assert weights and all(t.device.type == "cpu" for t in weights.values())
+
+
+def test_a_figure_measured_on_the_cpu_names_no_cuda() -> None:
+    from workers.engine import env
+
+    versions = env.environment(torch.device("cpu")).versions
+    assert "torch" in versions and "cuda" not in versions and "cudnn" not in versions
+
+
+@pytest.mark.gpu
+def test_a_figure_measured_on_a_gpu_names_cuda_and_cudnn() -> None:
+    from workers.engine import env
+
+    versions = env.environment(torch.device("cuda")).versions
+    assert versions["cuda"] == torch.version.cuda and versions["cuda"] != "None"
+    assert versions["cudnn"] == str(torch.backends.cudnn.version())
