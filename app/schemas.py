@@ -371,8 +371,9 @@ class IntrinsicDimensionSpec(_Strict):
     search: Literal["bisection", "grid"] = Field(
         default="bisection", description="Galloping + bisection over the grid, or the full grid.")
     grid: list[Annotated[int, Field(ge=1, le=10_000_000)]] | None = Field(
-        default=None, max_length=1000, description="Candidate d values, ascending; default "
-        "10, 20, ..., 100, 150, ..., 1000, 1250, ..., 3000.")
+        default=None, max_length=1000, description="Candidate d values, ascending, at most "
+        "the model's parameter count D (larger ones are refused); default 10, 20, ..., 100, "
+        "150, ..., 1000, 1250, ..., 3000, cut at D.")
     threshold: float = Field(default=0.9, gt=0, le=1, description="Fraction of full accuracy.")
     seeds: Annotated[list[Seed], Distinct] = Field(default=[0], min_length=1, max_length=8,
                              description="One search per seed (theta0 and projection).")

@@ -136,6 +136,25 @@ def _search(spec: IntrinsicDimensionSpec, grid: list[int], target: float,
     return how(one, grid, target)
 
 
+def grid_for(spec: IntrinsicDimensionSpec, n_params: int) -> list[int]:
+    """The d values to search: a subspace as large as the model (d = D) compresses nothing, one
+    larger is not a subspace. A given grid with such values is refused; the default one is cut
+    at D."""
+    if spec.grid:
+        over = [d for d in spec.grid if d > n_params]
+        if over:
+            raise UserError(f"grid values {over[:5]}{'...' if len(over) > 5 else ''} exceed the "
+                            f"model's {n_params:,} parameters (D): a subspace has at most D "
+                            "dimensions; give values up to D")
+        return list(spec.grid)
+    grid = [d for d in DEFAULT_GRID if d <= n_params]
+    if not grid:
+        raise UserError(f"the model has {n_params} parameters, fewer than the default grid's "
+                        f"smallest d ({DEFAULT_GRID[0]}); give a `grid` of values up to "
+                        f"{n_params}")
+    return grid
+
+
 def run_item(spec: IntrinsicDimensionSpec, ctx: JobContext, item: dict[str, Any]) -> None:
     """A piece fanned out by :func:`run`: one grid point, or one seed's whole search."""
     device = env.resolve_device(spec.device)
@@ -150,7 +169,8 @@ def run_item(spec: IntrinsicDimensionSpec, ctx: JobContext, item: dict[str, Any]
         assert out is not None
         return out[0].accuracy
 
-    _search(spec, spec.grid or DEFAULT_GRID, float(item["target"]), one)
+    n_params = sum(p.numel() for p in prob[1]().parameters())
+    _search(spec, grid_for(spec, n_params), float(item["target"]), one)
 
 
 # A sparse projection draws one permutation of all D parameters per column, in Python-level
@@ -187,8 +207,8 @@ def run(spec: IntrinsicDimensionSpec, ctx: JobContext) -> IntrinsicDimensionResu
     device = env.resolve_device(spec.device)
     prob = _problem(spec, ctx)
     name, factory, train, test, reinitialized = prob
-    grid = spec.grid or DEFAULT_GRID
     n_params = sum(p.numel() for p in factory().parameters())
+    grid = grid_for(spec, n_params)
     _check_projection_fits(spec.projection, n_params, max(grid), device)  # before any training
     ctx.progress("baseline", 0.02, f"training the full {name} on {device.type}")
     full = train_full(factory, train, test, spec.epochs, min(spec.lr, 1e-3), spec.seeds[0],

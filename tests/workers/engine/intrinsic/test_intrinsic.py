@@ -151,19 +151,21 @@ def test_uploaded_pt2_is_reinitialized_deterministically(tmp_path: Path) -> None
 
 
 def test_a_projection_larger_than_free_memory_is_refused_before_training(tmp_path: Path) -> None:
-    # digits-mlp (D = 55,210) densely to d = 10^7: 4.4 TB, which died in torch's allocator
-    spec = IntrinsicDimensionSpec(projection="dense", grid=[10, 10_000_000], epochs=1)
-    with pytest.raises(UserError, match=r"dense projection of D = 55,210 parameters to "
-                                        r"d = 10,000,000 needs about 4113\.\d GiB.*'fastfood'"):
+    # digits-cnn (D = 315,402) densely to d = D: 741 GiB with its gradient (digits-mlp to
+    # d = 10^7, 4.4 TB, died in torch's allocator before this check)
+    spec = IntrinsicDimensionSpec(model="digits-cnn", projection="dense", grid=[10, 315_402],
+                                  epochs=1)
+    with pytest.raises(UserError, match=r"dense projection of D = 315,402 parameters to "
+                                        r"d = 315,402 needs about 741\.\d GiB.*'fastfood'"):
         job.run(spec, LocalContext(tmp_path))
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
 
 
 def test_a_sparse_projection_too_slow_to_draw_is_refused_before_training(tmp_path: Path) -> None:
-    # 55,210 x 10^6 fits in memory (4.4 GiB) but would take ~40 min per draw
-    spec = IntrinsicDimensionSpec(projection="sparse", grid=[10, 1_000_000], epochs=1)
+    # 55,210 x 55,210 fits in memory but would take ~2 min per draw (x 10^6 took ~40 min)
+    spec = IntrinsicDimensionSpec(projection="sparse", grid=[10, 55_210], epochs=1)
     with pytest.raises(UserError, match=r"sparse projection of D = 55,210 parameters to "
-                                        r"d = 1,000,000 draws a permutation .*'fastfood'"):
+                                        r"d = 55,210 draws a permutation .*'fastfood'"):
         job.run(spec, LocalContext(tmp_path))
     assert 315_402 * max(job.DEFAULT_GRID) < job.SPARSE_DRAW_LIMIT  # the default grid passes
 
@@ -216,3 +218,19 @@ def test_a_model_with_nothing_to_reinitialize_is_refused(tmp_path: Path) -> None
     with pytest.raises(UserError, match="no layer of this model can be re-initialized"):
         _uploaded_problem(tmp_path, tmp_path / "scale.pt2", torch.randn(40, 16),
                           torch.arange(40) % 4)
+
+
+def test_grid_values_above_the_parameter_count_are_refused_before_training(
+        tmp_path: Path) -> None:
+    ctx = LocalContext(tmp_path)
+    with pytest.raises(UserError, match=r"grid values \[60000\] exceed the model's 55,210 "):
+        job.run(IntrinsicDimensionSpec(grid=[10, 55_210, 60_000], epochs=1), ctx)
+    assert not [s for s, _, _ in ctx.events if s in ("baseline", "search")]  # nothing trained
+
+
+def test_the_default_grid_stops_at_the_parameter_count() -> None:
+    spec = IntrinsicDimensionSpec()
+    assert job.grid_for(spec, 10**6) == job.DEFAULT_GRID
+    assert job.grid_for(spec, 120) == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    with pytest.raises(UserError, match="fewer than the default grid's smallest d"):
+        job.grid_for(spec, 9)
