@@ -234,9 +234,12 @@ class AsyncJobs:
                         pause = _base.backoff_seconds(attempt, resp)
                     else:
                         async for line in resp.aiter_lines():
+                            # A line (a keep-alive too): this connection worked, so a later
+                            # cut (a proxy's time limit, an API restart) starts a new series of
+                            # retries; a job that sits queued gets keep-alives only.
+                            attempt = 0
                             event = decoder.feed(line)
                             if event is not None:
-                                attempt = 0
                                 yield event
                                 if event.type == "state" and event.state in FINAL_STATES:
                                     return

@@ -40,6 +40,8 @@ class Script:
         self.seen: list[str] = []
         self.posts: list[tuple[str, dict[str, str], int]] = []  # path, headers, body size
         self.finish = False
+        self.short_streams = 0  # event streams to close after one keep-alive, job still queued
+        self.job_state = "queued"  # what GET /v1/jobs/job_1 says
 
 
 @pytest.fixture
@@ -78,6 +80,11 @@ def server() -> Iterator[tuple[str, Script]]:
             elif "/artifacts/" in self.path:
                 self._answer(200, ARTIFACT, "application/octet-stream",
                              ETag=f'"{hashlib.sha256(ARTIFACT).hexdigest()}"')
+            elif self.path == "/v1/jobs/job_1":
+                self._answer(200, json.dumps({
+                    "id": "job_1", "kind": "benchmark", "state": script.job_state,
+                    "queue": "cpu", "spec": {"kind": "benchmark", "model": {"zoo": "digits-cnn"}},
+                    "created_at": "2026-12-01T00:00:00Z", "progress": {}}).encode())
             else:
                 self._answer(200, json.dumps({"items": []}).encode())
 
@@ -86,6 +93,12 @@ def server() -> Iterator[tuple[str, Script]]:
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
             try:
+                if script.short_streams > 0:  # a proxy's or a restart's cut: the job goes on
+                    script.short_streams -= 1
+                    self.wfile.write(b": keep-alive\n\n")
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 for _ in range(100):  # 10 s of keep-alives at most
                     if script.finish:
                         self.wfile.write(f"id: 1-0\ndata: {FINAL}\n\n".encode())
@@ -274,3 +287,28 @@ def test_retry_after_is_never_negative() -> None:
     for after in ("-1", "nan", "inf", "Thu, 01 Jan 1970 00:00:00 GMT"):
         wait = _base.backoff_seconds(0, httpx.Response(503, headers={"retry-after": after}))
         assert 0.0 <= wait <= 60.0, after
+
+
+def test_wait_rides_out_streams_cut_while_the_job_sits_queued(server: tuple[str, Script]
+                                                              ) -> None:
+    # Each stream connects and sends its keep-alive, then is closed (a proxy's time limit, an
+    # API restart) while the job waits in the queue, more times than max_retries: every
+    # reconnect worked, so wait() goes on. It gave up with "ended before the job did".
+    url, script = server
+    script.finish, script.short_streams = True, 4
+    with Client(base_url=url, api_key="k", max_retries=1) as c:
+        script.job_state = "queued"
+        assert [e.state for e in c.jobs.events("job_1")] == ["succeeded"]
+    assert script.seen.count("/v1/jobs/job_1/events") == 5
+
+    async def go() -> list[str | None]:
+        async with AsyncClient(base_url=url, api_key="k", max_retries=1) as ac:
+            return [e.state async for e in ac.jobs.events("job_1")]
+
+    script.short_streams = 4
+    assert asyncio.run(go()) == ["succeeded"]
+    # a stream that is refused is still counted: the retries run out
+    script.short_streams, script.statuses = 0, [503]
+    with Client(base_url=url, api_key="k", max_retries=1) as c, \
+            pytest.raises(InternalServerError):
+        list(c.jobs.events("job_1"))
