@@ -30,7 +30,6 @@ from app.schemas import (
 from modelpress import _base
 from modelpress._errors import (
     APIConnectionError,
-    APITimeoutError,
     JobFailedError,
     status_error,
 )
@@ -100,7 +99,8 @@ class AsyncClient:
                 raise _base.bad_url(exc) from exc  # the same on every try: not retried
             except httpx.TimeoutException as exc:
                 if attempt >= self.max_retries:
-                    raise APITimeoutError(f"timed out: {exc}", request=exc.request) from exc
+                    raise _base.call_timed_out(call, self.base_url, attempt + 1, exc,
+                                               self._http.timeout) from exc
                 await asyncio.sleep(_base.backoff_seconds(attempt, None))
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:

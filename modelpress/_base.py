@@ -217,6 +217,24 @@ def transport_error(exc: httpx.TransportError, what: str) -> APIConnectionError:
     return APIConnectionError(f"{what} failed: {exc}", request=_request_of(exc))
 
 
+_PHASES: tuple[tuple[type[httpx.TimeoutException], str], ...] = (
+    (httpx.ConnectTimeout, "connect"), (httpx.ReadTimeout, "read"),
+    (httpx.WriteTimeout, "write"), (httpx.PoolTimeout, "pool"))
+
+
+def call_timed_out(call: Call[Any], base_url: str, tries: int, exc: httpx.TimeoutException,
+                   timeout: httpx.Timeout) -> APITimeoutError:
+    """A call that timed out on every try, as an error that says which call, which limit ran
+    out, and how to give it more time (httpx's own message is only "timed out")."""
+    phase = next((name for cls, name in _PHASES if isinstance(exc, cls)), None)
+    limit = getattr(timeout, phase) if phase else None
+    what = f"the {phase} limit of {limit:g} s" if phase and limit is not None else "its limit"
+    return APITimeoutError(
+        f"{call.method} {call.path} at {base_url} ran past {what} on all {tries} "
+        f"{'try' if tries == 1 else 'tries'} ({exc}); a slow service or a large upload needs "
+        "more time: Client(timeout=...) sets the limits", request=_request_of(exc))
+
+
 def _request_of(exc: httpx.TransportError) -> httpx.Request | None:
     try:
         return exc.request

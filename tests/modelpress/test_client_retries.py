@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ import pytest
 
 from modelpress import (
     APIConnectionError,
+    APITimeoutError,
     AsyncClient,
     Client,
     InternalServerError,
@@ -312,3 +315,40 @@ def test_wait_rides_out_streams_cut_while_the_job_sits_queued(server: tuple[str,
     with Client(base_url=url, api_key="k", max_retries=1) as c, \
             pytest.raises(InternalServerError):
         list(c.jobs.events("job_1"))
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A socket that takes connections and never answers (a service stuck on a request)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+
+    def take() -> None:
+        with contextlib.suppress(OSError):  # closed at the end
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=take, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+def test_a_call_that_times_out_says_which_and_how_to_give_it_time(silent_server: str) -> None:
+    # was "timed out: timed out": no call, no limit, nothing to change
+    said = (r"GET /v1/models at http://127\.0\.0\.1:\d+ ran past the read limit of 0\.2 s on all "
+            r"2 tries .*Client\(timeout=\.\.\.\) sets the limits")
+    with Client(base_url=silent_server, api_key="k", timeout=0.2, max_retries=1) as c, \
+            pytest.raises(APITimeoutError, match=said):
+        c.models.list()
+
+    async def go() -> None:
+        async with AsyncClient(base_url=silent_server, api_key="k", timeout=0.2,
+                               max_retries=1) as ac:
+            await ac.models.list()
+
+    with pytest.raises(APITimeoutError, match=said):
+        asyncio.run(go())
