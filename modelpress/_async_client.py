@@ -233,6 +233,7 @@ class AsyncJobs:
                             raise status_error(resp)
                         pause = _base.backoff_seconds(attempt, resp)
                     else:
+                        decoder.new_stream()
                         async for line in resp.aiter_lines():
                             # A line (a keep-alive too): this connection worked, so a later
                             # cut (a proxy's time limit, an API restart) starts a new series of

@@ -304,6 +304,11 @@ class SSEDecoder:
         self._id: str | None = None
         self.last_id: str | None = None
 
+    def new_stream(self) -> None:
+        """Drop an event the last connection cut off before its blank line: it is not
+        dispatched (as in EventSource), and its data must not run into the next event's."""
+        self._data, self._id = [], None
+
     def feed(self, line: str) -> JobEvent | None:
         if line == "":
             if not self._data:

@@ -227,6 +227,7 @@ class Jobs:
                             raise status_error(resp)
                         pause = _base.backoff_seconds(attempt, resp)
                     else:
+                        decoder.new_stream()
                         for line in resp.iter_lines():
                             # A line (a keep-alive too): this connection worked, so a later
                             # cut (a proxy's time limit, an API restart) starts a new series of

@@ -33,6 +33,9 @@ ARTIFACT = b"the artifact's bytes"
 FINAL = json.dumps({"id": "1-0", "type": "state", "job_id": "job_1", "at": "2026-12-01T00:00:00Z",
                     "state": "succeeded"})
 
+PROGRESS = json.dumps({"id": "0-1", "type": "progress", "job_id": "job_1",
+                       "at": "2026-12-01T00:00:00Z", "fraction": 0.5})
+
 
 class Script:
     """Statuses to answer with, in order; the last one repeats. A 200 on an event stream sends
@@ -44,6 +47,7 @@ class Script:
         self.posts: list[tuple[str, dict[str, str], int]] = []  # path, headers, body size
         self.finish = False
         self.short_streams = 0  # event streams to close after one keep-alive, job still queued
+        self.cut_mid_event = 0  # event streams to close after an event's data line, before its end
         self.job_state = "queued"  # what GET /v1/jobs/job_1 says
 
 
@@ -96,6 +100,12 @@ def server() -> Iterator[tuple[str, Script]]:
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
             try:
+                if script.cut_mid_event > 0:  # cut between an event's data and its blank line
+                    script.cut_mid_event -= 1
+                    self.wfile.write(f"id: 0-1\ndata: {PROGRESS}\n".encode())
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 if script.short_streams > 0:  # a proxy's or a restart's cut: the job goes on
                     script.short_streams -= 1
                     self.wfile.write(b": keep-alive\n\n")
@@ -352,3 +362,21 @@ def test_a_call_that_times_out_says_which_and_how_to_give_it_time(silent_server:
 
     with pytest.raises(APITimeoutError, match=said):
         asyncio.run(go())
+
+
+def test_an_event_cut_off_before_its_end_is_dropped(server: tuple[str, Script]) -> None:
+    # The first stream ends after an event's data line but before the blank line that ends it;
+    # the event is incomplete, so it is not dispatched (as EventSource does) and its data does
+    # not run into the next event's. It did: the two payloads joined were not JSON.
+    url, script = server
+    script.finish, script.cut_mid_event = True, 1
+    with Client(base_url=url, api_key="k") as c:
+        assert [e.state for e in c.jobs.events("job_1")] == ["succeeded"]
+
+    async def go() -> list[str | None]:
+        async with AsyncClient(base_url=url, api_key="k") as ac:
+            return [e.state async for e in ac.jobs.events("job_1")]
+
+    script.cut_mid_event = 1
+    assert asyncio.run(go()) == ["succeeded"]
+    assert script.seen.count("/v1/jobs/job_1/events") == 4
