@@ -265,10 +265,11 @@ class Deadline:
 
 
 def stream_timeout(deadline: Deadline | None) -> httpx.Timeout:
-    """The event stream's timeouts: a read waits for the server's keep-alives (every 10 s),
-    and no longer than the wait has left."""
-    read = 120.0 if deadline is None else max(0.05, min(120.0, deadline.left() + 0.05))
-    return httpx.Timeout(60.0, read=read)
+    """The event stream's timeouts: a read waits for the server's keep-alives (every 10 s);
+    no phase (connecting to an address that does not answer included) waits longer than the
+    wait has left."""
+    left = math.inf if deadline is None else max(0.05, deadline.left() + 0.05)
+    return httpx.Timeout(min(60.0, left), read=min(120.0, left))
 
 
 def ended_probe_timeout(deadline: Deadline | None) -> httpx.Timeout:

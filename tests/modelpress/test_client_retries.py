@@ -380,3 +380,45 @@ def test_an_event_cut_off_before_its_end_is_dropped(server: tuple[str, Script]) 
     script.cut_mid_event = 1
     assert asyncio.run(go()) == ["succeeded"]
     assert script.seen.count("/v1/jobs/job_1/events") == 4
+
+
+@pytest.fixture
+def unanswered_connect() -> Iterator[str]:
+    """An address whose connects hang (its accept queue full, so SYNs go unanswered): a host
+    cut off by a firewall or a partition."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    filler = socket.create_connection(listener.getsockname(), timeout=2)
+    probe = socket.socket()
+    probe.settimeout(0.5)
+    try:
+        probe.connect(listener.getsockname())
+    except TimeoutError:  # the queue is full: a connect now hangs (Linux)
+        pass
+    else:
+        for s in (probe, filler, listener):
+            s.close()
+        pytest.skip("this kernel accepts connects past a full accept queue")
+    yield url
+    for s in (probe, filler, listener):
+        s.close()
+
+
+def test_wait_timeout_bounds_a_connect_that_hangs(unanswered_connect: str) -> None:
+    # the stream's connect waited 60 s whatever the wait had left
+    with Client(base_url=unanswered_connect, api_key="k") as c:
+        start = time.monotonic()
+        with pytest.raises(WaitTimeoutError):
+            c.jobs.wait("job_1", timeout=0.5)
+        assert time.monotonic() - start < 5.0
+
+    async def go() -> None:
+        async with AsyncClient(base_url=unanswered_connect, api_key="k") as ac:
+            await ac.jobs.wait("job_1", timeout=0.5)
+
+    start = time.monotonic()
+    with pytest.raises(WaitTimeoutError):
+        asyncio.run(go())
+    assert time.monotonic() - start < 5.0
