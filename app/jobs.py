@@ -113,7 +113,6 @@ async def create_job(
     """Returns the job and whether it was created now (False: an earlier call with the same
     Idempotency-Key already created it)."""
     spec = body.spec
-    await _check_refs(svc, tenant, spec)
     job_id = f"job_{uuid.uuid4().hex}"
     idem = None
     if idempotency_key:
@@ -130,9 +129,15 @@ async def create_job(
             except ApiError as exc:
                 if exc.status != 404:
                     raise
-                # the first request with this key has not written its job yet
-                raise ApiError(409, "a request with this Idempotency-Key is still being "
-                                    "processed; retry it in a moment") from None
+                # The try that set the key has not written its job: it is slow (and this is
+                # its client's retry), or it died, or it failed and could not free the key
+                # (Redis was away). This try takes the key over, only while that job is still
+                # unwritten; the other one then writes nothing (``_write_job`` watches the key).
+                if await svc.redis.eval(records.TAKE_OVER_IDEM, 2, idem,
+                                        records.job_key(str(existing)), str(existing), job_id,
+                                        records.IDEMPOTENCY_TTL_S):
+                    break
+                continue
             if (earlier.spec.model_dump(mode="json"), earlier.name) != (
                     spec.model_dump(mode="json"), body.name):
                 raise ApiError(422, f"this Idempotency-Key already made job {earlier.id} from "
@@ -147,6 +152,9 @@ async def create_job(
                           updated_at=records.now()),
     )
     try:
+        # Checked once the key is held, not before it is looked up: a retry whose job has ended
+        # since, and whose upload was then deleted, answers with that job, not a 404.
+        await _check_refs(svc, tenant, spec)
         seq = int(await svc.redis.incr(records.tenant_seq_key(tenant)))
         await _write_job(svc, tenant, job, seq, idem)
     except BaseException:
@@ -176,12 +184,17 @@ async def _write_job(svc: Services, tenant: str, job: Job, seq: int, idem: str |
     """The job's record, index entry and first event, written only while every upload it names
     still exists: its records are watched from the check on, so a delete that takes one before
     the write fails the write (the check then answers 404), and one that takes it after finds
-    the job live (409). Without this, a job could name an upload deleted in between."""
+    the job live (409). Without this, a job could name an upload deleted in between. So is the
+    Idempotency-Key, written only while it names this job (a retry may have taken it over)."""
     refs = [records.asset_key(c, i) for c, i in _refs(job.spec)]
     for _ in range(10):
         async with svc.redis.pipeline(transaction=True) as pipe:
-            if refs:
-                await pipe.watch(*refs)
+            if refs or idem:
+                await pipe.watch(*refs, *([idem] if idem else []))
+                if idem and await svc.redis.get(idem) != job.id:
+                    raise ApiError(409, "a later request with this Idempotency-Key took it over "
+                                        "(this one was slow, and was retried); that request "
+                                        "answers with the job: repeat this one to get it")
                 await _check_refs(svc, tenant, job.spec)
                 pipe.multi()
             pipe.hset(records.job_key(job.id), mapping=records.job_to_hash(job, tenant, seq, idem))

@@ -362,6 +362,16 @@ redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
 return ARGV[2]
 """
 
+# KEYS: idempotency key, the job it names   ARGV: that job's id, the new job's id, TTL
+# Hands a create's Idempotency-Key to a new try while the job it names is still unwritten (the
+# try that set it died, or failed and could not free it): the job is written only while the key
+# names it, so one of the two writes and the other sees the key taken. Returns 1 if taken.
+TAKE_OVER_IDEM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
 # KEYS: key   ARGV: value
 DEL_IF_EQUALS = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
