@@ -147,17 +147,28 @@ class Call(Generic[T]):
     accept: frozenset[int] = frozenset()  # non-2xx statuses whose body is the answer
 
 
-def resolve_auth(api_key: str | None, base_url: str | None) -> tuple[str, str | None]:
+def resolve_auth(api_key: str | None, base_url: str | None, data_dir: Path | None = None
+                 ) -> tuple[str, str | None]:
     """Arguments first, then MODELPRESS_API_KEY / MODELPRESS_BASE_URL, then what a local
-    ``modelpress serve`` wrote under its data folder."""
-    data_dir = Path(os.environ.get("MODELPRESS_DATA_DIR", ".modelpress"))
-    url = base_url or os.environ.get("MODELPRESS_BASE_URL")
-    if url is None and (data_dir / "url").exists():
-        url = (data_dir / "url").read_text().strip()
+    ``modelpress serve`` wrote under its data folder (default: MODELPRESS_DATA_DIR)."""
+    if data_dir is None:
+        data_dir = Path(os.environ.get("MODELPRESS_DATA_DIR", ".modelpress"))
+    local = (data_dir / "url").read_text().strip() if (data_dir / "url").exists() else None
+    url = check_base_url((base_url or os.environ.get("MODELPRESS_BASE_URL") or local
+                          or DEFAULT_BASE_URL).rstrip("/"))
     key = api_key or os.environ.get("MODELPRESS_API_KEY")
-    if key is None and (data_dir / "api-key").exists():
+    # The local server's key goes only to the local server: never to another address named by
+    # base_url or MODELPRESS_BASE_URL (which then answers 401 and says to give its own key).
+    if key is None and (data_dir / "api-key").exists() and _is_local(url, local):
         key = (data_dir / "api-key").read_text().strip()
-    return check_base_url((url or DEFAULT_BASE_URL).rstrip("/")), key
+    return url, key
+
+
+def _is_local(url: str, local: str | None) -> bool:
+    """Whether ``url`` is the address a local serve wrote, or one on this machine."""
+    if local is not None and url == local.rstrip("/"):
+        return True
+    return httpx.URL(url).host in ("127.0.0.1", "localhost", "::1")
 
 
 def check_base_url(url: str) -> str:

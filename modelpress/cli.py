@@ -27,7 +27,7 @@ from app.schemas import (
     MixedPrecisionSpec,
     ModelRef,
 )
-from modelpress import _stack
+from modelpress import _base, _stack
 from modelpress._client import Client
 from modelpress._errors import ModelpressError
 
@@ -48,12 +48,12 @@ def _client(ctx: click.Context) -> Client:
     base_url, api_key = obj.get("base_url"), obj.get("api_key")
     if base_url is not None and api_key is not None:
         return Client(base_url=base_url, api_key=api_key)
-    # What a local serve wrote, found in the data folder serve used
+    # What a local serve wrote, found in the data folder serve used (its key for it alone)
     data_dir = _DataDirOnly().data_dir
     if base_url is None and (data_dir / "url").exists():
         base_url = (data_dir / "url").read_text().strip()
-    if api_key is None and (data_dir / "api-key").exists():
-        api_key = (data_dir / "api-key").read_text().strip()
+    if api_key is None:
+        api_key = _base.resolve_auth(None, base_url, data_dir)[1]
     return Client(base_url=base_url, api_key=api_key)
 
 

@@ -212,3 +212,59 @@ def test_a_stream_that_closes_after_the_job_ended_stops(closing_stream: tuple[st
 
     assert asyncio.run(via_async()) == ["progress"]
     assert seen == [f"/v1/jobs/{JOB_ID}/events", f"/v1/jobs/{JOB_ID}"] * 2
+
+
+def test_the_local_servers_key_goes_to_the_local_server_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelpress._base import resolve_auth
+
+    data = tmp_path / ".modelpress"
+    data.mkdir()
+    (data / "url").write_text("http://127.0.0.1:8123\n")
+    (data / "api-key").write_text("mp_local\n")
+    monkeypatch.setenv("MODELPRESS_DATA_DIR", str(data))
+    for var in ("MODELPRESS_BASE_URL", "MODELPRESS_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_auth(None, None) == ("http://127.0.0.1:8123", "mp_local")
+    assert resolve_auth(None, "http://localhost:9000/") == ("http://localhost:9000", "mp_local")
+    # another address: the local key is not sent there (its server answers 401)
+    assert resolve_auth(None, "https://press.example.com") == ("https://press.example.com", None)
+    monkeypatch.setenv("MODELPRESS_BASE_URL", "https://press.example.com")
+    assert resolve_auth(None, None) == ("https://press.example.com", None)
+    assert resolve_auth("mp_given", None) == ("https://press.example.com", "mp_given")
+    (data / "url").write_text("https://press.example.com\n")  # what serve wrote: its own key
+    assert resolve_auth(None, None) == ("https://press.example.com", "mp_local")
+
+
+def test_the_cli_sends_the_local_key_to_the_local_server_only(tmp_path: Path) -> None:
+    """`--base-url` naming another server: the CLI sends no key there; the server's 401 says
+    to give one. (An address that does not answer: the request fails before any key matters,
+    so a real local HTTP server records the Authorization header it got.)"""
+    got: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            got.append(self.headers.get("Authorization"))
+            body = b'{"error": {"type": "unauthorized", "message": "give a key"}}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    data = tmp_path / ".modelpress"
+    data.mkdir()
+    (data / "api-key").write_text("mp_local\n")
+    try:
+        env = {"MODELPRESS_DATA_DIR": str(data), "MODELPRESS_API_KEY": None,
+               "MODELPRESS_BASE_URL": None}
+        url = f"http://127.0.0.2:{server.server_address[1]}"
+        out = CliRunner().invoke(main, ["--base-url", url, "jobs", "list"], env=env)
+        assert out.exit_code == 1 and got == [None], (out.output, got)
+    finally:
+        server.shutdown()
