@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 from fastapi.sse import ServerSentEvent
 from pydantic import BaseModel
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 
 from app import assets, records
 from app.deps import Services
@@ -163,9 +163,7 @@ async def create_job(
                 await svc.redis.eval(records.DEL_IF_EQUALS, 1, idem, job_id)
         raise
     try:
-        await anyio.to_thread.run_sync(
-            lambda: svc.celery.send_task(TASK_NAME, args=[job_id], queue=queue, task_id=job_id)
-        )
+        await send(svc, job_id, queue)
     except Exception as exc:  # the record stays, failed with the reason, so nothing is silently lost
         log.exception("could not enqueue %s", job_id)
         err = ErrorInfo(type="enqueue_failed", message=f"could not reach the queue: {exc}")
@@ -173,11 +171,22 @@ async def create_job(
         pipe.hset(records.job_key(job_id), mapping={
             "state": "failed", "finished_at": records.iso(), "error": err.model_dump_json()})
         pipe.zadd(records.FINISHED_KEY, {job_id: time.time()})
+        pipe.zrem(records.UNSENT_KEY, job_id)
         await pipe.execute()
         if idem is not None:  # a retry with the same key makes a new job, not this failed one
             await svc.redis.eval(records.DEL_IF_EQUALS, 1, idem, job_id)
         raise ApiError(503, "the job queue is unavailable; try again shortly") from exc
     return job, True
+
+
+async def send(svc: Services, job_id: str, queue: str) -> None:
+    """Hands the job to the queue, then takes it off the unsent list."""
+    await anyio.to_thread.run_sync(
+        lambda: svc.celery.send_task(TASK_NAME, args=[job_id], queue=queue, task_id=job_id))
+    try:
+        await svc.redis.zrem(records.UNSENT_KEY, job_id)
+    except RedisError:  # queued all the same; app.unsent may send it twice (a repeat is dropped)
+        log.warning("job %s is queued but still listed as unsent", job_id, exc_info=True)
 
 
 async def _write_job(svc: Services, tenant: str, job: Job, seq: int, idem: str | None) -> None:
@@ -199,6 +208,7 @@ async def _write_job(svc: Services, tenant: str, job: Job, seq: int, idem: str |
                 pipe.multi()
             pipe.hset(records.job_key(job.id), mapping=records.job_to_hash(job, tenant, seq, idem))
             pipe.zadd(records.tenant_jobs_key(tenant), {job.id: seq})
+            pipe.zadd(records.UNSENT_KEY, {job.id: time.time()})  # until the queue has it
             pipe.xadd(records.events_key(job.id),
                       {"data": records.event_json(job.id, "state", state="queued")},
                       maxlen=svc.settings.event_stream_maxlen, approximate=True)

@@ -71,6 +71,9 @@ def job_keys(job_id: str) -> list[str]:
 FINISHED_KEY = f"{P}:finished"  # every finished job, scored by when it finished (for retention)
 # every upload delete that has taken its record and not ended, scored by when it took it
 PENDING_DELETES_KEY = f"{P}:pending-deletes"
+# Jobs written but not yet handed to the queue, scored by when: a create removes its job once the
+# queue has it; one the API died in between is sent by ``app.unsent``.
+UNSENT_KEY = f"{P}:unsent"
 
 
 def tenant_jobs_key(tenant: str) -> str:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -21,22 +20,10 @@ from app.errors import ApiError
 from app.redis_client import async_client
 from app.schemas import BenchmarkSpec, DatasetInfo, DatasetRef, JobCreate, ModelRef
 from app.storage import open_store
-from modelpress import _stack
-from tests.conftest import fresh_db
 from workers.celery_app import create_celery
 
 TENANT = "t1"
 KEY = "create-key-0001"
-
-
-@pytest.fixture
-def settings(tmp_path: Path, redis_server: _stack.EmbeddedRedis) -> Iterator[Settings]:
-    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/{fresh_db()}",
-                        store_url=(tmp_path / "store").as_uri())
-    r = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
-    r.flushdb()
-    yield settings
-    r.flushdb()
 
 
 def services(settings: Settings) -> Services:

@@ -9,12 +9,11 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from app import assets, jobs, pending, records
 from app.config import Settings
@@ -23,20 +22,8 @@ from app.errors import ApiError
 from app.redis_client import async_client
 from app.schemas import BenchmarkSpec, DatasetInfo, DatasetRef, Deleted, JobCreate, ModelRef
 from app.storage import StoreUnavailable, open_store
-from modelpress import _stack
-from tests.conftest import fresh_db
 
 TENANT = "t1"
-
-
-@pytest.fixture
-def settings(tmp_path: Path, redis_server: _stack.EmbeddedRedis) -> Iterator[Settings]:
-    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/{fresh_db()}",
-                        store_url=(tmp_path / "store").as_uri())
-    r = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
-    r.flushdb()
-    yield settings
-    r.flushdb()
 
 
 def run(settings: Settings, body: Callable[[Services], Awaitable[Any]]) -> Any:

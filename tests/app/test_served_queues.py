@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import redis
 
 from app import records
 from app.config import Settings
 from app.jobs import served_queues
-from modelpress import _stack
 from tests.app.test_idempotent_delete import run
-from tests.conftest import fresh_db
 from workers.heartbeat import announce, withdraw
-
-
-@pytest.fixture
-def settings(tmp_path: Path, redis_server: _stack.EmbeddedRedis) -> Iterator[Settings]:
-    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/{fresh_db()}",
-                        store_url=(tmp_path / "store").as_uri())
-    yield settings
-    redis.Redis.from_url(settings.redis_url or "").flushdb()
 
 
 def served(settings: Settings) -> tuple[int, set[str] | None]:
