@@ -276,6 +276,8 @@ async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Jo
     outcome = await svc.redis.eval(
         records.CANCEL, 3, records.job_key(job_id), records.events_key(job_id),
         records.FINISHED_KEY, records.iso(), event, maxlen, job_id, time.time(),
+        Progress(stage="cancelled", message="cancelled before it started",
+                 updated_at=records.now()).model_dump_json(),
     )
     if outcome in FINAL_STATES and outcome != "cancelled":
         raise ApiError(409, f"job {job_id} already {outcome}; nothing to cancel")

@@ -223,13 +223,16 @@ def event_from_stream(entry_id: str, fields: dict[str, str]) -> JobEvent:
 
 # ---------------------------------------------------------------- atomic transitions (Lua)
 
-# KEYS: job, events, finished   ARGV: now, event_json, maxlen, job_id, now (epoch seconds)
-# queued -> cancelled at once; running -> flag for the worker; final -> unchanged.
+# KEYS: job, events, finished
+# ARGV: now, event_json, maxlen, job_id, now (epoch seconds), progress_json (if queued)
+# queued -> cancelled at once (its "waiting for a worker" progress replaced); running -> flag for
+# the worker; final -> unchanged.
 CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if state == 'queued' then
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1], 'cancel_requested', '1')
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1], 'cancel_requested', '1',
+             'progress', ARGV[6])
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2])
   return 'cancelled'
