@@ -245,18 +245,35 @@ async def require_asset(svc: Services, collection: Collection, tenant: str, asse
 
 
 async def list_assets(svc: Services, collection: Collection, tenant: str, model: type[T],
-                      limit: int) -> list[T]:
-    ids = await svc.redis.zrevrange(records.tenant_assets_key(tenant, collection), 0, limit - 1)
-    if not ids:
-        return []
-    raws = await svc.redis.mget([records.asset_key(collection, i) for i in ids])
+                      limit: int, cursor: str | None = None) -> tuple[list[T], str | None]:
+    """The newest ``limit`` uploads after ``cursor``, newest first, and the cursor of the next
+    page (None on the last). The index is scored by upload time; a cursor names the last entry
+    read (score and id: Redis orders one score's entries by id, descending), so uploads of the
+    same instant are neither skipped nor shown twice."""
+    index = records.tenant_assets_key(tenant, collection)
+    top, after = ("+inf", None) if cursor is None else cursor.split(":", 1)
+    shown = None if after is None else float(top)
     out: list[T] = []
-    for raw in raws:
-        if raw is not None:
-            data = json.loads(raw)
-            data.pop("tenant")
-            out.append(model.model_validate(data))
-    return out
+    last: tuple[float, str] | None = None
+    offset = 0
+    while True:
+        batch: list[tuple[str, float]] = await svc.redis.zrevrangebyscore(
+            index, top, "-inf", start=offset, num=limit + 1, withscores=True)
+        offset += len(batch)
+        for asset_id, score in batch:
+            if after is not None and score == shown and asset_id >= after:
+                continue  # on an earlier page
+            if len(out) == limit:  # one more entry: there is a next page
+                assert last is not None
+                return out, f"{last[0]!r}:{last[1]}"
+            last = (score, asset_id)
+            raw = await svc.redis.get(records.asset_key(collection, asset_id))
+            if raw is not None:  # (deleted between index and read)
+                data = json.loads(raw)
+                data.pop("tenant")
+                out.append(model.model_validate(data))
+        if len(batch) < limit + 1:
+            return out, None
 
 
 INTERNAL_REPLAY_TTL_S = 60  # the replay of a DELETE sent without a key: only its own retries

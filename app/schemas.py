@@ -924,10 +924,16 @@ class DatasetInfo(_Model):
 
 class ModelList(_Model):
     items: list[ModelInfo]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next page; null on the last page."
+    )
 
 
 class DatasetList(_Model):
     items: list[DatasetInfo]
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next page; null on the last page."
+    )
 
 
 class Deleted(_Model):

@@ -20,12 +20,14 @@ from app.schemas import (
     FINAL_STATES,
     ArtifactInfo,
     DatasetInfo,
+    DatasetList,
     Deleted,
     Health,
     Job,
     JobEvent,
     JobPage,
     ModelInfo,
+    ModelList,
 )
 from modelpress import _base
 from modelpress._errors import (
@@ -136,8 +138,23 @@ class AsyncModels:
         return await self._c._call(_base.upload_model(path, name, format))
 
     async def list(self, *, limit: int = 100) -> list[ModelInfo]:
-        """The newest ``limit`` uploads (at most 500), newest first."""
-        return await self._c._call(_base.list_models(limit))
+        """The newest ``limit`` uploads (at most 500), newest first; :meth:`iter` for all."""
+        return (await self.page(limit=limit)).items
+
+    async def page(self, *, limit: int = 100, cursor: str | None = None) -> ModelList:
+        """One page, newest first: pass its ``next_cursor`` as ``cursor`` for the next."""
+        return await self._c._call(_base.list_models(limit, cursor))
+
+    async def iter(self) -> AsyncIterator[ModelInfo]:
+        """Every upload, newest first, following the pages."""
+        cursor: str | None = None
+        while True:
+            page = await self.page(limit=500, cursor=cursor)
+            for item in page.items:
+                yield item
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     async def get(self, model_id: str) -> ModelInfo:
         return await self._c._call(_base.get_model(model_id))
@@ -156,8 +173,23 @@ class AsyncDatasets:
         return await self._c._call(_base.upload_dataset(Path(path), name, format))
 
     async def list(self, *, limit: int = 100) -> list[DatasetInfo]:
-        """The newest ``limit`` uploads (at most 500), newest first."""
-        return await self._c._call(_base.list_datasets(limit))
+        """The newest ``limit`` uploads (at most 500), newest first; :meth:`iter` for all."""
+        return (await self.page(limit=limit)).items
+
+    async def page(self, *, limit: int = 100, cursor: str | None = None) -> DatasetList:
+        """One page, newest first: pass its ``next_cursor`` as ``cursor`` for the next."""
+        return await self._c._call(_base.list_datasets(limit, cursor))
+
+    async def iter(self) -> AsyncIterator[DatasetInfo]:
+        """Every upload, newest first, following the pages."""
+        cursor: str | None = None
+        while True:
+            page = await self.page(limit=500, cursor=cursor)
+            for item in page.items:
+                yield item
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     async def get(self, dataset_id: str) -> DatasetInfo:
         return await self._c._call(_base.get_dataset(dataset_id))

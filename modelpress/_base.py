@@ -368,9 +368,9 @@ def upload_model(path: Path, name: str | None, fmt: str | None) -> Call[ModelInf
                 headers=_upload_headers())
 
 
-def list_models(limit: int) -> Call[list[ModelInfo]]:
-    return Call("GET", "/v1/models", lambda r: ModelList.model_validate_json(r.content).items,
-                params={"limit": limit})
+def list_models(limit: int, cursor: str | None = None) -> Call[ModelList]:
+    params: dict[str, Any] = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+    return Call("GET", "/v1/models", _model(ModelList), params=params)
 
 
 def get_model(model_id: str) -> Call[ModelInfo]:
@@ -396,9 +396,9 @@ def upload_dataset(path: Path, name: str | None, fmt: str | None) -> Call[Datase
                 headers=_upload_headers())
 
 
-def list_datasets(limit: int) -> Call[list[DatasetInfo]]:
-    return Call("GET", "/v1/datasets", lambda r: DatasetList.model_validate_json(r.content).items,
-                params={"limit": limit})
+def list_datasets(limit: int, cursor: str | None = None) -> Call[DatasetList]:
+    params: dict[str, Any] = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+    return Call("GET", "/v1/datasets", _model(DatasetList), params=params)
 
 
 def get_dataset(dataset_id: str) -> Call[DatasetInfo]:

@@ -18,12 +18,14 @@ from app.schemas import (
     FINAL_STATES,
     ArtifactInfo,
     DatasetInfo,
+    DatasetList,
     Deleted,
     Health,
     Job,
     JobEvent,
     JobPage,
     ModelInfo,
+    ModelList,
 )
 from modelpress import _base
 from modelpress._errors import (
@@ -132,8 +134,22 @@ class Models:
         return self._c._call(_base.upload_model(path, name, format))
 
     def list(self, *, limit: int = 100) -> list[ModelInfo]:
-        """The newest ``limit`` uploads (at most 500), newest first."""
-        return self._c._call(_base.list_models(limit))
+        """The newest ``limit`` uploads (at most 500), newest first; :meth:`iter` for all."""
+        return (self.page(limit=limit)).items
+
+    def page(self, *, limit: int = 100, cursor: str | None = None) -> ModelList:
+        """One page, newest first: pass its ``next_cursor`` as ``cursor`` for the next."""
+        return self._c._call(_base.list_models(limit, cursor))
+
+    def iter(self) -> Iterator[ModelInfo]:
+        """Every upload, newest first, following the pages."""
+        cursor: str | None = None
+        while True:
+            page = self.page(limit=500, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     def get(self, model_id: str) -> ModelInfo:
         return self._c._call(_base.get_model(model_id))
@@ -153,8 +169,22 @@ class Datasets:
         return self._c._call(_base.upload_dataset(Path(path), name, format))
 
     def list(self, *, limit: int = 100) -> list[DatasetInfo]:
-        """The newest ``limit`` uploads (at most 500), newest first."""
-        return self._c._call(_base.list_datasets(limit))
+        """The newest ``limit`` uploads (at most 500), newest first; :meth:`iter` for all."""
+        return (self.page(limit=limit)).items
+
+    def page(self, *, limit: int = 100, cursor: str | None = None) -> DatasetList:
+        """One page, newest first: pass its ``next_cursor`` as ``cursor`` for the next."""
+        return self._c._call(_base.list_datasets(limit, cursor))
+
+    def iter(self) -> Iterator[DatasetInfo]:
+        """Every upload, newest first, following the pages."""
+        cursor: str | None = None
+        while True:
+            page = self.page(limit=500, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     def get(self, dataset_id: str) -> DatasetInfo:
         return self._c._call(_base.get_dataset(dataset_id))

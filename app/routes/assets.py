@@ -60,11 +60,21 @@ async def upload_model(
     return info
 
 
+# The `next_cursor` of a page: the score (upload time) and id of its last entry.
+AssetCursor = Annotated[str | None, Query(
+    pattern=r"^\d{1,12}(\.\d{1,20})?(e[+-]?\d{1,3})?:[a-z]{3}_[0-9a-f]{32}$",
+    description="The `next_cursor` of the previous page.")]
+
+
 @router.get("/models", response_model=ModelList)
 async def list_models(
-    svc: ServicesDep, who: PrincipalDep, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    svc: ServicesDep, who: PrincipalDep, limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: AssetCursor = None,
 ) -> ModelList:
-    return ModelList(items=await assets.list_assets(svc, "models", who.tenant, ModelInfo, limit))
+    """The tenant's uploaded models, newest first, a page at a time."""
+    items, next_cursor = await assets.list_assets(svc, "models", who.tenant, ModelInfo, limit,
+                                                  cursor)
+    return ModelList(items=items, next_cursor=next_cursor)
 
 
 @router.get("/models/{model_id}", response_model=ModelInfo)
@@ -104,11 +114,13 @@ async def upload_dataset(
 
 @router.get("/datasets", response_model=DatasetList)
 async def list_datasets(
-    svc: ServicesDep, who: PrincipalDep, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    svc: ServicesDep, who: PrincipalDep, limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: AssetCursor = None,
 ) -> DatasetList:
-    return DatasetList(
-        items=await assets.list_assets(svc, "datasets", who.tenant, DatasetInfo, limit)
-    )
+    """The tenant's uploaded datasets, newest first, a page at a time."""
+    items, next_cursor = await assets.list_assets(svc, "datasets", who.tenant, DatasetInfo,
+                                                  limit, cursor)
+    return DatasetList(items=items, next_cursor=next_cursor)
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetInfo)

@@ -148,8 +148,8 @@ async def logout() -> Response:
 
 
 async def _assets(svc: ServicesDep, tenant: str) -> tuple[list[ModelInfo], list[DatasetInfo]]:
-    models = await assets.list_assets(svc, "models", tenant, ModelInfo, 200)
-    data = await assets.list_assets(svc, "datasets", tenant, DatasetInfo, 200)
+    models, _ = await assets.list_assets(svc, "models", tenant, ModelInfo, 200)
+    data, _ = await assets.list_assets(svc, "datasets", tenant, DatasetInfo, 200)
     return models, data
 
 

@@ -22,6 +22,7 @@ from modelpress import (
     Job,
     ModelRef,
     PayloadTooLargeError,
+    UnprocessableEntityError,
     _stack,
 )
 from tests.conftest import Stack, make_stack, running
@@ -142,3 +143,27 @@ def test_async_upload_declares_its_size(stack: Stack, tmp_path: Path) -> None:
 
     with pytest.raises(PayloadTooLargeError, match=said):  # chunked, it could not say the size
         asyncio.run(via_async())
+
+
+def test_uploads_are_listed_a_page_at_a_time(stack: Stack, tmp_path: Path) -> None:
+    import numpy as np
+
+    key = stack.key()  # a tenant of its own: its uploads are these
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((4, 2), np.float32))
+    with stack.client(key) as c:
+        ids = [c.datasets.upload(data, name=f"d{i}").id for i in range(5)]
+        first = c.datasets.page(limit=2)
+        assert len(first.items) == 2 and first.next_cursor is not None
+        second = c.datasets.page(limit=2, cursor=first.next_cursor)
+        assert not {d.id for d in first.items} & {d.id for d in second.items}
+        assert [d.id for d in c.datasets.iter()] == ids[::-1]  # newest first, each once
+        assert [d.id for d in c.datasets.list(limit=3)] == ids[:1:-1]
+        with pytest.raises(UnprocessableEntityError, match="cursor"):
+            c.datasets.page(cursor="not-a-cursor")
+
+    async def via_async() -> list[str]:
+        async with AsyncClient(base_url=stack.base_url, api_key=key) as ac:
+            return [d.id async for d in ac.datasets.iter()]
+
+    assert asyncio.run(via_async()) == ids[::-1]
