@@ -343,10 +343,11 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
         try:
             ctx.log.info("attempt %d on %s", attempt, worker)
             if attempt > 1:
-                ctx.log.warning("retrying: an earlier attempt did not finish (worker lost)")
+                ctx.log.warning("retrying: an earlier attempt did not finish (its worker "
+                                "stopped or died)")
                 # the lost attempt's last stage would otherwise show until the engine reports
                 ctx.progress("retry", 0.0, f"attempt {attempt} on {worker}: an earlier "
-                             "attempt did not finish (its worker was lost)")
+                             "attempt did not finish (its worker stopped or died)")
             if h.get("cancel_requested") == "1":
                 raise JobCancelled()
             spec = _spec_adapter.validate_json(h["spec"])

@@ -59,6 +59,8 @@ def test_a_stopped_worker_hands_its_job_back_at_once(stop_stack: Stack) -> None:
         assert [(r.attempt, r.outcome) for r in running_job.runs] == [(1, "lost"), (2, "running")]
         assert running_job.runs[0].worker.startswith("w1@")
         assert running_job.runs[1].worker.startswith("w2@")
+        wait_for(lambda: any("did not finish (its worker stopped or died)" in line
+                             for line in client.jobs.log(job.id)), 30, "attempt 2's log line")
         assert client.jobs.wait(client.jobs.cancel(job.id).id, timeout=60,
                                 raise_on_failure=False).state == "cancelled"
     measured.append(f"worker stop: SIGTERM mid-job, exited in {stopped:.1f} s (grace {GRACE_S} s); "
