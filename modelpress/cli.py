@@ -393,10 +393,11 @@ def models_upload(ctx: click.Context, path: Path, name: str | None) -> None:
 @models.command("list")
 @click.option("--limit", type=click.IntRange(1, 500), default=100, show_default=True,
               help="How many, newest first.")
+@click.option("--all", "every", is_flag=True, help="All of them, following the pages.")
 @click.pass_context
-def models_list(ctx: click.Context, limit: int) -> None:
+def models_list(ctx: click.Context, limit: int, every: bool) -> None:
     with _client(ctx) as c:
-        for m in c.models.list(limit=limit):
+        for m in c.models.iter() if every else c.models.list(limit=limit):
             click.echo(f"{m.id}  {m.format:<4} {m.size:>12,}  {m.name}")
 
 
@@ -432,10 +433,11 @@ def datasets_upload(ctx: click.Context, path: Path, name: str | None) -> None:
 @datasets.command("list")
 @click.option("--limit", type=click.IntRange(1, 500), default=100, show_default=True,
               help="How many, newest first.")
+@click.option("--all", "every", is_flag=True, help="All of them, following the pages.")
 @click.pass_context
-def datasets_list(ctx: click.Context, limit: int) -> None:
+def datasets_list(ctx: click.Context, limit: int, every: bool) -> None:
     with _client(ctx) as c:
-        for d in c.datasets.list(limit=limit):
+        for d in c.datasets.iter() if every else c.datasets.list(limit=limit):
             click.echo(f"{d.id}  {d.format:<11} {d.size:>12,}  {d.name}")
 
 

@@ -167,3 +167,7 @@ def test_uploads_are_listed_a_page_at_a_time(stack: Stack, tmp_path: Path) -> No
             return [d.id async for d in ac.datasets.iter()]
 
     assert asyncio.run(via_async()) == ids[::-1]
+    listed = _cli(stack, key, tmp_path, "datasets", "list", "--all")
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ids[::-1], listed.stderr
+    assert len(_cli(stack, key, tmp_path, "datasets", "list", "--limit", "2").stdout.splitlines()
+               ) == 2
