@@ -285,6 +285,20 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'data', ARGV[4])
 return 1
 """
 
+# KEYS: job, events, finished, unsent
+# ARGV: now, error_json, progress_json, event_json, maxlen, job_id, now (epoch seconds)
+# A job the queue never got: queued -> failed with the reason and its final event (a cancel that
+# came first stands); off the unsent list either way.
+FAIL_UNSENT = """
+redis.call('ZREM', KEYS[4], ARGV[6])
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', ARGV[1], 'error', ARGV[2],
+           'progress', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[7], ARGV[6])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'data', ARGV[4])
+return 1
+"""
+
 # KEYS: tenant_jobs, idempotency key (or any unused key), finished, delete replay (or any unused
 #       key), job, its other keys...
 # ARGV: tenant, job_id, the replay's JSON ('' for none), its TTL
