@@ -307,7 +307,9 @@ class Jobs:
     def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None,
              raise_on_failure: bool = True) -> Job:
         """Block until the job ends, following its events; print a progress bar if asked.
-        ``timeout`` (seconds) raises WaitTimeoutError (a TimeoutError) when it runs out first."""
+        ``timeout`` (seconds) raises WaitTimeoutError (a TimeoutError) when it runs out first.
+        A job that ends failed or cancelled raises JobFailedError (its ``job`` attribute holds
+        the record); with ``raise_on_failure=False`` it is returned like a succeeded one."""
         printer = ProgressPrinter(job_id) if progress else None
         try:
             for event in self._events(job_id, None, _base.Deadline.after(job_id, timeout)):
