@@ -260,18 +260,21 @@ async def list_assets(svc: Services, collection: Collection, tenant: str, model:
         batch: list[tuple[str, float]] = await svc.redis.zrevrangebyscore(
             index, top, "-inf", start=offset, num=limit + 1, withscores=True)
         offset += len(batch)
-        for asset_id, score in batch:
-            if after is not None and score == shown and asset_id >= after:
-                continue  # on an earlier page
-            if len(out) == limit:  # one more entry: there is a next page
+        # entries on an earlier page: those of the cursor's score down to its id
+        fresh = [(i, sc) for i, sc in batch
+                 if not (after is not None and sc == shown and i >= after)]
+        while fresh:
+            take, fresh = fresh[: limit - len(out)], fresh[limit - len(out):]
+            if not take:  # a full page and one more entry: there is a next page
                 assert last is not None
                 return out, f"{last[0]!r}:{last[1]}"
-            last = (score, asset_id)
-            raw = await svc.redis.get(records.asset_key(collection, asset_id))
-            if raw is not None:  # (deleted between index and read)
-                data = json.loads(raw)
-                data.pop("tenant")
-                out.append(model.model_validate(data))
+            last = (take[-1][1], take[-1][0])
+            raws = await svc.redis.mget([records.asset_key(collection, i) for i, _ in take])
+            for raw in raws:
+                if raw is not None:  # (deleted between index and read)
+                    data = json.loads(raw)
+                    data.pop("tenant")
+                    out.append(model.model_validate(data))
         if len(batch) < limit + 1:
             return out, None
 
