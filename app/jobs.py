@@ -55,17 +55,15 @@ async def served_queues(svc: Services) -> tuple[int, set[str] | None]:
         await svc.redis.eval(records.FORGET_DEAD_WORKERS, 1 + len(dead), records.WORKERS_KEY,
                              *(records.worker_key(n) for n in dead), *dead)
     queues: set[str] | None = set()
-    for raw in raws:
-        if raw is None:
-            continue
+    for raw in (raw for raw in raws if raw is not None):
         try:
-            named = json.loads(raw)["queues"] if raw else None
+            named = json.loads(raw)["queues"]
         except (ValueError, KeyError, TypeError):
             named = None
-        if queues is not None and named is not None:
-            queues.update(named)
-        elif raw:  # an older worker's key: which queues it serves is unknown
+        if named is None:  # an older worker's key: which queues it serves is unknown
             queues = None
+        elif queues is not None:
+            queues.update(named)
     return len(names) - len(dead), queues
 
 
