@@ -9,12 +9,11 @@ back. A store that does not answer leaves it pending for the next round.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 
-from app import assets, records
+from app import assets, loops, records
 from app.deps import Services
 from app.errors import ApiError
 
@@ -53,11 +52,4 @@ async def resolve(svc: Services, stale_s: float = STALE_S) -> int:
 
 async def run(svc: Services) -> None:
     """The API's background loop (started by the app's lifespan)."""
-    while True:
-        try:
-            await resolve(svc)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # Redis restarting, say: next round
-            log.warning("resolving pending deletes failed", exc_info=True)
-        await asyncio.sleep(EVERY_S)
+    await loops.repeat(lambda: resolve(svc), EVERY_S, "resolving pending deletes", log)

@@ -8,12 +8,11 @@ answer ends the sweep early; the jobs stay indexed and the next interval tries a
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
 
-from app import jobs, records
+from app import jobs, loops, records
 from app.deps import Services
 from app.errors import ApiError
 
@@ -58,15 +57,12 @@ async def run(svc: Services) -> None:
     """The API's background loop (started by the app's lifespan when retention is on)."""
     every = interval_s(svc.settings.job_retention_days)
     token = uuid.uuid4().hex
-    while True:
-        try:
-            if await svc.redis.set(LOCK_KEY, token, nx=True, px=int(every * 1000)):
-                n = await sweep(svc)
-                if n:
-                    log.info("retention: deleted %d job(s) finished more than %g days ago", n,
-                             svc.settings.job_retention_days)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # Redis restarting, say: try again next interval
-            log.warning("retention sweep failed", exc_info=True)
-        await asyncio.sleep(every)
+
+    async def step() -> None:
+        if await svc.redis.set(LOCK_KEY, token, nx=True, px=int(every * 1000)):
+            n = await sweep(svc)
+            if n:
+                log.info("retention: deleted %d job(s) finished more than %g days ago", n,
+                         svc.settings.job_retention_days)
+
+    await loops.repeat(step, every, "retention sweep", log)

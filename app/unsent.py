@@ -12,11 +12,10 @@ running or finished and is dropped (``workers.runner.execute``).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
-from app import jobs, records
+from app import jobs, loops, records
 from app.deps import Services
 
 log = logging.getLogger("modelpress.unsent")
@@ -50,11 +49,4 @@ async def resend(svc: Services, stale_s: float = STALE_S) -> int:
 
 async def run(svc: Services) -> None:
     """The API's background loop (started by the app's lifespan)."""
-    while True:
-        try:
-            await resend(svc)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # Redis restarting, say: next round
-            log.warning("sending unsent jobs failed", exc_info=True)
-        await asyncio.sleep(EVERY_S)
+    await loops.repeat(lambda: resend(svc), EVERY_S, "sending unsent jobs", log)

@@ -1,0 +1,21 @@
+"""The API's background loops (pending deletes, unsent jobs, retention) share one shape."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+
+async def repeat(step: Callable[[], Awaitable[object]], every_s: float, what: str,
+                 log: logging.Logger) -> None:
+    """Run ``step`` every ``every_s`` seconds until cancelled. A round that fails (Redis
+    restarting, say) is logged as "<what> failed"; the next round tries again."""
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("%s failed", what, exc_info=True)
+        await asyncio.sleep(every_s)
