@@ -147,14 +147,8 @@ class AsyncModels:
 
     async def iter(self) -> AsyncIterator[ModelInfo]:
         """Every upload, newest first, following the pages."""
-        cursor: str | None = None
-        while True:
-            page = await self.page(limit=500, cursor=cursor)
-            for item in page.items:
-                yield item
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        async for item in _base.every_item_async(lambda c: self.page(limit=500, cursor=c)):
+            yield item
 
     async def get(self, model_id: str) -> ModelInfo:
         return await self._c._call(_base.get_model(model_id))
@@ -182,14 +176,8 @@ class AsyncDatasets:
 
     async def iter(self) -> AsyncIterator[DatasetInfo]:
         """Every upload, newest first, following the pages."""
-        cursor: str | None = None
-        while True:
-            page = await self.page(limit=500, cursor=cursor)
-            for item in page.items:
-                yield item
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        async for item in _base.every_item_async(lambda c: self.page(limit=500, cursor=c)):
+            yield item
 
     async def get(self, dataset_id: str) -> DatasetInfo:
         return await self._c._call(_base.get_dataset(dataset_id))
@@ -217,14 +205,9 @@ class AsyncJobs:
     async def iter(self, *, state: str | None = None, kind: str | None = None
                    ) -> AsyncIterator[Job]:
         """Every job, newest first, following the pages."""
-        cursor: str | None = None
-        while True:
-            page = await self.list(limit=100, cursor=cursor, state=state, kind=kind)
-            for job in page.items:
-                yield job
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        async for job in _base.every_item_async(
+                lambda c: self.list(limit=100, cursor=c, state=state, kind=kind)):
+            yield job
 
     async def cancel(self, job_id: str, *, force: bool = False) -> Job:
         return await self._c._call(_base.cancel_job(job_id, force))

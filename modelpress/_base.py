@@ -10,12 +10,12 @@ import re
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -45,6 +45,41 @@ from modelpress._errors import (
 )
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Page(Protocol[T_co]):
+    """A page of a listing: JobPage, ModelList, DatasetList."""
+
+    @property
+    def items(self) -> Sequence[T_co]: ...
+
+    @property
+    def next_cursor(self) -> str | None: ...
+
+
+def every_item(page: Callable[[str | None], Page[T]]) -> Iterator[T]:
+    """Every item of a listing, following ``page(cursor)`` from the first page to the last."""
+    cursor: str | None = None
+    while True:
+        got = page(cursor)
+        yield from got.items
+        if got.next_cursor is None:
+            return
+        cursor = got.next_cursor
+
+
+async def every_item_async(page: Callable[[str | None], Awaitable[Page[T]]]
+                           ) -> AsyncIterator[T]:
+    """:func:`every_item` for the async client."""
+    cursor: str | None = None
+    while True:
+        got = await page(cursor)
+        for item in got.items:
+            yield item
+        if got.next_cursor is None:
+            return
+        cursor = got.next_cursor
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})

@@ -143,13 +143,7 @@ class Models:
 
     def iter(self) -> Iterator[ModelInfo]:
         """Every upload, newest first, following the pages."""
-        cursor: str | None = None
-        while True:
-            page = self.page(limit=500, cursor=cursor)
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        return _base.every_item(lambda c: self.page(limit=500, cursor=c))
 
     def get(self, model_id: str) -> ModelInfo:
         return self._c._call(_base.get_model(model_id))
@@ -178,13 +172,7 @@ class Datasets:
 
     def iter(self) -> Iterator[DatasetInfo]:
         """Every upload, newest first, following the pages."""
-        cursor: str | None = None
-        while True:
-            page = self.page(limit=500, cursor=cursor)
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        return _base.every_item(lambda c: self.page(limit=500, cursor=c))
 
     def get(self, dataset_id: str) -> DatasetInfo:
         return self._c._call(_base.get_dataset(dataset_id))
@@ -212,13 +200,8 @@ class Jobs:
 
     def iter(self, *, state: str | None = None, kind: str | None = None) -> Iterator[Job]:
         """Every job, newest first, following the pages."""
-        cursor: str | None = None
-        while True:
-            page = self.list(limit=100, cursor=cursor, state=state, kind=kind)
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        return _base.every_item(
+            lambda c: self.list(limit=100, cursor=c, state=state, kind=kind))
 
     def cancel(self, job_id: str, *, force: bool = False) -> Job:
         return self._c._call(_base.cancel_job(job_id, force))
