@@ -11,7 +11,7 @@ from app import assets, records
 from app.config import Settings
 from app.deps import Services
 from app.schemas import DatasetInfo
-from tests.app.test_idempotent_create import TENANT, run, upload
+from tests.app.conftest import TENANT, run, upload
 
 
 def test_pages_cover_every_upload_once_in_order(settings: Settings) -> None:

@@ -7,7 +7,7 @@ from app import jobs
 from app.config import Settings
 from app.deps import Services
 from app.schemas import Job
-from tests.app.test_idempotent_create import TENANT, body, run
+from tests.app.conftest import TENANT, body, run
 
 
 def test_a_cancelled_queued_job_no_longer_waits_for_a_worker(settings: Settings) -> None:

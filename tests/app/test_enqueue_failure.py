@@ -17,7 +17,7 @@ from app.errors import ApiError
 from app.redis_client import async_client
 from app.storage import open_store
 from modelpress import _stack
-from tests.app.test_idempotent_create import TENANT, body
+from tests.app.conftest import TENANT, body
 from workers.celery_app import create_celery
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -17,44 +16,9 @@ from app import assets, jobs, records
 from app.config import Settings
 from app.deps import Services
 from app.errors import ApiError
-from app.redis_client import async_client
-from app.schemas import BenchmarkSpec, DatasetInfo, DatasetRef, JobCreate, ModelRef
-from app.storage import open_store
-from workers.celery_app import create_celery
+from tests.app.conftest import TENANT, body, run, services, upload
 
-TENANT = "t1"
 KEY = "create-key-0001"
-
-
-def services(settings: Settings) -> Services:
-    return Services(settings, async_client(settings), open_store(settings),
-                    create_celery(settings))
-
-
-def run(settings: Settings, body: Callable[[Services], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        svc = services(settings)
-        try:
-            return await body(svc)
-        finally:
-            await svc.redis.aclose()
-
-    return asyncio.run(main())
-
-
-async def upload(svc: Services) -> str:
-    """A dataset record and its file, as POST /v1/datasets leaves them."""
-    info = DatasetInfo(id=f"dst_{uuid.uuid4().hex}", name="d", format="npz", size=3,
-                       sha256="0" * 64, created_at=records.now(), tensors={})
-    svc.store.put_bytes(records.dataset_object(TENANT, info.id, "npz"), b"abc")
-    await assets._recorded(svc, "datasets", TENANT, info)
-    return info.id
-
-
-def body(dataset: str | None = None) -> JobCreate:
-    spec = BenchmarkSpec(model=ModelRef(zoo="digits-cnn"),
-                         dataset=DatasetRef(id=dataset) if dataset else None)
-    return JobCreate(spec=spec, name="bench")
 
 
 def tenant_jobs(settings: Settings) -> list[str]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +17,9 @@ from app import assets, jobs, pending, records
 from app.config import Settings
 from app.deps import Services
 from app.errors import ApiError
-from app.redis_client import async_client
-from app.schemas import BenchmarkSpec, DatasetInfo, DatasetRef, Deleted, JobCreate, ModelRef
-from app.storage import StoreUnavailable, open_store
-
-TENANT = "t1"
-
-
-def run(settings: Settings, body: Callable[[Services], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        svc = Services(settings, async_client(settings), open_store(settings),
-                       celery=None)  # type: ignore[arg-type]  # deletes queue nothing
-        try:
-            return await body(svc)
-        finally:
-            await svc.redis.aclose()
-
-    return asyncio.run(main())
-
-
-async def upload(svc: Services) -> str:
-    """A dataset record and its file, as POST /v1/datasets leaves them."""
-    info = DatasetInfo(id=f"dst_{uuid.uuid4().hex}", name="d",
-                       format="npz", size=3, sha256="0" * 64, created_at=records.now(), tensors={})
-    svc.store.put_bytes(records.dataset_object(TENANT, info.id, "npz"), b"abc")
-    await assets._recorded(svc, "datasets", TENANT, info)
-    return info.id
+from app.schemas import BenchmarkSpec, DatasetRef, Deleted, JobCreate, ModelRef
+from app.storage import StoreUnavailable
+from tests.app.conftest import TENANT, run, upload
 
 
 def files(settings: Settings) -> list[Path]:

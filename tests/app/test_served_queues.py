@@ -9,7 +9,7 @@ import redis
 from app import records
 from app.config import Settings
 from app.jobs import served_queues
-from tests.app.test_idempotent_delete import run
+from tests.app.conftest import run
 from workers.heartbeat import announce, withdraw
 
 

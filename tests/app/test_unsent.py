@@ -13,7 +13,7 @@ from app import jobs, records, unsent
 from app.config import Settings
 from app.deps import Services
 from app.schemas import Job, Progress
-from tests.app.test_idempotent_create import TENANT, body, run
+from tests.app.conftest import TENANT, body, run
 
 
 def queued_ids(settings: Settings, queue: str = "cpu") -> list[str]:
