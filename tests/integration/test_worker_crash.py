@@ -33,14 +33,15 @@ def crash_stack(tmp_path: Path, redis_server: _stack.EmbeddedRedis,
                            MODELPRESS_TASK_TIME_LIMIT_S="8", MODELPRESS_VISIBILITY_TIMEOUT_S="10")
 
 
-def _measuring(client: Client) -> Job:
-    """A digits-cnn benchmark whose first attempt is inside its measuring loop (the zoo cache
-    warmed first by a short job, so the attempt gets there quickly)."""
+def _measuring(client: Client, min_time_s: float = 3) -> Job:
+    """A digits-cnn benchmark (measuring for ``min_time_s``) whose first attempt is inside its
+    measuring loop (the zoo cache warmed first by a short job, so the attempt gets there
+    quickly)."""
     warm = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3,
                                             per_layer=False))
     client.jobs.wait(warm.id, timeout=60)
     job = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
-                                           min_time_s=3, per_layer=False))
+                                           min_time_s=min_time_s, per_layer=False))
     wait_for(lambda: client.jobs.get(job.id).progress.stage == "measure", 30,
              "the first attempt to be measuring")
     return job

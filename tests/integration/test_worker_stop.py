@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from app.schemas import BenchmarkSpec, ModelRef
 from modelpress import _stack
-from tests.conftest import Stack, make_stack, running
+from tests.conftest import Stack
 from tests.helpers import measured
 from tests.integration.test_service import wait_for
+from tests.integration.test_worker_crash import _measuring, _stack_with
 
 pytestmark = pytest.mark.slow
 
@@ -25,24 +25,16 @@ VISIBILITY_S = 300
 @pytest.fixture
 def stop_stack(tmp_path: Path, redis_server: _stack.EmbeddedRedis,
                shared_store: Path) -> Iterator[Stack]:
-    yield from running(make_stack(tmp_path, redis_server, {
-        "MODELPRESS_STORE_URL": shared_store.as_uri(),
-        "MODELPRESS_WORKER_STOP_GRACE_S": str(GRACE_S),
-        "MODELPRESS_TASK_TIME_LIMIT_S": str(VISIBILITY_S - 1),
-        "MODELPRESS_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S)}))
+    yield from _stack_with(tmp_path, redis_server, shared_store,
+                           MODELPRESS_WORKER_STOP_GRACE_S=str(GRACE_S),
+                           MODELPRESS_TASK_TIME_LIMIT_S=str(VISIBILITY_S - 1),
+                           MODELPRESS_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S))
 
 
 def test_a_stopped_worker_hands_its_job_back_at_once(stop_stack: Stack) -> None:
     s = stop_stack
     with s.client() as client:
-        warm = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3,
-                                                per_layer=False))
-        client.jobs.wait(warm.id, timeout=120)
-        # measures for two minutes: far longer than the grace period
-        job = client.jobs.create(BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=10,
-                                               min_time_s=120, per_layer=False))
-        wait_for(lambda: client.jobs.get(job.id).progress.stage == "measure", 30,
-                 "the first attempt to be measuring")
+        job = _measuring(client, min_time_s=120)  # far longer than the grace period
         w1 = s.workers[0]
         t_stop = time.monotonic()
         _stack.stop_worker(w1, GRACE_S)  # SIGTERM to the main process; SIGKILL after grace + 10
