@@ -165,12 +165,13 @@ async def create_job(
     except Exception as exc:  # the record stays, failed with the reason, so nothing is silently lost
         log.exception("could not enqueue %s", job_id)
         err = ErrorInfo(type="enqueue_failed", message=f"could not reach the queue: {exc}")
+        progress = Progress(stage="failed", message=err.message, updated_at=records.now())
+        event = records.event_json(job_id, "state", state="failed", message=err.message)
         await svc.redis.eval(
             records.FAIL_UNSENT, 4, records.job_key(job_id), records.events_key(job_id),
             records.FINISHED_KEY, records.UNSENT_KEY, records.iso(), err.model_dump_json(),
-            Progress(stage="failed", message=err.message, updated_at=records.now())
-            .model_dump_json(), records.event_json(job_id, "state", state="failed", message=err.message),
-            svc.settings.event_stream_maxlen, job_id, time.time())
+            progress.model_dump_json(), event, svc.settings.event_stream_maxlen, job_id,
+            time.time())
         if idem is not None:  # a retry with the same key makes a new job, not this failed one
             await svc.redis.eval(records.DEL_IF_EQUALS, 1, idem, job_id)
         raise ApiError(503, "the job queue is unavailable; try again shortly") from exc
