@@ -87,6 +87,13 @@ def _backward_kernel(e_ptr: Any, c_ptr: Any, t_ptr: Any, lse_ptr: Any, g_ptr: An
     rmask = rows < N
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+    # The block goes to the dot in the input dtype, so it must not carry the upstream gradient:
+    # a mean over 8192 tokens gives 2^-13 per row, and softmax entries times that are fp16
+    # subnormals or zero. grad_e applies g per row to the fp32 product; grad_c sums over rows,
+    # so its block carries g / max|g| (exact when the rows share g, as a mean gives) and the
+    # product is scaled back by max|g|.
+    g_max = tl.max(tl.abs(g))
+    g_rel = tl.where(g_max > 0, g / g_max, 0.0)
     tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
     v_start = pid_v * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
@@ -111,10 +118,12 @@ def _backward_kernel(e_ptr: Any, c_ptr: Any, t_ptr: Any, lse_ptr: Any, g_ptr: An
         # and no target falls in it (its whole contribution rounds away).
         keep = (tl.max(p) >= filter_eps) | (tl.max(is_t.to(tl.int32)) > 0)
         if keep:
-            d = (p - is_t.to(tl.float32)) * g[:, None]
+            d = p - is_t.to(tl.float32)
             if HAS_SOFTCAP:
                 d = d * (1.0 - th * th)
-            d = tl.where(valid, d, 0.0).to(e_ptr.dtype.element_ty)
+            d = tl.where(valid, d, 0.0)
+            d_c = (d * g_rel[:, None]).to(e_ptr.dtype.element_ty)
+            d = d.to(e_ptr.dtype.element_ty)
             for d0 in range(0, D, BLOCK_D):
                 ds = d0 + tl.arange(0, BLOCK_D)
                 dmask = ds[None, :] < D
@@ -123,9 +132,9 @@ def _backward_kernel(e_ptr: Any, c_ptr: Any, t_ptr: Any, lse_ptr: Any, g_ptr: An
                 e = tl.load(e_ptr + rows[:, None].to(tl.int64) * stride_e + ds[None, :],
                             mask=rmask[:, None] & dmask, other=0.0)
                 tl.atomic_add(ge_ptr + rows[:, None].to(tl.int64) * D + ds[None, :],
-                              dot(d, c, UPCAST), mask=rmask[:, None] & dmask)
+                              dot(d, c, UPCAST) * g[:, None], mask=rmask[:, None] & dmask)
                 tl.atomic_add(gc_ptr + cols[:, None].to(tl.int64) * D + ds[None, :],
-                              dot(tl.trans(d), e, UPCAST),
+                              dot(tl.trans(d_c), e, UPCAST) * g_max,
                               mask=cmask[:, None] & dmask)
         elif COUNT:
             tl.atomic_add(count_ptr + 1, 1)

@@ -84,6 +84,30 @@ def test_matches_float64_reference(impl: str, dtype: torch.dtype, reduction: str
             assert torch.all(got[t == -100] == 0) and torch.all(got[t != -100] > 0)
 
 
+
+@pytest.mark.parametrize("rows", ["mean", "none"])
+def test_triton_fp16_backward_keeps_small_upstream_gradients(rows: str) -> None:
+    """A mean over 8192 tokens hands each row 2^-13: softmax entries ~1e-2 times that are
+    fp16 subnormals (or zero), so the block fed to the tensor-core dot must not carry the
+    upstream gradient. Checked on the kernel's fp32 gradients, before the cast back to fp16:
+    they carry one fp16 rounding of the softmax block (2^-11 relative), bound 1e-3."""
+    from gpu_kernels import _lce_triton
+
+    n, d, v = 37, 24, 101
+    e, c, t = make(n, d, v, torch.float16, seed=5)
+    t = torch.where(t == -100, torch.zeros_like(t), t)
+    g64 = torch.full((n,), 2.0**-13, dtype=torch.float64)
+    if rows == "none":  # per-row weights spanning 100x, as a weighted loss gives
+        g64 = g64 * torch.logspace(0, -2, n, dtype=torch.float64)
+    e64, c64 = e.double().requires_grad_(True), c.double().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(e64 @ c64.T, t, reduction="none")
+    (loss * g64).sum().backward()
+    assert e64.grad is not None and c64.grad is not None
+    lse = _lce_triton.lse_forward(e, c, None)
+    ge, gc = _lce_triton.backward(e, c, t, lse, g64.float(), None, 0.0)
+    assert rel(ge, e64.grad) <= 1e-3, rel(ge, e64.grad)
+    assert rel(gc, c64.grad) <= 1e-3, rel(gc, c64.grad)
+
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
 def test_gradient_filtering_and_vocabulary_sorting(impl: str) -> None:
     """Peaked softmax (large logits): most blocks fall under the bf16 threshold and are skipped;
