@@ -273,7 +273,7 @@ def test_chunked_memory_does_not_scale_with_n_times_v(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_on_cuda_matches_reference(dtype: torch.dtype) -> None:
     e, c, t = make(1000, 256, 5000, dtype)
     want, ge64, gc64 = ref64(e, c, t, softcap=20.0)
