@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import time
 from collections.abc import Mapping
@@ -45,6 +46,7 @@ from workers.engine.quant.task import (
     LABELED,
     Config,
     QuantTask,
+    check_budget_mode,
     config_json,
     config_key,
     threshold,
@@ -154,6 +156,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     ctx.progress("load", 0.01, f"loading {spec.model.label()}")
     loaded, task = _build(spec, ctx, train_samples=spec.lora.samples if spec.lora else 0)
     hessian = qsens.hessian_method(task, spec.sensitivity.hessian)  # refuse before any work
+    check_budget_mode(task.metric, spec.budget.mode)
     example = tuple(t[: spec.batch_size] for t in task.eval_inputs)
     ctx.progress("load", 0.04, "exporting to ONNX" if spec.backend == ortb.NAME
                  else f"preparing {spec.backend}")
@@ -170,7 +173,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     if higher is None:
         higher = task.higher_is_better
     base_metric = task.evaluate({})
-    limit = threshold(base_metric, spec.budget.mode, spec.budget.value, higher)
+    limit = threshold(base_metric, spec.budget.mode, spec.budget.value, higher, task.metric)
     ctx.log.info("baseline %s = %.6f; budget threshold %.6f", task.metric, base_metric, limit.value)
     stage_done("baseline")
 
@@ -610,13 +613,17 @@ def _adapters_bytes(adapters: qrec.Adapters) -> bytes:
 
 
 def _mark_pareto(points: list[ConfigPoint], higher: bool) -> None:
+    """A point is on the frontier where no other is as good in both metric and latency and
+    better in one. A NaN metric (an fp16 overflow, say) measured nothing: never on it."""
+
     def better_or_equal(a: ConfigPoint, b: ConfigPoint) -> bool:
         assert a.deployed_metric is not None and b.deployed_metric is not None
         m = a.deployed_metric >= b.deployed_metric if higher else a.deployed_metric <= b.deployed_metric
         return m and (a.latency_ms or 0) <= (b.latency_ms or 0)
 
     for p in points:
-        p.pareto = not any(q is not p and better_or_equal(q, p) and (
+        p.pareto = not math.isnan(p.deployed_metric or 0.0) and not any(
+            q is not p and better_or_equal(q, p) and (
             q.deployed_metric != p.deployed_metric or q.latency_ms != p.latency_ms)
             for q in points)
 

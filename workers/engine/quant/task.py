@@ -76,7 +76,22 @@ class Threshold:
         return metric >= self.value - eps if self.higher_is_better else metric <= self.value + eps
 
 
-def threshold(baseline: float, mode: str, value: float, higher_is_better: bool) -> Threshold:
+def check_budget_mode(metric: str, mode: str) -> None:
+    """Refuse a relative budget on ``mse``: the squared error to the float model's outputs is
+    0 for the float model by definition, so every job would fail on its baseline, with advice
+    to check data that is fine."""
+    if metric == "mse" and mode == "relative":
+        raise UserError("metric 'mse' is the squared error to the float model's own outputs, 0 "
+                        "for the float model by definition, so a relative budget (a share of "
+                        "that 0) allows no change at all: give an absolute budget, e.g. "
+                        "{\"metric\": \"mse\", \"mode\": \"absolute\", \"value\": 0.001} "
+                        "(the mean squared error you accept)")
+
+
+def threshold(baseline: float, mode: str, value: float, higher_is_better: bool,
+              metric: str | None = None) -> Threshold:
+    if metric is not None:
+        check_budget_mode(metric, mode)
     if mode == "absolute":
         t = baseline - value if higher_is_better else baseline + value
     else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.schemas import ConfigPoint
-from workers.engine.mixed_precision import choose_point
+from workers.engine.mixed_precision import _mark_pareto, choose_point
 
 FP32 = "{}"  # the key the job gives fp32 (config_key({}))
 
@@ -64,3 +64,14 @@ def test_nothing_inside_or_nothing_offered() -> None:
     assert key == FP32 and why.startswith("none of the 1 quantized configurations")
     key, why = choose_point(measured(), FP32, True, 0.974, "accuracy")
     assert key == FP32 and why.startswith("no quantized configuration was offered")
+
+
+def test_a_nan_metric_is_never_on_the_frontier() -> None:
+    # An fp16 overflow makes the deployed metric NaN: compared with nothing, it would be
+    # dominated by nothing and marked Pareto-optimal as the fastest point.
+    pts = [point("fp32", {}, 0.99, 1.0, 1_270_000),
+           point("fp16", {"fc1": "fp16"}, float("nan"), 0.3, 600_000, inside=False),
+           point("int8", {"fc1": "int8"}, 0.98, 0.5, 400_000),
+           point("int4", {"fc1": "int4"}, 0.97, 0.6, 200_000)]
+    _mark_pareto(pts, True)
+    assert [p.pareto for p in pts] == [True, False, True, False]

@@ -175,11 +175,22 @@ def test_a_model_whose_float_outputs_are_nan_is_refused() -> None:
 
 
 def test_minus_inf_logits_pass_for_cross_entropy_but_not_for_distances() -> None:
-    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    head = nn.Linear(4, 3)
+    model = nn.Sequential(head).eval()
     with torch.no_grad():
-        model[0].bias[2] = -float("inf")  # class 2 masked out
+        head.bias[2] = -float("inf")  # class 2 masked out
     x, y = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
     task = QuantTask(model, quantizable_layers(model), (x,), y, (x,), y, "accuracy")
     assert 0.0 <= task.evaluate({}) <= 1.0
     with pytest.raises(UserError, match=r"hold 8 infinite values \(of 24\): no mse"):
         QuantTask(model, quantizable_layers(model), (x,), None, (x,), None, "mse")
+
+
+def test_a_relative_mse_budget_says_to_give_an_absolute_one() -> None:
+    # mse is measured against the float model's own outputs: its baseline is 0 by definition,
+    # not because the data is wrong, so the advice must not be to check the data.
+    with pytest.raises(UserError, match="0 for the float model by definition") as caught:
+        threshold(0.0, "relative", 0.999, False, metric="mse")
+    assert "check the data" not in str(caught.value) and '"absolute"' in str(caught.value)
+    assert threshold(0.0, "absolute", 1e-3, False, metric="mse").value == 1e-3
+    assert threshold(0.9, "relative", 0.999, True, metric="cosine").value == pytest.approx(0.8991)
