@@ -12,6 +12,7 @@ dependencies (after "Augmenting Hessians with Inter-Layer Dependencies for Mixed
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -226,21 +227,31 @@ def pairwise_terms(task: QuantTask, layers: Sequence[str], fmt_of: Mapping[str, 
 def combine(scores: list[LayerScore], deps: Mapping[str, float] | None, weight: float,
             pairwise: Mapping[str, float] | None = None) -> list[LayerScore]:
     """score = h / sum(h) + weight * d / sum(d), negatives clipped (noise); pairwise terms add
-    half of each positive cross term to both layers' dependency."""
+    half of each positive cross term to both layers' dependency.
+
+    Where the fully quantized loss overflows (fp16 everywhere), a layer whose restoring alone
+    makes it finite has d = inf: it ranks above every finite score (1 + weight at most). A NaN
+    d (inf - inf: the loss overflows with the layer restored too) says nothing: it adds 0."""
     h_total = sum(max(s.hessian_term, 0.0) for s in scores) or 1.0
     d: dict[str, float] = {}
+    overflow: set[str] = set()
     if deps is not None:
-        d = {k: max(v, 0.0) for k, v in deps.items()}
+        overflow = {k for k, v in deps.items() if v == math.inf}
+        d = {k: max(v, 0.0) for k, v in deps.items() if math.isfinite(v)}
         for s in scores:
             s.dependency_term = deps[s.name]
     if pairwise:
         for key, v in pairwise.items():
+            if not math.isfinite(v):
+                continue
             a, b = key.split("|")
             d[a] = d.get(a, 0.0) + max(v, 0.0) / 2
             d[b] = d.get(b, 0.0) + max(v, 0.0) / 2
     d_total = sum(d.values()) or 1.0
     for s in scores:
         s.score = max(s.hessian_term, 0.0) / h_total + weight * d.get(s.name, 0.0) / d_total
+        if s.name in overflow:
+            s.score += 1.0 + weight
     for rank, s in enumerate(sorted(scores, key=lambda s: s.score)):
         s.rank = rank
     return scores

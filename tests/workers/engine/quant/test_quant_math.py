@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,13 @@ from workers.engine.backends import onnxruntime_cpu as ortb
 from workers.engine.quant import fake
 from workers.engine.quant import search as qsearch
 from workers.engine.quant.formats import LayerFormat
-from workers.engine.quant.sensitivity import exact_trace, gauss_newton_traces, hutchinson_traces
+from workers.engine.quant.sensitivity import (
+    LayerScore,
+    combine,
+    exact_trace,
+    gauss_newton_traces,
+    hutchinson_traces,
+)
 from workers.engine.quant.task import threshold
 
 
@@ -153,3 +161,19 @@ def test_fake_int4_matches_ort_on_ties() -> None:
     deployed = ortb.Session(ortb.realize(exported, cfg), 1).run((x,))  # (64, 4): W_deq^T
     simulated = fake.int4_weight(w, 32).T.numpy()
     assert (abs(deployed - simulated) <= 1e-6).all(), (deployed - simulated).nonzero()
+
+
+def test_a_non_finite_inter_layer_term_does_not_void_the_ordering() -> None:
+    """The fully quantized model's loss can overflow (fp16 everywhere): restoring the layer
+    that overflows gives an infinite drop, and inf - inf is NaN. Such terms used to make every
+    score NaN (the order then fell back to definition order, silently)."""
+    hess = {"a": 0.1, "b": 0.4, "c": 0.3, "d": 0.2}
+    scores = [LayerScore(n, "Linear", 10, h, 1.0, h) for n, h in hess.items()]
+    deps = {"a": float("inf"), "b": 1.0, "c": float("nan"), "d": 3.0}
+    out = {s.name: s for s in combine(scores, deps, weight=1.0)}
+    assert all(math.isfinite(s.score) for s in out.values()), out
+    assert out["a"].rank == 3  # restoring it alone removes the overflow: the most sensitive
+    # the finite terms are normalized among themselves; the NaN one adds nothing
+    assert out["d"].score == pytest.approx(0.2 + 0.75) and out["b"].score == pytest.approx(0.65)
+    assert out["c"].score == pytest.approx(0.3)
+    assert math.isnan(out["c"].dependency_term or 0.0)  # reported as measured
