@@ -185,6 +185,11 @@ class Budget(_Strict):
     def _range(self) -> Budget:
         if self.mode == "relative" and not 0 < self.value <= 1:
             raise ValueError("a relative budget is a fraction in (0, 1], e.g. 0.999")
+        if self.mode == "relative" and self.metric == "mse":
+            # mse is measured against the float model's own outputs: its baseline is 0
+            raise ValueError("metric mse is 0 for the float model by definition, so a relative "
+                             "budget allows no change: give mode \"absolute\" and the mean "
+                             "squared error you accept as value, e.g. 0.001")
         return self
 
 

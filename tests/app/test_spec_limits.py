@@ -42,6 +42,15 @@ def test_dependency_weight_is_finite() -> None:
     assert SensitivityOptions(dependency_weight=1e6).dependency_weight == 1e6
 
 
+def test_a_relative_budget_on_mse_is_refused_at_submit() -> None:
+    # the engine refused it too, but only once a worker had loaded the model
+    with pytest.raises(ValidationError, match='give mode "absolute"'):
+        MixedPrecisionSpec(model=ZOO, budget={"metric": "mse"})
+    spec = MixedPrecisionSpec(model=ZOO, budget={"metric": "mse", "mode": "absolute",
+                                                 "value": 0.001})
+    assert spec.budget.metric == "mse"
+
+
 def test_a_random_input_must_fit_a_worker() -> None:
     with pytest.raises(ValidationError, match=r"268,435,456 \(1 GiB of float32\)"):
         BenchmarkSpec(model=ZOO, input_shape=[65536, 65536, 65536])
