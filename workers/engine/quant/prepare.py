@@ -26,6 +26,21 @@ def _split(data: TensorData, names: list[str], n_eval: int, n_calib: int
             tuple(t[n - cb:] for t in tensors), labels[n - cb:] if labels is not None else None)
 
 
+def _warn_overlap(ctx: JobContext, n: int, n_eval: int, n_calib: int, n_train: int) -> None:
+    """Evaluation comes from the front, calibration and LoRA training from the back: on data
+    too small to hold them apart they share samples, which the job still runs with but says."""
+    ev = min(n_eval, n)
+    for what, k, effect in (
+            ("calibration", min(n_calib, n), "the sensitivities and static scales are fitted "
+             "on samples the metric is then measured on"),
+            ("LoRA training", min(n_train, n), "the recovered metric is measured on samples "
+             "the adapters trained on, so it is optimistic")):
+        shared = ev + k - n
+        if k and shared > 0:
+            ctx.log.warning("%s uses %d of the %d evaluation samples (the data has %d; "
+                            "%d would keep them apart): %s", what, shared, ev, n, ev + k, effect)
+
+
 def build_task(model_ref: ModelRef, dataset_ref: DatasetRef | None, metric: str | None,
                eval_samples: int, calib_samples: int, ctx: JobContext, train_samples: int = 0
                ) -> tuple[models.LoadedModel, QuantTask]:
@@ -35,6 +50,7 @@ def build_task(model_ref: ModelRef, dataset_ref: DatasetRef | None, metric: str 
     train_x: tuple[torch.Tensor, ...] | None = None
     if dataset_ref is not None:
         data = models.load_dataset(dataset_ref, ctx, loaded)
+        _warn_overlap(ctx, len(data), eval_samples, calib_samples, train_samples)
         ev_x, ev_y, cb_x, cb_y = _split(data, loaded.input_names, eval_samples, calib_samples)
         if train_samples:
             train_x = _split(data, loaded.input_names, 0, train_samples)[2]
@@ -46,6 +62,7 @@ def build_task(model_ref: ModelRef, dataset_ref: DatasetRef | None, metric: str 
         if train_samples:
             train_x = datasets.digits("train").take(train_samples).ordered(loaded.input_names)
     else:
+        _warn_overlap(ctx, len(loaded.default_data), eval_samples, calib_samples, train_samples)
         ev_x, ev_y, cb_x, cb_y = _split(loaded.default_data, loaded.input_names, eval_samples,
                                         calib_samples)
         if train_samples:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from app.config import Settings
-from app.schemas import SensitivitySpec
+from app.schemas import DatasetRef, ModelRef, SensitivitySpec
 from app.storage import open_store
 from workers.engine import graph_layers, mixed_precision
 from workers.engine.backends import onnxruntime_cpu as ortb
@@ -19,6 +19,7 @@ from workers.engine.context import LocalContext
 from workers.engine.quant import sensitivity as qsens
 from workers.engine.quant.fake import simulate
 from workers.engine.quant.formats import LayerFormat
+from workers.engine.quant.prepare import build_task
 from workers.engine.quant.task import QuantTask, quantizable_layers
 
 pytestmark = pytest.mark.slow
@@ -109,6 +110,26 @@ def test_uploaded_conv1d_model_is_scored_at_every_precision(tmp_path: Path) -> N
         assert [(s.name, s.type) for s in res.layers] == [
             ("c1", "Conv1d"), ("c2", "Conv1d"), ("head", "Linear")], precision
         assert all(s.perturbation > 0 and s.dependency_term is not None for s in res.layers)
+
+
+def test_samples_shared_by_evaluation_and_calibration_or_training_are_said(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = open_store(Settings(store_url=(tmp_path / "store").as_uri()))
+    ctx = LocalContext(tmp_path / "work", store=store)
+    store.put_file(f"tenants/local/models/mdl_{'c' * 32}/model.pt2", exported(tmp_path / "m.pt2"))
+    data = tmp_path / "data.npz"
+    np.savez(data, x=signals(128, 2).numpy())
+    store.put_file(f"tenants/local/datasets/dst_{'d' * 32}/data.npz", data)
+    model, dataset = ModelRef(id="mdl_" + "c" * 32), DatasetRef(id="dst_" + "d" * 32)
+    with caplog.at_level("WARNING"):
+        build_task(model, dataset, None, 64, 64, ctx, train_samples=32)
+    assert "evaluation samples" not in caplog.text  # 64 + 64 and 64 + 32 fit in 128
+    with caplog.at_level("WARNING"):
+        build_task(model, dataset, None, 100, 64, ctx, train_samples=64)
+    assert "calibration uses 36 of the 100 evaluation samples (the data has 128; 164" \
+        in caplog.text
+    assert "LoRA training uses 36 of the 100 evaluation samples" in caplog.text
+    assert "optimistic" in caplog.text
 
 
 def test_hessian_traces_of_no_layers_is_empty() -> None:
