@@ -40,6 +40,7 @@ from modelpress._async_client import AsyncClient
 from modelpress._client import Client
 from modelpress._errors import (
     APIConnectionError,
+    APIResponseValidationError,
     APIStatusError,
     APITimeoutError,
     AuthenticationError,
@@ -61,6 +62,7 @@ from modelpress._errors import (
 
 __all__ = [
     "APIConnectionError",
+    "APIResponseValidationError",
     "APIStatusError",
     "APITimeoutError",
     "ArtifactInfo",

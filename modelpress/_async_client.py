@@ -77,12 +77,16 @@ class AsyncClient:
     async def readyz(self) -> Health:
         return await self._call(_base.health("/readyz"))
 
-    async def _call(self, call: _base.Call[T]) -> T:
-        return call.parse(await self._send(call))
+    async def _call(self, call: _base.Call[T], deadline: _base.Deadline | None = None) -> T:
+        return _base.parse(call, await self._send(call, deadline), self.base_url)
 
-    async def _send(self, call: _base.Call[Any]) -> httpx.Response:
+    async def _send(self, call: _base.Call[Any], deadline: _base.Deadline | None = None
+                    ) -> httpx.Response:
+        """As :meth:`modelpress.Client._send`."""
         attempt = 0
         while True:
+            response: httpx.Response | None = None
+            timeout = _base.timeout_within(self._http.timeout, deadline)
             try:
                 if call.upload is not None:
                     async with await anyio.open_file(call.upload, "rb") as fh:
@@ -93,28 +97,30 @@ class AsyncClient:
                         response = await self._http.request(
                             call.method, call.path, params=call.params,
                             headers={**call.headers, "Content-Length": str(size)},
-                            content=_chunks(fh))
+                            content=_chunks(fh), timeout=timeout)
                 else:
                     response = await self._http.request(call.method, call.path, params=call.params,
-                                                        json=call.json, headers=dict(call.headers))
+                                                        json=call.json, headers=dict(call.headers),
+                                                        timeout=timeout)
             except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
                 raise _base.bad_url(exc) from exc  # the same on every try: not retried
-            except httpx.TimeoutException as exc:
-                if attempt >= self.max_retries:
-                    raise _base.call_timed_out(call, self.base_url, attempt + 1, exc,
-                                               self._http.timeout) from exc
-                await asyncio.sleep(_base.backoff_seconds(attempt, None))
             except httpx.TransportError as exc:
-                if attempt >= self.max_retries:
-                    raise APIConnectionError(f"could not reach {self.base_url}{self._url_hint}: {exc}",
-                                             request=exc.request) from exc
-                await asyncio.sleep(_base.backoff_seconds(attempt, None))
+                failure: Exception = exc
             else:
                 if response.is_success or response.status_code in call.accept:
                     return response
-                if not _base.should_retry(response) or attempt >= self.max_retries:
-                    raise status_error(response)
-                await asyncio.sleep(_base.backoff_seconds(attempt, response))
+                failure = status_error(response)
+                if not _base.should_retry(response):
+                    raise failure
+            pause = _base.backoff_seconds(attempt, response)
+            if deadline is not None and _base.out_of_time(deadline, attempt, self.max_retries,
+                                                          pause):
+                raise deadline.error() from failure
+            if attempt >= self.max_retries:
+                error = _base.gave_up(failure, call, self.base_url, self._url_hint, attempt + 1,
+                                      self._http.timeout)
+                raise error from (None if error is failure else failure)
+            await asyncio.sleep(pause)
             attempt += 1
 
 
@@ -239,22 +245,28 @@ class AsyncJobs:
             headers = {"Accept": "text/event-stream"}
             if decoder.last_id:
                 headers["Last-Event-ID"] = decoder.last_id
+            timeout = _base.stream_timeout(self._c._http.timeout, deadline)
             try:
                 async with self._c._http.stream("GET", _base.events_path(job_id), headers=headers,
-                                                timeout=_base.stream_timeout(deadline)) as resp:
+                                                timeout=timeout) as resp:
                     if not resp.is_success:
                         await resp.aread()
                         if not _base.should_retry(resp) or attempt >= self._c.max_retries:
                             raise status_error(resp)
                         pause = _base.backoff_seconds(attempt, resp)
                     else:
+                        _base.check_event_stream(resp, job_id, self._c.base_url)
                         decoder.new_stream()
                         async for line in resp.aiter_lines():
                             # A line (a keep-alive too): this connection worked, so a later
                             # cut (a proxy's time limit, an API restart) starts a new series of
                             # retries; a job that sits queued gets keep-alives only.
                             attempt = 0
-                            event = decoder.feed(line)
+                            try:
+                                event = decoder.feed(line)
+                            except ValueError as exc:  # not a job event: not this API
+                                raise _base.unreadable(f"the event stream of {job_id}", resp,
+                                                       self._c.base_url, exc) from exc
                             if event is not None:
                                 yield event
                                 if event.type == "state" and event.state in FINAL_STATES:
@@ -293,13 +305,14 @@ class AsyncJobs:
                                            timeout=_base.ended_probe_timeout(deadline))
         except httpx.TransportError:
             return False
-        return _base.job_ended(resp)
+        return _base.job_ended(resp, job_id, self._c.base_url)
 
     async def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None,
                    raise_on_failure: bool = True) -> Job:
         """As :meth:`modelpress.Client.jobs.wait`."""
         printer = ProgressPrinter(job_id) if progress else None
-        events = self._events(job_id, None, _base.Deadline.after(job_id, timeout))
+        deadline = _base.Deadline.after(job_id, timeout)
+        events = self._events(job_id, None, deadline)
         try:
             async for event in events:
                 if printer:
@@ -308,7 +321,7 @@ class AsyncJobs:
             await events.aclose()
             if printer:
                 printer.close()
-        job = await self.get(job_id)
+        job = await self._c._call(_base.get_job(job_id), deadline and deadline.job_ended())
         if raise_on_failure and job.state in ("failed", "cancelled"):
             raise JobFailedError(job)
         return job
@@ -319,7 +332,7 @@ class AsyncJobs:
         attempt = 0
         while True:
             try:
-                with _base.cleaned_up(tmp, name):
+                with _base.cleaned_up(tmp, name, self._c.base_url, self._c._http.timeout):
                     async with self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
                         if not resp.is_success:
                             await resp.aread()

@@ -12,14 +12,14 @@ import uuid
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from app.schemas import (
     FINAL_STATES,
@@ -37,9 +37,11 @@ from app.schemas import (
 )
 from modelpress._errors import (
     APIConnectionError,
+    APIResponseValidationError,
     APITimeoutError,
     IntegrityError,
     InvalidArgumentError,
+    ModelpressError,
     WaitTimeoutError,
     status_error,
 )
@@ -127,21 +129,24 @@ def etag_sha256(response: httpx.Response) -> str | None:
 
 
 @contextmanager
-def cleaned_up(tmp: Path, name: str) -> Iterator[None]:
+def cleaned_up(tmp: Path, name: str, base_url: str, timeout: httpx.Timeout) -> Iterator[None]:
     """A download that fails leaves no ``.part`` behind; one that times out is an
     APITimeoutError, one that cannot connect or is cut off mid-stream (the connection dropped, or
     more or fewer bytes than the server declared) an APIConnectionError."""
+    what = f"the download of {name} from {base_url}"
     try:
         yield
     except httpx.TimeoutException as exc:
         _discard(tmp)
-        raise APITimeoutError(f"the download of {name} timed out: {exc}") from exc
+        raise APITimeoutError(f"{what} ran past {_limit(exc, timeout)}{_said(exc)}; a large artifact "
+                              "or a slow link needs more time: Client(timeout=...) sets the "
+                              "limits", request=_request_of(exc)) from exc
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
         _discard(tmp)
         raise bad_url(exc) from exc
     except httpx.TransportError as exc:
         _discard(tmp)
-        raise APIConnectionError(f"the download of {name} failed: {exc}") from exc
+        raise APIConnectionError(f"{what} failed: {exc}", request=_request_of(exc)) from exc
     except BaseException:
         _discard(tmp)
         raise
@@ -272,13 +277,21 @@ def call_timed_out(call: Call[Any], base_url: str, tries: int, exc: httpx.Timeou
                    timeout: httpx.Timeout) -> APITimeoutError:
     """A call that timed out on every try, as an error that says which call, which limit ran
     out, and how to give it more time (httpx's own message is only "timed out")."""
+    return APITimeoutError(
+        f"{call.method} {call.path} at {base_url} ran past {_limit(exc, timeout)} on all {tries} "
+        f"{'try' if tries == 1 else 'tries'}{_said(exc)}; a slow service or a large upload needs "
+        "more time: Client(timeout=...) sets the limits", request=_request_of(exc))
+
+
+def _said(exc: Exception) -> str:
+    return f" ({exc})" if str(exc) else ""  # the async transport's timeouts say nothing
+
+
+def _limit(exc: httpx.TimeoutException, timeout: httpx.Timeout) -> str:
+    """Which of ``timeout``'s limits ``exc`` ran past, in words."""
     phase = next((name for cls, name in _PHASES if isinstance(exc, cls)), None)
     limit = getattr(timeout, phase) if phase else None
-    what = f"the {phase} limit of {limit:g} s" if phase and limit is not None else "its limit"
-    return APITimeoutError(
-        f"{call.method} {call.path} at {base_url} ran past {what} on all {tries} "
-        f"{'try' if tries == 1 else 'tries'} ({exc}); a slow service or a large upload needs "
-        "more time: Client(timeout=...) sets the limits", request=_request_of(exc))
+    return f"the {phase} limit of {limit:g} s" if phase and limit is not None else "its limit"
 
 
 def _request_of(exc: httpx.TransportError) -> httpx.Request | None:
@@ -292,11 +305,13 @@ def _request_of(exc: httpx.TransportError) -> httpx.Request | None:
 class Deadline:
     """When ``jobs.wait(timeout=...)`` gives up: checked on every line of the event stream
     (the server's keep-alives included) and bounding each read, so a job that never moves, or
-    a stream that sends nothing, still returns control on time."""
+    a stream that sends nothing, still returns control on time. It bounds the GET of the
+    job's record once the stream has ended too (``ended``), retries included."""
 
     job_id: str
     timeout: float
     at: float
+    ended: bool = False  # the job has ended: what is left is reading its record
 
     @classmethod
     def after(cls, job_id: str, timeout: float | None) -> Deadline | None:
@@ -305,17 +320,66 @@ class Deadline:
     def left(self) -> float:
         return self.at - time.monotonic()
 
+    def job_ended(self) -> Deadline:
+        return replace(self, ended=True)
+
+    def error(self) -> WaitTimeoutError:
+        if self.ended:
+            return WaitTimeoutError(
+                f"job {self.job_id} ended, but its record could not be read within "
+                f"{self.timeout} s (the API was slow or unavailable); "
+                f"jobs.get({self.job_id!r}) reads it")
+        return WaitTimeoutError(f"job {self.job_id} did not finish within {self.timeout} s")
+
     def check(self) -> None:
         if self.left() < 0:
-            raise WaitTimeoutError(f"job {self.job_id} did not finish within {self.timeout} s")
+            raise self.error()
 
 
-def stream_timeout(deadline: Deadline | None) -> httpx.Timeout:
+def timeout_within(timeout: httpx.Timeout, deadline: Deadline | None) -> httpx.Timeout:
+    """The client's ``timeout`` with no phase longer than the wait has left."""
+    if deadline is None:
+        return timeout
+    left = max(0.05, deadline.left())
+    phases = {p: getattr(timeout, p) for p in ("connect", "read", "write", "pool")}
+    return httpx.Timeout(**{p: left if v is None else min(v, left) for p, v in phases.items()})
+
+
+def out_of_time(deadline: Deadline | None, attempt: int, max_retries: int, pause: float
+                ) -> bool:
+    """Whether a failed try ends a call made within ``deadline``: it has run out, or the next
+    try (one is left) would start after it."""
+    if deadline is None:
+        return False
+    left = deadline.left()
+    return left <= 0 or (attempt < max_retries and pause >= left)
+
+
+def gave_up(failure: Exception, call: Call[Any], base_url: str, hint: str, tries: int,
+            timeout: httpx.Timeout) -> ModelpressError:
+    """The error a call raises when its last try failed with ``failure``: a status error as it
+    is, a transport failure as the SDK's error class, saying where and how to fix it."""
+    if isinstance(failure, ModelpressError):
+        return failure
+    if isinstance(failure, httpx.TimeoutException):
+        return call_timed_out(call, base_url, tries, failure, timeout)
+    assert isinstance(failure, httpx.TransportError)
+    return APIConnectionError(f"could not reach {base_url}{hint}: {failure}",
+                              request=_request_of(failure))
+
+
+def stream_timeout(timeout: httpx.Timeout, deadline: Deadline | None) -> httpx.Timeout:
     """The event stream's timeouts: a read waits for the server's keep-alives (every 10 s);
-    no phase (connecting to an address that does not answer included) waits longer than the
+    connecting, writing and waiting for the pool keep the client's limits (at most 60 s); no
+    phase (connecting to an address that does not answer included) waits longer than the
     wait has left."""
     left = math.inf if deadline is None else max(0.05, deadline.left() + 0.05)
-    return httpx.Timeout(min(60.0, left), read=min(120.0, left))
+
+    def within(limit: float | None) -> float:
+        return min(60.0 if limit is None else limit, 60.0, left)
+
+    return httpx.Timeout(connect=within(timeout.connect), read=min(120.0, left),
+                         write=within(timeout.write), pool=within(timeout.pool))
 
 
 def ended_probe_timeout(deadline: Deadline | None) -> httpx.Timeout:
@@ -325,14 +389,51 @@ def ended_probe_timeout(deadline: Deadline | None) -> httpx.Timeout:
     return httpx.Timeout(limit)
 
 
-def job_ended(resp: httpx.Response) -> bool:
+def job_ended(resp: httpx.Response, job_id: str, base_url: str) -> bool:
     """Whether that GET says the job is in a final state. A 404 (deleted) is raised; any other
     failure is False (the API restarting, rate limiting): the caller reconnects as before."""
     if resp.status_code == 404:
         raise status_error(resp)
     if not resp.is_success:
         return False
-    return Job.model_validate_json(resp.content).state in FINAL_STATES
+    return parse(get_job(job_id), resp, base_url).state in FINAL_STATES
+
+
+def parse(call: Call[T], response: httpx.Response, base_url: str) -> T:
+    """``call``'s answer read; a body that is not what the API sends is an
+    APIResponseValidationError that says where it came from, not pydantic's error."""
+    try:
+        return call.parse(response)
+    except ValueError as exc:  # pydantic's ValidationError; json's JSONDecodeError
+        raise unreadable(f"{call.method} {call.path}", response, base_url, exc) from exc
+
+
+def unreadable(what: str, response: httpx.Response, base_url: str, exc: ValueError | None
+               ) -> APIResponseValidationError:
+    """A 2xx answer this SDK cannot read, as an error that says what came back and what to
+    check."""
+    if isinstance(exc, ValidationError):
+        errors = exc.errors(include_url=False)
+        where = ".".join(str(p) for p in errors[0]["loc"])
+        detail = f"{where + ': ' if where else ''}{errors[0]['msg']}"
+        detail += f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    elif exc is not None:
+        detail = str(exc)
+    else:
+        detail = "not an event stream"
+    ctype = response.headers.get("content-type") or "no content type"
+    return APIResponseValidationError(
+        f"{what} at {base_url} answered {response.status_code} ({ctype}) with a body this SDK "
+        f"cannot read: {detail}. Is {base_url} the modelpress API (base_url, "
+        "MODELPRESS_BASE_URL)? If it is, this SDK and the service are different versions",
+        response=response)
+
+
+def check_event_stream(resp: httpx.Response, job_id: str, base_url: str) -> None:
+    """A 2xx event stream that is not ``text/event-stream`` (a proxy's page, another service)
+    is refused at once, not read as lines of nothing until it ends."""
+    if resp.headers.get("content-type", "").split(";")[0].strip() != "text/event-stream":
+        raise unreadable(f"the event stream of {job_id}", resp, base_url, None)
 
 
 def pause_within(pause: float, deadline: Deadline | None) -> float:
@@ -357,6 +458,8 @@ class SSEDecoder:
         self._data, self._id = [], None
 
     def feed(self, line: str) -> JobEvent | None:
+        """The event ``line`` completes, if any; one whose data is not a job event raises
+        ValueError (pydantic's ValidationError, json's JSONDecodeError)."""
         if line == "":
             if not self._data:
                 return None

@@ -6,7 +6,7 @@ import builtins
 import hashlib
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -82,39 +82,46 @@ class Client:
     def readyz(self) -> Health:
         return self._call(_base.health("/readyz"))
 
-    def _call(self, call: _base.Call[T]) -> T:
-        response = self._send(call)
-        return call.parse(response)
+    def _call(self, call: _base.Call[T], deadline: _base.Deadline | None = None) -> T:
+        return _base.parse(call, self._send(call, deadline), self.base_url)
 
-    def _send(self, call: _base.Call[Any]) -> httpx.Response:
+    def _send(self, call: _base.Call[Any], deadline: _base.Deadline | None = None
+              ) -> httpx.Response:
+        """``call``, retried; with a ``deadline``, no try and no pause runs past it (it is then
+        a WaitTimeoutError)."""
         attempt = 0
         while True:
+            response: httpx.Response | None = None
+            timeout = _base.timeout_within(self._http.timeout, deadline)
             try:
                 if call.upload is not None:
                     with call.upload.open("rb") as fh:
                         response = self._http.request(call.method, call.path, params=call.params,
-                                                      headers=dict(call.headers), content=fh)
+                                                      headers=dict(call.headers), content=fh,
+                                                      timeout=timeout)
                 else:
                     response = self._http.request(call.method, call.path, params=call.params,
-                                                  json=call.json, headers=dict(call.headers))
+                                                  json=call.json, headers=dict(call.headers),
+                                                  timeout=timeout)
             except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
                 raise _base.bad_url(exc) from exc  # the same on every try: not retried
-            except httpx.TimeoutException as exc:
-                if attempt >= self.max_retries:
-                    raise _base.call_timed_out(call, self.base_url, attempt + 1, exc,
-                                               self._http.timeout) from exc
-                time.sleep(_base.backoff_seconds(attempt, None))
             except httpx.TransportError as exc:
-                if attempt >= self.max_retries:
-                    raise APIConnectionError(f"could not reach {self.base_url}{self._url_hint}: {exc}",
-                                             request=exc.request) from exc
-                time.sleep(_base.backoff_seconds(attempt, None))
+                failure: Exception = exc
             else:
                 if response.is_success or response.status_code in call.accept:
                     return response
-                if not _base.should_retry(response) or attempt >= self.max_retries:
-                    raise status_error(response)
-                time.sleep(_base.backoff_seconds(attempt, response))
+                failure = status_error(response)
+                if not _base.should_retry(response):
+                    raise failure
+            pause = _base.backoff_seconds(attempt, response)
+            if deadline is not None and _base.out_of_time(deadline, attempt, self.max_retries,
+                                                          pause):
+                raise deadline.error() from failure
+            if attempt >= self.max_retries:
+                error = _base.gave_up(failure, call, self.base_url, self._url_hint, attempt + 1,
+                                      self._http.timeout)
+                raise error from (None if error is failure else failure)
+            time.sleep(pause)
             attempt += 1
 
 
@@ -223,7 +230,7 @@ class Jobs:
         return self._events(job_id, last_event_id, None)
 
     def _events(self, job_id: str, last_event_id: str | None, deadline: _base.Deadline | None
-                ) -> Iterator[JobEvent]:
+                ) -> Generator[JobEvent, None, None]:
         decoder = _base.SSEDecoder()
         decoder.last_id = last_event_id
         attempt = 0
@@ -231,22 +238,28 @@ class Jobs:
             headers = {"Accept": "text/event-stream"}
             if decoder.last_id:
                 headers["Last-Event-ID"] = decoder.last_id
+            timeout = _base.stream_timeout(self._c._http.timeout, deadline)
             try:
                 with self._c._http.stream("GET", _base.events_path(job_id), headers=headers,
-                                          timeout=_base.stream_timeout(deadline)) as resp:
+                                          timeout=timeout) as resp:
                     if not resp.is_success:
                         resp.read()
                         if not _base.should_retry(resp) or attempt >= self._c.max_retries:
                             raise status_error(resp)
                         pause = _base.backoff_seconds(attempt, resp)
                     else:
+                        _base.check_event_stream(resp, job_id, self._c.base_url)
                         decoder.new_stream()
                         for line in resp.iter_lines():
                             # A line (a keep-alive too): this connection worked, so a later
                             # cut (a proxy's time limit, an API restart) starts a new series of
                             # retries; a job that sits queued gets keep-alives only.
                             attempt = 0
-                            event = decoder.feed(line)
+                            try:
+                                event = decoder.feed(line)
+                            except ValueError as exc:  # not a job event: not this API
+                                raise _base.unreadable(f"the event stream of {job_id}", resp,
+                                                       self._c.base_url, exc) from exc
                             if event is not None:
                                 yield event
                                 if event.type == "state" and event.state in FINAL_STATES:
@@ -285,7 +298,7 @@ class Jobs:
                                      timeout=_base.ended_probe_timeout(deadline))
         except httpx.TransportError:
             return False
-        return _base.job_ended(resp)
+        return _base.job_ended(resp, job_id, self._c.base_url)
 
     def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None,
              raise_on_failure: bool = True) -> Job:
@@ -294,14 +307,19 @@ class Jobs:
         A job that ends failed or cancelled raises JobFailedError (its ``job`` attribute holds
         the record); with ``raise_on_failure=False`` it is returned like a succeeded one."""
         printer = ProgressPrinter(job_id) if progress else None
+        deadline = _base.Deadline.after(job_id, timeout)
+        events = self._events(job_id, None, deadline)
         try:
-            for event in self._events(job_id, None, _base.Deadline.after(job_id, timeout)):
+            for event in events:
                 if printer:
                     printer.show(event)
         finally:
+            events.close()
             if printer:
                 printer.close()
-        job = self.get(job_id)
+        # Within the wait's deadline too, retries included: a slow or restarting API does not
+        # hold a wait(timeout=...) past it.
+        job = self._c._call(_base.get_job(job_id), deadline and deadline.job_ended())
         if raise_on_failure and job.state in ("failed", "cancelled"):
             raise JobFailedError(job)
         return job
@@ -313,7 +331,7 @@ class Jobs:
         attempt = 0
         while True:
             try:
-                with _base.cleaned_up(tmp, name), \
+                with _base.cleaned_up(tmp, name, self._c.base_url, self._c._http.timeout), \
                         self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
                     if not resp.is_success:
                         resp.read()

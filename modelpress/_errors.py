@@ -29,8 +29,19 @@ class APITimeoutError(APIConnectionError):
     """The request timed out (after retries)."""
 
 
+class APIResponseValidationError(ModelpressError, ValueError):
+    """The service answered with a success status but a body this SDK cannot read: the base
+    URL names another service (a proxy's sign-in page, another program on that port), or the
+    service runs another version of the API. Retrying cannot help, so none is made."""
+
+    def __init__(self, message: str, *, response: httpx.Response) -> None:
+        super().__init__(message)
+        self.response = response
+        self.status_code = response.status_code
+
+
 class APIStatusError(ModelpressError):
-    """The service answered with a 4xx or 5xx status."""
+    """The service answered with a 4xx or 5xx status (or a redirect, which is not followed)."""
 
     status_code: int
 
@@ -115,7 +126,14 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
 }
 
 
+NO_KEY_HINT = ("; no API key was sent: pass api_key=... to the client (the CLI's --api-key) or "
+               "set MODELPRESS_API_KEY (`modelpress serve` prints its key and saves it under its "
+               "data folder, and sends it only to its own address)")
+
+
 def status_error(response: httpx.Response) -> APIStatusError:
+    """The error class and message of a 4xx or 5xx answer; a 401 to a request that carried no
+    key says how to give one."""
     try:
         body: Any = response.json()
     except ValueError:
@@ -123,7 +141,28 @@ def status_error(response: httpx.Response) -> APIStatusError:
     err = body.get("error") if isinstance(body, dict) else None
     message = err.get("message") if isinstance(err, dict) else None
     message = f"{response.status_code}: {message or response.text[:300] or response.reason_phrase}"
+    if response.is_redirect:  # an http:// address a proxy sends on to https://, say
+        message = (f"{response.status_code}: {_what(response)} is redirected to "
+                   f"{response.headers['location']}; set the base URL (base_url, "
+                   "MODELPRESS_BASE_URL) to the address the API answers on (the SDK does not "
+                   "follow redirects)")
+    if response.status_code == 401 and not _key_sent(response):
+        message += NO_KEY_HINT
     cls = _BY_STATUS.get(response.status_code)
     if cls is None:
         cls = InternalServerError if response.status_code >= 500 else APIStatusError
     return cls(message, response=response, body=body)
+
+
+def _key_sent(response: httpx.Response) -> bool:
+    try:
+        return "authorization" in response.request.headers
+    except RuntimeError:  # a response made without a request: nothing to tell
+        return True
+
+
+def _what(response: httpx.Response) -> str:
+    try:
+        return f"{response.request.method} {response.request.url}"
+    except RuntimeError:
+        return "the request"

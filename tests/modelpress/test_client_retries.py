@@ -49,6 +49,8 @@ class Script:
         self.short_streams = 0  # event streams to close after one keep-alive, job still queued
         self.cut_mid_event = 0  # event streams to close after an event's data line, before its end
         self.job_state = "queued"  # what GET /v1/jobs/job_1 says
+        self.job_delay = 0.0  # seconds GET /v1/jobs/job_1 takes to answer (a slow API)
+        self.retry_after = "0"  # the Retry-After of a 429 or 503
 
 
 @pytest.fixture
@@ -67,7 +69,7 @@ def server() -> Iterator[tuple[str, Script]]:
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             if status in (429, 503):
-                self.send_header("Retry-After", "0")
+                self.send_header("Retry-After", script.retry_after)
             for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()
@@ -88,6 +90,7 @@ def server() -> Iterator[tuple[str, Script]]:
                 self._answer(200, ARTIFACT, "application/octet-stream",
                              ETag=f'"{hashlib.sha256(ARTIFACT).hexdigest()}"')
             elif self.path == "/v1/jobs/job_1":
+                time.sleep(script.job_delay)
                 self._answer(200, json.dumps({
                     "id": "job_1", "kind": "benchmark", "state": script.job_state,
                     "queue": "cpu", "spec": {"kind": "benchmark", "model": {"zoo": "digits-cnn"}},
@@ -140,6 +143,10 @@ def server() -> Iterator[tuple[str, Script]]:
 
         def log_message(self, *args: object) -> None:
             pass
+
+        def handle(self) -> None:
+            with contextlib.suppress(OSError):  # a client that gave up and went away
+                super().handle()
 
     httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -256,7 +263,7 @@ def test_event_streams_and_downloads_ride_out_5xx(server: tuple[str, Script],
     async def go() -> tuple[list[str | None], bytes]:
         async with AsyncClient(base_url=url, api_key="k") as ac:
             script.statuses = [503, 200]
-            states = [e.state async for e in ac.jobs.events("job_1")]
+            states: list[str | None] = [e.state async for e in ac.jobs.events("job_1")]
             script.statuses = [503, 200]
             path = await ac.jobs.download("job_1", "c.bin", tmp_path)
             return states, path.read_bytes()
@@ -356,7 +363,7 @@ def silent_server() -> Iterator[str]:
 def test_a_call_that_times_out_says_which_and_how_to_give_it_time(silent_server: str) -> None:
     # was "timed out: timed out": no call, no limit, nothing to change
     said = (r"GET /v1/models at http://127\.0\.0\.1:\d+ ran past the read limit of 0\.2 s on all "
-            r"2 tries .*Client\(timeout=\.\.\.\) sets the limits")
+            r"2 tries.*Client\(timeout=\.\.\.\) sets the limits")
     with Client(base_url=silent_server, api_key="k", timeout=0.2, max_retries=1) as c, \
             pytest.raises(APITimeoutError, match=said):
         c.models.list()
@@ -415,3 +422,80 @@ def unanswered_connect() -> Iterator[str]:
 def test_wait_timeout_bounds_a_connect_that_hangs(unanswered_connect: str) -> None:
     # the stream's connect waited 60 s whatever the wait had left
     _waits_time_out(unanswered_connect, within=5.0)
+
+
+@pytest.mark.parametrize("slow", ["answer", "retry-after"])
+def test_wait_timeout_bounds_the_final_read_of_the_job(server: tuple[str, Script], slow: str
+                                                       ) -> None:
+    # The stream ends with the final event at once; then the GET of the job record is slow (an
+    # answer that takes 3 s, or 503s asking to come back in 2 s). That GET ran under the
+    # client's own limits and retries (60 s reads, 3 retries), not the wait's 0.5 s.
+    url, script = server
+    script.finish = True
+    if slow == "answer":
+        script.job_delay = 3.0
+    else:
+        script.statuses, script.retry_after = [200, 503], "2"
+    said = r"job job_1 ended, but its record could not be read within 0\.5 s"
+    with Client(base_url=url, api_key="k") as c:
+        start = time.monotonic()
+        with pytest.raises(WaitTimeoutError, match=said):
+            c.jobs.wait("job_1", timeout=0.5)
+        assert time.monotonic() - start < 2.0
+
+    async def go() -> None:
+        async with AsyncClient(base_url=url, api_key="k") as ac:
+            await ac.jobs.wait("job_1", timeout=0.5)
+
+    if slow == "retry-after":
+        script.statuses = [200, 503]
+    start = time.monotonic()
+    with pytest.raises(WaitTimeoutError, match=said):
+        asyncio.run(go())
+    assert time.monotonic() - start < 2.0
+
+
+def test_event_streams_keep_the_clients_connect_limit(unanswered_connect: str) -> None:
+    # Client(timeout=...) sets the limits of every call; the event stream's connect waited
+    # 60 s a try whatever the client said (4 minutes before wait() said it could not connect).
+    timeout = httpx.Timeout(30.0, connect=0.3)
+    said = r"the event stream of job_1 timed out"
+    with Client(base_url=unanswered_connect, api_key="k", timeout=timeout, max_retries=0) as c:
+        start = time.monotonic()
+        with pytest.raises(APITimeoutError, match=said):
+            c.jobs.wait("job_1")
+        assert time.monotonic() - start < 3.0
+
+    async def go() -> None:
+        async with AsyncClient(base_url=unanswered_connect, api_key="k", timeout=timeout,
+                               max_retries=0) as ac:
+            await ac.jobs.wait("job_1")
+
+    start = time.monotonic()
+    with pytest.raises(APITimeoutError, match=said):
+        asyncio.run(go())
+    assert time.monotonic() - start < 3.0
+
+
+def test_a_download_that_fails_says_from_where_and_what_to_change(silent_server: str,
+                                                                  tmp_path: Path) -> None:
+    # was "the download of a.bin timed out: timed out" / "... failed: [Errno 111] Connection
+    # refused": no address, no limit, nothing to change
+    refused = f"http://127.0.0.1:{free_port()}"
+    cases = [(silent_server, APITimeoutError,
+              rf"the download of a\.bin from {silent_server} ran past the read limit of 0\.2 s"
+              r".*; .*Client\(timeout=\.\.\.\) sets the limits"),
+             (refused, APIConnectionError,
+              rf"the download of a\.bin from {refused} failed: ")]
+    for url, cls, said in cases:
+        with Client(base_url=url, api_key="k", timeout=0.2, max_retries=0) as c, \
+                pytest.raises(cls, match=said):
+            c.jobs.download("job_1", "a.bin", tmp_path)
+
+        async def go(url: str = url) -> None:
+            async with AsyncClient(base_url=url, api_key="k", timeout=0.2, max_retries=0) as ac:
+                await ac.jobs.download("job_1", "a.bin", tmp_path)
+
+        with pytest.raises(cls, match=said):
+            asyncio.run(go())
+    assert list(tmp_path.iterdir()) == []

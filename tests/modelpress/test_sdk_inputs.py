@@ -15,7 +15,15 @@ import pytest
 from click.testing import CliRunner
 
 from app.schemas import Environment, IntrinsicDimensionResult, Job
-from modelpress import AsyncClient, Client, InvalidArgumentError, ModelpressError, _base
+from modelpress import (
+    APIResponseValidationError,
+    APIStatusError,
+    AsyncClient,
+    Client,
+    InvalidArgumentError,
+    ModelpressError,
+    _base,
+)
 from modelpress._stack import free_port
 from modelpress.cli import format_result, main
 
@@ -266,5 +274,90 @@ def test_the_cli_sends_the_local_key_to_the_local_server_only(tmp_path: Path) ->
         url = f"http://127.0.0.2:{server.server_address[1]}"
         out = CliRunner().invoke(main, ["--base-url", url, "jobs", "list"], env=env)
         assert out.exit_code == 1 and got == [None], (out.output, got)
+        # and the error says how to give one (the server's own message is about the header)
+        assert "no API key was sent: pass api_key=... to the client (the CLI's --api-key) or " \
+            "set MODELPRESS_API_KEY" in str(out.exception)
+        out = CliRunner().invoke(main, ["--base-url", url, "--api-key", "k", "jobs", "list"],
+                                 env=env)
+        assert str(out.exception) == "401: give a key"  # one was sent: it is the key that's wrong
     finally:
         server.shutdown()
+
+
+@pytest.fixture
+def another_service() -> Iterator[str]:
+    """An address where something other than the modelpress API answers 200 to every GET (a
+    proxy's sign-in page, another program on that port); its event stream is a JSON body."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            body, ctype = b"<html>sign in</html>", "text/html"
+            if self.path.startswith("/old/"):  # an http:// address a proxy sends to https://
+                self.send_response(301)
+                self.send_header("Location", f"https://press.example.com{self.path[4:]}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if self.path.endswith("/job_1/events"):
+                body, ctype = b'{"data": "not a job event"}', "application/json"
+            elif self.path.endswith("/job_2/events"):  # an event of another version
+                body, ctype = b'id: 1-0\ndata: {"id": "1-0", "type": "metric"}\n\n', \
+                    "text/event-stream"
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_an_answer_that_is_not_the_apis_is_a_typed_error(another_service: str) -> None:
+    # It was pydantic's ValidationError ("Invalid JSON: expected value at line 1 column 1"),
+    # which is no ModelpressError: the CLI printed a traceback, and nothing said which address
+    # answered or what to check.
+    url = another_service
+    said = (rf"GET /v1/models at {url} answered 200 \(text/html\) with a body this SDK cannot "
+            rf"read: .*Is {url} the modelpress API \(base_url, MODELPRESS_BASE_URL\)\?")
+    with Client(base_url=url, api_key="k") as c:
+        with pytest.raises(APIResponseValidationError, match=said):
+            c.models.list()
+        with pytest.raises(APIResponseValidationError, match="the event stream of job_1 at"):
+            list(c.jobs.events("job_1"))
+        with pytest.raises(APIResponseValidationError,
+                           match=r"the event stream of job_2 at .*: type: Input should be"):
+            list(c.jobs.events("job_2"))
+
+    async def via_async() -> None:
+        async with AsyncClient(base_url=url, api_key="k") as ac:
+            with pytest.raises(APIResponseValidationError, match=said):
+                await ac.models.list()
+            with pytest.raises(APIResponseValidationError, match="the event stream of job_1 at"):
+                await ac.jobs.wait("job_1")
+            with pytest.raises(APIResponseValidationError, match="the event stream of job_2 at"):
+                await ac.jobs.wait("job_2")
+
+    asyncio.run(via_async())
+    assert issubclass(APIResponseValidationError, ModelpressError)
+    result = CliRunner().invoke(main, ["--base-url", url, "--api-key", "k", "models", "list"])
+    assert isinstance(result.exception, APIResponseValidationError)  # run() prints one line
+
+
+def test_a_redirect_says_where_to_point_the_client(another_service: str) -> None:
+    # It was "301: " and the proxy's page (or nothing): no word of the redirect or its target.
+    said = (rf"301: GET {another_service}/old/v1/jobs/job_1 is redirected to "
+            r"https://press\.example\.com/v1/jobs/job_1; set the base URL \(base_url, "
+            r"MODELPRESS_BASE_URL\) to the address the API answers on")
+    with Client(base_url=f"{another_service}/old", api_key="k") as c:
+        with pytest.raises(APIStatusError, match=said):
+            c.jobs.get("job_1")
+        with pytest.raises(APIStatusError, match="/events is redirected to https://press"):
+            list(c.jobs.events("job_1"))
