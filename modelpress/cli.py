@@ -472,10 +472,21 @@ def jobs_submit(ctx: click.Context, spec_file: Any, name: str | None, wait: bool
         if job.state == "queued" and job.progress.message != WAITING_FOR_WORKER:
             click.echo(f"note: {job.progress.message}", err=True)  # e.g. no worker on its queue
         if wait:
-            job = c.jobs.wait(job.id, progress=True, raise_on_failure=False)
-            click.echo(format_result(job))
-            if job.state != "succeeded":
-                sys.exit(1)
+            _follow(c, job.id)
+
+
+def _follow(c: Client, job_id: str) -> None:
+    """Progress until the job ends, then its result; exit 1 unless it succeeded. Ctrl-C stops
+    the watching only (exit 130), and says so: the job itself goes on."""
+    try:
+        job = c.jobs.wait(job_id, progress=True, raise_on_failure=False)
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped watching; job {job_id} goes on (`modelpress jobs watch {job_id}` "
+                   f"follows it again, `modelpress jobs cancel {job_id}` stops it)", err=True)
+        sys.exit(130)
+    click.echo(format_result(job))
+    if job.state != "succeeded":
+        sys.exit(1)
 
 
 @jobs.command("list")
@@ -483,11 +494,14 @@ def jobs_submit(ctx: click.Context, spec_file: Any, name: str | None, wait: bool
 @click.option("--kind", default=None)
 @click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True,
               help="Jobs to list, newest first (at most 200).")
+@click.option("--all", "every", is_flag=True, help="All of them, following the pages.")
 @click.pass_context
-def jobs_list(ctx: click.Context, state: str | None, kind: str | None, limit: int) -> None:
+def jobs_list(ctx: click.Context, state: str | None, kind: str | None, limit: int,
+              every: bool) -> None:
     with _client(ctx) as c:
-        page = c.jobs.list(limit=limit, state=state, kind=kind)
-        for j in page.items:
+        jobs = (c.jobs.iter(state=state, kind=kind) if every else
+                c.jobs.list(limit=limit, state=state, kind=kind).items)
+        for j in jobs:
             click.echo(f"{j.id}  {j.kind:<16} {j.state:<10} {j.progress.fraction:5.0%}  "
                        f"{j.created_at:%Y-%m-%d %H:%M:%S}  {j.name or ''}")
 
@@ -506,10 +520,7 @@ def jobs_get(ctx: click.Context, job_id: str) -> None:
 def jobs_watch(ctx: click.Context, job_id: str) -> None:
     """Follow a job's progress until it ends, then print its result."""
     with _client(ctx) as c:
-        job = c.jobs.wait(job_id, progress=True, raise_on_failure=False)
-        click.echo(format_result(job))
-        if job.state not in FINAL_STATES or job.state != "succeeded":
-            sys.exit(1)
+        _follow(c, job_id)
 
 
 @jobs.command("log")

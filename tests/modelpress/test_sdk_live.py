@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -171,3 +172,30 @@ def test_uploads_are_listed_a_page_at_a_time(stack: Stack, tmp_path: Path) -> No
     assert [line.split()[0] for line in listed.stdout.splitlines()] == ids[::-1], listed.stderr
     assert len(_cli(stack, key, tmp_path, "datasets", "list", "--limit", "2").stdout.splitlines()
                ) == 2
+
+
+def test_ctrl_c_stops_watching_not_the_job_and_jobs_list_all(stack: Stack, done: tuple[str, Job],
+                                                             tmp_path: Path) -> None:
+    key, finished = done
+    assert isinstance(finished.spec, BenchmarkSpec)
+    with stack.client(key) as c:  # the gpu queue: no worker here serves it, so it stays queued
+        job = c.jobs.create(finished.spec.model_copy(update={"device": "cuda"}))
+    env = {**os.environ, "MODELPRESS_BASE_URL": stack.base_url, "MODELPRESS_API_KEY": key,
+           "PYTHONPATH": str(ROOT)}
+    watch = subprocess.Popen([sys.executable, "-m", "modelpress.cli", "jobs", "watch", job.id],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert watch.stderr is not None
+        watch.stderr.read(1)  # the progress display has started: the CLI is in wait()
+        watch.send_signal(signal.SIGINT)
+        _, err = watch.communicate(timeout=30)
+    finally:
+        watch.kill()
+    assert watch.returncode == 130, err
+    assert f"stopped watching; job {job.id} goes on" in err and "Traceback" not in err, err
+    with stack.client(key) as c:
+        assert c.jobs.get(job.id).state == "queued"
+        listed = _cli(stack, key, tmp_path, "jobs", "list", "--all")
+        assert [line.split()[0] for line in listed.stdout.splitlines()] == [job.id, finished.id]
+        c.jobs.cancel(job.id)
