@@ -93,7 +93,30 @@ def check_dataset(path: Path, fmt: DatasetFormat | None, max_unpacked: int
                            "inputs beside them, numpy.savez('data.npz', x=inputs, y=labels)")
         with _malformed(what):
             _check_labels(path, kind, label)
+    with _malformed(what):
+        for name, info in tensors.items():
+            if name != label:
+                _check_no_nan(path, kind, name, math.prod(info.shape[1:]))
     return kind, tensors
+
+
+def _check_no_nan(path: Path, kind: str, name: str, per_sample: int) -> None:
+    """Every job's worker refuses inputs that hold NaN (NaN in, NaN out: a metric of NaN
+    compares false with everything); so is the upload, rather than each job that uses it.
+    Infinities pass, as in the workers: -inf is how an additive attention mask says "never"."""
+    with _open_array(path, kind, name) as (dtype, fh, count):
+        if dtype.kind != "f":
+            return
+        seen = 0
+        for chunk in _read_chunks(fh, dtype, count):
+            bad = np.flatnonzero(np.isnan(chunk))
+            if bad.size:
+                first = (seen + int(bad[0])) // max(per_sample, 1)
+                raise Rejected(f"input {name!r} holds NaN values (first at sample {first}): "
+                               "a job would compute NaN metrics from them, so every job refuses "
+                               "them; replace them with numbers (numpy.nan_to_num) or drop those "
+                               "samples")
+            seen += chunk.size
 
 
 def _check_labels(path: Path, kind: str, name: str) -> None:

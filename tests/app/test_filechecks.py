@@ -391,6 +391,28 @@ def test_labels_a_job_can_use_pass(tmp_path: Path) -> None:
     assert filechecks.check_dataset(p, None, LIMIT)[0] == "npz"
 
 
+def test_inputs_holding_nan_are_rejected_at_upload(tmp_path: Path) -> None:
+    """Every job's worker refuses a dataset whose inputs hold NaN (workers/engine/datasets.py):
+    the upload is refused instead of being accepted and failing each job that uses it."""
+    from safetensors.numpy import save_file
+
+    n = 2**20 + 7  # more than one read chunk, with the NaN in the last
+    x = np.zeros((n, 1), np.float16)
+    x[-1, 0] = np.nan
+    p, st = tmp_path / "d.npz", tmp_path / "d.safetensors"
+    np.savez(p, x=x, y=np.zeros(n, np.int64))
+    with pytest.raises(Rejected, match=r"input 'x' holds NaN values \(first at sample 1048582\)"):
+        filechecks.check_dataset(p, None, LIMIT)
+    save_file({"x": x.astype(np.float32)}, str(st))
+    with pytest.raises(Rejected, match="input 'x' holds NaN"):
+        filechecks.check_dataset(st, None, LIMIT)
+    # infinities pass (an additive attention mask says "never" with -inf), as in the workers;
+    # so do NaN-free inputs in any byte order, and a NaN-free float `labels` input beside `y`
+    x[-1, 0] = -np.inf
+    np.savez(p, x=x.astype(">f8"), y=np.zeros(n, np.int64), labels=np.ones(n, np.float32))
+    assert filechecks.check_dataset(p, None, LIMIT)[0] == "npz"
+
+
 def test_pt2_with_an_empty_model_json_is_rejected(tmp_path: Path) -> None:
     p = tmp_path / "fake.pt2"  # the names of an export, and nothing of a program
     with zipfile.ZipFile(p, "w") as zf:
