@@ -3,6 +3,8 @@ end to end; a kind whose spec has no model once broke the whole jobs list)."""
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, get_args
 
 import pytest
@@ -10,7 +12,15 @@ from starlette.requests import Request
 
 from app import records
 from app.routes import dashboard
-from app.schemas import ErrorInfo, Job, JobCreate, JobKind, Progress
+from app.schemas import (
+    ErrorInfo,
+    IntrinsicDimensionResult,
+    Job,
+    JobCreate,
+    JobKind,
+    MixedPrecisionResult,
+    Progress,
+)
 
 KINDS = list(get_args(JobKind))
 
@@ -56,3 +66,41 @@ def test_a_job_page_renders_for_every_kind(kind: str) -> None:
     for state in ("queued", "failed"):
         page = _render("job.html", job=_job(kind, state), tenant="t")
         assert kind in page and 'id="state"' in page
+
+
+ENV = {"device": "cpu", "device_name": "cpu", "threads": 1, "versions": {}, "host": "h"}
+
+
+def _point(label: str, metric: float, ms: float) -> dict[str, Any]:
+    return {"label": label, "config": {}, "deployed_metric": metric, "latency_ms": ms,
+            "size_bytes": 1000, "pareto": True}
+
+
+def _scripts(page: str) -> str:
+    return "\n".join(re.findall(r"<script>(.*?)</script>", page, re.S))
+
+
+@pytest.mark.parametrize("odd", [math.nan, math.inf, -math.inf])
+def test_result_charts_take_figures_that_are_not_finite(odd: float) -> None:
+    """A budget threshold or accuracy target that came out NaN or infinite (a user's model whose
+    perplexity overflows) is written into the chart's script as a JavaScript value: Python's
+    `nan` / `inf` there were undefined names, and the script stopped before drawing a chart."""
+    mp = MixedPrecisionResult.model_validate({
+        "model": "m", "backend": "onnxruntime-cpu", "metric": "perplexity",
+        "higher_is_better": False, "budget": {}, "threshold": odd,
+        "baseline": _point("fp32", odd, 2.0), "chosen": _point("fp32", odd, 2.0), "why": "w",
+        "frontier": [_point("fp32", odd, 2.0)], "searches": [], "sensitivity": [],
+        "evaluations": 1, "stage_seconds": {}, "latency_reduction": 0.0, "method": "m",
+        "environment": ENV})
+    dim = IntrinsicDimensionResult.model_validate({
+        "model": "digits-mlp", "projection": "dense", "parameters": 10, "full_accuracy": odd,
+        "target": odd, "d_int90": None, "d_int90_per_seed": [None],
+        "curve": [{"d": 1, "seed": 0, "accuracy": 0.5}], "training_runs": 1, "seconds": 1.0,
+        "method": "m", "environment": ENV})
+    for kind, res in (("mixed_precision", mp), ("intrinsic_dimension", dim)):
+        job = _job(kind, "succeeded").model_copy(update={"result": res})
+        script = _scripts(_render("_result.html", job=job))
+        assert "Plotly.newPlot" in script
+        assert not re.search(r"(?<![\w\"])-?(nan|inf)(?![\w\"])", script), script
+        js = {math.inf: "Infinity", -math.inf: "-Infinity"}.get(odd, "NaN")
+        assert f"[{js}, {js}]" in script
