@@ -20,15 +20,19 @@ from app.deps import Services
 from app.errors import ApiError, not_found
 from app.schemas import (
     FINAL_STATES,
+    LABELED_METRICS,
     UPLOAD_DATASETS,
     WAITING_FOR_WORKER,
     ArtifactInfo,
+    DatasetInfo,
     DatasetRef,
     Deleted,
     ErrorInfo,
+    IntrinsicDimensionSpec,
     Job,
     JobCreate,
     JobPage,
+    MixedPrecisionSpec,
     ModelInfo,
     ModelRef,
     Progress,
@@ -103,6 +107,50 @@ async def _check_refs(svc: Services, tenant: str, spec: BaseModel) -> None:
                                  UPLOAD_DATASETS[info.format], dataset.builtin)
         if why:
             raise ApiError(422, why)
+    if isinstance(dataset, DatasetRef) and dataset.id:
+        _check_dataset(spec, await assets.get_asset(svc, "datasets", tenant, dataset.id,
+                                                    DatasetInfo))
+
+
+MIN_INTRINSIC_SAMPLES = 10  # 80% train, 20% test (workers/engine/intrinsic/job.py)
+
+
+def _check_dataset(spec: BaseModel, info: DatasetInfo) -> None:
+    """What a worker would refuse in an uploaded dataset the spec names, known from the tensors
+    the upload recorded: labels (`y`, else `labels`) for a metric that scores them or for
+    intrinsic dimension (which measures accuracy), and enough samples to split."""
+    if not info.tensors:
+        return
+    labeled = "y" in info.tensors or "labels" in info.tensors
+    samples = next(iter(info.tensors.values())).shape[0]
+    budget = getattr(spec, "budget", None)
+    metric = getattr(budget, "metric", None) or getattr(spec, "metric", None)
+    if metric in LABELED_METRICS and not labeled:
+        raise ApiError(422, f"metric {metric} scores labels, but dataset {info.id} has none "
+                            f"(its tensors: {', '.join(info.tensors)}): upload it with integer "
+                            "labels under `y`, or give metric cosine or mse (they compare with "
+                            "the float model's outputs)")
+    if isinstance(spec, IntrinsicDimensionSpec):
+        if not labeled:
+            raise ApiError(422, f"intrinsic_dimension measures accuracy: dataset {info.id} "
+                                "needs labels (integer class indices under `y`); its tensors: "
+                                f"{', '.join(info.tensors)}")
+        if samples < MIN_INTRINSIC_SAMPLES:
+            raise ApiError(422, f"dataset {info.id} has {samples} samples; intrinsic_dimension "
+                                f"needs at least {MIN_INTRINSIC_SAMPLES} (the first 80% train, "
+                                "the last 20% measure accuracy)")
+
+
+def _check_spec(spec: BaseModel) -> None:
+    """What the schema cannot refuse alone, as it holds for a built-in model only: onnxruntime's
+    default levels for a model with convolutions (digits-cnn) start with int8-static, which
+    LoRA recovery cannot take (a worker refused it after loading the model)."""
+    if (isinstance(spec, MixedPrecisionSpec) and spec.lora is not None and spec.levels is None
+            and spec.backend == "onnxruntime-cpu" and spec.model.zoo == "digits-cnn"):
+        raise ApiError(422, "LoRA recovery needs dynamic levels, and onnxruntime-cpu's default "
+                            "levels for digits-cnn (convolutions) start with int8-static, whose "
+                            "grids are calibrated on the weights the adapters change: give "
+                            'levels such as ["int8", "int4"]')
 
 
 async def create_job(
@@ -111,6 +159,7 @@ async def create_job(
     """Returns the job and whether it was created now (False: an earlier call with the same
     Idempotency-Key already created it)."""
     spec = body.spec
+    _check_spec(spec)
     job_id = f"job_{uuid.uuid4().hex}"
     idem = None
     if idempotency_key:

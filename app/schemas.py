@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -112,6 +122,23 @@ def _zoo_reads(model: ModelRef, dataset: DatasetRef | None) -> None:
     why = unreadable_builtin(f"zoo model {model.zoo}", ZOO_DATASETS[model.zoo], dataset.builtin)
     if why:
         raise ValueError(why)
+
+
+# Metrics that score the data's labels (the rest compare with the float model's outputs).
+LABELED_METRICS = ("accuracy", "perplexity")
+
+
+def _labels_scored(model: ModelRef, dataset: DatasetRef | None, metric: str | None) -> None:
+    """Refuse a metric that scores labels where a worker would find none to score: MiniLM
+    returns pooled embeddings (no class logits), and the built-in sentences carry no labels."""
+    if metric not in LABELED_METRICS:
+        return
+    if model.zoo == "minilm-l6":
+        raise ValueError(f"metric {metric} scores labels against class logits, but zoo model "
+                         "minilm-l6 returns pooled embeddings: give metric cosine or mse")
+    if dataset is not None and dataset.builtin == "sentences":
+        raise ValueError(f"metric {metric} scores labels, but the built-in dataset sentences has "
+                         "none: give metric cosine or mse, or upload a labeled dataset")
 
 
 # ---------------------------------------------------------------- job specs, one per kind
@@ -230,6 +257,7 @@ class SensitivitySpec(_Strict):
     @model_validator(mode="after")
     def _quantized(self) -> SensitivitySpec:
         _zoo_reads(self.model, self.dataset)
+        _labels_scored(self.model, self.dataset, self.metric)
         if self.precision == "fp32":
             raise ValueError("precision: fp32 is the reference, so every layer's score would be "
                              "0; give the format to score (int8, int4, ...)")
@@ -310,6 +338,12 @@ class MixedPrecisionSpec(_Strict):
     @model_validator(mode="after")
     def _levels_run_on_backend(self) -> MixedPrecisionSpec:
         _zoo_reads(self.model, self.dataset)
+        _labels_scored(self.model, self.dataset, self.budget.metric)
+        if self.lora is not None and "int8-static" in (self.levels or []):
+            # static grids are calibrated on the weights the adapters change
+            raise ValueError("LoRA recovery needs dynamic levels (its adapters change the "
+                             "weights that static grids are calibrated on): give levels such "
+                             'as ["int8", "int4"]')
         runs = BACKEND_PRECISIONS[self.backend]
         wrong = [p for p in self.levels or [] if p not in runs]
         if wrong:
@@ -493,6 +527,44 @@ class FewStepDistillSpec(_Strict):
 AnySpec = (BenchmarkSpec | SensitivitySpec | MixedPrecisionSpec | LossBenchmarkSpec
            | IntrinsicDimensionSpec | SpikingSpec | FewStepDistillSpec)
 JobSpec = Annotated[AnySpec, Field(discriminator="kind")]
+
+
+_SPEC_KINDS: dict[str, type[BaseModel]] = {
+    cls.model_fields["kind"].default: cls for cls in get_args(AnySpec)}
+
+
+def stored_spec(raw: Any) -> BaseModel | None:
+    """A stored spec of a kind of today's without the checks made when a job is created: each
+    part that still validates is validated, the rest kept as stored, missing fields take their
+    defaults. None for what names no kind of today's."""
+    cls = _SPEC_KINDS.get(str(raw.get("kind"))) if isinstance(raw, dict) else None
+    return None if cls is None else _as_stored(cls, raw)
+
+
+def _as_stored(cls: type[BaseModel], raw: dict[str, Any]) -> BaseModel:
+    values = {}
+    for name, field in cls.model_fields.items():
+        if name not in raw:
+            continue  # model_construct fills in the default
+        value = raw[name]
+        sub = _model_in(field.annotation)
+        if isinstance(value, dict) and sub is not None:
+            try:
+                value = sub.model_validate(value)
+            except ValidationError:
+                value = _as_stored(sub, value)
+        values[name] = value
+    return cls.model_construct(**values)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model class a field holds (alone, or in a union with None or literals)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, UnionType):
+        found = [m for a in get_args(annotation) if (m := _model_in(a)) is not None]
+        return found[0] if len(found) == 1 else None
+    return None
 
 
 class JobCreate(_Strict):
@@ -862,6 +934,23 @@ class Job(_Model):
     attempts: int = Field(default=0, description="How many times a worker started this job.")
     runs: list[RunAttempt] = Field(default_factory=list)
     cancel_requested: bool = False
+
+    @field_validator("spec", mode="wrap")
+    @classmethod
+    def _spec_as_stored(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """A job's spec as it was accepted: the checks on specs are for new jobs (JobCreate).
+        One that a check added or tightened since refuses (its job was accepted then, and most
+        likely failed in its worker) is kept as stored, by :func:`stored_spec`: read through
+        today's checks, its record answered 500 to every request that listed it."""
+        if isinstance(value, AnySpec):
+            return value
+        try:
+            return handler(value)
+        except ValidationError:
+            kept = stored_spec(value)
+            if kept is None:
+                raise
+            return kept
 
     @property
     def retried(self) -> bool:

@@ -105,3 +105,35 @@ def test_onnxruntime_cannot_mix_static_and_dynamic_int8() -> None:
     with pytest.raises(ValidationError, match="cannot mix int8 \\(dynamic\\) and int8-static"):
         MixedPrecisionSpec(model=ZOO, levels=["int8-static", "int8", "int4"])
     assert MixedPrecisionSpec(model=ZOO, levels=["int8-static", "int4"]).levels
+
+
+@pytest.mark.parametrize("kind", ["sensitivity", "mixed_precision"])
+def test_a_metric_that_scores_labels_needs_data_with_labels(kind: str) -> None:
+    # MiniLM returns pooled embeddings and the sentences carry no labels: the worker refused
+    # these after loading the model
+    spec = TypeAdapter(JobSpec)
+
+    def make(model: str, dataset: str | None, metric: str) -> Any:
+        body: dict[str, Any] = {"kind": kind, "model": {"zoo": model}}
+        if dataset:
+            body["dataset"] = {"builtin": dataset}
+        if kind == "sensitivity":
+            body["metric"] = metric
+        else:
+            body["budget"] = {"metric": metric, "mode": "absolute", "value": 0.1}
+        return spec.validate_python(body)
+
+    for model, dataset in (("minilm-l6", None), ("minilm-l6", "sentences")):
+        for metric in ("accuracy", "perplexity"):
+            with pytest.raises(ValidationError, match=f"metric {metric} scores labels"):
+                make(model, dataset, metric)
+        assert make(model, dataset, "cosine")
+    assert make("digits-cnn", "digits-test", "accuracy")
+    assert make("char-gpt", None, "perplexity")
+
+
+def test_lora_recovery_with_static_levels_is_refused() -> None:
+    # the worker refused it after loading the model and exporting it to ONNX
+    with pytest.raises(ValidationError, match="LoRA recovery needs dynamic levels"):
+        MixedPrecisionSpec(model=ZOO, levels=["int8-static", "int4"], lora={})
+    assert MixedPrecisionSpec(model=ZOO, levels=["int8", "int4"], lora={}).lora
