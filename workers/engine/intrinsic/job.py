@@ -30,12 +30,14 @@ from workers.engine.intrinsic.subspace import (
     ModelFactory,
     SubspaceRun,
     evaluate,
+    pack_tensor,
     rebuild,
     reinit_factory,
     reset_coverage,
     train_full,
     train_subspace,
     unpack_floats,
+    unpack_tensor,
 )
 from workers.engine.zoo import DigitsCNN
 
@@ -112,14 +114,21 @@ def _point(spec: IntrinsicDimensionSpec, ctx: JobContext, prob: Problem, seed: i
                      r.seconds, device.type)
         scales = None if r.layer_scales is None else Artifact.pack(r.layer_scales)
         return {"accuracy": r.accuracy, "d_vector": Artifact.pack(r.d_vector),
-                "layer_scales": scales, "seconds": r.seconds, "steps": r.steps}
+                "layer_scales": scales, "seconds": r.seconds, "steps": r.steps,
+                "buffers": _packed(r.buffers)}
 
     v = compute_once(ctx, f"intrinsic:{seed}:{d}", compute, wait=wait)
     if v is None:
         return None
     scales = None if v["layer_scales"] is None else unpack_floats(v["layer_scales"])
+    buffers = v.get("buffers")  # absent from runs memoized before buffers were kept
     return SubspaceRun(d, v["accuracy"], unpack_floats(v["d_vector"]), v["seconds"], v["steps"],
-                       scales), str(v["by"])
+                       scales, None if buffers is None
+                       else {n: unpack_tensor(b) for n, b in buffers.items()}), str(v["by"])
+
+
+def _packed(buffers: dict[str, torch.Tensor] | None) -> dict[str, dict[str, Any]] | None:
+    return None if buffers is None else {n: pack_tensor(b) for n, b in buffers.items()}
 
 
 def majority_d(per_seed: list[int | None]) -> int | None:
@@ -256,7 +265,8 @@ def run(spec: IntrinsicDimensionSpec, ctx: JobContext) -> IntrinsicDimensionResu
                        projection_seed=seed0 + 1_000_003, D=n_params, d=run0.d,
                        d_vector_b64=Artifact.pack(run0.d_vector),
                        layer_scales_b64=(None if run0.layer_scales is None
-                                         else Artifact.pack(run0.layer_scales)))
+                                         else Artifact.pack(run0.layer_scales)),
+                       buffers=_packed(run0.buffers))
         model = rebuild(art, factory)
         rebuilt_acc = evaluate(model, None, *test)
         ratio = (4 * n_params) / art.stored_bytes()

@@ -4,7 +4,11 @@ numbers (model, seeds, projection, d values) and rebuilt bit for bit by :func:`r
 
 With ``layer_scaling`` (the structure-aware variant of Aghajanyan et al., 2020), each parameter
 tensor i also learns a scalar lambda_i: theta_i = theta0_i + lambda_i (P d)_i, so m more numbers
-are trained and stored (m = the number of parameter tensors)."""
+are trained and stored (m = the number of parameter tensors).
+
+Buffers that training changes (BatchNorm's running statistics, which train mode updates and eval
+mode reads) are not in theta and no seed redraws them: the few that changed are stored with the
+artifact, else the rebuilt model would normalize with its initial statistics."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,11 +105,13 @@ class SubspaceRun:
     seconds: float
     steps: int
     layer_scales: torch.Tensor | None = None
+    buffers: dict[str, torch.Tensor] | None = None  # the buffers training changed (CPU)
 
 
 @dataclass
 class Artifact:
-    """Everything needed to rebuild the trained model: a few numbers and d floats."""
+    """Everything needed to rebuild the trained model: a few numbers and d floats (plus the
+    buffers training changed, if any)."""
 
     model: str
     theta0_seed: int
@@ -114,6 +121,8 @@ class Artifact:
     d: int
     d_vector_b64: str  # float32 little-endian
     layer_scales_b64: str | None = None  # layer_scaling: one float32 per parameter tensor
+    # buffers training changed (BatchNorm statistics): name -> pack_tensor record
+    buffers: dict[str, dict[str, Any]] | None = None
 
     @property
     def values(self) -> torch.Tensor:
@@ -126,7 +135,8 @@ class Artifact:
     def stored_bytes(self) -> int:
         scales = self.layer_scales
         m = 0 if scales is None else scales.numel()
-        return 4 * (self.d + m) + 64  # the floats plus the model name, seeds and sizes
+        extra = sum(len(base64.b64decode(b["data"])) for b in (self.buffers or {}).values())
+        return 4 * (self.d + m) + extra + 64  # the numbers plus the model name, seeds and sizes
 
     @staticmethod
     def pack(values: torch.Tensor) -> str:
@@ -136,6 +146,32 @@ class Artifact:
 def unpack_floats(b64: str) -> torch.Tensor:
     """The inverse of :meth:`Artifact.pack`."""
     return torch.from_numpy(np.frombuffer(base64.b64decode(b64), dtype="<f4").copy())
+
+
+def pack_tensor(t: torch.Tensor) -> dict[str, Any]:
+    """Any tensor as JSON: dtype, shape and its little-endian bytes in base64."""
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+            "data": base64.b64encode(raw).decode()}
+
+
+def unpack_tensor(rec: dict[str, Any]) -> torch.Tensor:
+    """The inverse of :func:`pack_tensor`."""
+    raw = bytearray(base64.b64decode(rec["data"]))
+    dtype = getattr(torch, rec["dtype"])
+    flat = (torch.frombuffer(raw, dtype=dtype) if raw
+            else torch.empty(0, dtype=dtype))
+    return flat.reshape(rec["shape"]).clone()
+
+
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
+
+
+def changed_buffers(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The buffers of ``model`` that differ from ``before`` (on the CPU)."""
+    return {n: b.detach().cpu().clone() for n, b in model.named_buffers()
+            if n in before and not torch.equal(b, before[n])}
 
 
 def _theta(flat0: torch.Tensor, offset: torch.Tensor, seg: torch.Tensor,
@@ -151,6 +187,8 @@ def rebuild(art: Artifact, factory: ModelFactory) -> nn.Module:
         theta = _theta(flatten(theta0), proj(art.values), segments(theta0), art.layer_scales)
         for name, value in unflatten(theta, theta0).items():
             model.get_parameter(name).copy_(value)
+        for name, rec in (art.buffers or {}).items():
+            model.get_buffer(name).copy_(unpack_tensor(rec))
     _mode(model, False)
     return model
 
@@ -198,6 +236,7 @@ def train_subspace(factory: ModelFactory, d: int, kind: Kind, train: tuple[Input
     opt = torch.optim.Adam([z] if scales is None else [z, scales], lr=lr)
     xs, y = _on(device, train)
     gen = torch.Generator().manual_seed(theta0_seed)
+    buffers0 = _buffers(model)
     steps = 0
     _mode(model, True)
     for _ in range(epochs):
@@ -218,7 +257,8 @@ def train_subspace(factory: ModelFactory, d: int, kind: Kind, train: tuple[Input
         acc = evaluate(model, unflatten(_theta(flat0, proj(z), seg, scales), theta0),
                        *_on(device, test))
     return SubspaceRun(d, acc, z.detach().cpu().clone(), time.perf_counter() - t0, steps,
-                       None if scales is None else scales.detach().cpu().clone())
+                       None if scales is None else scales.detach().cpu().clone(),
+                       changed_buffers(model, buffers0) or None)
 
 
 def train_full(factory: ModelFactory, train: tuple[Inputs, torch.Tensor],
