@@ -30,7 +30,10 @@ def stages_of(model: nn.Module) -> list[nn.Module]:
         seq: list[nn.Module] = [model.conv1, nn.ReLU(), model.conv2, nn.ReLU(), model.pool,
                                 nn.Flatten(), model.fc1, nn.ReLU(), model.fc2, nn.ReLU(), model.fc3]
     elif isinstance(model, nn.Sequential):
-        seq = [m for m in model.modules() if not isinstance(m, nn.Sequential)]
+        # every position, not every distinct module: a ReLU instance used at two places is two
+        # stages (``modules()`` would list it once and drop the second nonlinearity)
+        seq = [m for _, m in model.named_modules(remove_duplicate=False)
+               if not isinstance(m, nn.Sequential)]
     else:
         raise UserError(f"spiking conversion supports digits-cnn and nn.Sequential stacks of "
                         f"Linear / Conv2d / ReLU / pooling / Flatten, not {type(model).__name__}")

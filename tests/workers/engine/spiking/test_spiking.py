@@ -133,6 +133,18 @@ def test_conversion_keeps_the_cnn_before_fine_tuning(shared_store: Path) -> None
         conv.stages_of(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.ReLU()))
 
 
+def test_a_relu_instance_used_twice_is_converted_at_both_places() -> None:
+    """``nn.Sequential(lin, act, lin, act, lin)`` with one shared ``act`` is a common way to
+    write an MLP: each of its positions is a spiking layer, not only the first."""
+    act = nn.ReLU()
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(4, 16), act, nn.Linear(16, 16), act, nn.Linear(16, 3))
+    kinds = [type(m).__name__ for m in conv.stages_of(ann)]
+    assert kinds == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    snn = conv.SpikingClassifier(conv.stages_of(ann), time_steps=4, beta=1.0)
+    assert sum(isinstance(m, LIF) for m in snn.body) == 2
+
+
 def test_classifier_job_and_its_artifact(tmp_path: Path, shared_store: Path) -> None:
     ctx = LocalContext(tmp_path, store=zoo_store(shared_store))
     res = job.run(SpikingSpec(model="digits-cnn", epochs=3), ctx)
