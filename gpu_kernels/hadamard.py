@@ -29,9 +29,13 @@ def _check(n: int) -> None:
 
 def fwht_reference(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """The butterfly in PyTorch (the CPU path): pass h pairs x[i] with x[i + h] inside each
-    block of 2h as (a + b, a - b)."""
+    block of 2h as (a + b, a - b). Half-precision inputs are transformed in fp32, as the Triton
+    kernel does: the unnormalized sums grow up to n-fold (fp16 overflows at 65504) and bf16's
+    8-bit mantissa would round at every one of the log2(n) stages."""
     n = x.shape[-1]
     _check(n)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return fwht_reference(x.float(), normalize).to(x.dtype)
     lead = x.shape[:-1]
     y = x.reshape(-1, n)
     h = 1
@@ -62,7 +66,8 @@ def fwht(x: torch.Tensor, normalize: bool = True,
          impl: Literal["auto", "triton", "torch"] = "auto") -> torch.Tensor:
     """FWHT of ``x (..., n)``; ``impl``: auto (Triton on CUDA, else the butterfly in torch),
     triton, torch. The Triton kernel computes in fp32 whatever the input dtype (a float64 input
-    comes back as float64 at fp32 precision, relative error ~1e-7); torch keeps the dtype."""
+    comes back as float64 at fp32 precision, relative error ~1e-7); torch keeps the dtype
+    (computing fp16 and bf16 in fp32 too)."""
     _check(x.shape[-1])
     if impl == "auto":
         impl = "triton" if x.is_cuda else "torch"

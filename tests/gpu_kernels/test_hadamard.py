@@ -45,6 +45,25 @@ def test_gradient_is_the_transform_of_the_gradient(impl: str) -> None:
     assert float((x.grad.double() - want).norm() / want.norm()) < TOL
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_transformed_in_fp32(impl: str, dtype: torch.dtype) -> None:
+    # a constant row of 100s: the unnormalized first output, 409,600, is past fp16's 65,504
+    # even though the normalized result (6,400) is not; bf16 would round at all 12 stages
+    x = torch.full((2, 4096), 100.0).to(dtype)
+    x[1] = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 1000).to(dtype)
+    want = fwht_reference(x.double())
+    got = fwht(x, impl=impl)  # type: ignore[arg-type]
+    assert got.dtype == dtype and bool(torch.isfinite(got).all())
+    assert got[0, 0] == 6400.0
+    # no worse than rounding the exact result to the dtype once
+    once = (want.to(dtype).double() - want).abs().max()
+    assert float((got.double() - want).abs().max()) <= float(once)
+    x.requires_grad_(True)
+    fwht(x, impl=impl).float().sum().backward()  # type: ignore[arg-type]
+    assert x.grad is not None and x.grad.dtype == dtype and bool(torch.isfinite(x.grad).all())
+
+
 def test_normalized_transform_is_orthonormal_and_its_own_inverse() -> None:
     x = torch.randn(4, 128, dtype=torch.float64)
     y = fwht_reference(x)
