@@ -123,4 +123,4 @@ def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         out = _qmatmul_triton.qmatmul(x2, qweight, scales, zeros, bits, group_size)
     else:
         raise ValueError(f"unknown implementation {impl!r}")
-    return out.reshape(*lead, -1)
+    return out.reshape(*lead, qweight.shape[0])  # not -1: ambiguous for an empty batch

@@ -79,6 +79,17 @@ def test_scales_of_another_layout_are_refused(impl: str) -> None:
     assert qmatmul(x, q4, s4, z4, 4, 32, impl=impl).shape == (2, 8)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_an_empty_batch_gives_an_empty_product(impl: str, bits: int) -> None:
+    """A batch of no rows (an empty split, a filtered batch) is (0, ..., out), as in
+    ``torch.nn.functional.linear``; it used to fail reshaping to an ambiguous (0, -1)."""
+    q, s, z = quantize_weight(torch.randn(8, 32), bits, 16)  # type: ignore[arg-type]
+    for lead in [(0,), (2, 0), (0, 3)]:
+        out = qmatmul(torch.randn(*lead, 32), q, s, z, bits, 16, impl=impl)  # type: ignore[arg-type]
+        assert out.shape == (*lead, 8)
+
+
 @pytest.mark.gpu
 def test_triton_on_cuda() -> None:
     w, x = torch.randn(300, 512), torch.randn(40, 512)
