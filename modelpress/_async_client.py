@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import copy as _copy
 import hashlib
 import os
 import tempfile
@@ -54,12 +55,26 @@ class AsyncClient:
         self._url_hint = _base.default_url_hint(base_url)
         self.max_retries = max_retries
         self._http = http_client or httpx.AsyncClient(timeout=timeout)
+        self._timeout = self._http.timeout  # this client's limits (with_options)
         self._http.base_url = httpx.URL(self.base_url)
         if self.api_key:
             self._http.headers["Authorization"] = f"Bearer {self.api_key}"
         self.models = AsyncModels(self)
         self.datasets = AsyncDatasets(self)
         self.jobs = AsyncJobs(self)
+
+    def with_options(self, *, timeout: float | httpx.Timeout | None = None,
+                     max_retries: int | None = None) -> AsyncClient:
+        """This client with other limits or retries for the calls made through the copy, e.g.
+        ``client.with_options(max_retries=8).jobs.create(spec)``. The copy shares the
+        connection pool: closing either closes both."""
+        copy = _copy.copy(self)
+        if timeout is not None:
+            copy._timeout = httpx.Timeout(timeout)
+        if max_retries is not None:
+            copy.max_retries = max_retries
+        copy.models, copy.datasets, copy.jobs = AsyncModels(copy), AsyncDatasets(copy), AsyncJobs(copy)
+        return copy
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -86,7 +101,7 @@ class AsyncClient:
         attempt = 0
         while True:
             response: httpx.Response | None = None
-            timeout = _base.timeout_within(self._http.timeout, deadline)
+            timeout = _base.timeout_within(self._timeout, deadline)
             try:
                 if call.upload is not None:
                     async with await anyio.open_file(call.upload, "rb") as fh:
@@ -118,7 +133,7 @@ class AsyncClient:
                 raise deadline.error() from failure
             if attempt >= self.max_retries:
                 error = _base.gave_up(failure, call, self.base_url, self._url_hint, attempt + 1,
-                                      self._http.timeout)
+                                      self._timeout)
                 raise error from (None if error is failure else failure)
             await asyncio.sleep(pause)
             attempt += 1
@@ -245,7 +260,7 @@ class AsyncJobs:
             headers = {"Accept": "text/event-stream"}
             if decoder.last_id:
                 headers["Last-Event-ID"] = decoder.last_id
-            timeout = _base.stream_timeout(self._c._http.timeout, deadline)
+            timeout = _base.stream_timeout(self._c._timeout, deadline)
             try:
                 async with self._c._http.stream("GET", _base.events_path(job_id), headers=headers,
                                                 timeout=timeout) as resp:
@@ -332,8 +347,9 @@ class AsyncJobs:
         attempt = 0
         while True:
             try:
-                with _base.cleaned_up(tmp, name, self._c.base_url, self._c._http.timeout):
-                    async with self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
+                with _base.cleaned_up(tmp, name, self._c.base_url, self._c._timeout):
+                    async with self._c._http.stream("GET", _base.artifact_path(job_id, name),
+                                                    timeout=self._c._timeout) as resp:
                         if not resp.is_success:
                             await resp.aread()
                             if not _base.should_retry(resp) or attempt >= self._c.max_retries:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import copy as _copy
 import hashlib
 import tempfile
 import time
@@ -60,11 +61,25 @@ class Client:
         self.max_retries = max_retries
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._http = http_client or httpx.Client(timeout=timeout)
+        self._timeout = self._http.timeout  # this client's limits (with_options)
         self._http.base_url = httpx.URL(self.base_url)
         self._http.headers.update(headers)
         self.models = Models(self)
         self.datasets = Datasets(self)
         self.jobs = Jobs(self)
+
+    def with_options(self, *, timeout: float | httpx.Timeout | None = None,
+                     max_retries: int | None = None) -> Client:
+        """This client with other limits or retries for the calls made through the copy, e.g.
+        ``client.with_options(max_retries=8).jobs.create(spec)``. The copy shares the
+        connection pool: closing either closes both."""
+        copy = _copy.copy(self)
+        if timeout is not None:
+            copy._timeout = httpx.Timeout(timeout)
+        if max_retries is not None:
+            copy.max_retries = max_retries
+        copy.models, copy.datasets, copy.jobs = Models(copy), Datasets(copy), Jobs(copy)
+        return copy
 
     def __enter__(self) -> Client:
         return self
@@ -92,7 +107,7 @@ class Client:
         attempt = 0
         while True:
             response: httpx.Response | None = None
-            timeout = _base.timeout_within(self._http.timeout, deadline)
+            timeout = _base.timeout_within(self._timeout, deadline)
             try:
                 if call.upload is not None:
                     with call.upload.open("rb") as fh:
@@ -119,7 +134,7 @@ class Client:
                 raise deadline.error() from failure
             if attempt >= self.max_retries:
                 error = _base.gave_up(failure, call, self.base_url, self._url_hint, attempt + 1,
-                                      self._http.timeout)
+                                      self._timeout)
                 raise error from (None if error is failure else failure)
             time.sleep(pause)
             attempt += 1
@@ -238,7 +253,7 @@ class Jobs:
             headers = {"Accept": "text/event-stream"}
             if decoder.last_id:
                 headers["Last-Event-ID"] = decoder.last_id
-            timeout = _base.stream_timeout(self._c._http.timeout, deadline)
+            timeout = _base.stream_timeout(self._c._timeout, deadline)
             try:
                 with self._c._http.stream("GET", _base.events_path(job_id), headers=headers,
                                           timeout=timeout) as resp:
@@ -331,8 +346,9 @@ class Jobs:
         attempt = 0
         while True:
             try:
-                with _base.cleaned_up(tmp, name, self._c.base_url, self._c._http.timeout), \
-                        self._c._http.stream("GET", _base.artifact_path(job_id, name)) as resp:
+                with _base.cleaned_up(tmp, name, self._c.base_url, self._c._timeout), \
+                        self._c._http.stream("GET", _base.artifact_path(job_id, name),
+                                             timeout=self._c._timeout) as resp:
                     if not resp.is_success:
                         resp.read()
                         if not _base.should_retry(resp) or attempt >= self._c.max_retries:

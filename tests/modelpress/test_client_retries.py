@@ -499,3 +499,32 @@ def test_a_download_that_fails_says_from_where_and_what_to_change(silent_server:
         with pytest.raises(cls, match=said):
             asyncio.run(go())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_with_options_changes_retries_and_limits_for_its_calls_only(
+        server: tuple[str, Script], silent_server: str) -> None:
+    url, script = server
+    script.statuses = [503]
+    with Client(base_url=url, api_key="k", max_retries=2) as c:
+        patient = c.with_options(max_retries=4)
+        with pytest.raises(InternalServerError):
+            patient.models.list()
+        assert len(script.seen) == 5
+        script.seen.clear()
+        with pytest.raises(InternalServerError):
+            c.models.list()  # the original keeps its own
+        assert len(script.seen) == 3
+    with Client(base_url=silent_server, api_key="k", timeout=30, max_retries=0) as c:
+        t0 = time.monotonic()
+        with pytest.raises(APITimeoutError, match=r"the read limit of 0\.2 s"):
+            c.with_options(timeout=0.2).models.list()
+        assert time.monotonic() - t0 < 5
+
+    async def go() -> int:
+        script.seen.clear()
+        async with AsyncClient(base_url=url, api_key="k", max_retries=0) as ac:
+            with pytest.raises(InternalServerError):
+                await ac.with_options(max_retries=1).models.list()
+        return len(script.seen)
+
+    assert asyncio.run(go()) == 2
