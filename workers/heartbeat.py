@@ -31,6 +31,21 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1
 return 0
 """
 
+# A job lease's renewal: extended while we hold it; taken again if it ran out (Redis was down or
+# stalled for longer than its TTL, with its expiry counting on) and nobody took it since, while
+# the job still runs under our attempt. Without this the attempt ran on with no lease: a cancel
+# took it for a dead worker's job and a redelivery started a second attempt beside it.
+# KEYS: lease, job   ARGV: holder, ttl, attempt. Returns 1 renewed, 2 taken again, 0 not ours.
+RENEW_OR_RETAKE = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if held then return 0 end
+local job = redis.call('HMGET', KEYS[2], 'state', 'attempts')
+if job[1] ~= 'running' or job[2] ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 2
+"""
+
 # Replaces the key's holder ARGV[1] (known to be gone) by ARGV[2], only if ARGV[1] still holds it.
 TAKE_OVER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -71,7 +86,9 @@ class Lease:
 
     def __init__(self, r: redis.Redis, job_id: str, holder: str, interval: float) -> None:
         self._r = r
+        self.job_id = job_id
         self.key = records.lease_key(job_id)
+        self.attempt = 0  # set by start(): the attempt of the job this lease is renewed for
         self.holder = holder
         self.ttl = records.lease_ttl_s(interval)
         self._beat = Beat(interval, self._refresh)
@@ -87,11 +104,18 @@ class Lease:
         value = self._r.get(self.key)
         return None if value is None else str(value)
 
-    def start(self) -> None:
+    def start(self, attempt: int) -> None:
+        """Renews the lease every heartbeat while ``attempt`` runs the job."""
+        self.attempt = attempt
         self._beat.start()
 
     def _refresh(self) -> None:
-        self._r.eval(RENEW_IF_HELD, 1, self.key, self.holder, self.ttl)
+        renewed = self._r.eval(RENEW_OR_RETAKE, 2, self.key, records.job_key(self.job_id),
+                               self.holder, self.ttl, str(self.attempt))
+        if int(renewed) == 2:
+            log.warning("the lease of job %s ran out while attempt %d still ran it (Redis did not "
+                        "answer, or this process stalled, for over %d s); taken again",
+                        self.job_id, self.attempt, self.ttl)
 
     def release(self) -> None:
         self._beat.stop()
