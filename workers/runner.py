@@ -19,7 +19,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -326,13 +326,25 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
         log.info("job %s is %s; not starting it", job_id, state)
         return
     attempt = int(attempt)
-    lease.start()
+    lease.start(attempt)
     _mark_lost_runs(r, job_id, attempt)
     run = RunAttempt(attempt=attempt, worker=worker, started_at=records.now())
     _record_run(r, job_id, run)
 
     tenant = h["tenant"]
-    with scratch(job_id) as tmp:
+    with ExitStack() as cleanup:
+        try:
+            tmp = cleanup.enter_context(scratch(job_id))
+        except OSError as exc:  # a full or missing temp folder: failing here left it 'running'
+            no_folder = ErrorInfo(type="worker_error", message=(
+                f"worker {worker} could not create the job's work folder under "
+                f"{tempfile.gettempdir()} ({exc.strerror or exc}): free space there, or point "
+                "TMPDIR at a writable folder with room and restart the worker; then submit the "
+                "job again"))
+            _append_log(r, settings, job_id, attempt, f"{records.iso()} ERROR {no_folder.message}")
+            log.error("job %s: %s", job_id, no_folder.message)
+            _finish(r, settings, job_id, run, "failed", None, no_folder)
+            return
         ctx = WorkerContext(job_id, tenant, attempt, settings, r, store, tmp,
                             queue=h.get("queue") or settings.default_queue, who=worker)
         handler = _RedisLogHandler(ctx)
