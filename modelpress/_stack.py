@@ -7,6 +7,8 @@ need the same real processes and the ability to kill and restart them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import os
 import shutil
 import signal
@@ -14,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
@@ -25,6 +27,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _with_starter() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that ends the child (SIGTERM: each of ours stops cleanly on it) when the
+    process that started it ends, however it ends. The children run in sessions of their own, so
+    without it a ``modelpress serve`` (or a test run) that is SIGKILLed, or dies of the OOM
+    killer, left its redis-server, worker and API running: the next serve started a second
+    redis-server on the same AOF, beside a worker still taking jobs. Linux only (None
+    elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the child
+    except (OSError, AttributeError):
+        return None
+    starter = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != starter:  # it ended before the line above: nothing will signal us
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def redis_server_binary() -> str:
@@ -55,8 +83,33 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def _lock_folder(self) -> int:
+        """An exclusive lock on the folder, held by the redis-server we start (it inherits the
+        descriptor) for as long as it runs: a second server on the same AOF would corrupt it."""
+        path = self.folder / "redis.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(
+                f"another redis-server (pid {holder}) runs on {self.folder.resolve()}: a second "
+                "one would corrupt its append-only file. Stop the `modelpress serve` that "
+                f"started it (or that process), or set MODELPRESS_DATA_DIR to another folder"
+            ) from None
+        return fd
+
     def start(self, timeout: float = 20.0) -> EmbeddedRedis:
         self.folder.mkdir(parents=True, exist_ok=True)
+        lock = self._lock_folder()
+        try:
+            self._start(lock, timeout)
+        finally:
+            os.close(lock)  # the server's copy holds the lock now (or it never started)
+        return self
+
+    def _start(self, lock: int, timeout: float) -> None:
         args = [
             redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.folder.resolve()), "--save", "",
@@ -65,18 +118,25 @@ class EmbeddedRedis:
             "--logfile", str((self.folder / "redis.log").resolve()),
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
+                                     start_new_session=True, pass_fds=(lock,),
+                                     preexec_fn=_with_starter())
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, f"{self.proc.pid}\n".encode(), 0)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"redis-server exited at start: {err or 'see redis.log'}")
-            try:
-                if client.ping():
-                    return self
-            except redis.ConnectionError:
-                time.sleep(0.05)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    raise RuntimeError(f"redis-server exited at start: {err or 'see redis.log'}")
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        self.stop(kill=True)  # not left running (and holding the folder) after a failed start
         raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout} s")
 
     def stop(self, kill: bool = False) -> None:
@@ -100,7 +160,8 @@ def _spawn(args: list[str], env: Mapping[str, str], log_path: Path) -> subproces
     # Own process group: stopping (or, in tests, SIGKILLing) the group reaches pool children too.
     with log_path.open("ab") as log:  # the child holds its own copy of the descriptor
         return subprocess.Popen(args, env={**os.environ, **env}, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_with_starter())
 
 
 # Read by billiard when Celery is imported: SIGTERM becomes Celery's cold shutdown, which gives
