@@ -7,6 +7,7 @@ finish it. A worker that dies mid-job leaves its attempt marked ``lost`` by the 
 
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import json
@@ -51,19 +52,35 @@ class ArtifactTooLarge(UserError):
     type = "artifact_too_large"
 
 
-class _RedisLogHandler(logging.Handler):
-    """Mirrors engine log records into the job's capped Redis log and its event stream."""
+ATTEMPT_LOG_LINES_PER_KEPT = 10  # the artifact keeps 10x the lines Redis keeps (50,000)
 
-    def __init__(self, ctx: WorkerContext) -> None:
+
+class _RedisLogHandler(logging.Handler):
+    """Mirrors engine log records into the job's capped Redis log and its event stream, and
+    keeps the attempt's log for its artifact: all of it up to ``keep`` lines, else the first
+    and the last ``keep // 2`` (a job that logs without end would fill the worker's memory)."""
+
+    def __init__(self, ctx: WorkerContext, keep: int) -> None:
         super().__init__(logging.INFO)
         self.ctx = ctx
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        self.lines: list[str] = []
+        self._head: list[str] = []
+        self._tail: collections.deque[str] = collections.deque(maxlen=keep - keep // 2)
+        self._head_max = keep // 2
+        self._seen = 0
+
+    @property
+    def lines(self) -> list[str]:
+        left_out = self._seen - len(self._head) - len(self._tail)
+        gap = [f"... {left_out} lines left out (the first {len(self._head)} and the last "
+               f"{len(self._tail)} are kept) ..."] if left_out else []
+        return [*self._head, *gap, *self._tail]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record)
-            self.lines.append(line)
+            self._seen += 1
+            (self._head.append if len(self._head) < self._head_max else self._tail.append)(line)
             self.ctx.append_log(line)
         except Exception:
             self.handleError(record)
@@ -347,7 +364,7 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
             return
         ctx = WorkerContext(job_id, tenant, attempt, settings, r, store, tmp,
                             queue=h.get("queue") or settings.default_queue, who=worker)
-        handler = _RedisLogHandler(ctx)
+        handler = _RedisLogHandler(ctx, keep=ATTEMPT_LOG_LINES_PER_KEPT * settings.log_lines_kept)
         engine_log = logging.getLogger("modelpress")
         engine_log.addHandler(handler)
         engine_log.setLevel(logging.INFO)
