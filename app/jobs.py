@@ -24,6 +24,7 @@ from app.schemas import (
     UPLOAD_DATASETS,
     WAITING_FOR_WORKER,
     ArtifactInfo,
+    BenchmarkSpec,
     DatasetInfo,
     DatasetRef,
     Deleted,
@@ -118,7 +119,8 @@ MIN_INTRINSIC_SAMPLES = 10  # 80% train, 20% test (workers/engine/intrinsic/job.
 def _check_dataset(spec: BaseModel, info: DatasetInfo) -> None:
     """What a worker would refuse in an uploaded dataset the spec names, known from the tensors
     the upload recorded: labels (`y`, else `labels`) for a metric that scores them or for
-    intrinsic dimension (which measures accuracy), and enough samples to split."""
+    intrinsic dimension (which measures accuracy), enough samples to split, and a benchmark's
+    batch."""
     if not info.tensors:
         return
     labeled = "y" in info.tensors or "labels" in info.tensors
@@ -130,6 +132,10 @@ def _check_dataset(spec: BaseModel, info: DatasetInfo) -> None:
                             f"(its tensors: {', '.join(info.tensors)}): upload it with integer "
                             "labels under `y`, or give metric cosine or mse (they compare with "
                             "the float model's outputs)")
+    if isinstance(spec, BenchmarkSpec) and samples < spec.batch_size:
+        raise ApiError(422, f"dataset {info.id} has {samples} samples, fewer than batch_size "
+                            f"{spec.batch_size}: give batch_size {samples} or less, or upload "
+                            "more samples")
     if isinstance(spec, IntrinsicDimensionSpec):
         if not labeled:
             raise ApiError(422, f"intrinsic_dimension measures accuracy: dataset {info.id} "

@@ -42,6 +42,8 @@ SPECS: list[tuple[dict[str, Any], int, bool, str]] = [
      "intrinsic_dimension measures accuracy: dataset .* needs labels"),
     ({"kind": "intrinsic_dimension", "model": {"id": UPLOADED_MODEL}}, 9, True,
      "has 9 samples; intrinsic_dimension needs at least 10"),
+    ({"kind": "benchmark", "model": MODEL, "batch_size": 32}, 8, False,
+     "dataset .* has 8 samples, fewer than batch_size 32"),
 ]
 
 
@@ -61,7 +63,7 @@ def test_a_dataset_the_job_cannot_use_is_refused_at_submit(
         assert caught.value.status == 422
         assert not await svc.redis.zcard(records.tenant_jobs_key(TENANT))  # nothing written
         # what the message asks for is taken
-        fixed = await dataset(svc, max(samples, 10), True)
+        fixed = await dataset(svc, max(samples, 64), True)
         body = JobCreate.model_validate({"spec": {**spec, "dataset": {"id": fixed}}})
         job, created = await jobs.create_job(svc, TENANT, body)
         assert created and job.state == "queued"

@@ -735,10 +735,10 @@ def test_hf_folder_and_dataset_uploads_run(stack: Stack, tmp_path: Path) -> None
                                                repeats=5, dataset={"id": ds.id}))  # type: ignore[arg-type]
         res = client.jobs.wait(job.id, timeout=60).result
         assert isinstance(res, BenchmarkResult) and res.input_shapes == [[32, 16]]
-        too_big = client.jobs.create(BenchmarkSpec(model=ModelRef(id=mlp.id), batch_size=128,
-                                                   dataset={"id": ds.id}))  # type: ignore[arg-type]
-        failed = client.jobs.wait(too_big.id, timeout=60, raise_on_failure=False)
-        assert failed.state == "failed" and failed.error and "fewer than batch_size" in failed.error.message
+        # more than the dataset holds: refused at submit (it used to fail in the worker)
+        with pytest.raises(UnprocessableEntityError, match="fewer than batch_size 128"):
+            client.jobs.create(BenchmarkSpec(model=ModelRef(id=mlp.id), batch_size=128,
+                                             dataset={"id": ds.id}))  # type: ignore[arg-type]
 
 
 def test_loss_benchmark_job_through_the_api(stack: Stack) -> None:
