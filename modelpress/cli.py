@@ -192,9 +192,10 @@ def serve(demo: bool, exit_after: bool, port: int | None) -> None:
     logs = data_dir / "logs"
     embedded: _stack.EmbeddedRedis | None = None
     procs: dict[str, Any] = {}
+    url_written = False
 
     def stop_on_signal(*_: object) -> None:
-        sys.exit(0)
+        raise KeyboardInterrupt  # stopped as by Ctrl-C, and saying so
 
     # From the first process started on, SIGTERM and SIGHUP (a closed terminal) stop everything
     # as Ctrl-C does: their default action would end serve alone and leave its children (each
@@ -208,6 +209,9 @@ def serve(demo: bool, exit_after: bool, port: int | None) -> None:
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         try:
+            # the address is dead from now: the SDK and CLI must not keep calling it
+            if url_written:
+                (data_dir / "url").unlink(missing_ok=True)
             _stack.stop_process(procs.get("api"))
             _stack.stop_worker(procs.get("worker"), settings.worker_stop_grace_s)
             if embedded is not None:
@@ -255,6 +259,7 @@ def serve(demo: bool, exit_after: bool, port: int | None) -> None:
         _stack.wait_ready(base_url, 120.0, procs,
                           {"worker": logs / "worker.log", "api": logs / "api.log"})
         (data_dir / "url").write_text(base_url + "\n")
+        url_written = True
         public = settings.public_url or base_url
         click.echo(f"api      {public}   (OpenAPI docs: {public}/docs)")
         click.echo(f"dashboard {public}/")

@@ -155,6 +155,7 @@ def test_serve_stopped_while_starting_stops_what_it_started(tmp_path: Path,
         out += proc.communicate(timeout=60)[0]
         assert "api key" not in out, "ready before the signal: this test needs a slower start"
         assert proc.returncode == 0, out
+        assert "stopping (a running job gets up to" in out, out  # said as for Ctrl-C
         assert _left_running(data_dir) == [], out
         assert not (data_dir / "redis-url").exists()
     finally:

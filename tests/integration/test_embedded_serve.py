@@ -31,6 +31,7 @@ def test_serve_demo_on_embedded_redis(tmp_path: Path) -> None:
     assert key.startswith("mp_") and key in out
     assert (tmp_path / ".modelpress" / "api-key").stat().st_mode & 0o077 == 0
     assert not (tmp_path / ".modelpress" / "redis-url").exists()  # written while serving only
+    assert not (tmp_path / ".modelpress" / "url").exists()  # no SDK call goes to a dead address
     assert re.search(r"job job_\w+ succeeded — mixed_precision of digits-cnn", out), out
     assert re.search(r"chosen\s+accuracy 0\.\d+, \d+\.\d+ ms", out), out
     # Everything it started has stopped: the API and the embedded Redis no longer answer.
