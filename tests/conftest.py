@@ -72,7 +72,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_stack.EmbeddedRedis]:
     """Our own redis-server on a free port (never the machine's shared one)."""
     server = _stack.EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False,
-                                  databases=64).start()
+                                  databases=512).start()
     yield server
     server.stop()
 
@@ -208,7 +208,7 @@ class Stack:
         return "\n".join(out)
 
 
-_db_counter = iter(range(1, 64))  # the session's redis-server has 64 databases
+_db_counter = iter(range(1, 512))  # the session's redis-server's databases (tests/app: one a test)
 
 
 def fresh_db() -> int:

@@ -150,7 +150,7 @@ def test_submit_progress_result_artifact(stack: Stack, shared_store: Path) -> No
             # One byte longer than recorded: the server sends the declared length and stops;
             # the stream breaks off, a typed error, and again nothing is left behind.
             obj.write_bytes(got + b" ")
-            with pytest.raises(APIConnectionError, match=r"download of benchmark\.json failed"):
+            with pytest.raises(APIConnectionError, match=r"download of benchmark\.json from \S+ failed"):
                 client.jobs.download(job.id, "benchmark.json", stack.root / "bad.json")
             with pytest.raises(APIConnectionError, match="failed"):
                 asyncio.run(via_async())

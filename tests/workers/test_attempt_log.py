@@ -10,13 +10,14 @@ from app.config import Settings
 from app.redis_client import sync_client
 from app.storage import open_store
 from modelpress import _stack
+from tests.conftest import fresh_db
 from workers.runner import WorkerContext, _RedisLogHandler
 
 
 def test_the_attempt_log_keeps_its_head_and_tail(tmp_path: Path,
                                                  redis_server: _stack.EmbeddedRedis) -> None:
-    settings = Settings(redis_url=redis_server.url.replace("/0", "/7"), log_lines_kept=10,
-                        store_url=(tmp_path / "store").as_uri())
+    settings = Settings(redis_url=f"redis://127.0.0.1:{redis_server.port}/{fresh_db()}",
+                        log_lines_kept=10, store_url=(tmp_path / "store").as_uri())
     r = sync_client(settings)
     ctx = WorkerContext("job_log_cap", "t", 1, settings, r, open_store(settings), tmp_path)
     handler = _RedisLogHandler(ctx, keep=100)
