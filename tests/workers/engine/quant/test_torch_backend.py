@@ -109,6 +109,25 @@ def test_torch_cuda_matches_simulation(digits_store: Path) -> None:
     _check_matches_simulation("torch-cuda", digits_store)
 
 
+def test_deployed_fp32_layers_run_without_tf32() -> None:
+    """cuDNN convolutions default to TF32 on GPUs: a realized model runs and is timed with fp32
+    as IEEE fp32 (what its simulation assumes), and the global flags come back afterwards."""
+    seen: list[tuple[str, str]] = []
+    conv = torch.backends.cudnn.conv  # type: ignore[attr-defined]
+
+    class Probe(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+            return x
+
+    before = (conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    model = torch_runtime.TorchModel(Probe(), torch.device("cpu"), "torch-cpu", {})
+    model.run((torch.zeros(2, 3),))
+    model.latency_ms((torch.zeros(2, 3),), warmup=1, repeats=2)
+    assert seen and all(s == ("ieee", "ieee") for s in seen), seen
+    assert (conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+
+
 def test_supports_follows_the_kernels() -> None:
     lin = torch.nn.Sequential(torch.nn.Linear(64, 10), torch.nn.Conv2d(1, 4, 3))
     backend = torch_runtime.TorchBackend("torch-cpu", lin, quantizable_layers(lin))
