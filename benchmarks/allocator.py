@@ -9,14 +9,14 @@ call, depending on the order of allocations, and the page faults can cost more t
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from _common import write_out
+from _common import parser, positive_int, versions, write_out
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,15 +49,18 @@ print(json.dumps(out))
 
 def run(tuned: bool, calls: int) -> dict[str, object]:
     code = CHILD.format(root=str(ROOT), tuned=tuned, calls=calls)
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True).stdout
-    result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:  # say why: the child's traceback, not just its exit status
+        sys.exit(f"the timing process ({'tuned' if tuned else 'glibc defaults'}) failed with "
+                 f"exit status {proc.returncode}:\n{proc.stderr[-3000:]}")
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--calls", type=int, default=30)
+    ap = parser(__doc__)
+    ap.add_argument("--calls", type=positive_int, default=30,
+                    help="timed calls per config and process (median taken)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     # Alternate the two modes so drift on the machine hits both alike.
@@ -68,15 +71,22 @@ def main() -> None:
     first = runs[True][0]
     lines = [f"# glibc malloc settings vs `env.tune_allocator` — {first['device']}, "
              f"{first['threads']} threads, {dt.date.today().isoformat()}", "",
-             f"`python benchmarks/allocator.py --calls {args.calls}`; torch {first['torch']}. "
+             f"`python benchmarks/allocator.py --calls {args.calls}`; "
+             f"{versions('torch')}. "
              "MiniLM on torch-cpu, batch 8 x 64 tokens; each run a fresh process, median of "
              f"{args.calls} calls after 5 warm-up calls per config; three runs per mode, "
-             "alternating. Milliseconds, runs 1 / 2 / 3.", "",
-             "| allocator | fp32 | all Linear bf16 | all Linear int8 |", "| --- | --- | --- | --- |"]
+             "alternating. Milliseconds, runs 1 / 2 / 3; last row: tuned / defaults, the "
+             "ratio of the medians of the three runs.", "",
+             "| allocator | fp32 | all Linear bf16 | all Linear int8 |",
+             "| --- | --- | --- | --- |"]
     for tuned in (False, True):
         cells = [" / ".join(f"{float(r[p]):.1f}" for r in runs[tuned])  # type: ignore[arg-type]
                  for p in ("fp32", "bf16", "int8")]
         lines.append(f"| {runs[tuned][0]['allocator']} | " + " | ".join(cells) + " |")
+    ratios = [statistics.median(float(r[p]) for r in runs[True])  # type: ignore[arg-type]
+              / statistics.median(float(r[p]) for r in runs[False])  # type: ignore[arg-type]
+              for p in ("fp32", "bf16", "int8")]
+    lines.append("| tuned / defaults | " + " | ".join(f"{x:.3f}x" for x in ratios) + " |")
     print("\n".join(lines), flush=True)
     write_out(args.out, lines)
 

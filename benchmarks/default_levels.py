@@ -12,16 +12,14 @@ and timed interleaved (same process, same threads):
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-import onnxruntime
 import torch
-from _common import quiet_logs, write_out
+from _common import parser, positive_int, quiet_logs, versions, write_out
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,8 +49,9 @@ def configs(model: str, layers: list[str]) -> dict[str, dict[str, str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap = parser(__doc__)
+    ap.add_argument("--repeats", type=positive_int, default=30,
+                    help="timed runs per config (median taken), after 3 warm-up runs")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     quiet_logs()
@@ -60,12 +59,14 @@ def main() -> None:
     threads = torch.get_num_threads()
     lines = [f"# Default levels on onnxruntime-cpu — {env.device_name(torch.device('cpu'))}, "
              f"{dt.date.today().isoformat()}", "",
-             f"`python benchmarks/default_levels.py --repeats {args.repeats}`; onnxruntime "
-             f"{onnxruntime.__version__}, torch {torch.__version__}, {threads} threads. Metric "
+             f"`python benchmarks/default_levels.py --repeats {args.repeats}`; "
+             f"{versions('onnxruntime', 'torch')}, {threads} threads. Metric "
              "re-measured on the deployed model (digits-cnn: accuracy on the 360 test digits; "
              "MiniLM: mean cosine to the float embeddings of 256 sentences); latency: median of "
-             f"{args.repeats} runs of one batch, all configs of a model timed interleaved.", "",
-             "| model (batch) | config | metric | latency ms | vs fp32 |", "| --- | --- | --- | --- | --- |"]
+             f"{args.repeats} runs of one batch after 3 warm-up runs, all configs of a model "
+             "timed interleaved.", "",
+             "| model (batch) | config | metric | latency ms | vs fp32 |",
+             "| --- | --- | --- | --- | --- |"]
     store = Path(tempfile.mkdtemp(prefix="levels-bench-store-"))
     for model in ("digits-cnn", "minilm-l6"):
         with tempfile.TemporaryDirectory() as tmp:

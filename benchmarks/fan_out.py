@@ -12,7 +12,6 @@ has finished, so the chosen configurations are comparable.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -23,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import redis
-from _common import layer_counts, write_out
+from _common import layer_counts, parser, positive_int, versions, write_out
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -76,10 +75,10 @@ def warm_zoo(data_dir: Path, spec: MixedPrecisionSpec) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="minilm-l6")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap = parser(__doc__)
+    ap.add_argument("--model", default="minilm-l6", help="a zoo model")
+    ap.add_argument("--workers", type=positive_int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     spec = MixedPrecisionSpec.model_validate({"model": {"zoo": args.model},
@@ -105,13 +104,18 @@ def main() -> None:
 
     cpu = environment(torch.device("cpu")).device_name
     stages = list(rows[0][2].stage_seconds)
-    lines = [f"# One mixed-precision job on 1 and {args.workers} workers ({cpu}, "
+    counts = " and ".join(str(n) for n, *_ in rows) + (" workers" if len(rows) > 1 else " worker")
+    lines = [f"# One mixed-precision job on {counts} ({cpu}, "
              f"{os.cpu_count()} cores, {dt.date.today().isoformat()})", "",
              f"`python benchmarks/fan_out.py --model {args.model} --workers {args.workers} "
              f"--threads {args.threads}`: the API's default spec for `{args.model}` with "
              f"`threads` {args.threads}; embedded redis-server, uvicorn, Celery workers with one "
              "job process each; wall time from submission to the final state. Evaluations by "
-             "worker: the job runs on one of them, the others compute the pieces it offers.", "",
+             "worker: the job runs on one of them, the others compute the pieces it offers. "
+             "Frontier re-measured by: which worker re-measured each frontier candidate on ONNX "
+             "Runtime (`mpd:` values in the job's memo). vs fp32: the chosen config's latency "
+             "over the fp32 baseline's, both as the job measured them. "
+             f"{versions('torch', 'onnxruntime', 'celery', 'redis')}.", "",
              "| workers | wall s | " + " | ".join(f"{s} s" for s in stages)
              + " | evaluations by worker | frontier re-measured by | chosen | metric | vs fp32 |",
              "| --- | --- | " + " | ".join("---" for _ in stages)

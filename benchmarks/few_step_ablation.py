@@ -12,7 +12,6 @@ at 1 / 2 / 4 sampling steps (lower is better), 100 samples per class, noise seed
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime as dt
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from _common import write_out
+from _common import int_list, parser, positive_int, versions, write_out
 
 from workers.engine import env, zoo
 from workers.engine.diffusion import quality
@@ -35,11 +34,16 @@ STEPS = (1, 2, 4)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--skips", default="1,4,8,16,32")
-    ap.add_argument("--iterations", type=int, default=2000)
+    ap = parser(__doc__)
+    ap.add_argument("--skips", default="1,4,8,16,32", type=int_list,
+                    help="hop lengths, grid steps of N = 32, comma-separated (1 to 32)")
+    ap.add_argument("--iterations", type=positive_int, default=2000)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    grid = DistillConfig().grid_points
+    if any(not 1 <= s <= grid for s in args.skips):  # checked before the teacher trains
+        ap.error(f"argument --skips: each skip must be in 1..{grid}, got {args.skips}")
+    skips = ",".join(map(str, args.skips))
     load_start = os.getloadavg()[0]
     net, _ = teacher(None)
     cnn, _ = zoo.digits_cnn(None)
@@ -56,15 +60,16 @@ def main() -> None:
         return out
 
     def noise() -> torch.Tensor:
-        return torch.randn(len(labels), x_train.shape[1], generator=torch.Generator().manual_seed(0))
+        return torch.randn(len(labels), x_train.shape[1],
+                           generator=torch.Generator().manual_seed(0))
 
     teacher_fd = {s: fd(solve(lambda x, t: teacher_fn(x, t, labels), noise(), s))
                   for s in (100, *STEPS)}
     rows = []
-    for skip in (int(s) for s in args.skips.split(",")):
+    for skip in args.skips:
         for method in ("slam", "cd"):
-            cfg = DistillConfig(method=method, iterations=args.iterations, skip=skip,  # type: ignore[arg-type]
-                                teacher_substeps=skip)
+            cfg = DistillConfig(method=method,  # type: ignore[arg-type]
+                                iterations=args.iterations, skip=skip, teacher_substeps=skip)
             t0 = time.perf_counter()
             student, info = distill(copy.deepcopy(net), teacher_fn, x_train, y_train, cfg)
             seconds = time.perf_counter() - t0
@@ -75,10 +80,11 @@ def main() -> None:
     e = env.environment(torch.device("cpu"))
     lines = [f"# SLAM vs CD across hop lengths, digits ({e.device_name}, {e.threads} threads, "
              f"{dt.date.today().isoformat()})", "",
-             f"`python benchmarks/few_step_ablation.py --skips {args.skips} --iterations "
-             f"{args.iterations}`: full students, {args.iterations} iterations, N = 32, teacher "
-             "DDIM steps per hop = skip, s clamped at the grid's end; other settings the job's "
-             "defaults. Frechet distance in digits-cnn features (lower is better). Teacher: "
+             f"`python benchmarks/few_step_ablation.py --skips {skips} --iterations "
+             f"{args.iterations}`; {versions('torch')}: full students, {args.iterations} "
+             "iterations, N = 32, teacher DDIM steps per hop = skip, s clamped at the grid's "
+             "end; other settings the job's defaults. Frechet distance in digits-cnn features "
+             "(lower is better). Teacher: "
              + ", ".join(f"{s} steps {v:.2f}" for s, v in teacher_fd.items())
              + f". 1-minute load average {load_start:.1f} at the start, "
              f"{os.getloadavg()[0]:.1f} at the end.", "",

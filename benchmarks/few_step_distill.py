@@ -1,7 +1,7 @@
 """Few-step distillation on digits, one run: the teacher at many and at few DDIM steps against
 SLAM and consistency distillation (CD) students at 1 / 2 / 4 steps, full and LoRA students.
 
-    python benchmarks/few_step_distill.py [--iterations 2000] [--out FILE.md]
+    python benchmarks/few_step_distill.py [--iterations 2000] [--students full,lora] [--out FILE.md]
 
 Quality: Frechet distance in digits-cnn's 128-d features against digits test (lower is better;
 the "real" row, digits train against digits test, is the floor) and digits-cnn's accuracy on
@@ -10,7 +10,6 @@ the conditioning labels.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from _common import write_out
+from _common import name_list, parser, positive_int, versions, write_out
 
 from app.schemas import FewStepDistillResult, FewStepDistillSpec
 from workers.engine import env
@@ -46,15 +45,16 @@ def table(results: dict[str, FewStepDistillResult]) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--iterations", type=int, default=2000)
-    ap.add_argument("--students", default="full,lora", help="which jobs to run: full, lora or both")
+    ap = parser(__doc__)
+    ap.add_argument("--iterations", type=positive_int, default=2000)
+    ap.add_argument("--students", default="full,lora", type=name_list(("full", "lora")),
+                    help="which jobs to run, comma-separated: full, lora or full,lora")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     results: dict[str, FewStepDistillResult] = {}
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        for student in args.students.split(","):
+        for student in args.students:
             spec = FewStepDistillSpec(student=student, iterations=args.iterations)  # type: ignore[arg-type]
             results[student] = job.run(spec, LocalContext(Path(tmp) / student))
             print(f"{student}: {results[student].seconds:.0f} s", file=sys.stderr)
@@ -62,20 +62,22 @@ def main() -> None:
     first = next(iter(results.values()))
     lines = [f"# Few-step distillation on digits ({e.device_name}, {e.threads} threads, "
              f"{dt.date.today().isoformat()})", "",
-             f"`python benchmarks/few_step_distill.py --students {args.students}` (job defaults, "
-             f"{args.iterations} "
-             f"iterations per student). {first.method}. Reference: {first.reference}. "
-             f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
-             f"end (other processes shared the cores: timings are upper bounds).", ""]
+             f"`python benchmarks/few_step_distill.py --iterations {args.iterations} --students "
+             f"{','.join(args.students)}` (job defaults, {args.iterations} iterations per "
+             f"student); {versions('torch')}. {first.method}. Reference: {first.reference}. "
+             f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} "
+             "at the end (other processes shared the cores: timings are upper bounds).", ""]
     lines += table(results)
     lines += ["", "| student | method | trainable parameters | distillation seconds | final loss |",
               "| --- | --- | --- | --- | --- |"]
     for student, res in results.items():
         lines += [f"| {student} | {s.method} | {s.trainable_parameters:,} | {s.seconds:.0f} | "
                   f"{s.final_loss:.3g} |" for s in res.students]
-    lora = results["lora"].students[0].lora if "lora" in results else []
+    first_lora = results["lora"].students[0] if "lora" in results else None
+    lora = first_lora.lora if first_lora else []
     if lora:
-        lines += ["", "LoRA norms (SLAM student; the quantities the LoRA-limits paper bounds):", "",
+        lines += ["", f"LoRA norms ({first_lora and first_lora.method.upper()} student; the "
+                  "quantities the LoRA-limits paper bounds):", "",
                   "| layer | max input | max W | max A | max B | ||(alpha/r) B A||_F |",
                   "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {n.layer} | {n.input_max:.2f} | {n.weight_max:.3f} | {n.a_max:.3f} | "

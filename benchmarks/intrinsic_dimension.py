@@ -11,7 +11,6 @@ and d_int90 over several seeds (theta0 and P both reseeded) for one model.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import statistics
 import sys
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import write_out
+from _common import int_list, name_list, parser, positive_int, versions, write_out
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,36 +52,46 @@ def projection_times(d: int = 1000) -> list[str]:
     return lines
 
 
+MODELS = ("digits-mlp", "digits-cnn")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", default="digits-mlp,digits-cnn")
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--grid-models", default="digits-mlp",
+    ap = parser(__doc__)
+    models_type = name_list(MODELS)
+    ap.add_argument("--models", default="digits-mlp,digits-cnn", type=models_type,
+                    help=f"comma-separated, of: {', '.join(MODELS)}; '' skips the main table")
+    ap.add_argument("--epochs", type=positive_int, default=20)
+    ap.add_argument("--grid-models", default="digits-mlp", type=models_type,
                     help="Models also run with the full grid sweep (it costs every grid value).")
-    ap.add_argument("--scaling-models", default="digits-mlp,digits-cnn",
+    ap.add_argument("--scaling-models", default="digits-mlp,digits-cnn", type=models_type,
                     help="Models also run (bisection) with per-layer scaling.")
-    ap.add_argument("--seeds-model", default="digits-mlp",
+    ap.add_argument("--seeds-model", default="digits-mlp", choices=["", *MODELS],
                     help="Model also run (bisection) over --seeds; '' skips it.")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2", type=int_list)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.seeds_model and (len(set(args.seeds)) != len(args.seeds) or len(args.seeds) > 8):
+        ap.error(f"argument --seeds: at most 8 distinct seeds, got {args.seeds}")
+    models = args.models
     out = [f"# Intrinsic dimension on digits — {dt.date.today().isoformat()}, "
            f"{torch.get_num_threads()} CPU threads", "",
-           f"Command: `python benchmarks/intrinsic_dimension.py --models '{args.models}' "
-           f"--epochs {args.epochs} --grid-models {args.grid_models} --scaling-models "
-           f"{args.scaling_models} --seeds-model {args.seeds_model} --seeds {args.seeds}` on "
-           f"{env.device_name(torch.device('cpu'))}. Fastfood projection, "
-           "seed 0, default grid "
+           f"Command: `python benchmarks/intrinsic_dimension.py --models '{','.join(models)}' "
+           f"--epochs {args.epochs} --grid-models {','.join(args.grid_models)} --scaling-models "
+           f"{','.join(args.scaling_models)} --seeds-model '{args.seeds_model}' --seeds "
+           f"{','.join(map(str, args.seeds))}` on {env.device_name(torch.device('cpu'))}; "
+           f"{versions('torch')}. Fastfood projection, seed 0, default grid "
            f"({len(job.DEFAULT_GRID)} values from 10 to 3000)."]
-    models = [m for m in args.models.split(",") if m]
+    print("\n".join(out), flush=True)
     if models:
-        out += ["", "| model | D | full acc | target | search | d_int90 | D / d_int90 | runs | "
+        head = ["", "| model | D | full acc | target | search | d_int90 | D / d_int90 | runs | "
                 "rebuilt acc | compression | seconds |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        print("\n".join(head), flush=True)
+        out += head
     for model in models:
         runs = [("bisection", False)]
-        runs += [("grid", False)] if model in args.grid_models.split(",") else []
-        runs += [("bisection", True)] if model in args.scaling_models.split(",") else []
+        runs += [("grid", False)] if model in args.grid_models else []
+        runs += [("bisection", True)] if model in args.scaling_models else []
         for how, scaling in runs:
             with tempfile.TemporaryDirectory() as tmp:
                 res = job.run(IntrinsicDimensionSpec(model=model, search=how,  # type: ignore[arg-type]
@@ -90,25 +99,28 @@ def main() -> None:
                               LocalContext(Path(tmp)))
             how = f"{how} + layer scaling" if scaling else how
             ratio = f"{res.parameters / res.d_int90:.0f}x" if res.d_int90 else "-"
-            line = (f"| {model} | {res.parameters:,} | {res.full_accuracy:.4f} | {res.target:.4f} | "
-                    f"{how} | {res.d_int90} | {ratio} | {res.training_runs} | "
+            line = (f"| {model} | {res.parameters:,} | {res.full_accuracy:.4f} | "
+                    f"{res.target:.4f} | {how} | {res.d_int90} | {ratio} | {res.training_runs} | "
                     f"{res.rebuilt_accuracy or 0:.4f} | "
-                    f"{res.compression_ratio and round(res.compression_ratio)}x | "
+                    f"{f'{res.compression_ratio:.0f}x' if res.compression_ratio else '-'} | "
                     f"{res.seconds:.0f} |")
             print(line, flush=True)
             out.append(line)
     if args.seeds_model:
-        seeds = [int(s) for s in args.seeds.split(",")]
+        seeds = args.seeds
         with tempfile.TemporaryDirectory() as tmp:
             res = job.run(IntrinsicDimensionSpec(model=args.seeds_model,  # type: ignore[arg-type]
                                                  epochs=args.epochs, seeds=seeds),
                           LocalContext(Path(tmp)))
-        out += ["", f"{args.seeds_model}, bisection over seeds {seeds}: d_int90 per seed "
+        line = (f"{args.seeds_model}, bisection over seeds {seeds}: d_int90 per seed "
                 f"{res.d_int90_per_seed}, median {res.d_int90}; {res.training_runs} training "
-                f"runs in {res.seconds:.0f} s (one process, no fan-out)."]
-    out += ["", "Projection step (one P x), median of 5:", "", *projection_times(), ""]
-    print("\n".join(out[-10:]))
-    write_out(args.out, out)
+                f"runs in {res.seconds:.0f} s (one process, no fan-out).")
+        print("\n" + line, flush=True)
+        out += ["", line]
+    tail = ["", "Projection step (one P x), median of 5 after 1 warm-up:", "",
+            *projection_times(), ""]
+    print("\n".join(tail), flush=True)
+    write_out(args.out, out + tail)
 
 
 if __name__ == "__main__":

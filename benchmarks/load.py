@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import math
+import os
 import random
 import statistics
 import sys
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import httpx
 import redis
-from _common import write_out
+from _common import parser, positive_float, positive_int, versions, write_out
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,8 +60,10 @@ class Stats:
 
 
 def pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile by nearest rank: the smallest value with at least ``q`` of the values
+    at or below it (p99 of 100 values is the 99th, not the largest)."""
     s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
 # Accepted jobs as (index of the owner's client, job id): a job is visible to its tenant only,
@@ -126,7 +130,8 @@ async def streamer(clients: list[httpx.AsyncClient], ids: Owned, stop: float,
         stats.latencies.setdefault("SSE events received", []).append(float(events))
 
 
-async def drive(base: str, keys: list[str], args: argparse.Namespace) -> tuple[Stats, Owned, float]:
+async def drive(base: str, keys: list[str], args: argparse.Namespace
+                ) -> tuple[Stats, Owned, float]:
     stats, ids = Stats(), []  # type: Stats, Owned
     clients = [httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {k}"},
                                  timeout=30.0) for k in keys]
@@ -145,13 +150,14 @@ async def drive(base: str, keys: list[str], args: argparse.Namespace) -> tuple[S
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--jobs", type=int, default=40)
-    ap.add_argument("--submitters", type=int, default=4)
-    ap.add_argument("--pollers", type=int, default=8)
-    ap.add_argument("--streams", type=int, default=4)
-    ap.add_argument("--duration", type=float, default=20.0)
-    ap.add_argument("--finish-timeout", type=float, default=600.0)
+    ap = parser(__doc__)
+    ap.add_argument("--jobs", type=positive_int, default=40, help="jobs submitted in all")
+    ap.add_argument("--submitters", type=positive_int, default=4)
+    ap.add_argument("--pollers", type=positive_int, default=8)
+    ap.add_argument("--streams", type=positive_int, default=4)
+    ap.add_argument("--duration", type=positive_float, default=20.0, help="load phase, seconds")
+    ap.add_argument("--finish-timeout", type=positive_float, default=600.0,
+                    help="seconds to wait, after the load phase, for every job to end")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,7 +185,8 @@ def main() -> None:
                     if jid in final:
                         continue
                     headers = {"Authorization": f"Bearer {keys[owner]}"}
-                    job = Job.model_validate(httpx.get(f"{base}/v1/jobs/{jid}", headers=headers).json())
+                    job = Job.model_validate(
+                        httpx.get(f"{base}/v1/jobs/{jid}", headers=headers).json())
                     if job.done:
                         final[jid] = job
                 time.sleep(0.5)
@@ -196,10 +203,12 @@ def main() -> None:
     lines = [f"# Load on one API process and one worker ({cpu}, "
              f"{dt.date.today().isoformat()})", "",
              f"`python benchmarks/load.py --jobs {args.jobs} --submitters {args.submitters} "
-             f"--pollers {args.pollers} --streams {args.streams} --duration {args.duration:g}` "
-             f"(loopback; embedded redis-server, uvicorn, one Celery worker; one key per "
-             f"simulated user, rate limit off). Load phase {elapsed:.1f} s.", "",
-             "The load generator shares the machine (2 cores) with Redis, the API and the worker. "
+             f"--pollers {args.pollers} --streams {args.streams} --duration {args.duration:g} "
+             f"--finish-timeout {args.finish_timeout:g}` (loopback; embedded redis-server, "
+             "uvicorn, one Celery worker; one key per simulated user, rate limit off); "
+             f"{versions('uvicorn', 'celery', 'redis', 'httpx')}. Load phase {elapsed:.1f} s.", "",
+             f"The load generator shares the machine ({os.cpu_count()} cores) with Redis, the API "
+             "and the worker. p50 = median, p99 = nearest rank. "
              "req/s: while that request type was being made (streams are long-lived: each follows "
              "one job until it ends or the run does).", "",
              "| request | count | errors | req/s | p50 ms | p99 ms |",

@@ -7,12 +7,11 @@ above that boundary on the metric each config reaches after its LoRA adapters ar
 point is realized on ONNX Runtime, its metric re-measured there and all are timed interleaved
 in the job.
 
-    python benchmarks/lora_recovery.py [--model minilm-l6] [--steps 100] [--out FILE.md]
+    python benchmarks/lora_recovery.py [--model minilm-l6] [--steps 100] [--rank 8] [--out FILE.md]
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import sys
 import tempfile
@@ -20,13 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-from _common import layer_counts, quiet_logs, write_out
+from _common import layer_counts, parser, positive_int, quiet_logs, versions, write_out
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.config import Settings  # noqa: E402
-from app.schemas import ConfigPoint, MixedPrecisionSpec  # noqa: E402
+from app.schemas import ConfigPoint, MixedPrecisionSpec, SearchRun  # noqa: E402
 from app.storage import open_store  # noqa: E402
 from workers.engine import env, mixed_precision  # noqa: E402
 from workers.engine.context import LocalContext  # noqa: E402
@@ -48,10 +47,10 @@ def _layers(p: ConfigPoint) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = parser(__doc__)
     ap.add_argument("--model", default="minilm-l6", choices=sorted(SETTINGS))
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=positive_int, default=100, help="Adam steps per config")
+    ap.add_argument("--rank", type=positive_int, default=8, help="LoRA rank")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     quiet_logs()
@@ -67,23 +66,24 @@ def main() -> None:
     assert res.lora is not None
     runs = {s.ordering: s for s in res.searches}
     base = res.baseline.latency_ms or 1.0
-    rows = [("fp32", res.baseline, None)]
+    rows: list[tuple[str, ConfigPoint, SearchRun | None]] = [("fp32", res.baseline, None)]
     rows += [(o, s.result, s) for o, s in runs.items() if o.startswith("uniform:")]
     rows += [("ours, no recovery", runs["augmented"].result, runs["augmented"]),
              ("ours + LoRA recovery", runs["augmented+lora"].result, runs["augmented+lora"])]
     lora = res.lora
     lines = [
-        f"# LoRA recovery in the mixed-precision search — {env.device_name(torch.device('cpu'))}, "
-        f"{dt.date.today().isoformat()}", "",
+        "# LoRA recovery in the mixed-precision search — "
+        f"{env.device_name(torch.device('cpu'))}, {dt.date.today().isoformat()}", "",
         f"Command: `python benchmarks/lora_recovery.py --model {args.model} --steps {args.steps} "
-        f"--rank {args.rank}`; torch {torch.__version__}, onnxruntime "
-        f"{__import__('onnxruntime').__version__}, {torch.get_num_threads()} threads.", "",
+        f"--rank {args.rank}`; {versions('torch', 'onnxruntime')}, "
+        f"{torch.get_num_threads()} threads.", "",
         f"Budget {res.budget.value:g} relative on {res.metric} (threshold {res.threshold:.6f}); "
         f"levels {res.levels}; batch {spec.batch_size}; LoRA rank {lora.options.rank}, "
         f"{lora.options.steps} Adam steps (lr {lora.options.learning_rate:g}, batch "
         f"{lora.options.batch_size}) per config on {lora.options.samples} training samples "
         f"disjoint from the {spec.eval_samples} evaluation samples. Latencies: the job's own "
-        f"interleaved timing ({spec.repeats} rounds, median).", "",
+        f"interleaved timing (median of {spec.repeats} runs per config after {spec.warmup} "
+        "warm-up runs; vs fp32 = ratio to the fp32 row of that same timing).", "",
         f"| config | layers quantized | {res.metric} (ONNX Runtime) | within budget | "
         "latency median ms | vs fp32 | evaluations | search s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

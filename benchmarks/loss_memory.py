@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import write_out
+from _common import int_list, positive_int, write_out
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,11 +52,13 @@ def versions(impls: list[str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=2048, help="tokens")
-    ap.add_argument("--d", type=int, default=512, help="hidden size")
-    ap.add_argument("--v", default="32768,131072,262144", help="vocabulary sizes, comma-separated")
+    ap.add_argument("--n", type=positive_int, default=2048, help="tokens")
+    ap.add_argument("--d", type=positive_int, default=512, help="hidden size")
+    ap.add_argument("--v", default="32768,131072,262144", type=int_list,
+                    help="vocabulary sizes, comma-separated")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up")
+    ap.add_argument("--repeats", type=positive_int, default=2,
+                    help="timed runs after one warm-up")
     ap.add_argument("--impls", default=None, help="comma-separated; default: by device")
     ap.add_argument("--no-check-grads", action="store_true",
                     help="skip the gradient comparison with the materialized reference")
@@ -65,7 +67,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     impls = (args.impls.split(",") if args.impls
              else loss_bench.PEERS_GPU if device == "cuda" else loss_bench.PEERS_CPU)
-    vocab = [int(x) for x in args.v.split(",")]
+    vocab = args.v
 
     def progress(fraction: float, message: str) -> None:
         print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)

@@ -12,7 +12,6 @@ threads) so drift on a busy machine hits them alike.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import statistics
 import sys
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import layer_counts, quiet_logs, write_out
+from _common import layer_counts, name_list, parser, positive_int, quiet_logs, versions, write_out
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -75,12 +74,18 @@ def run_model(name: str, store_dir: Path, rounds: int, backend_name: str
                for n, p in point.config.items()}
         configs[label] = (point, backend.realize(cfg))
     # Re-timed interleaved, all together, with the job's own round-robin timer.
-    samples = interleaved_latency({k: s for k, (_, s) in configs.items()}, example, 2,
-                                  max(3, spec.repeats // rounds) * rounds, rounds)
+    warmup, repeats = 2, max(3, spec.repeats // rounds) * rounds
+    samples = interleaved_latency({k: s for k, (_, s) in configs.items()}, example, warmup,
+                                  repeats, rounds)
     base_ms = statistics.median(samples["fp32"])
     lines = [
         f"### {name} — budget {res.budget.value:g} relative on {res.metric} "
-        f"(threshold {res.threshold:.6f}), batch {spec.batch_size}, {torch.get_num_threads()} threads",
+        f"(threshold {res.threshold:.6f}), batch {spec.batch_size}, "
+        f"{torch.get_num_threads()} threads",
+        "",
+        f"Latency: median of {repeats} runs per config after {warmup} warm-up runs, re-timed "
+        f"interleaved in {min(rounds, repeats)} rounds; vs fp32 = ratio to the fp32 row's "
+        "median of this same timing.",
         "",
         f"| config | layers quantized | {res.metric} ({spec.backend}) | within budget | "
         "latency median ms | vs fp32 | size MB | evaluations | search s |",
@@ -96,8 +101,8 @@ def run_model(name: str, store_dir: Path, rounds: int, backend_name: str
             f"{'yes' if point.within_budget else 'no'} | {ms:.3f} | {ms / base_ms:.3f}x | "
             f"{(point.size_bytes or 0) / 1e6:.2f} | {run.evaluations if run else 0} | "
             f"{run.seconds if run else 0:.1f} |")
-    lines += ["", f"Job chose **{res.chosen.label}** ({res.why}); latency reduction reported by the "
-              f"job {res.latency_reduction:.1%}. Latency gate (x the level above): "
+    lines += ["", f"Job chose **{res.chosen.label}** ({res.why}); latency reduction reported "
+              f"by the job {res.latency_reduction:.1%}. Latency gate (x the level above): "
               + ", ".join(f"{k} {v:.2f}" for k, v in res.latency_gate.items())
               + f". Stage seconds: {res.stage_seconds}; job wall time {wall:.0f} s; "
               f"{res.evaluations} simulated evaluations in all.", ""]
@@ -105,9 +110,11 @@ def run_model(name: str, store_dir: Path, rounds: int, backend_name: str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", default="digits-cnn,minilm-l6")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap = parser(__doc__)
+    ap.add_argument("--models", default="digits-cnn,minilm-l6", type=name_list(SETTINGS),
+                    help=f"comma-separated, of: {', '.join(SETTINGS)}")
+    ap.add_argument("--rounds", type=positive_int, default=5,
+                    help="interleaved timing rounds (each config timed repeats/rounds per round)")
     ap.add_argument("--backend", default="onnxruntime-cpu",
                     choices=["onnxruntime-cpu", "torch-cpu", "torch-cuda"])
     ap.add_argument("--out", type=Path, default=None)
@@ -118,12 +125,12 @@ def main() -> None:
     device = torch.device("cuda" if args.backend == "torch-cuda" else "cpu")
     header = [f"# Mixed precision on {args.backend} — {env.device_name(device)}, "
               f"{dt.date.today().isoformat()}", "",
-              f"Command: `python benchmarks/mixed_precision.py --models {args.models} "
-              f"--backend {args.backend}`; "
-              f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}; "
-              f"allocator: {allocator}.", ""]
+              f"Command: `python benchmarks/mixed_precision.py --models {','.join(args.models)} "
+              f"--backend {args.backend} --rounds {args.rounds}`; "
+              f"{versions('torch', 'onnxruntime')}; allocator: {allocator}.", ""]
+    print("\n".join(header), flush=True)
     out = header
-    for name in args.models.split(","):
+    for name in args.models:
         _, lines = run_model(name, store, args.rounds, args.backend)
         print("\n".join(lines), flush=True)
         out += lines

@@ -7,7 +7,8 @@ time (median of CUDA-event-free wall time with synchronization, after warm-up), 
 bf16 GEMM, and the max error against the dequantized fp32 reference. On a CPU the Triton rows
 are left out (the interpreter is for correctness, not speed).
 
-    python benchmarks/qmatmul.py [--shapes 1x4096x4096,16x4096x4096,2048x4096x4096] [--out F.md]
+    python benchmarks/qmatmul.py [--shapes 1x4096x4096,16x4096x4096,256x4096x4096,2048x4096x4096]
+        [--group 128] [--repeats 20] [--out F.md]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import write_out
+from _common import parser, positive_int, versions, write_out
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,28 +69,51 @@ def _candidates(x: torch.Tensor, w: torch.Tensor, group: int
     return out
 
 
+def shapes(text: str) -> list[tuple[int, int, int]]:
+    """argparse type: ``MxKxN,...``, each a positive integer."""
+    out = []
+    for shape in text.split(","):
+        try:
+            m, k, n = (int(v) for v in shape.split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{shape!r} is not MxKxN (e.g. 16x4096x4096)") from None
+        if min(m, k, n) < 1:
+            raise argparse.ArgumentTypeError(f"{shape!r}: M, K and N must be >= 1")
+        out.append((m, k, n))
+    return out
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = parser(__doc__)
     ap.add_argument("--shapes", default="1x4096x4096,16x4096x4096,256x4096x4096,2048x4096x4096",
-                    help="MxKxN, comma-separated")
-    ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=20)
+                    type=shapes, help="MxKxN, comma-separated")
+    ap.add_argument("--group", type=positive_int, default=128,
+                    help="int4 group size (K must be a multiple of it)")
+    ap.add_argument("--repeats", type=positive_int, default=20)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    odd = [f"{m}x{k}x{n}" for m, k, n in args.shapes if k % args.group or args.group % 2]
+    if odd:
+        ap.error(f"argument --group: {args.group} must be even and divide K of {', '.join(odd)}")
+    shape_text = ",".join(f"{m}x{k}x{n}" for m, k, n in args.shapes)
     allocator = env.tune_allocator()  # as the workers run
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lines = [f"# Weight-only quantized matmul — {env.device_name(device)}, "
              f"{dt.date.today().isoformat()}", "",
-             f"Command: `python benchmarks/qmatmul.py --shapes {args.shapes} --group {args.group}`;"
-             f" torch {torch.__version__}; median of {args.repeats} synchronized runs after 3 "
+             f"Command: `python benchmarks/qmatmul.py --shapes {shape_text} --group {args.group} "
+             f"--repeats {args.repeats}`; "
+             f"{versions('torch', *(['triton'] if device.type == 'cuda' else []))}"
+             + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")
+             + f"; median of {args.repeats} synchronized runs after 3 "
              "warm-ups; error = max |out - x @ dequantized(W).T| / max |x @ dequantized(W).T|; "
              f"allocator: {allocator}.",
              "", "| M x K x N | kernel | ms | vs bf16 GEMM | rel. error |",
              "| --- | --- | --- | --- | --- |"]
     print("\n".join(lines), flush=True)
     gen = torch.Generator().manual_seed(0)
-    for shape in args.shapes.split(","):
-        m, k, n = (int(v) for v in shape.split("x"))
+    for m, k, n in args.shapes:
+        shape = f"{m}x{k}x{n}"
         x = torch.randn(m, k, generator=gen).to(device)
         w = (torch.randn(n, k, generator=gen) / k**0.5).to(device)
         rows: list[tuple[str, float, float | None]] = []
@@ -103,9 +127,10 @@ def main() -> None:
                 print(f"{shape} {name}: {str(exc).splitlines()[0][:120]}", flush=True)
                 continue
             rows.append((name, ms, err))
-        bf16 = next(ms for name, ms, _ in rows if name == "bf16 GEMM")
+        bf16 = next((ms for name, ms, _ in rows if name == "bf16 GEMM"), None)
         for name, ms, err in rows:
-            line = (f"| {shape} | {name} | {ms:.4f} | {ms / bf16:.2f}x | "
+            line = (f"| {shape} | {name} | {ms:.4f} | "
+                    f"{'-' if bf16 is None else f'{ms / bf16:.2f}x'} | "
                     f"{'-' if err is None else f'{err:.1e}'} |")
             lines.append(line)
             print(line, flush=True)

@@ -14,8 +14,8 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
+import platform
 import sys
 import tempfile
 import time
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import quiet_logs, write_out
+from _common import parser, positive_int, quiet_logs, write_out
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,13 +47,17 @@ def spearman(a: dict[str, float], b: dict[str, float]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = parser(__doc__)
     ap.add_argument("--model", default="minilm-l6", choices=["minilm-l6", "digits-cnn"])
-    ap.add_argument("--probes", type=int, default=16)
-    ap.add_argument("--samples", type=int, default=128, help="calibration samples")
-    ap.add_argument("--precision", default="int8")
+    ap.add_argument("--probes", type=positive_int, default=16)
+    ap.add_argument("--samples", type=positive_int, default=128, help="calibration samples")
+    ap.add_argument("--precision", default="int8", help="the level every layer goes to")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    try:
+        fmt = parse(args.precision)
+    except ValueError as exc:
+        ap.error(f"argument --precision: {exc}")
     quiet_logs()
     store = Path(tempfile.mkdtemp(prefix="sens-bench-store-"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,12 +66,18 @@ def main() -> None:
                              calib_samples=args.samples, ctx=ctx)
     task.ctx = None  # no memo: every loss below is computed, so the timings compare work
     names = list(task.layers)
-    fmt = parse(args.precision)
     fmt_of = {n: fmt for n in names}
 
     traces: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
     methods = ["double-backward"] + ([] if task.labeled else ["gauss-newton"])
+    # One untimed warm-up of each method and of each way to compute the inter-layer terms (one
+    # probe, a few samples, one restored layer), so that the row timed first does not also pay
+    # for first-call setup (allocator, autograd, kernels): the same warm-up for every row.
+    for method in methods:
+        qsens.hessian_traces(task, names, 1, min(4, args.samples), seed=0, method=method)
+    for replay in (False, True):
+        qsens.dependency_terms(task, names, fmt_of, prefix_replay=replay, restore=names[:1])
     for method in methods:
         t0 = time.perf_counter()
         traces[method] = qsens.hessian_traces(task, names, args.probes, args.samples, seed=0,
@@ -86,13 +96,16 @@ def main() -> None:
     identical = all(deps[True][n] == deps[False][n] for n in names)
 
     lines = [
-        f"# Sensitivity terms, how they are computed — {env.device_name(torch.device('cpu'))}, "
-        f"{dt.date.today().isoformat()}", "",
+        "# Sensitivity terms, how they are computed — "
+        f"{env.device_name(torch.device('cpu'))}, {dt.date.today().isoformat()}", "",
         f"Command: `python benchmarks/sensitivity_methods.py --model {args.model} --probes "
         f"{args.probes} --samples {args.samples} --precision {args.precision}`; torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads; {len(names)} layers, loss "
-        f"{'cross-entropy with the labels' if task.labeled else 'squared error to the float outputs'}"
-        ".", "",
+        f"{torch.__version__} (Python {platform.python_version()}), {torch.get_num_threads()} "
+        f"threads; {len(names)} layers, loss "
+        + ("cross-entropy with the labels" if task.labeled else
+           "squared error to the float outputs")
+        + "; every row timed once after the same untimed warm-up (one probe / one restored "
+        "layer), ratios against the first row of its table in this run.", "",
         "| Tr(H) estimator | seconds | vs double backward | Spearman of traces | "
         "Spearman of Hessian terms |",
         "| --- | --- | --- | --- | --- |",
@@ -109,8 +122,10 @@ def main() -> None:
         f"| in full | {dep_s[False]:.1f} | 1.00x |",
         f"| prefix replayed | {dep_s[True]:.1f} | {dep_s[True] / dep_s[False]:.2f}x |", "",
         f"Replay records: {(plan.nbytes if plan else 0) / 1e6:.0f} MB "
-        f"({'no module to replay' if plan is None else f'{len(plan.skip)} restored layers skip a prefix'}); "
-        f"every term {'bit-identical' if identical else 'NOT identical'} to computing in full.", ""]
+        + ("(no module to replay); " if plan is None else
+           f"({len(plan.skip)} restored layers skip a prefix); ")
+        + f"every term {'bit-identical' if identical else 'NOT identical'} to computing in full.",
+        ""]
     print("\n".join(lines), flush=True)
     write_out(args.out, lines)
 

@@ -14,17 +14,17 @@ character on held-out text, per token), with generated text from each.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import write_out
+from _common import float_list, parser, positive_int, versions, write_out
 
 from app.schemas import SpikingResult, SpikingSpec
 from workers.engine import env
@@ -56,8 +56,8 @@ def beta_sweep(betas: list[float], steps: int, out: Path | None) -> None:
     lines = [f"# SpikeGPT's membrane decay ({e.device_name}, {e.threads} threads, "
              f"{dt.date.today().isoformat()})", "",
              f"`python benchmarks/spiking.py --beta-sweep {','.join(map(str, betas))} --steps "
-             f"{steps}`: char-rwkv, {steps} training steps per model, seed 0; held-out "
-             "bits/char (lower is better).", "",
+             f"{steps}`; {versions('torch')}: char-rwkv, {steps} training steps per model, "
+             "seed 0; held-out bits/char (lower is better).", "",
              "| beta | SpikeGPT bits/char | RWKV twin bits/char | gap | job s |",
              "| --- | --- | --- | --- | --- |"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,13 +73,22 @@ def beta_sweep(betas: list[float], steps: int, out: Path | None) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=600, help="char-rwkv training steps (each)")
-    ap.add_argument("--beta-sweep", default="", help="comma-separated betas: char-rwkv only")
+    ap = parser(__doc__)
+    ap.add_argument("--steps", type=positive_int, default=600,
+                    help="char-rwkv training steps (each)")
+    ap.add_argument("--beta-sweep", default=[], type=float_list,
+                    help="comma-separated betas in (0, 1]: char-rwkv only")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if any(not 0 < b <= 1 for b in args.beta_sweep):
+        ap.error(f"argument --beta-sweep: each beta must be in (0, 1], got {args.beta_sweep}")
+    try:  # the job's own limits, checked before anything trains
+        for beta in args.beta_sweep or [None]:
+            SpikingSpec(model="char-rwkv", steps=args.steps, beta=beta)
+    except ValidationError as exc:
+        ap.error("; ".join(f"{'/'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     if args.beta_sweep:
-        beta_sweep([float(b) for b in args.beta_sweep.split(",")], args.steps, args.out)
+        beta_sweep(args.beta_sweep, args.steps, args.out)
         return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,11 +100,13 @@ def main() -> None:
     e = env.environment(torch.device("cpu"))
     lines = [f"# Spiking vs twin ({e.device_name}, {e.threads} threads, "
              f"{dt.date.today().isoformat()})", "",
-             "`python benchmarks/spiking.py` (job defaults; char-rwkv: "
-             f"{args.steps} training steps per model). Per item: per test sample (digits-cnn, "
-             "360 samples) or per held-out token (char-rwkv). Energy: " + ENERGY_NOTE + ". "
-             "Wall time: PyTorch on this CPU, where spikes are dense float tensors: it shows the "
-             "cost of simulating spikes here, not neuromorphic hardware.", "",
+             f"`python benchmarks/spiking.py --steps {args.steps}`; {versions('torch')} (job "
+             f"defaults; char-rwkv: {args.steps} training steps per model). Per item: per test "
+             "sample (digits-cnn, 360 samples) or per held-out token (char-rwkv). Energy: "
+             + ENERGY_NOTE + ". Wall time (the job's: best of 3 passes over the evaluation "
+             "set, no warm-up, divided by its items): PyTorch on this CPU, where spikes are "
+             "dense float tensors: it shows the cost of simulating spikes here, not "
+             "neuromorphic hardware.", "",
              "| model | network | quality | synaptic ops / item | est. energy / item (nJ) | "
              "wall ms / item | spike rate (mean, min-max over LIF layers) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -29,3 +31,7 @@ def test_qmatmul_prints_the_kernels_beside_the_gemms(tmp_path: Path) -> None:
     table = _run("qmatmul.py", "--shapes", "4x64x64", "--group", "32", "--repeats", "2",
                  out=tmp_path / "q.md")
     assert "| 4x64x64 | bf16 GEMM |" in table and "_weight_int4pack_mm_for_cpu g32" in table
+    # the command line reproduces the run (every flag), the environment line says where it ran
+    assert "`python benchmarks/qmatmul.py --shapes 4x64x64 --group 32 --repeats 2`" in table
+    assert "Python 3." in table and "torch " in table
+    assert torch.cuda.is_available() or " threads;" in table
