@@ -1,17 +1,57 @@
-"""Small builders shared by tests: exported models, hostile files, and the figures tests report."""
+"""Small builders shared by tests: exported models, hostile files, scripted HTTP servers, and the
+figures tests report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import pickle
+import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+
+class ScriptedHandler(BaseHTTPRequestHandler):
+    """The base of a test's HTTP server: HTTP/1.1, quiet, one call per answer."""
+
+    protocol_version = "HTTP/1.1"
+
+    def answer(self, status: int, body: bytes, ctype: str = "application/json",
+               **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):  # a client that gave up and went away
+            super().handle()
+
+
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1") -> Iterator[str]:
+    """``handler`` served on a free port of ``host`` in a thread; yields its base URL."""
+    httpd = ThreadingHTTPServer((host, 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{host}:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
 
 # Figures a test measured (cases tried, jobs and attempts), printed after the run by the
 # terminal-summary hook in conftest.py, so they show in CI's `pytest -q` output too.

@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -28,6 +27,7 @@ from modelpress import (
     _base,
 )
 from modelpress._stack import free_port
+from tests.helpers import ScriptedHandler, serving
 
 ARTIFACT = b"the artifact's bytes"
 FINAL = json.dumps({"id": "1-0", "type": "state", "job_id": "job_1", "at": "2026-12-01T00:00:00Z",
@@ -57,26 +57,18 @@ class Script:
 def server() -> Iterator[tuple[str, Script]]:
     script = Script()
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
+    class Handler(ScriptedHandler):
         def _status(self) -> int:
             return script.statuses.pop(0) if len(script.statuses) > 1 else script.statuses[0]
 
-        def _answer(self, status: int, body: bytes, ctype: str = "application/json",
-                    **headers: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
+        def answer(self, status: int, body: bytes, ctype: str = "application/json",
+                   **headers: str) -> None:
             if status in (429, 503):
-                self.send_header("Retry-After", script.retry_after)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
+                headers = {"Retry-After": script.retry_after, **headers}
+            super().answer(status, body, ctype, **headers)
 
         def _error(self, status: int) -> None:
-            self._answer(status, json.dumps(
+            self.answer(status, json.dumps(
                 {"error": {"type": "x", "message": f"scripted {status}", "fields": []}}).encode())
 
         def do_GET(self) -> None:
@@ -87,16 +79,16 @@ def server() -> Iterator[tuple[str, Script]]:
             elif self.path.endswith("/events"):
                 self._stream()
             elif "/artifacts/" in self.path:
-                self._answer(200, ARTIFACT, "application/octet-stream",
+                self.answer(200, ARTIFACT, "application/octet-stream",
                              ETag=f'"{hashlib.sha256(ARTIFACT).hexdigest()}"')
             elif self.path == "/v1/jobs/job_1":
                 time.sleep(script.job_delay)
-                self._answer(200, json.dumps({
+                self.answer(200, json.dumps({
                     "id": "job_1", "kind": "benchmark", "state": script.job_state,
                     "queue": "cpu", "spec": {"kind": "benchmark", "model": {"zoo": "digits-cnn"}},
                     "created_at": "2026-12-01T00:00:00Z", "progress": {}}).encode())
             else:
-                self._answer(200, json.dumps({"items": []}).encode())
+                self.answer(200, json.dumps({"items": []}).encode())
 
         def _stream(self) -> None:
             self.send_response(200)
@@ -139,20 +131,10 @@ def server() -> Iterator[tuple[str, Script]]:
                       "sha256": "0" * 64, "created_at": "2026-12-01T00:00:00Z"}
             if self.path.startswith("/v1/datasets"):
                 record |= {"id": "dst_1", "format": "npz", "tensors": {}}
-            self._answer(201, json.dumps(record).encode())
+            self.answer(201, json.dumps(record).encode())
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def handle(self) -> None:
-            with contextlib.suppress(OSError):  # a client that gave up and went away
-                super().handle()
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", script
-    httpd.shutdown()
+    with serving(Handler) as url:
+        yield url, script
 
 
 def test_retries_5xx_and_429_then_succeeds(server: tuple[str, Script]) -> None:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from modelpress import (
 )
 from modelpress._stack import free_port
 from modelpress.cli import format_result, main
+from tests.helpers import ScriptedHandler, serving
 
 JOB_ID = "job_" + "0" * 32
 
@@ -179,33 +178,19 @@ def closing_stream() -> Iterator[tuple[str, list[str]]]:
     progress = json.dumps({"id": "5-0", "type": "progress", "job_id": JOB_ID,
                            "at": "2026-12-01T00:00:00Z", "fraction": 1.0})
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
+    class Handler(ScriptedHandler):
         def do_GET(self) -> None:
             seen.append(self.path)
             if self.path.endswith("/events"):
-                body = f"id: 5-0\ndata: {progress}\n\n".encode()
-                ctype = "text/event-stream"
+                self.answer(200, f"id: 5-0\ndata: {progress}\n\n".encode(), "text/event-stream")
             else:
-                body = json.dumps({
+                self.answer(200, json.dumps({
                     "id": JOB_ID, "kind": "benchmark", "state": "succeeded", "queue": "cpu",
                     "spec": {"kind": "benchmark", "model": {"id": "mdl_" + "0" * 32}},
-                    "created_at": "2026-12-01T00:00:00Z", "progress": {}}).encode()
-                ctype = "application/json"
-            self.send_response(200)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+                    "created_at": "2026-12-01T00:00:00Z", "progress": {}}).encode())
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
-    httpd.shutdown()
+    with serving(Handler) as url:
+        yield url, seen
 
 
 def test_a_stream_that_closes_after_the_job_ended_stops(closing_stream: tuple[str, list[str]]
@@ -250,28 +235,17 @@ def test_the_cli_sends_the_local_key_to_the_local_server_only(tmp_path: Path) ->
     so a real local HTTP server records the Authorization header it got.)"""
     got: list[str | None] = []
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(ScriptedHandler):
         def do_GET(self) -> None:
             got.append(self.headers.get("Authorization"))
-            body = b'{"error": {"type": "unauthorized", "message": "give a key"}}'
-            self.send_response(401)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(401, b'{"error": {"type": "unauthorized", "message": "give a key"}}')
 
-        def log_message(self, *_: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     data = tmp_path / ".modelpress"
     data.mkdir()
     (data / "api-key").write_text("mp_local\n")
-    try:
+    with serving(Handler, "127.0.0.2") as url:
         env = {"MODELPRESS_DATA_DIR": str(data), "MODELPRESS_API_KEY": None,
                "MODELPRESS_BASE_URL": None}
-        url = f"http://127.0.0.2:{server.server_address[1]}"
         out = CliRunner().invoke(main, ["--base-url", url, "jobs", "list"], env=env)
         assert out.exit_code == 1 and got == [None], (out.output, got)
         # and the error says how to give one (the server's own message is about the header)
@@ -280,8 +254,6 @@ def test_the_cli_sends_the_local_key_to_the_local_server_only(tmp_path: Path) ->
         out = CliRunner().invoke(main, ["--base-url", url, "--api-key", "k", "jobs", "list"],
                                  env=env)
         assert str(out.exception) == "401: give a key"  # one was sent: it is the key that's wrong
-    finally:
-        server.shutdown()
 
 
 @pytest.fixture
@@ -289,35 +261,21 @@ def another_service() -> Iterator[str]:
     """An address where something other than the modelpress API answers 200 to every GET (a
     proxy's sign-in page, another program on that port); its event stream is a JSON body."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
+    class Handler(ScriptedHandler):
         def do_GET(self) -> None:
             body, ctype = b"<html>sign in</html>", "text/html"
             if self.path.startswith("/old/"):  # an http:// address a proxy sends to https://
-                self.send_response(301)
-                self.send_header("Location", f"https://press.example.com{self.path[4:]}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self.answer(301, b"", Location=f"https://press.example.com{self.path[4:]}")
                 return
             if self.path.endswith("/job_1/events"):
                 body, ctype = b'{"data": "not a job event"}', "application/json"
             elif self.path.endswith("/job_2/events"):  # an event of another version
                 body, ctype = b'id: 1-0\ndata: {"id": "1-0", "type": "metric"}\n\n', \
                     "text/event-stream"
-            self.send_response(200)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(200, body, ctype)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serving(Handler) as url:
+        yield url
 
 
 def test_an_answer_that_is_not_the_apis_is_a_typed_error(another_service: str) -> None:
