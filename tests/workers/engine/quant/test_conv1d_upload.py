@@ -94,16 +94,23 @@ def test_conv1d_layers_are_restored_and_deploy_as_simulated(tmp_path: Path) -> N
     assert not failed, failed
 
 
-def test_uploaded_conv1d_model_is_scored_at_every_precision(tmp_path: Path) -> None:
+MODEL, DATASET = ModelRef(id="mdl_" + "c" * 32), DatasetRef(id="dst_" + "d" * 32)
+
+
+def uploaded(tmp_path: Path) -> LocalContext:
+    """A job context whose store holds Signal1d as upload MODEL and 128 signals as DATASET."""
     store = open_store(Settings(store_url=(tmp_path / "store").as_uri()))
-    ctx = LocalContext(tmp_path / "work", store=store)
-    store.put_file(f"tenants/local/models/mdl_{'c' * 32}/model.pt2", exported(tmp_path / "m.pt2"))
+    store.put_file(f"tenants/local/models/{MODEL.id}/model.pt2", exported(tmp_path / "m.pt2"))
     data = tmp_path / "data.npz"
     np.savez(data, x=signals(128, 2).numpy())
-    store.put_file(f"tenants/local/datasets/dst_{'d' * 32}/data.npz", data)
+    store.put_file(f"tenants/local/datasets/{DATASET.id}/data.npz", data)
+    return LocalContext(tmp_path / "work", store=store)
+
+
+def test_uploaded_conv1d_model_is_scored_at_every_precision(tmp_path: Path) -> None:
+    ctx = uploaded(tmp_path)
     spec = SensitivitySpec.model_validate({
-        "model": {"id": "mdl_" + "c" * 32}, "dataset": {"id": "dst_" + "d" * 32},
-        "options": {"probes": 2, "calibration_samples": 32}})
+        "model": MODEL, "dataset": DATASET, "options": {"probes": 2, "calibration_samples": 32}})
     for precision in ("int8", "int8-static", "int4"):
         res = mixed_precision.run_sensitivity(spec.model_copy(update={"precision": precision}),
                                               ctx)
@@ -114,18 +121,12 @@ def test_uploaded_conv1d_model_is_scored_at_every_precision(tmp_path: Path) -> N
 
 def test_samples_shared_by_evaluation_and_calibration_or_training_are_said(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    store = open_store(Settings(store_url=(tmp_path / "store").as_uri()))
-    ctx = LocalContext(tmp_path / "work", store=store)
-    store.put_file(f"tenants/local/models/mdl_{'c' * 32}/model.pt2", exported(tmp_path / "m.pt2"))
-    data = tmp_path / "data.npz"
-    np.savez(data, x=signals(128, 2).numpy())
-    store.put_file(f"tenants/local/datasets/dst_{'d' * 32}/data.npz", data)
-    model, dataset = ModelRef(id="mdl_" + "c" * 32), DatasetRef(id="dst_" + "d" * 32)
+    ctx = uploaded(tmp_path)
     with caplog.at_level("WARNING"):
-        build_task(model, dataset, None, 64, 64, ctx, train_samples=32)
+        build_task(MODEL, DATASET, None, 64, 64, ctx, train_samples=32)
     assert "evaluation samples" not in caplog.text  # 64 + 64 and 64 + 32 fit in 128
     with caplog.at_level("WARNING"):
-        build_task(model, dataset, None, 100, 64, ctx, train_samples=64)
+        build_task(MODEL, DATASET, None, 100, 64, ctx, train_samples=64)
     assert "calibration uses 36 of the 100 evaluation samples (the data has 128; 164" \
         in caplog.text
     assert "LoRA training uses 36 of the 100 evaluation samples" in caplog.text
