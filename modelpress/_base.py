@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -185,6 +186,25 @@ class Call(Generic[T]):
     headers: Mapping[str, str] = field(default_factory=dict)
     upload: Path | None = None  # streamed from disk as the raw body, reopened per attempt
     accept: frozenset[int] = frozenset()  # non-2xx statuses whose body is the answer
+
+
+class _Limited(Protocol):
+    _timeout: httpx.Timeout
+    max_retries: int
+
+
+L = TypeVar("L", bound=_Limited)
+
+
+def with_limits(client: L, timeout: float | httpx.Timeout | None, max_retries: int | None) -> L:
+    """A shallow copy of ``client`` (sharing its connection pool) with the limits given; the
+    caller binds its resources (models, datasets, jobs) to the copy."""
+    copied = copy.copy(client)
+    if timeout is not None:
+        copied._timeout = httpx.Timeout(timeout)
+    if max_retries is not None:
+        copied.max_retries = max_retries
+    return copied
 
 
 def resolve_auth(api_key: str | None, base_url: str | None, data_dir: Path | None = None

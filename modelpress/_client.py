@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import copy as _copy
 import hashlib
 import tempfile
 import time
@@ -73,11 +72,7 @@ class Client:
         """This client with other limits or retries for the calls made through the copy, e.g.
         ``client.with_options(max_retries=8).jobs.create(spec)``. The copy shares the
         connection pool: closing either closes both."""
-        copy = _copy.copy(self)
-        if timeout is not None:
-            copy._timeout = httpx.Timeout(timeout)
-        if max_retries is not None:
-            copy.max_retries = max_retries
+        copy = _base.with_limits(self, timeout, max_retries)
         copy.models, copy.datasets, copy.jobs = Models(copy), Datasets(copy), Jobs(copy)
         return copy
 
