@@ -238,10 +238,12 @@ async def get_asset(svc: Services, collection: Collection, tenant: str, asset_id
     return model.model_validate(data)
 
 
-async def require_asset(svc: Services, collection: Collection, tenant: str, asset_id: str) -> None:
-    """A 404 unless the caller owns this upload (a job naming it, a delete taking it)."""
-    await get_asset(svc, collection, tenant, asset_id,
-                    ModelInfo if collection == "models" else DatasetInfo)
+async def require_asset(svc: Services, collection: Collection, tenant: str, asset_id: str
+                        ) -> ModelInfo | DatasetInfo:
+    """The upload's record; a 404 unless the caller owns it (a job naming it, a delete taking
+    it)."""
+    return await get_asset(svc, collection, tenant, asset_id,
+                           ModelInfo if collection == "models" else DatasetInfo)
 
 
 async def list_assets(svc: Services, collection: Collection, tenant: str, model: type[T],

@@ -98,19 +98,21 @@ def _refs(spec: BaseModel) -> list[tuple[assets.Collection, str]]:
 async def _check_refs(svc: Services, tenant: str, spec: BaseModel) -> None:
     """Every uploaded model or dataset a spec names must exist and belong to the caller; an
     uploaded model with a built-in dataset it cannot read is refused here, not in a worker."""
-    for collection, asset_id in _refs(spec):
-        await assets.require_asset(svc, collection, tenant, asset_id)
+    records_of = {asset_id: await assets.require_asset(svc, collection, tenant, asset_id)
+                  for collection, asset_id in _refs(spec)}  # (ids are unique across the two)
     model, dataset = getattr(spec, "model", None), getattr(spec, "dataset", None)
     if (isinstance(model, ModelRef) and model.id and isinstance(dataset, DatasetRef)
             and dataset.builtin):
-        info = await assets.get_asset(svc, "models", tenant, model.id, ModelInfo)
+        info = records_of[model.id]
+        assert isinstance(info, ModelInfo)
         why = unreadable_builtin(f"an uploaded {info.format} model",
                                  UPLOAD_DATASETS[info.format], dataset.builtin)
         if why:
             raise ApiError(422, why)
     if isinstance(dataset, DatasetRef) and dataset.id:
-        _check_dataset(spec, await assets.get_asset(svc, "datasets", tenant, dataset.id,
-                                                    DatasetInfo))
+        data = records_of[dataset.id]
+        assert isinstance(data, DatasetInfo)
+        _check_dataset(spec, data)
 
 
 MIN_INTRINSIC_SAMPLES = 10  # 80% train, 20% test (workers/engine/intrinsic/job.py)
