@@ -173,7 +173,7 @@ def run(spec: MixedPrecisionSpec, ctx: JobContext) -> MixedPrecisionResult:
     if higher is None:
         higher = task.higher_is_better
     base_metric = task.evaluate({})
-    limit = threshold(base_metric, spec.budget.mode, spec.budget.value, higher, task.metric)
+    limit = threshold(base_metric, spec.budget.mode, spec.budget.value, higher)  # mode: checked at load
     ctx.log.info("baseline %s = %.6f; budget threshold %.6f", task.metric, base_metric, limit.value)
     stage_done("baseline")
 
