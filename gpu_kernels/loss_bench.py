@@ -17,10 +17,12 @@ Time: median over ``repeats`` forward + backward runs after one warm-up run.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -199,7 +201,7 @@ def run_case(impl: str, n: int, d: int, v: int, dtype: str = "float32", device: 
         loss.backward()
         if cuda:
             torch.cuda.synchronize()
-        return float(loss)
+        return float(loss.detach())
 
     step()  # warm-up: compiles where the implementation compiles, loads libraries
     e.grad = c.grad = None
@@ -236,11 +238,38 @@ def run_case(impl: str, n: int, d: int, v: int, dtype: str = "float32", device: 
     return row
 
 
+def _child_main(args: str, parent: int) -> None:
+    """A case's process: dies with ``parent`` (below), runs the case, prints its row."""
+    _die_with(parent)
+    print("ROW" + json.dumps(asdict(run_case(*json.loads(args)))))
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL this process when ``parent`` ends (Linux; elsewhere nothing). ``subprocess.run``
+    kills its child when the caller raises, not when the caller is killed: a worker pool process
+    killed by a forced cancel or a hard time limit left its case running on, a core busy for
+    up to the case's 30-minute limit with nobody to read the result."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the line above: nothing will signal us
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def measure_case(impl: str, n: int, d: int, v: int, dtype: str = "float32", device: str = "cpu",
-                 repeats: int = 3, check_grads: bool = True, timeout_s: float = 1800) -> Row:
+                 repeats: int = 3, check_grads: bool = True, timeout_s: float = 1800,
+                 check: Callable[[], None] | None = None) -> Row:
     """Run one case in a fresh Python process. A case whose materialized buffers would not fit
     in the free memory is not run, nor a peer that is not installed; failures come back as a row
-    with ``error``."""
+    with ``error``. ``check`` is called every second while the case runs; what it raises (a
+    job's cancel) ends the case's process and propagates."""
     missing = missing_peer(impl)
     if missing is not None:
         return Row(impl, n, d, v, dtype, device, error=f"not run: {missing}")
@@ -251,30 +280,44 @@ def measure_case(impl: str, n: int, d: int, v: int, dtype: str = "float32", devi
             f"not run: needs ~{need / 2**30:.1f} GiB (N x V buffers, inputs and gradients), "
             f"{free / 2**30:.1f} GiB free"))
     args = json.dumps([impl, n, d, v, dtype, device, repeats, check_grads])
-    code = ("import json, sys; from dataclasses import asdict; "
-            "from gpu_kernels.loss_bench import run_case; "
-            "print('ROW' + json.dumps(asdict(run_case(*json.loads(sys.argv[1])))))")
+    code = ("import sys; from gpu_kernels.loss_bench import _child_main; "
+            f"_child_main(sys.argv[1], {os.getpid()})")
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", code, args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+    deadline = time.monotonic() + timeout_s
     try:
-        out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True,
-                             env=env, timeout=timeout_s, cwd=root)
-    except subprocess.TimeoutExpired:
-        return Row(impl, n, d, v, dtype, device, error=f"over the {timeout_s:.0f} s time limit")
-    for line in out.stdout.splitlines():
+        while True:
+            try:
+                stdout, stderr = proc.communicate(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:  # output is kept for the next communicate()
+                if time.monotonic() > deadline:
+                    return Row(impl, n, d, v, dtype, device,
+                               error=f"over the {timeout_s:.0f} s time limit")
+                if check is not None:
+                    check()
+    finally:
+        if proc.returncode is None:  # time limit, or check() / a signal handler raised
+            proc.kill()
+            proc.communicate()
+    for line in stdout.splitlines():
         if line.startswith("ROW"):
             return Row(**json.loads(line[3:]))
-    lines = out.stderr.strip().splitlines() or [f"exit status {out.returncode}, no output"]
-    if out.returncode < 0:
-        lines.append(f"killed by signal {-out.returncode}")
+    lines = stderr.strip().splitlines() or [f"exit status {proc.returncode}, no output"]
+    if proc.returncode < 0:
+        lines.append(f"killed by signal {-proc.returncode}")
     return Row(impl, n, d, v, dtype, device, error=lines[-1][:300])
 
 
 def measure_all(n: int, d: int, vocab_sizes: Sequence[int], dtype: str, impls: Sequence[str],
                 repeats: int, device: str = "cpu", check_grads: bool = True,
-                on_progress: Progress | None = None) -> list[Row]:
-    """Every (vocabulary size, implementation) case, in that order."""
+                on_progress: Progress | None = None,
+                check: Callable[[], None] | None = None) -> list[Row]:
+    """Every (vocabulary size, implementation) case, in that order; ``check`` as in
+    :func:`measure_case`."""
     for impl in impls:
         if impl not in ALL_IMPLS:
             raise ValueError(f"unknown implementation {impl!r}; known: {', '.join(ALL_IMPLS)}")
@@ -284,7 +327,8 @@ def measure_all(n: int, d: int, vocab_sizes: Sequence[int], dtype: str, impls: S
         if on_progress is not None:
             done = f"; last: {summary(rows[-1])}" if rows else ""
             on_progress(i / len(cases), f"{impl} at V={v} ({i + 1}/{len(cases)}){done}")
-        rows.append(measure_case(impl, n, d, v, dtype, device, repeats, check_grads))
+        rows.append(measure_case(impl, n, d, v, dtype, device, repeats, check_grads,
+                                 check=check))
     if on_progress is not None:
         last = f"; last: {summary(rows[-1])}" if rows else ""
         on_progress(1.0, f"{len(cases)} cases measured{last}")

@@ -3,7 +3,13 @@ failures as rows, the table, and the job's library function."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +48,59 @@ def test_cases_in_fresh_processes() -> None:
     huge = measure_case("torch", 1 << 20, 8, 1 << 20)
     assert huge.error is not None and huge.error.startswith(
         "not run: needs ~12288.1 GiB (N x V buffers, inputs and gradients)")
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan is reaped by whatever init this machine has, if any)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_case_process_dies_with_the_process_that_started_it() -> None:
+    """A worker pool process killed mid-case (a forced cancel, a hard time limit) must not leave
+    its case running: one such orphan held a CI core for 13 minutes."""
+    root = Path(__file__).resolve().parents[2]
+    code = ("from gpu_kernels.loss_bench import measure_case; "
+            "measure_case('torch', 2048, 256, 16384, repeats=10000, check_grads=False)")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=root)
+    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    try:
+        deadline = time.monotonic() + 60
+        while not (kids := children.read_text().split()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert kids, "the case process never started"
+        case = int(kids[0])
+        time.sleep(3)  # past its imports: a case measuring, not one starting
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while (alive := _running(case)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if alive:
+            os.kill(case, signal.SIGKILL)
+        assert not alive, "the case process outlived the process that started it"
+    finally:
+        parent.kill()
+
+
+def test_a_check_that_raises_ends_the_running_case() -> None:
+    """A job's cancel reaches a case that is running (each may take minutes), not the next."""
+    kids = Path(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/children")
+    seen: list[int] = []
+    start = time.monotonic()
+
+    def check() -> None:
+        seen.extend(int(k) for k in kids.read_text().split())
+        if time.monotonic() - start > 3:
+            raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt, match="cancelled"):
+        measure_case("torch", 2048, 256, 16384, repeats=10000, check_grads=False, check=check)
+    assert time.monotonic() - start < 10
+    assert seen and not any(_running(pid) for pid in set(seen))
 
 
 def test_a_failing_peer_is_a_row_not_an_exception() -> None:

@@ -72,7 +72,8 @@ def run(spec: LossBenchmarkSpec, ctx: JobContext) -> LossBenchmarkResult:
         ctx.progress("measure", fraction, message)
 
     rows = loss_bench.measure_all(spec.n, spec.d, spec.vocab_sizes, spec.dtype, impls,
-                                  spec.repeats, device.type, on_progress=progress)
+                                  spec.repeats, device.type, on_progress=progress,
+                                  check=ctx.check_cancelled)
     for r in rows:
         ctx.log.info("%s V=%d: %s ms, peak extra %s B%s", r.impl, r.v, r.time_ms,
                      r.peak_extra_bytes, f" ({r.error})" if r.error else "")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from app.schemas import LossBenchmarkResult, LossBenchmarkSpec
 from gpu_kernels import loss_bench
 from workers.engine import loss_benchmark
-from workers.engine.context import LocalContext, UserError
+from workers.engine.context import JobCancelled, LocalContext, UserError
 
 
 def test_loss_benchmark_table(tmp_path: Path) -> None:
@@ -71,3 +72,24 @@ def test_a_peer_that_is_not_installed_is_left_out_or_marked_not_run(
                                  LocalContext(tmp_path))
     assert [r.impl for r in res.rows] == ["torch", "chunked"]
     assert "peer cce_torch_compile left out: no_such_package_here is not installed" in caplog.text
+
+
+class _CancelledAfter(LocalContext):
+    """A job cancelled ``after`` seconds in, whatever the engine is doing then."""
+
+    def __init__(self, workdir: Path, after: float) -> None:
+        super().__init__(workdir)
+        self._at = time.monotonic() + after
+
+    def check_cancelled(self) -> None:
+        if time.monotonic() > self._at:
+            raise JobCancelled()
+
+
+def test_a_cancel_stops_the_case_that_is_running(tmp_path: Path) -> None:
+    # one case of 100 forward + backward runs (about a minute here): the cancel must not wait for it
+    spec = LossBenchmarkSpec(n=2048, d=256, vocab_sizes=[16384], repeats=100, impls=["torch"])
+    start = time.monotonic()
+    with pytest.raises(JobCancelled):
+        loss_benchmark.run(spec, _CancelledAfter(tmp_path, 3))
+    assert time.monotonic() - start < 10
