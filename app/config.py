@@ -25,7 +25,9 @@ class Settings(BaseSettings):
     redis_retry_s: float = Field(
         default=30.0, ge=0,
         description="How long the API and the workers retry a Redis command that finds no "
-        "connection (Redis restarting) before giving up: the API answers 503, a job fails.",
+        "connection (Redis restarting) before giving up: the API answers 503, a running job "
+        "fails (`redis_unavailable`); a job that has finished waits for Redis to record its "
+        "outcome.",
     )
     data_dir: Path = Field(
         default=Path(".modelpress"),

@@ -394,15 +394,44 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
         except (UserError, StoreError) as exc:
             error = ErrorInfo(type=exc.type, message=str(exc))
             ctx.log.error("failed: %s", exc)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            error = ErrorInfo(type="redis_unavailable", message=(
+                f"the worker could not reach Redis for over {settings.redis_retry_s:g} s "
+                f"(MODELPRESS_REDIS_RETRY_S) while running the job ({exc}); submit it again "
+                "once Redis answers steadily"))
+            ctx.log.error("failed: %s", error.message)
         except Exception as exc:
             error = ErrorInfo(type=type(exc).__name__, message=str(exc) or repr(exc))
             ctx.log.error("failed: %s\n%s", exc, traceback.format_exc())
         finally:
             engine_log.removeHandler(handler)
-        # no second wait on a store that just failed the job for not answering
-        _save_log(ctx, handler.lines, retry=not (error and error.type == StoreUnavailable.type))
-        if not _finish(r, settings, job_id, run, outcome, result, error):
-            log.warning("job %s attempt %d finished after it was closed elsewhere", job_id, attempt)
+        _close_attempt(ctx, run, handler.lines, outcome, result, error)
+
+
+REDIS_WAIT_CAP_S = 30.0
+
+
+def _close_attempt(ctx: WorkerContext, run: RunAttempt, lines: list[str], outcome: str,
+                   result: str | None, error: ErrorInfo | None) -> None:
+    """Stores the attempt's log and closes the job, waiting for Redis as long as it takes. The
+    outcome is only in this process: given up on (the task raised and Celery acknowledged
+    it), a Redis outage longer than ``redis_retry_s`` here left the job 'running' for good.
+    Waiting holds no other job back (Redis is the queue too); the time limits still apply."""
+    pause = 1.0
+    while True:
+        try:
+            # no second wait on a store that just failed the job for not answering
+            _save_log(ctx, lines, retry=not (error and error.type == StoreUnavailable.type))
+            closed = _finish(ctx.r, ctx.settings, ctx.job_id, run, outcome, result, error)
+            break
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("job %s attempt %d ended %s but Redis does not answer (%s); recording "
+                        "it again in %g s", ctx.job_id, run.attempt, outcome, exc, pause)
+            time.sleep(pause)
+            pause = min(REDIS_WAIT_CAP_S, pause * 2)
+    if not closed:
+        log.warning("job %s attempt %d finished after it was closed elsewhere", ctx.job_id,
+                    run.attempt)
 
 
 MEMO_KEEP_S = 86_400
@@ -470,6 +499,8 @@ def _save_log(ctx: WorkerContext, lines: list[str], retry: bool = True) -> None:
         ctx._store_artifact(f"job-attempt{ctx.attempt}.log", data, "text/plain", retry)
     except JobCancelled:
         log.info("job %s was deleted before its log was stored", ctx.job_id)
+    except (redis.ConnectionError, redis.TimeoutError):
+        raise  # Redis away: the caller waits for it and stores the log then
     except Exception:
         log.warning("could not store the log of %s (sha %s)", ctx.job_id,
                     hashlib.sha256(data).hexdigest()[:12], exc_info=True)
