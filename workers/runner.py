@@ -15,7 +15,10 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -462,9 +465,19 @@ def close_killed_attempt(job_id: str, worker: str, limit_s: float) -> bool:
         if held is not None and str(held).startswith(f"{worker}:"):
             r.eval(RELEASE_IF_HELD, 1, records.lease_key(job_id), held)
         log.error("job %s attempt %s: %s", job_id, attempt, error.message)
+        if closed:
+            _store_killed_log(job_id, run.attempt)
         return closed
     finally:
         r.close()
+
+
+def _store_killed_log(job_id: str, attempt: int) -> None:
+    """The killed attempt's log artifact, from Redis's list, in a process of its own (see
+    :mod:`workers.killed_log`); not waited for here, in the worker's main process."""
+    proc = subprocess.Popen([sys.executable, "-m", "workers.killed_log", job_id, str(attempt)],
+                            stdin=subprocess.DEVNULL)
+    threading.Thread(target=proc.wait, daemon=True).start()  # reaps it
 
 
 def execute_item(job_id: str, attempt: int, item: dict[str, Any], worker: str) -> None:

@@ -99,6 +99,14 @@ def test_a_job_killed_at_its_hard_time_limit_is_closed_as_failed(fault_stack: St
         assert "time limit of 12 s and its process was killed" in done.error.message
         assert [(r.attempt, r.outcome) for r in done.runs] == [(1, "failed")]
         assert any("its process was killed" in line for line in client.jobs.log(job.id))
+        # its log artifact, rebuilt from Redis's list by a process the worker starts
+        deadline = time.monotonic() + 30
+        while not client.jobs.get(job.id).artifacts and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kept = client.jobs.download(job.id, "job-attempt1.log", tmp_path / "attempt1.log")
+        text = Path(kept).read_text()
+        assert text.startswith("(rebuilt from the job's Redis log")
+        assert " INFO attempt 1 on " in text and "its process was killed" in text
         assert client.jobs.wait(after.id, timeout=60).state == "succeeded"  # the worker is free
         time.sleep(15)  # past the visibility timeout: not redelivered
         again = client.jobs.get(job.id)
