@@ -22,6 +22,7 @@ from torch import nn
 
 from app.schemas import SpikingLayer, SpikingResult, SpikingSpec, TextSample
 from workers.engine import char_lm, datasets, env, zoo
+from workers.engine.backends.torch_runtime import ieee_fp32
 from workers.engine.context import JobContext
 from workers.engine.spiking import convert as conv
 from workers.engine.spiking.ops import ENERGY_NOTE, PJ_PER_AC, PJ_PER_MAC, Counts, OpCounter
@@ -41,7 +42,9 @@ def _wall_ms(model: nn.Module, x: torch.Tensor, items: int, repeats: int = 3) ->
 
 
 def _counted(model: nn.Module, run: Callable[[], float]) -> tuple[float, Counts]:
-    with OpCounter(model) as ops:
+    """``run()``'s quality figure and the operations it took. In IEEE fp32: cuDNN's default TF32
+    convolutions would give a CUDA figure the saved model does not reproduce on the CPU."""
+    with OpCounter(model) as ops, ieee_fp32():
         quality = run()
     return quality, ops.counts
 
@@ -144,6 +147,31 @@ def _layers(twin: Counts, snn: Counts) -> list[SpikingLayer]:
     return rows
 
 
+def _ratio(num: float, den: float) -> float:
+    """``num / den``; a side that did no work makes it unbounded (inf), and 0 / 0 NaN. Both are
+    valid results: the schema writes them as the JSON strings "Infinity" / "NaN"."""
+    if den:
+        return num / den
+    return math.inf if num else math.nan
+
+
+def _figures(tc: Counts, sc: Counts, n: int) -> dict[str, Any]:
+    """Operation and energy fields of ``SpikingResult``, per item, from the twin's and the
+    spiking model's counts over ``n`` items."""
+    snn_ops = sc.acs + sc.macs
+    e_twin, e_snn = tc.energy_pj() / n, sc.energy_pj() / n
+    note = f"{ENERGY_NOTE} ({PJ_PER_AC} pJ/AC, {PJ_PER_MAC} pJ/MAC)"
+    if not snn_ops:  # a silent SNN: say why the ratios are not numbers rather than crash
+        note += ("; the spiking model did no synaptic operation (no spike reached a weight "
+                 "layer), so op_ratio and energy_ratio are unbounded")
+    return {"twin_macs": tc.macs / n, "spiking_acs": sc.acs / n, "spiking_macs": sc.macs / n,
+            "neuron_updates": sc.neuron_updates / n, "op_ratio": _ratio(tc.macs, snn_ops),
+            "energy_twin_pj": e_twin, "energy_spiking_pj": e_snn,
+            "energy_ratio": _ratio(e_twin, e_snn),
+            "energy_ratio_with_neurons": _ratio(e_twin, sc.energy_pj(with_neurons=True) / n),
+            "energy_note": note}
+
+
 def load(config: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
     """The spiking model from the job's ``spiking.json`` and ``spiking.safetensors``."""
     if config["model"] == "char-rwkv":
@@ -166,8 +194,6 @@ def run(spec: SpikingSpec, ctx: JobContext) -> SpikingResult:
          else _classifier(spec, ctx, device))
     tc, sc, n = r["twin_counts"], r["spiking_counts"], r["items"]
     layers = _layers(tc, sc)
-    twin_ops, snn_ops = tc.macs, sc.acs + sc.macs
-    e_twin, e_snn = tc.energy_pj() / n, sc.energy_pj() / n
     snn: nn.Module = r["snn"]
     config = {"model": spec.model, **r["config"]}
     ctx.save_artifact("spiking.safetensors",
@@ -180,12 +206,8 @@ def run(spec: SpikingSpec, ctx: JobContext) -> SpikingResult:
         parameters=sum(p.numel() for p in snn.parameters()), per=r["per"],
         time_steps=r["time_steps"], layers=layers,
         spike_rates={k: v.rate for k, v in sc.neurons.items()},
-        twin_macs=twin_ops / n, spiking_acs=sc.acs / n, spiking_macs=sc.macs / n,
-        neuron_updates=sc.neuron_updates / n, op_ratio=twin_ops / max(1, snn_ops),
-        energy_twin_pj=e_twin, energy_spiking_pj=e_snn, energy_ratio=e_twin / e_snn,
-        energy_ratio_with_neurons=e_twin / (sc.energy_pj(with_neurons=True) / n),
-        energy_note=f"{ENERGY_NOTE} ({PJ_PER_AC} pJ/AC, {PJ_PER_MAC} pJ/MAC)",
-        wall_ms_twin=r["wall"][0], wall_ms_spiking=r["wall"][1], samples=r["samples"],
+        **_figures(tc, sc, n), wall_ms_twin=r["wall"][0], wall_ms_spiking=r["wall"][1],
+        samples=r["samples"],
         train_seconds=r["train_seconds"], seconds=time.perf_counter() - t0, method=r["method"],
         environment=env.environment(device))
     ctx.save_artifact("operations.json", json.dumps([x.model_dump() for x in layers]).encode(),

@@ -6,6 +6,8 @@ and connected output: on event-driven hardware only spikes trigger work, and a w
 an addition. Any other input costs the dense multiply-accumulates (MAC) a conventional kernel
 does. Biases and elementwise work (norms, the WKV recurrence, gates) are left out of both sides;
 the LIF membrane updates, which only the spiking model does, are counted apart (``neuron_updates``).
+A convolution's operations are the taps that read an input element: zero padding is no input
+(and no synapse), so its taps count on neither side.
 """
 
 from __future__ import annotations
@@ -80,6 +82,24 @@ def is_binary(x: torch.Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
 
 
+def _window_sums(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Per sample, group and output position: the sum of float32 ``x`` over the inputs that
+    position's window reads, padded as ``module.forward`` pads (zeros: nothing; reflect /
+    replicate / circular: copies of real inputs), so out-of-bounds taps add nothing."""
+    g = module.groups
+    ones = torch.ones(g, module.in_channels // g, *module.kernel_size, device=x.device)
+    padding: str | tuple[int, ...] = module.padding
+    if module.padding_mode != "zeros":
+        x = nn.functional.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = (0, 0)
+    return nn.functional.conv2d(x, ones, None, module.stride, padding, module.dilation, g)
+
+
+def _exact_sum(counts: torch.Tensor) -> int:
+    """Sum of integer-valued float counts in int64: a float32 sum loses units past 2**24."""
+    return int(counts.round().to(torch.int64).sum())
+
+
 def count_layer(module: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
     """(dense MACs, ACs if ``x`` is binary, active inputs) of one call of a weight layer."""
     from workers.engine.spiking.rwkv import MixLinear, token_shift
@@ -95,14 +115,14 @@ def count_layer(module: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
         active = int(torch.count_nonzero(x))
         return rows * module.in_features * module.out_features, active * module.out_features, active
     if isinstance(module, nn.Conv2d):
-        g, cout = module.groups, module.out_channels
-        w = torch.ones(g, module.in_channels // g, *module.kernel_size, dtype=x.dtype, device=x.device)
-        # active inputs in each output position's receptive field, per group
-        fan = nn.functional.conv2d((x != 0).to(x.dtype), w, None, module.stride,
-                                   module.padding, module.dilation, g)  # type: ignore[arg-type]
-        positions = fan.shape[0] * fan.shape[2] * fan.shape[3]
-        dense = positions * cout * (module.in_channels // g) * module.kernel_size[0] * module.kernel_size[1]
-        return dense, int(fan.sum().item()) * (cout // g), int(torch.count_nonzero(x))
+        # Padding is no input: only the taps that read a real input element are synapses. A
+        # spike-free pad costs no accumulate, and counting it as a MAC would inflate the twin.
+        per_group = module.out_channels // module.groups
+        sample = torch.ones(1, *x.shape[-3:], device=x.device)
+        taps = _window_sums(module, sample)  # the same for every sample
+        fan = _window_sums(module, (x != 0).float())  # active inputs per receptive field
+        dense = _exact_sum(taps) * (x.numel() // sample.numel()) * per_group
+        return dense, _exact_sum(fan) * per_group, int(torch.count_nonzero(x))
     raise TypeError(f"no operation count for {type(module).__name__}")
 
 

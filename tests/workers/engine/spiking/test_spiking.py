@@ -3,6 +3,7 @@ against an accumulate-only evaluation), the WKV recurrence, conversion and the j
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -12,10 +13,10 @@ import torch
 from torch import nn
 
 from app.config import Settings
-from app.schemas import SpikingSpec
+from app.schemas import SpikingResult, SpikingSpec
 from app.storage import Store, open_store
 from gpu_kernels.lif import lif_reference
-from workers.engine import char_lm, datasets, zoo
+from workers.engine import char_lm, datasets, env, zoo
 from workers.engine.context import LocalContext, UserError
 from workers.engine.spiking import convert as conv
 from workers.engine.spiking import job
@@ -44,14 +45,16 @@ def test_op_counter_matches_hand_counts() -> None:
     conv3 = nn.Conv2d(1, 2, 3, padding=1)
     corner = torch.zeros(1, 1, 3, 3)
     corner[0, 0, 0, 0] = 1  # read by outputs (0,0) (0,1) (1,0) (1,1), each for 2 channels
-    assert count_layer(conv3, corner) == (9 * 2 * 9, 4 * 2, 1)
+    # in-bounds taps of the 3x3 outputs: 4 corners read 4 inputs, 4 edges 6, the centre 9
+    assert count_layer(conv3, corner) == ((4 * 4 + 4 * 6 + 9) * 2, 4 * 2, 1)
     center = torch.zeros(1, 1, 3, 3)
     center[0, 0, 1, 1] = 1  # read by all 9 outputs
     assert count_layer(conv3, center)[1] == 9 * 2
     strided = nn.Conv2d(1, 3, 3, stride=2, padding=1)
     x = torch.zeros(1, 1, 4, 4)
     x[0, 0, 1, 1] = 1  # outputs (0..1, 0..1) all cover row 1 / col 1
-    assert count_layer(strided, x) == (4 * 3 * 9, 4 * 3, 1)
+    # windows centred on rows / cols 0 and 2: 2 and 3 in-bounds rows, 2 and 3 columns
+    assert count_layer(strided, x) == ((2 + 3) * (2 + 3) * 3, 4 * 3, 1)
     mix = MixLinear(2, 5, torch.tensor([0.3, 0.6]))
     s = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]])  # 3 spikes now, 1 one step later
     assert count_layer(mix, s) == (3 * 2 * 5, (3 + 1) * 5, 3)
@@ -64,6 +67,131 @@ def test_op_counter_matches_hand_counts() -> None:
     assert (first.acs, first.macs, first.input_rate) == (6, 0, 0.5)
     assert (second.acs, second.macs, second.input_rate) == (0, 2 * 2 * 4, None)
     assert ops.counts.energy_pj() == pytest.approx(PJ_PER_AC * 6 + PJ_PER_MAC * 16)
+
+
+def _taps_by_hand(layer: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
+    """(taps that read an input element, of them those reading a nonzero one) x output channels
+    per group, by visiting every output position and kernel tap; a pad other than zeros reads
+    the input element it copies (reflect / replicate / circular index maps)."""
+    n, c, h, w = x.shape
+    out_h, out_w = layer(x).shape[-2:]  # the layer's real output size
+    g, k, st, dil = layer.groups, layer.kernel_size, layer.stride, layer.dilation
+    # leading pad per axis: "same" puts the odd extra element at the end
+    pad = ([dil[a] * (k[a] - 1) // 2 for a in (0, 1)] if layer.padding == "same"
+           else [int(p) for p in layer.padding])
+    mode = layer.padding_mode
+
+    def index(i: int, size: int) -> int | None:
+        if 0 <= i < size:
+            return i
+        if mode == "zeros":
+            return None
+        if mode == "reflect":
+            return -i if i < 0 else 2 * (size - 1) - i
+        if mode == "replicate":
+            return min(max(i, 0), size - 1)
+        return i % size  # circular
+
+    vals = x.tolist()
+    taps = active = 0
+    for b in range(n):
+        for ch in range(c):
+            for oi in range(out_h):
+                for oj in range(out_w):
+                    for a in range(k[0]):
+                        for bb in range(k[1]):
+                            r = index(oi * st[0] - pad[0] + a * dil[0], h)
+                            s = index(oj * st[1] - pad[1] + bb * dil[1], w)
+                            if r is not None and s is not None:
+                                taps += 1
+                                active += vals[b][ch][r][s] != 0
+    per_group = layer.out_channels // g
+    return taps * per_group, active * per_group
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(4, 6, 3, padding=1),
+    nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 2), groups=2),
+    nn.Conv2d(4, 4, 5, padding=2, groups=4),  # depthwise, windows wider than the edges
+    nn.Conv2d(4, 2, (3, 2), padding="same", dilation=2),  # asymmetric padding
+    nn.Conv2d(4, 6, 3, stride=2),  # no padding: every tap in bounds
+    nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+    nn.Conv2d(4, 6, 3, stride=2, padding=2, padding_mode="circular"),
+    nn.Conv2d(4, 6, 3, padding=1, padding_mode="replicate"),
+], ids=["pad1", "strided-dilated-grouped", "depthwise", "same", "valid", "reflect", "circular",
+        "replicate"])
+def test_conv_counts_only_taps_that_read_an_input(layer: nn.Conv2d) -> None:
+    """Zero padding is no input: its taps are neither the twin's MACs nor (no spike there) the
+    spiking model's accumulates. Other pads copy real inputs, so their taps count."""
+    gen = torch.Generator().manual_seed(3)
+    spikes = (torch.rand(2, 4, 7, 6, generator=gen) < 0.4).float()
+    dense, acs, active = count_layer(layer, spikes)
+    assert (dense, acs) == _taps_by_hand(layer, spikes)
+    assert active == int(spikes.sum())
+    everywhere = torch.ones(2, 4, 7, 6)  # every tap that reads an input reads a spike
+    assert count_layer(layer, everywhere)[1] == count_layer(layer, everywhere)[0]
+    # the same count from the layer itself: all-ones weights on an all-ones input, no bias
+    ones = copy.deepcopy(layer)
+    nn.init.ones_(ones.weight)
+    ones.bias = None
+    with torch.no_grad():
+        assert int(ones(everywhere).sum()) == dense
+
+
+def test_a_silent_spiking_model_reports_unbounded_ratios_in_valid_json() -> None:
+    """A SpikeGPT whose neurons never fire does no synaptic operation: the figures that divide
+    by its operations are unbounded (not a crash), the note says why, and the result is still
+    JSON that reads back."""
+    torch.manual_seed(0)
+    snn, twin = RWKVLM(16, 1, spiking=True), RWKVLM(16, 1, spiking=False)
+    for m in snn.modules():
+        if isinstance(m, LIF):
+            m.threshold.fill_(1e9)  # type: ignore[operator]
+    x = torch.randint(0, char_lm.VOCAB, (2, 12))
+    with OpCounter(snn) as ops, OpCounter(twin) as twin_ops, torch.no_grad():
+        snn(x)
+        twin(x)
+    assert ops.counts.acs == ops.counts.macs == 0 and twin_ops.counts.macs > 0
+    figures = job._figures(twin_ops.counts, ops.counts, x.numel())
+    assert figures["op_ratio"] == figures["energy_ratio"] == math.inf
+    # the neuron updates still cost something
+    assert 0 < figures["energy_ratio_with_neurons"] < math.inf
+    assert "no synaptic operation" in figures["energy_note"]
+    res = SpikingResult(model="char-rwkv", metric="bits_per_char", twin_quality=7.0,
+                        spiking_quality=7.0, quality_gap=0.0, parameters=1, per="token",
+                        time_steps=None, layers=[], spike_rates={}, wall_ms_twin=1.0,
+                        wall_ms_spiking=1.0, train_seconds=0.0, seconds=0.0, method="",
+                        environment=env.environment(torch.device("cpu")), **figures)
+
+    def strict(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    text = res.model_dump_json()
+    assert json.loads(text, parse_constant=strict)["energy_ratio"] == "Infinity"
+    assert SpikingResult.model_validate_json(text).energy_ratio == math.inf
+    assert job._ratio(0.0, 0.0) != job._ratio(0.0, 0.0)  # 0 / 0: NaN, nothing to compare
+
+
+def test_evaluation_runs_in_ieee_fp32() -> None:
+    """The quality figures are computed without TF32 (cuDNN's default for fp32 convolutions on
+    a GPU), so the saved model scores the same on the CPU; training is left as it is."""
+    seen: list[tuple[str, str]] = []
+
+    class Probe(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((torch.backends.cudnn.conv.fp32_precision,  # type: ignore[attr-defined]
+                         torch.backends.cuda.matmul.fp32_precision))
+            return super().forward(x)
+
+    probe = Probe(3, 2)
+    before = (torch.backends.cudnn.conv.fp32_precision,  # type: ignore[attr-defined]
+              torch.backends.cuda.matmul.fp32_precision)
+    x = torch.ones(4, 3)
+    quality, counts = job._counted(probe, lambda: float(probe(x).detach().sum()))
+    assert seen == [("ieee", "ieee")] and counts.layers[""].acs == 4 * 3 * 2
+    assert quality == float(nn.functional.linear(x, probe.weight, probe.bias).detach().sum())
+    assert (torch.backends.cudnn.conv.fp32_precision,  # type: ignore[attr-defined]
+            torch.backends.cuda.matmul.fp32_precision) == before
 
 
 def test_mix_linear_on_spikes_is_accumulates_only() -> None:
