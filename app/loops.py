@@ -18,4 +18,9 @@ async def repeat(step: Callable[[], Awaitable[object]], every_s: float, what: st
             raise
         except Exception:
             log.warning("%s failed", what, exc_info=True)
+        # A cancel can be swallowed inside a step (seen when it lands in a redis-py command at
+        # startup): the step returns, and the loop slept on while the app's shutdown waited
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
         await asyncio.sleep(every_s)
