@@ -20,6 +20,7 @@ from app.deps import Services
 from app.errors import ApiError, not_found
 from app.schemas import (
     FINAL_STATES,
+    JOB_LIST_SCAN_LIMIT,
     LABELED_METRICS,
     UPLOAD_DATASETS,
     WAITING_FOR_WORKER,
@@ -167,7 +168,6 @@ async def create_job(
     """Returns the job and whether it was created now (False: an earlier call with the same
     Idempotency-Key already created it)."""
     spec = body.spec
-    _check_spec(spec)
     job_id = f"job_{uuid.uuid4().hex}"
     idem = None
     if idempotency_key:
@@ -207,8 +207,10 @@ async def create_job(
                           updated_at=records.now()),
     )
     try:
-        # Checked once the key is held, not before it is looked up: a retry whose job has ended
-        # since, and whose upload was then deleted, answers with that job, not a 404.
+        # Checked once the key is held, not before it is looked up: a retry answers with its job
+        # although a check would refuse it now (its upload deleted since the job ended, or a
+        # check added by a release since the first try); a first try is checked in full.
+        _check_spec(spec)
         await _check_refs(svc, tenant, spec)
         seq = int(await svc.redis.incr(records.tenant_seq_key(tenant)))
         await _write_job(svc, tenant, job, seq, idem)
@@ -295,34 +297,42 @@ async def get_job(svc: Services, tenant: str, job_id: str) -> Job:
 async def list_jobs(
     svc: Services, tenant: str, limit: int, cursor: str | None, state: str | None, kind: str | None
 ) -> JobPage:
+    """Up to ``limit`` of the caller's jobs that match ``state`` and ``kind``, newest first. The
+    index is filtered as it is read, so a page fills past jobs that do not match; it stops at
+    one more match (another page follows: a cursor), at the index's end (no cursor), or after
+    JOB_LIST_SCAN_LIMIT entries (``partial``: a cursor to resume from, although the page may
+    be short, even empty). The cursor is the sequence number of the last entry this page
+    accounted for (returned, not matching, or deleted meanwhile): the next page reads on from
+    there."""
     key = records.tenant_jobs_key(tenant)
     top: Any = f"({int(cursor)}" if cursor else "+inf"
     items: list[Job] = []
     last_seq: int | None = None
-    exhausted = False
-    while len(items) < limit:
-        batch = await svc.redis.zrevrangebyscore(key, top, "-inf", start=0, num=max(limit, 50),
-                                                 withscores=True)
+    scanned = 0
+    want = limit + 1  # unfiltered, one entry past the page says whether another follows
+    while scanned < JOB_LIST_SCAN_LIMIT:
+        batch = await svc.redis.zrevrangebyscore(
+            key, top, "-inf", start=0, num=min(want, JOB_LIST_SCAN_LIMIT - scanned),
+            withscores=True)
         if not batch:
-            exhausted = True
-            break
-        for job_id, score in batch:
+            return JobPage(items=items)
+        scanned += len(batch)
+        want *= 2  # filtered: fewer round trips past jobs that do not match
+        top = f"({int(batch[-1][1])}"
+        pipe = svc.redis.pipeline(transaction=False)
+        for job_id, _ in batch:
+            pipe.hmget(records.job_key(job_id), ["tenant", "state", "kind"])
+        for (job_id, score), (owner, st, kd) in zip(batch, await pipe.execute(), strict=True):
+            # another state or kind, or a job deleted since the index was read, is passed over
+            if owner == tenant and (not state or st == state) and (not kind or kd == kind):
+                if len(items) == limit:  # a match past a full page: another page follows
+                    return JobPage(items=items, next_cursor=str(last_seq))
+                with contextlib.suppress(ApiError):  # deleted since its fields were read
+                    items.append(await get_job(svc, tenant, job_id))
             last_seq = int(score)
-            top = f"({last_seq}"
-            if state or kind:
-                st, kd = await svc.redis.hmget(records.job_key(job_id), ["state", "kind"])
-                if (state and st != state) or (kind and kd != kind):
-                    continue
-            try:
-                items.append(await get_job(svc, tenant, job_id))
-            except ApiError:
-                continue  # deleted between index and read
-            if len(items) == limit:
-                break
-    more = not exhausted and last_seq is not None and bool(
-        await svc.redis.zcount(key, "-inf", f"({last_seq}")
-    )
-    return JobPage(items=items, next_cursor=str(last_seq) if more else None)
+    # the bound: go on from here only if the index holds older entries
+    more = last_seq is not None and bool(await svc.redis.zcount(key, "-inf", f"({last_seq}"))
+    return JobPage(items=items, next_cursor=str(last_seq) if more else None, partial=more)
 
 
 async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Job:

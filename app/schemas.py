@@ -961,11 +961,22 @@ class Job(_Model):
         return self.state in FINAL_STATES
 
 
+JOB_LIST_SCAN_LIMIT = 1000
+"""Index entries one GET /v1/jobs reads at most (app.jobs.list_jobs): a filter that few of a
+tenant's jobs match would otherwise read the whole index in one request."""
+
+
 class JobPage(_Model):
     items: list[Job]
     next_cursor: str | None = Field(
-        default=None, description="Pass as `cursor` for the next page; null on the last page."
+        default=None, description="Pass as `cursor` for the next page; null when no more jobs "
+        "match."
     )
+    partial: bool = Field(
+        default=False, description="The server stopped after reading its bound of jobs "
+        f"({JOB_LIST_SCAN_LIMIT} per request) before it knew whether more match the filters: "
+        "the page may hold fewer than `limit` items, even none; follow `next_cursor` to read "
+        "on. Otherwise a page with a `next_cursor` holds `limit` matching jobs.")
 
 
 class JobEvent(_Model):

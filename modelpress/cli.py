@@ -504,11 +504,13 @@ def _follow(c: Client, job_id: str) -> None:
 def jobs_list(ctx: click.Context, state: str | None, kind: str | None, limit: int,
               every: bool) -> None:
     with _client(ctx) as c:
-        jobs = (c.jobs.iter(state=state, kind=kind) if every else
-                c.jobs.list(limit=limit, state=state, kind=kind).items)
-        for j in jobs:
+        page = None if every else c.jobs.list(limit=limit, state=state, kind=kind)
+        for j in c.jobs.iter(state=state, kind=kind) if page is None else page.items:
             click.echo(f"{j.id}  {j.kind:<16} {j.state:<10} {j.progress.fraction:5.0%}  "
                        f"{j.created_at:%Y-%m-%d %H:%M:%S}  {j.name or ''}")
+        if page is not None and page.partial:  # the server stopped at its bound: say so
+            click.echo("(the server stopped reading before it found --limit matching jobs; "
+                       "older ones may match: add --all)", err=True)
 
 
 @jobs.command("get")

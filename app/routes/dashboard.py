@@ -27,7 +27,7 @@ from app.errors import (
     log_redis_down,
     redis_down,
 )
-from app.schemas import DatasetInfo, Job, JobCreate, ModelInfo, ModelRef
+from app.schemas import JOB_LIST_SCAN_LIMIT, DatasetInfo, Job, JobCreate, ModelInfo, ModelRef
 
 COOKIE = "modelpress_key"
 HERE = Path(__file__).resolve().parents[1]
@@ -216,7 +216,8 @@ async def _jobs_view(request: Request, svc: ServicesDep, who: auth.Principal, *,
                      ) -> HTMLResponse:
     page = await jobs.list_jobs(svc, who.tenant, 100, None, state or None, kind or None)
     models, data = await _assets(svc, who.tenant)
-    return _page(request, "jobs.html", status=status, jobs=page.items, state=state or "",
+    return _page(request, "jobs.html", status=status, jobs=page.items, partial=page.partial,
+                 scan_limit=JOB_LIST_SCAN_LIMIT, state=state or "",
                  kind=kind or "", kinds=KINDS, states=STATES, zoo=ZOO, builtin=BUILTIN_DATA,
                  models=models, datasets=data, prefill=prefill, error=error, summary=_summary,
                  model_label=_model_label, tenant=who.tenant, deleted=deleted)

@@ -17,7 +17,16 @@ from app import assets, records
 from app.config import Settings
 from app.deps import Services
 from app.redis_client import async_client
-from app.schemas import BenchmarkSpec, DatasetInfo, DatasetRef, JobCreate, ModelRef
+from app.schemas import (
+    BenchmarkSpec,
+    DatasetInfo,
+    DatasetRef,
+    Job,
+    JobCreate,
+    JobState,
+    ModelRef,
+    Progress,
+)
 from app.storage import open_store
 from modelpress import _stack
 from tests.conftest import fresh_db
@@ -68,3 +77,21 @@ def body(dataset: str | None = None) -> JobCreate:
     spec = BenchmarkSpec(model=ModelRef(zoo="digits-cnn"),
                          dataset=DatasetRef(id=dataset) if dataset else None)
     return JobCreate(spec=spec, name="bench")
+
+
+async def put_jobs(svc: Services, tenant: str, states: list[JobState]) -> list[str]:
+    """Benchmark jobs of ``tenant`` in ``states`` (oldest first), recorded and indexed as
+    ``jobs._write_job`` leaves them; their ids, oldest first."""
+    spec = BenchmarkSpec(model=ModelRef(zoo="digits-cnn"))
+    first = int(await svc.redis.incrby(records.tenant_seq_key(tenant), len(states))) - len(states)
+    pipe = svc.redis.pipeline(transaction=False)
+    ids: list[str] = []
+    for seq, state in enumerate(states, start=first + 1):
+        job = Job(id=f"job_{uuid.uuid4().hex}", kind="benchmark", name=state, state=state,
+                  spec=spec, queue="cpu", created_at=records.now(),
+                  progress=Progress(stage=state, updated_at=records.now()))
+        pipe.hset(records.job_key(job.id), mapping=records.job_to_hash(job, tenant, seq))
+        pipe.zadd(records.tenant_jobs_key(tenant), {job.id: seq})
+        ids.append(job.id)
+    await pipe.execute()
+    return ids

@@ -1,7 +1,7 @@
 """POST /v1/jobs with an Idempotency-Key, at the module level against a real Redis and a real
 Celery producer (its broker is that Redis; no worker is needed to queue a job): a key left
-naming a job that was never written, a retry that overlaps a slow first try, and a retry after
-an input of the job was deleted."""
+naming a job that was never written, a retry that overlaps a slow first try, and retries that a
+check would refuse now (an input of the job deleted, a check added since)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from app import assets, jobs, records
 from app.config import Settings
 from app.deps import Services
 from app.errors import ApiError
+from app.schemas import Job, JobCreate, MixedPrecisionSpec, ModelRef, Progress
 from tests.app.conftest import TENANT, body, run, services, upload
 
 KEY = "create-key-0001"
@@ -94,5 +95,29 @@ def test_a_retry_after_an_input_was_deleted_returns_the_job(settings: Settings) 
             await jobs.create_job(svc, TENANT, body(dataset), "create-key-0002")
         assert exc.value.status == 404
         assert await svc.redis.get(records.idempotency_key(TENANT, "create-key-0002")) is None
+
+    run(settings, body_)
+
+
+def test_a_retry_is_answered_before_a_check_added_since(settings: Settings) -> None:
+    """The first try was accepted by a release without today's spec check (LoRA with the
+    default static levels of a conv model; its job record and key are written here as that
+    release left them). The retry with the same key answers with that job, not the check's
+    422; the same spec under a new key is still refused, and leaves no key behind."""
+    refused = JobCreate(spec=MixedPrecisionSpec(model=ModelRef(zoo="digits-cnn"), lora={}))
+
+    async def body_(svc: Services) -> None:
+        with pytest.raises(ApiError) as exc:  # today's first try is checked in full
+            await jobs.create_job(svc, TENANT, refused, "create-key-0002")
+        assert exc.value.status == 422 and "LoRA recovery" in exc.value.message
+        assert await svc.redis.get(records.idempotency_key(TENANT, "create-key-0002")) is None
+        # what the earlier release's create left: the key, then the record naming it
+        job = Job(id=f"job_{uuid.uuid4().hex}", kind="mixed_precision", state="queued",
+                  spec=refused.spec, queue="cpu", created_at=records.now(), progress=Progress())
+        idem = records.idempotency_key(TENANT, KEY)
+        await svc.redis.set(idem, job.id, ex=records.IDEMPOTENCY_TTL_S)
+        await jobs._write_job(svc, TENANT, job, 1, idem)
+        again, created = await jobs.create_job(svc, TENANT, refused, KEY)
+        assert (again.id, again.spec, created) == (job.id, refused.spec, False)
 
     run(settings, body_)

@@ -59,6 +59,18 @@ def test_the_jobs_list_renders_every_kind(state: str) -> None:
         assert f'href="/ui/jobs/{job.id}"' in page
     assert "zoo:digits-cnn" in page and "digits diffusion teacher" in page
     assert "linear head + cross-entropy" in page and "char-gpt" in page
+    assert 'id="partial"' not in page
+
+
+@pytest.mark.parametrize("jobs", [[], [_job("benchmark", "failed")]])
+def test_a_filtered_list_cut_short_says_so(jobs: list[Job]) -> None:
+    page = _render("jobs.html", jobs=jobs, partial=True, scan_limit=1000, state="failed",
+                   kind="", kinds=dashboard.KINDS, states=dashboard.STATES, zoo=dashboard.ZOO,
+                   builtin=dashboard.BUILTIN_DATA, models=[], datasets=[], prefill="", error="",
+                   summary=dashboard._summary, model_label=dashboard._model_label, tenant="t",
+                   deleted=None)
+    assert "Only the newest 1000 jobs were searched" in page and "jobs list --all" in page
+    assert 'id="empty"' not in page  # not "no jobs match": older ones may
 
 
 @pytest.mark.parametrize("kind", KINDS)
