@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(
         default=5.0, gt=0, description="Worker heartbeat and job-lease refresh period (seconds)."
     )
+    stalled_job_s: float = Field(
+        default=60.0, gt=0, description="A running job whose lease has not been renewed for "
+        "this long (its worker died) is sent to the queue again by the API, once per attempt, "
+        "instead of waiting for the visibility timeout. Checked every half of it.",
+    )
     default_queue: str = Field(
         default="cpu", description="Queue for jobs with device `auto`/`cpu` (`gpu` for device "
         "`cuda` or backend `torch-cuda`)."

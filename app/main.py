@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import errors, pending, retention, unsent
+from app import errors, pending, retention, stalled, unsent
 from app.config import Settings, get_settings
 from app.deps import Services
 from app.redis_client import async_client
@@ -42,7 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         r = async_client(settings, health_check_interval=30, socket_timeout=60)
         svc = Services(settings, r, open_store(settings), create_celery(settings))
         app.state.services = svc
-        loops = [asyncio.create_task(pending.run(svc)), asyncio.create_task(unsent.run(svc))]
+        loops = [asyncio.create_task(pending.run(svc)), asyncio.create_task(unsent.run(svc)),
+                 asyncio.create_task(stalled.run(svc))]
         if settings.job_retention_days > 0:
             loops.append(asyncio.create_task(retention.run(svc)))
         try:

@@ -74,6 +74,10 @@ PENDING_DELETES_KEY = f"{P}:pending-deletes"
 # Jobs written but not yet handed to the queue, scored by when: a create removes its job once the
 # queue has it; one the API died in between is sent by ``app.unsent``.
 UNSENT_KEY = f"{P}:unsent"
+# Jobs a worker started, scored by when: ``app.stalled`` sends one again whose lease has been
+# gone a while (its worker died with the message acknowledged, or the whole worker died and the
+# broker would hand the message on only after its visibility timeout, hours).
+RUNNING_KEY = f"{P}:running"
 
 
 def tenant_jobs_key(tenant: str) -> str:
@@ -162,7 +166,8 @@ def artifact_object(tenant: str, job_id: str, name: str) -> str:
 _JSON_FIELDS = ("spec", "progress", "result", "error")
 
 
-_INTERNAL_FIELDS = ("tenant", "seq", "idem")  # kept in the hash, not part of the Job
+# kept in the hash, not part of the Job (the last two: app.stalled's)
+_INTERNAL_FIELDS = ("tenant", "seq", "idem", "lease_missing_since", "resent_attempt")
 
 
 def job_to_hash(job: Job, tenant: str, seq: int, idem: str | None = None) -> dict[str, str]:
@@ -244,8 +249,9 @@ end
 return state
 """
 
-# KEYS: job, events   ARGV: now, event_json, maxlen
-# Claims the job for a new attempt: queued|running -> running, attempts += 1.
+# KEYS: job, events[, running]   ARGV: now, event_json, maxlen[, now (epoch s), job_id]
+# Claims the job for a new attempt: queued|running -> running, attempts += 1; lists it as
+# running (for ``app.stalled``) where the running key is passed.
 START = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', 0} end
@@ -256,7 +262,31 @@ if not redis.call('HGET', KEYS[1], 'started_at') then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[1])
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2])
+if KEYS[3] then redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5]) end
 return {'running', attempt}
+"""
+
+# KEYS: job, lease   ARGV: now (epoch s), stale_s
+# Whether a running job's worker is gone: -1 the job is no longer running (or is gone): drop it
+# from the running list; 1 its lease has been missing for stale_s (seen twice, that far apart)
+# and the job was not sent again for this attempt yet: the caller sends it (marked sent here,
+# so one API process of several does); 0 otherwise.
+STALLED = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'attempts', 'resent_attempt', 'lease_missing_since')
+if h[1] ~= 'running' then return -1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  if h[4] then redis.call('HDEL', KEYS[1], 'lease_missing_since') end
+  return 0
+end
+if h[3] == h[2] then return 0 end
+if not h[4] then
+  redis.call('HSET', KEYS[1], 'lease_missing_since', ARGV[1])
+  return 0
+end
+if tonumber(ARGV[1]) - tonumber(h[4]) < tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'resent_attempt', h[2])
+redis.call('HDEL', KEYS[1], 'lease_missing_since')
+return 1
 """
 
 # KEYS: job, events   ARGV: attempt, progress_json, event_json, maxlen

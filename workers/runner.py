@@ -339,9 +339,10 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
                  r: redis.Redis, store: Store, lease: Lease) -> None:
     from workers.engine import registry  # imports torch; keep it out of the API's import path
 
-    state, attempt = r.eval(records.START, 2, records.job_key(job_id), records.events_key(job_id),
-                            records.iso(), records.event_json(job_id, "state", state="running"),
-                            settings.event_stream_maxlen)
+    state, attempt = r.eval(records.START, 3, records.job_key(job_id), records.events_key(job_id),
+                            records.RUNNING_KEY, records.iso(),
+                            records.event_json(job_id, "state", state="running"),
+                            settings.event_stream_maxlen, time.time(), job_id)
     if state != "running":
         log.info("job %s is %s; not starting it", job_id, state)
         return

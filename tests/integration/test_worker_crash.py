@@ -15,6 +15,7 @@ from app import records
 from app.schemas import BenchmarkSpec, Job, ModelRef
 from modelpress import Client, _stack
 from tests.conftest import Stack, make_stack, running
+from tests.helpers import measured
 from tests.integration.test_service import sse_events, wait_for
 
 pytestmark = pytest.mark.slow
@@ -71,6 +72,28 @@ def test_sigkill_mid_job_is_retried_once(crash_stack: Stack) -> None:
     finals = [e for e in events if e["event"] == "state" and e["state"] == "succeeded"]
     assert len(finals) == 1
     assert {a.name for a in done.artifacts} >= {"benchmark.json", "job-attempt2.log"}
+
+
+def test_a_job_whose_worker_died_is_sent_again_before_the_visibility_timeout(
+        tmp_path: Path, redis_server: _stack.EmbeddedRedis, shared_store: Path) -> None:
+    """The whole worker SIGKILLed with an hour's visibility timeout: the API sees the job's lease
+    gone (heartbeat 1 s: it lives 3 s) and sends the job again after MODELPRESS_STALLED_JOB_S."""
+    for s in _stack_with(tmp_path, redis_server, shared_store, MODELPRESS_STALLED_JOB_S="4",
+                         MODELPRESS_TASK_TIME_LIMIT_S="600",
+                         MODELPRESS_VISIBILITY_TIMEOUT_S="3600"):
+        with s.client() as client:
+            job = _measuring(client)
+            _stack.kill_process(s.workers[0])
+            t_kill = time.monotonic()
+            s.start_worker("w2")
+            done = client.jobs.wait(job.id, timeout=90)
+            waited = time.monotonic() - t_kill
+        assert done.state == "succeeded", done.error
+        assert [(r.attempt, r.outcome) for r in done.runs] == [(1, "lost"), (2, "succeeded")]
+        assert done.runs[1].worker.startswith("w2@")
+        assert any("sent it to the queue again" in line for line in s.dump_logs().splitlines())
+        measured.append(f"stalled job: worker SIGKILLed, job done on a new worker {waited:.1f} s "
+                        "later (stalled_job_s 4, lease 3 s, visibility timeout 3600 s)")
 
 
 @pytest.fixture
