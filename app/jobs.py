@@ -332,7 +332,8 @@ async def list_jobs(
             last_seq = int(score)
     # the bound: go on from here only if the index holds older entries
     more = last_seq is not None and bool(await svc.redis.zcount(key, "-inf", f"({last_seq}"))
-    return JobPage(items=items, next_cursor=str(last_seq) if more else None, partial=more)
+    return JobPage(items=items, next_cursor=str(last_seq) if more else None,
+                   partial=more and len(items) < limit)
 
 
 async def cancel_job(svc: Services, tenant: str, job_id: str, force: bool) -> Job:

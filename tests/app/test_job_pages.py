@@ -72,3 +72,18 @@ def test_a_bound_reached_at_the_index_end_gives_no_cursor(settings: Settings) ->
         assert (page.items, page.next_cursor, page.partial) == ([], None, False)
 
     run(settings, body_)
+
+
+def test_a_page_filled_at_the_bound_is_not_partial(settings: Settings) -> None:
+    """The match that fills the page is the last entry the bound lets a request read: a full
+    page with a cursor, not one that says it was cut short."""
+    async def body_(svc: Services) -> None:
+        older = await put_jobs(svc, TENANT, ["cancelled"])
+        await put_jobs(svc, TENANT, ["queued"] * (JOB_LIST_SCAN_LIMIT - 2))
+        pair = await put_jobs(svc, TENANT, ["cancelled"] * 2)
+        got = await pages(svc, 2, "cancelled")
+        assert [(len(p.items), p.partial, p.next_cursor is None) for p in got] == [
+            (2, False, False), (1, False, True)]
+        assert [j.id for p in got for j in p.items] == [*pair[::-1], *older]
+
+    run(settings, body_)
