@@ -25,14 +25,14 @@ def attempt_lines(lines: Sequence[str], attempt: int) -> list[str]:
 
 def store(job_id: str, attempt: int) -> bool:
     """Whether the artifact was stored (not when the job is gone or has a later attempt)."""
-    settings, r, store = runner._services()
+    settings, r, objects = runner._services()
     h = r.hgetall(records.job_key(job_id))
     if not h or h.get("attempts") != str(attempt):
         return False
     lines = attempt_lines(r.lrange(records.log_key(job_id), 0, -1), attempt)
     note = (f"(rebuilt from the job's Redis log, which keeps its last {settings.log_lines_kept} "
             "lines: the attempt's process was killed before it could store its own log)")
-    ctx = runner.WorkerContext(job_id, h["tenant"], attempt, settings, r, store,
+    ctx = runner.WorkerContext(job_id, h["tenant"], attempt, settings, r, objects,
                                Path(tempfile.gettempdir()))
     runner._save_log(ctx, [note, *lines])
     return bool(r.hexists(records.artifacts_key(job_id), f"job-attempt{attempt}.log"))

@@ -362,9 +362,12 @@ def _run_claimed(job_id: str, worker: str, h: dict[str, str], settings: Settings
                 f"{tempfile.gettempdir()} ({exc.strerror or exc}): free space there, or point "
                 "TMPDIR at a writable folder with room and restart the worker; then submit the "
                 "job again"))
-            _append_log(r, settings, job_id, attempt, f"{records.iso()} ERROR {no_folder.message}")
+            line = f"{records.iso()} ERROR {no_folder.message}"
             log.error("job %s: %s", job_id, no_folder.message)
-            _finish(r, settings, job_id, run, "failed", None, no_folder)
+            ctx = WorkerContext(job_id, tenant, attempt, settings, r, store,
+                                Path(tempfile.gettempdir()), who=worker)  # no engine: unused
+            ctx.append_log(line)
+            _close_attempt(ctx, run, [line], "failed", None, no_folder)
             return
         ctx = WorkerContext(job_id, tenant, attempt, settings, r, store, tmp,
                             queue=h.get("queue") or settings.default_queue, who=worker)
@@ -417,25 +420,39 @@ REDIS_WAIT_CAP_S = 30.0
 
 def _close_attempt(ctx: WorkerContext, run: RunAttempt, lines: list[str], outcome: str,
                    result: str | None, error: ErrorInfo | None) -> None:
-    """Stores the attempt's log and closes the job, waiting for Redis as long as it takes. The
-    outcome is only in this process: given up on (the task raised and Celery acknowledged
-    it), a Redis outage longer than ``redis_retry_s`` here left the job 'running' for good.
-    Waiting holds no other job back (Redis is the queue too); the time limits still apply."""
-    pause = 1.0
+    """Stores the attempt's log and closes the job, waiting for Redis until the task's hard
+    time limit. The outcome is only in this process: given up on (the task raised and Celery
+    acknowledged it), a Redis outage longer than ``redis_retry_s`` here left the job
+    'running' for good. Waiting holds no other job back (Redis is the queue too). Killed at
+    the hard limit while waiting, the job is sent again by the API (``app.stalled``)."""
+    pause, log_saved = 1.0, False
     while True:
         try:
-            # no second wait on a store that just failed the job for not answering
-            _save_log(ctx, lines, retry=not (error and error.type == StoreUnavailable.type))
+            if not log_saved:
+                # no second wait on a store that just failed the job for not answering
+                _save_log(ctx, lines, retry=not (error and error.type == StoreUnavailable.type))
+                log_saved = True
             closed = _finish(ctx.r, ctx.settings, ctx.job_id, run, outcome, result, error)
             break
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("job %s attempt %d ended %s but Redis does not answer (%s); recording "
-                        "it again in %g s", ctx.job_id, run.attempt, outcome, exc, pause)
-            time.sleep(pause)
+        except (redis.ConnectionError, redis.TimeoutError, SoftTimeLimitExceeded) as exc:
+            # (the soft limit landing here would lose an outcome the job has already reached)
+            log.warning("job %s attempt %d ended %s but could not record it (%s); trying again "
+                        "in %g s", ctx.job_id, run.attempt, outcome, f"{type(exc).__name__}: {exc}",
+                        pause)
+            _sleep_through_soft_limit(pause)
             pause = min(REDIS_WAIT_CAP_S, pause * 2)
-    if not closed:
+    if not closed and ctx.r.hmget(records.job_key(ctx.job_id), ["state", "attempts"]) != [
+            outcome, str(run.attempt)]:  # not a FINISH of ours whose reply was lost
         log.warning("job %s attempt %d finished after it was closed elsewhere", ctx.job_id,
                     run.attempt)
+
+
+def _sleep_through_soft_limit(seconds: float) -> None:
+    """A sleep the soft time limit's exception does not end (see ``_close_attempt``)."""
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        log.warning("the soft time limit passed while waiting for Redis; waiting on")
 
 
 MEMO_KEEP_S = 86_400
@@ -476,8 +493,13 @@ def close_killed_attempt(job_id: str, worker: str, limit_s: float) -> bool:
 def _store_killed_log(job_id: str, attempt: int) -> None:
     """The killed attempt's log artifact, from Redis's list, in a process of its own (see
     :mod:`workers.killed_log`); not waited for here, in the worker's main process."""
-    proc = subprocess.Popen([sys.executable, "-m", "workers.killed_log", job_id, str(attempt)],
-                            stdin=subprocess.DEVNULL)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "workers.killed_log", job_id,
+                                 str(attempt)], stdin=subprocess.DEVNULL)
+    except OSError:  # the job is closed; only its log artifact is missing
+        log.warning("could not start the process that stores the log of %s", job_id,
+                    exc_info=True)
+        return
     threading.Thread(target=proc.wait, daemon=True).start()  # reaps it
 
 

@@ -4,9 +4,13 @@ message) and the job stayed 'running' for good, its result lost."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
 
 from app import records
 from app.config import Settings
@@ -19,15 +23,18 @@ from workers import runner
 JOB = "job_outage_at_finish"
 
 
+def _running_job(r: Any) -> RunAttempt:
+    r.hset(records.job_key(JOB), mapping={"state": "running", "attempts": "1", "tenant": "t"})
+    return RunAttempt(attempt=1, worker="w1@host", started_at=records.now())
+
+
 def test_an_outcome_is_recorded_once_redis_is_back(tmp_path: Path) -> None:
     server = _stack.EmbeddedRedis(tmp_path / "redis", appendonly=True).start()
     settings = Settings(redis_url=server.url, redis_retry_s=0.5,
                         store_url=(tmp_path / "store").as_uri())
     r = sync_client(settings)
     try:
-        r.hset(records.job_key(JOB), mapping={"state": "running", "attempts": "1",
-                                              "tenant": "t"})
-        run = RunAttempt(attempt=1, worker="w1@host", started_at=records.now())
+        run = _running_job(r)
         ctx = runner.WorkerContext(JOB, "t", 1, settings, r, open_store(settings), tmp_path)
         server.stop()  # down for longer than the client retries (0.5 s)
         closing = threading.Thread(target=runner._close_attempt, daemon=True, args=(
@@ -46,5 +53,34 @@ def test_an_outcome_is_recorded_once_redis_is_back(tmp_path: Path) -> None:
         log = (tmp_path / "store" / records.artifact_object("t", JOB, "job-attempt1.log"))
         assert log.read_text() == "a line of the attempt's log\n"
     finally:
+        r.close()
+        server.stop()
+
+
+def test_the_soft_time_limit_does_not_end_the_wait(tmp_path: Path) -> None:
+    """Celery's soft limit is an exception raised by a signal handler wherever the task is: here
+    the wait for Redis, with the job's outcome reached and not yet recorded."""
+    server = _stack.EmbeddedRedis(tmp_path / "redis", appendonly=True).start()
+    settings = Settings(redis_url=server.url, redis_retry_s=0.5,
+                        store_url=(tmp_path / "store").as_uri())
+    r = sync_client(settings)
+
+    def soft_limit(*_: object) -> None:
+        # Redis back first (started from the main thread: its PR_SET_PDEATHSIG follows the
+        # thread that starts it), then the limit: without the fix it ends the wait regardless
+        server.start()
+        raise SoftTimeLimitExceeded()
+
+    previous = signal.signal(signal.SIGALRM, soft_limit)
+    try:
+        run = _running_job(r)
+        ctx = runner.WorkerContext(JOB, "t", 1, settings, r, open_store(settings), tmp_path)
+        server.stop()
+        signal.setitimer(signal.ITIMER_REAL, 2)  # lands while the outcome waits for Redis
+        runner._close_attempt(ctx, run, ["a line"], "succeeded", '{"x": 1}', None)
+        assert r.hget(records.job_key(JOB), "state") == "succeeded"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
         r.close()
         server.stop()
