@@ -17,6 +17,7 @@ Time: median over ``repeats`` forward + backward runs after one warm-up run.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import json
@@ -285,8 +286,11 @@ def measure_case(impl: str, n: int, d: int, v: int, dtype: str = "float32", devi
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    # a session of its own: a kill reaches whatever it started too (torch.compile's workers),
+    # which would otherwise hold its pipes open and the communicate() below with them
     proc = subprocess.Popen([sys.executable, "-c", code, args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=root,
+                            start_new_session=True)
     deadline = time.monotonic() + timeout_s
     try:
         while True:
@@ -301,7 +305,8 @@ def measure_case(impl: str, n: int, d: int, v: int, dtype: str = "float32", devi
                     check()
     finally:
         if proc.returncode is None:  # time limit, or check() / a signal handler raised
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     for line in stdout.splitlines():
         if line.startswith("ROW"):

@@ -90,10 +90,13 @@ def test_a_check_that_raises_ends_the_running_case() -> None:
     """A job's cancel reaches a case that is running (each may take minutes), not the next."""
     kids = Path(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/children")
     seen: list[int] = []
+    leaders: list[bool] = []
     start = time.monotonic()
 
     def check() -> None:
         seen.extend(int(k) for k in kids.read_text().split())
+        # a session of its own, so the kill reaches what the case started (compile workers)
+        leaders.extend(os.getsid(pid) == pid for pid in seen if _running(pid))
         if time.monotonic() - start > 3:
             raise KeyboardInterrupt("cancelled")
 
@@ -101,6 +104,7 @@ def test_a_check_that_raises_ends_the_running_case() -> None:
         measure_case("torch", 2048, 256, 16384, repeats=10000, check_grads=False, check=check)
     assert time.monotonic() - start < 10
     assert seen and not any(_running(pid) for pid in set(seen))
+    assert leaders and all(leaders)
 
 
 def test_a_failing_peer_is_a_row_not_an_exception() -> None:

@@ -163,7 +163,8 @@ def _figures(tc: Counts, sc: Counts, n: int) -> dict[str, Any]:
     note = f"{ENERGY_NOTE} ({PJ_PER_AC} pJ/AC, {PJ_PER_MAC} pJ/MAC)"
     if not snn_ops:  # a silent SNN: say why the ratios are not numbers rather than crash
         note += ("; the spiking model did no synaptic operation (no spike reached a weight "
-                 "layer), so op_ratio and energy_ratio are unbounded")
+                 "layer), so op_ratio and energy_ratio are unbounded (NaN where the twin did none "
+                 "either)")
     return {"twin_macs": tc.macs / n, "spiking_acs": sc.acs / n, "spiking_macs": sc.macs / n,
             "neuron_updates": sc.neuron_updates / n, "op_ratio": _ratio(tc.macs, snn_ops),
             "energy_twin_pj": e_twin, "energy_spiking_pj": e_snn,
