@@ -4,9 +4,14 @@ match, and one request reads at most JOB_LIST_SCAN_LIMIT index entries (then say
 
 from __future__ import annotations
 
+import redis
+from fastapi.testclient import TestClient
+
 from app import jobs
+from app.auth import create_key
 from app.config import Settings
 from app.deps import Services
+from app.main import create_app
 from app.schemas import JOB_LIST_SCAN_LIMIT, JobPage, JobState
 from tests.app.conftest import TENANT, put_jobs, run
 
@@ -87,3 +92,18 @@ def test_a_page_filled_at_the_bound_is_not_partial(settings: Settings) -> None:
         assert [j.id for p in got for j in p.items] == [*pair[::-1], *older]
 
     run(settings, body_)
+
+
+def test_the_dashboard_says_when_its_filtered_list_was_cut_short(settings: Settings) -> None:
+    async def many(svc: Services) -> None:
+        await put_jobs(svc, TENANT, ["queued"] * (JOB_LIST_SCAN_LIMIT + 1))
+
+    run(settings, many)
+    key = create_key(redis.Redis.from_url(settings.redis_url or "", decode_responses=True),
+                     TENANT, "test")
+    with TestClient(create_app(settings)) as http:
+        http.cookies.set("modelpress_key", key)
+        cut = http.get("/ui/jobs", params={"state": "cancelled"})
+        whole = http.get("/ui/jobs", params={"state": "queued"})
+    assert cut.status_code == 200 and 'id="partial"' in cut.text and 'id="empty"' not in cut.text
+    assert whole.status_code == 200 and 'id="partial"' not in whole.text
