@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import hashlib
 import os
@@ -130,7 +129,7 @@ class AsyncClient:
                 error = _base.gave_up(failure, call, self.base_url, self._url_hint, attempt + 1,
                                       self._timeout)
                 raise error from (None if error is failure else failure)
-            await asyncio.sleep(pause)
+            await anyio.sleep(pause)
             attempt += 1
 
 
@@ -301,7 +300,7 @@ class AsyncJobs:
                 if attempt >= self._c.max_retries:
                     raise _base.transport_error(exc, f"the event stream of {job_id}") from exc
                 pause = _base.backoff_seconds(attempt, None)
-            await asyncio.sleep(_base.pause_within(pause, deadline))
+            await anyio.sleep(_base.pause_within(pause, deadline))
             if deadline is not None:
                 deadline.check()
             attempt += 1
@@ -362,5 +361,5 @@ class AsyncJobs:
                 if attempt >= self._c.max_retries:
                     raise
                 pause = _base.backoff_seconds(attempt, None)
-            await asyncio.sleep(pause)
+            await anyio.sleep(pause)
             attempt += 1

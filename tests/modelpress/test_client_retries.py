@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -251,6 +252,27 @@ def test_event_streams_and_downloads_ride_out_5xx(server: tuple[str, Script],
             return states, path.read_bytes()
 
     assert asyncio.run(go()) == (["succeeded"], ARTIFACT)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_async_client_runs_under_asyncio_and_trio(server: tuple[str, Script],
+                                                      tmp_path: Path, backend: str) -> None:
+    """Each call retried once, so each waits out a pause on the running event loop's clock."""
+    url, script = server
+    script.finish = True
+
+    async def go() -> tuple[list[object], list[str | None], bytes]:
+        async with AsyncClient(base_url=url, api_key="k") as ac:
+            script.statuses = [503, 200]
+            models = list(await ac.models.list())
+            script.statuses = [503, 200]
+            states = [e.state async for e in ac.jobs.events("job_1")]
+            script.statuses = [503, 200]
+            path = await ac.jobs.download("job_1", "c.bin", tmp_path)
+            return models, states, path.read_bytes()
+
+    assert anyio.run(go, backend=backend) == ([], ["succeeded"], ARTIFACT)
+    assert len(script.seen) == 6
 
 
 def test_an_unreachable_event_stream_is_a_typed_error() -> None:
