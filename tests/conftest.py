@@ -36,6 +36,10 @@ from workers.engine import zoo
 
 # Short limits so the crash test's redelivery happens in seconds, not hours. The visibility
 # timeout still exceeds the time limit, as the settings validator requires.
+# Databases of the session's redis-server (and of any a test starts for make_stack, which
+# numbers its stacks from the same counter): one per stack and per tests/app test.
+DATABASES = 512
+
 FAST_LIMITS = {
     "MODELPRESS_TASK_TIME_LIMIT_S": "60",
     "MODELPRESS_VISIBILITY_TIMEOUT_S": "61",
@@ -72,7 +76,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_stack.EmbeddedRedis]:
     """Our own redis-server on a free port (never the machine's shared one)."""
     server = _stack.EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False,
-                                  databases=512).start()
+                                  databases=DATABASES).start()
     yield server
     server.stop()
 
@@ -208,7 +212,7 @@ class Stack:
         return "\n".join(out)
 
 
-_db_counter = iter(range(1, 512))  # the session's redis-server's databases (tests/app: one a test)
+_db_counter = iter(range(1, DATABASES))  # the session's redis-server's (tests/app: one a test)
 
 
 def fresh_db() -> int:

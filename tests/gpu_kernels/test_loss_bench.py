@@ -50,6 +50,13 @@ def test_cases_in_fresh_processes() -> None:
         "not run: needs ~12288.1 GiB (N x V buffers, inputs and gradients)")
 
 
+def _is_case(pid: int) -> bool:
+    try:
+        return b"gpu_kernels.loss_bench" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie (an orphan is reaped by whatever init this machine has, if any)."""
     try:
@@ -94,7 +101,8 @@ def test_a_check_that_raises_ends_the_running_case() -> None:
     start = time.monotonic()
 
     def check() -> None:
-        seen.extend(int(k) for k in kids.read_text().split())
+        # the case's process, not the session's other children (redis-server, zoo training)
+        seen.extend(pid for pid in map(int, kids.read_text().split()) if _is_case(pid))
         # a session of its own, so the kill reaches what the case started (compile workers)
         leaders.extend(os.getsid(pid) == pid for pid in seen if _running(pid))
         if time.monotonic() - start > 3:

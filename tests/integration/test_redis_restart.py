@@ -14,7 +14,7 @@ import pytest
 
 from app.schemas import BenchmarkSpec, ModelRef
 from modelpress import _stack
-from tests.conftest import Stack, make_stack, running
+from tests.conftest import DATABASES, Stack, make_stack, running
 from tests.helpers import measured
 from tests.integration.test_service import wait_for
 
@@ -26,7 +26,9 @@ QUICK = BenchmarkSpec(model=ModelRef(zoo="digits-cnn"), repeats=3, warmup=1, per
 
 @pytest.fixture
 def aof_redis(tmp_path: Path) -> Iterator[_stack.EmbeddedRedis]:
-    server = _stack.EmbeddedRedis(tmp_path / "redis", appendonly=True, databases=64).start()
+    # as many databases as the session's server: make_stack takes the next of its numbers
+    server = _stack.EmbeddedRedis(tmp_path / "redis", appendonly=True,
+                                  databases=DATABASES).start()
     yield server
     server.stop()
 
