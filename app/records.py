@@ -270,23 +270,24 @@ return {'running', attempt}
 # Whether a running job's worker is gone: -1 the job is no longer running (or is gone): drop it
 # from the running list; 1 its lease has been missing for stale_s (seen twice, that far apart)
 # and the job was not sent again for this attempt yet: the caller sends it (marked sent here,
-# so one API process of several does); 0 otherwise.
+# so one API process of several does); 0 otherwise. Returns {verdict, queue, attempt}: what
+# the caller needs to send the job, read in the same step.
 STALLED = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'attempts', 'resent_attempt', 'lease_missing_since')
-if h[1] ~= 'running' then return -1 end
+if h[1] ~= 'running' then return {-1} end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   if h[4] then redis.call('HDEL', KEYS[1], 'lease_missing_since') end
-  return 0
+  return {0}
 end
-if h[3] == h[2] then return 0 end
+if h[3] == h[2] then return {0} end
 if not h[4] then
   redis.call('HSET', KEYS[1], 'lease_missing_since', ARGV[1])
-  return 0
+  return {0}
 end
-if tonumber(ARGV[1]) - tonumber(h[4]) < tonumber(ARGV[2]) then return 0 end
+if tonumber(ARGV[1]) - tonumber(h[4]) < tonumber(ARGV[2]) then return {0} end
 redis.call('HSET', KEYS[1], 'resent_attempt', h[2])
 redis.call('HDEL', KEYS[1], 'lease_missing_since')
-return 1
+return {1, redis.call('HGET', KEYS[1], 'queue') or '', h[2]}
 """
 
 # KEYS: job, events   ARGV: attempt, progress_json, event_json, maxlen

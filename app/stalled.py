@@ -35,14 +35,15 @@ async def resend(svc: Services, stale_s: float | None = None) -> int:
         stale_s = svc.settings.stalled_job_s
     sent = 0
     for job_id in await svc.redis.zrange(records.RUNNING_KEY, 0, -1):
-        verdict = int(await svc.redis.eval(records.STALLED, 2, records.job_key(job_id),
-                                           records.lease_key(job_id), time.time(), stale_s))
+        reply = await svc.redis.eval(records.STALLED, 2, records.job_key(job_id),
+                                     records.lease_key(job_id), time.time(), stale_s)
+        verdict = int(reply[0])
         if verdict == -1:  # finished, or deleted
             await svc.redis.zrem(records.RUNNING_KEY, job_id)
             continue
         if verdict != 1:
             continue
-        queue, attempt = await svc.redis.hmget(records.job_key(job_id), ["queue", "attempts"])
+        queue, attempt = reply[1], reply[2]
         try:
             await jobs.send(svc, job_id, queue or svc.settings.default_queue)
         except Exception:  # the broker is away: the next round tries again
